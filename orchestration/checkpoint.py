@@ -1,0 +1,153 @@
+"""Atomic, weights-only checkpoints for resumable training.
+
+A checkpoint is one `step-<NNNNNNNN>.pt` file in the run's directory. It is written to a
+temporary file in the same directory, flushed and fsynced, then `os.replace`d into place,
+so a process killed mid-write (preemption, SIGKILL) leaves either the old set of
+checkpoints or the new one, never a torn file. The newest K are kept.
+
+Everything stored is a tensor or a plain python type (dict/list/tuple/int/float/str/bool/
+None), so every load uses `torch.load(..., weights_only=True)`: a checkpoint from an
+untrusted place cannot run code. RNG states are converted to that form here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoints, oldest first (by step number, not mtime)."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep_last: int = 3) -> Path:
+    """Write `state` atomically as step-<step>.pt and prune all but the newest `keep_last`."""
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / checkpoint_name(step)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(d)
+    if keep_last > 0:
+        for old in list_checkpoints(d)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with weights_only=True (no pickled code); a clear error names the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from exc
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make the rename durable (POSIX); harmless where directories cannot be opened."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- RNG states as tensors / plain types --------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and every CUDA device), numpy and python RNG states, weights_only-safe."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state()`. CUDA states are restored only when the device count matches."""
+    torch.set_rng_state(state["torch"].cpu())
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["name"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["gauss"],
+        )
+    )
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def to_plain(obj: Any) -> Any:
+    """Recursively convert numpy scalars/arrays and tuples into weights_only-safe types.
+
+    Loader/stream cursors are documented as plain python, but a numpy int slipping in would
+    make the checkpoint unloadable with weights_only=True; convert defensively at save time.
+    """
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, int) else k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

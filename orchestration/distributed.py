@@ -1,0 +1,149 @@
+"""torchrun environment and process-group helpers.
+
+The trainer runs the same code under plain `python`, `sslstream train` and `torchrun`:
+`init_distributed()` reads the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT) and falls back to a single process when they are absent. gloo serves CPU
+runs (tests, laptops), NCCL CUDA runs. Every helper is a no-op with one process, so the
+trainer never branches on "am I distributed".
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from the torchrun variables, or None outside torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return rank, world, local
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cpu'/'cuda' explicit."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but torch.cuda.is_available() is False")
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"trainer.device must be auto, cpu or cuda, got {spec!r}")
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Join the torchrun process group when launched by torchrun; otherwise one process.
+
+    NCCL needs one CUDA device per process, selected before the group is created;
+    gloo works everywhere (and is what the CPU tests use).
+    """
+    env = torchrun_env()
+    if env is None or env[1] == 1:
+        rank, world, local = (0, 1, 0) if env is None else env
+        return DistEnv(rank, world, local, resolve_device(device, local))
+    rank, world, local = env
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistEnv(rank, world, local, dev)
+
+
+def process_group() -> dist.ProcessGroup | None:
+    """The default group when one exists (passed to the method's gathered objectives)."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group. A barrier first: gloo with autograd gathers aborted in
+    5 of 24 torchrun runs when ranks destroyed the group at different times (NOTES.md)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """Max of a scalar over ranks (e.g. 'did any rank see SIGTERM / a NaN')."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (N_r, ...) tensor from every rank along dim 0, ranks in order.
+
+    Ranks may hold different N_r (evaluation sees every sample exactly once, with no
+    padding), so the sizes are exchanged first and the rows padded for all_gather.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    cap = max(counts)
+    padded = x.new_zeros((cap, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[:c] for o, c in zip(out, counts, strict=True)], dim=0)
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a small picklable python object from `src` to every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
