@@ -1,0 +1,37 @@
+"""SSL objectives: pure functions of embeddings (plus an explicit process group).
+
+Every loss returns a scalar tensor; ``vicreg_loss`` and ``barlow_twins_loss`` also return
+their unweighted terms with ``return_parts=True``. Gathered losses (``nt_xent``,
+``contrastive_margin``, ``vicreg_loss``, ``barlow_twins_loss``) take ``group`` and ``gather``
+and are exact under DDP: see docs/objectives.md.
+"""
+
+from models.objectives.barlow_twins import barlow_twins_loss
+from models.objectives.byol import byol_loss
+from models.objectives.contrastive_margin import contrastive_margin
+from models.objectives.gather import (
+    gather_no_grad,
+    gather_with_grad,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
+from models.objectives.info_nce import info_nce
+from models.objectives.nt_xent import nt_xent
+from models.objectives.simsiam import simsiam_loss
+from models.objectives.vicreg import vicreg_loss
+
+__all__ = [
+    "barlow_twins_loss",
+    "byol_loss",
+    "contrastive_margin",
+    "gather_no_grad",
+    "gather_with_grad",
+    "get_rank",
+    "get_world_size",
+    "info_nce",
+    "is_distributed",
+    "nt_xent",
+    "simsiam_loss",
+    "vicreg_loss",
+]
