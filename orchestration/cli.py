@@ -1,0 +1,181 @@
+"""The `sslstream` command: train, eval, retrain, shards.
+
+    sslstream train [--cfg] [key=value ...]      the main job (Hydra overrides)
+    sslstream eval  (--checkpoint PATH | --model URI) [key=value ...]
+    sslstream retrain [key=value ...]            the scheduled retraining job
+    sslstream shards {make,verify} ...           write / check WebDataset shards
+
+The config is composed with Hydra's compose API over the installed `conf` package, so the
+command works from any directory and never changes the working directory (relative paths
+in overrides mean what the user thinks). Also runnable as `python -m orchestration.cli`,
+which is what torchrun launches: `torchrun --nproc-per-node 8 -m orchestration.cli train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+USAGE = """usage: sslstream {train,eval,retrain,shards} ...
+
+  sslstream train [--cfg] [key=value ...]     train (and evaluate, register) an encoder
+  sslstream eval (--checkpoint PATH | --model URI) [key=value ...]
+                                              kNN / linear-probe evaluation of an encoder
+  sslstream retrain [key=value ...]           scheduled retraining (new shards -> promote)
+  sslstream shards {make,verify} ...          write or verify WebDataset shards
+
+Overrides use Hydra syntax, e.g. `sslstream train method=simclr trainer.epochs=100`
+or `sslstream train data=shards data.train=s3://bucket/train-{000000..000127}.tar`.
+`--cfg` prints the resolved config and exits.
+"""
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved config: conf/config.yaml + its groups + `overrides` (Hydra syntax)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _split_flags(args: list[str], flags_with_value: Sequence[str], bool_flags: Sequence[str]) -> tuple[dict[str, str | bool], list[str]]:
+    opts: dict[str, str | bool] = {}
+    rest: list[str] = []
+    it = iter(args)
+    for a in it:
+        name, eq, val = a.partition("=")
+        if name in flags_with_value:
+            if not eq:
+                try:
+                    val = next(it)
+                except StopIteration:
+                    raise SystemExit(_usage_error(f"{name} needs a value")) from None
+            opts[name] = val
+        elif a in bool_flags:
+            opts[a] = True
+        elif a.startswith("--") and "=" not in a:
+            raise SystemExit(_usage_error(f"unknown option {a}"))
+        else:
+            rest.append(a)
+    return opts, rest
+
+
+def _usage_error(msg: str) -> int:
+    print(f"sslstream: {msg}\n\n{USAGE}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cmd_train(args: list[str]) -> int:
+    opts, overrides = _split_flags(args, (), ("--cfg", "-h", "--help"))
+    if opts.get("-h") or opts.get("--help"):
+        print(USAGE)
+        return 0
+    cfg = compose_config(overrides)
+    if opts.get("--cfg"):
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    from orchestration.registry import RegistrationError
+    from orchestration.step import NonFiniteLossError
+    from orchestration.train import run_from_config
+
+    try:
+        return run_from_config(cfg)
+    except NonFiniteLossError as e:
+        print(f"sslstream train: FAILED: {e}. Nothing was registered.", file=sys.stderr)
+        return EXIT_FAILED
+    except RegistrationError as e:
+        print(f"sslstream train: FAILED to register the encoder: {e}. "
+              "The final checkpoint is kept; rerun the same command to retry.", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def cmd_eval(args: list[str]) -> int:
+    opts, overrides = _split_flags(args, ("--checkpoint", "--model"), ("--cfg", "-h", "--help"))
+    if opts.get("-h") or opts.get("--help"):
+        print(USAGE)
+        return 0
+    if bool(opts.get("--checkpoint")) == bool(opts.get("--model")):
+        return _usage_error("eval needs exactly one of --checkpoint PATH or --model URI")
+    cfg = compose_config(overrides)
+    if opts.get("--cfg"):
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    from orchestration.evaluate import evaluate_saved
+
+    res = evaluate_saved(cfg, checkpoint=opts.get("--checkpoint"), model_uri=opts.get("--model"))  # type: ignore[arg-type]
+    if res is not None:
+        print(f"kNN accuracy: {res.knn_acc:.4f}")
+        if res.probe_acc is not None:
+            print(f"linear probe accuracy: {res.probe_acc:.4f}")
+        print(f"embedding std: {res.embedding_std:.4g}  effective rank: {res.effective_rank:.4g}"
+              f"  ({res.bank_size} bank / {res.test_size} test samples, {res.seconds:.1f}s)")
+    return 0
+
+
+def cmd_retrain(args: list[str]) -> int:
+    opts, overrides = _split_flags(args, (), ("--cfg", "-h", "--help"))
+    if opts.get("-h") or opts.get("--help"):
+        print(USAGE)
+        return 0
+    cfg = compose_config(overrides)
+    if opts.get("--cfg"):
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    from orchestration.retrain import retrain
+
+    return int(retrain(cfg))
+
+
+def cmd_shards(args: list[str]) -> int:
+    from pipelines.shards import main as shards_main
+
+    return int(shards_main(args))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "retrain": cmd_retrain, "shards": cmd_shards}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else EXIT_USAGE
+    cmd, rest = args[0], args[1:]
+    if cmd not in COMMANDS:
+        return _usage_error(f"unknown command {cmd!r}")
+    _setup_logging()
+    try:
+        return COMMANDS[cmd](rest)
+    except KeyboardInterrupt:
+        print("sslstream: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # config errors, missing shards, ...: one clear line + traceback
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(e, HydraException | OmegaConfBaseException):
+            print(f"sslstream {cmd}: config error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Checkpoints: atomic writes, keep-last-K, weights_only loads, exact RNG round trips."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from orchestration import checkpoint as ckpt
+
+
+def test_save_keeps_last_k_and_latest_by_step(tmp_path):
+    for step in (5, 10, 100, 7):
+        ckpt.save_checkpoint({"step": step, "w": torch.full((2,), float(step))}, tmp_path, step, keep_last=3)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    # ordered by step number (not name length or mtime); the oldest (5) pruned
+    assert names == ["step-00000007.pt", "step-00000010.pt", "step-00000100.pt"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000100.pt"
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert state["step"] == 100 and torch.equal(state["w"], torch.full((2,), 100.0))
+    assert not list(tmp_path.glob(".tmp-*")), "temporary files must not survive a save"
+
+
+def test_failed_write_leaves_previous_checkpoints_intact(tmp_path):
+    ckpt.save_checkpoint({"step": 1}, tmp_path, 1)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ckpt.save_checkpoint({"bad": Unpicklable()}, tmp_path, 2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_loads_are_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    path = tmp_path / "step-00000001.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(RuntimeError, match="step-00000001.pt"):
+        ckpt.load_checkpoint(path)
+
+
+def test_rng_state_round_trip_is_exact_and_weights_only_safe(tmp_path):
+    torch.manual_seed(3)
+    random.seed(4)
+    np.random.seed(5)
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    np.random.standard_normal()  # and numpy's
+    state = ckpt.rng_state()
+    ckpt.save_checkpoint({"rng": state}, tmp_path, 1)
+    expected = (torch.rand(4), random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal())
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "step-00000001.pt")["rng"])
+    got = (torch.rand(4), random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal())
+    assert torch.equal(expected[0], got[0])
+    assert expected[1] == got[1] and expected[2] == got[2]
+    assert np.array_equal(expected[3], got[3]) and expected[4] == got[4]
+
+
+def test_to_plain_converts_numpy_for_weights_only(tmp_path):
+    cursor = {"epoch": np.int64(3), "order": np.arange(4), "pos": (np.int32(1), 2), "name": "x"}
+    plain = ckpt.to_plain(cursor)
+    ckpt.save_checkpoint({"loader": plain}, tmp_path, 1)
+    back = ckpt.load_checkpoint(tmp_path / "step-00000001.pt")["loader"]
+    assert back["epoch"] == 3 and type(back["epoch"]) is int
+    assert torch.equal(back["order"], torch.arange(4))
+    assert back["pos"] == (1, 2) and back["name"] == "x"
