@@ -1,0 +1,329 @@
+"""Opening shards anywhere fsspec reaches, with bounded retries and clear errors.
+
+Why a layer of our own: object stores fail transiently (503 SlowDown, reset connections,
+bodies cut short), s3fs and botocore retry some of that but give up with errors that
+mix transient and permanent causes, and their messages may quote request details. Here
+every read goes through `RetryingReader`, which re-opens the object and seeks back to
+where it was on a transient error (so a cut body costs one ranged GET, not the shard),
+and every permanent error becomes a `ShardNotFound` / `AccessDenied` naming the URL and
+nothing else (no keys, no signed headers).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+__all__ = [
+    "AccessDenied",
+    "RetryPolicy",
+    "RetryingReader",
+    "ShardNotFound",
+    "StorageError",
+    "classify",
+    "get_fs",
+    "open_reader",
+    "read_bytes",
+    "redact",
+    "register_webdataset_gopen",
+    "resolve_storage_options",
+    "with_retries",
+]
+
+_SECRET_HINTS = ("secret", "token", "password", "key", "credential", "session")
+_TRANSIENT_ERRNO = {
+    errno.EBUSY,  # s3fs: 503 SlowDown
+    errno.EIO,  # s3fs: unknown code; also local I/O hiccups (bounded anyway)
+    getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: 500 InternalError
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EAGAIN,
+}
+
+
+class StorageError(OSError):
+    """A storage operation failed for good; the message names the URL, never credentials."""
+
+    def __init__(self, message: str, url: str) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class ShardNotFound(StorageError, FileNotFoundError):
+    pass
+
+
+class AccessDenied(StorageError, PermissionError):
+    pass
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: delay = min(max_delay, base_delay * 2**attempt) * U(0.5, 1)."""
+
+    attempts: int = 6  # tries per operation (first + 5 retries)
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay, self.base_delay * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def redact(options: dict | None) -> dict:
+    """A copy of storage options safe to log: values of secret-looking keys replaced."""
+    out: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(h in str(k).lower() for h in _SECRET_HINTS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_storage_options(url: str, storage_options: dict | None = None) -> dict:
+    """fsspec options for `url`: the given ones, plus the endpoint from AWS_ENDPOINT_URL(_S3).
+
+    Credentials are left to the backend's own chain (AWS_* env, profiles, instance roles;
+    GOOGLE_APPLICATION_CREDENTIALS for gcsfs), so they never pass through our code.
+    """
+    opts = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        ck = dict(opts.get("client_kwargs") or {})
+        if endpoint and "endpoint_url" not in ck and "endpoint_url" not in opts:
+            ck["endpoint_url"] = endpoint
+        if ck:
+            opts["client_kwargs"] = ck
+    return opts
+
+
+def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a URL; a missing backend (gcsfs) is an error naming the URL."""
+    try:
+        return fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
+    except ImportError as e:
+        raise StorageError(f"no filesystem for {url}: {e} (pip install gcsfs for gs://)", url) from None
+
+
+def _error_code(exc: BaseException) -> tuple[str | None, int | None]:
+    """(AWS error code, HTTP status) from a botocore ClientError anywhere in the chain."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and "Error" in resp:
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return resp["Error"].get("Code"), status
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None, None
+
+
+def classify(exc: BaseException) -> str:
+    """'not_found', 'denied', 'transient' or 'fatal' for an exception from a read."""
+    code, status = _error_code(exc)
+    if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "NoSuchBucket", "404"):
+        return "not_found"
+    if isinstance(exc, PermissionError) or code in (
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+    ):
+        return "denied"
+    if code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"):
+        return "transient"
+    if status is not None and status >= 500:
+        return "transient"
+    if isinstance(exc, (ConnectionError, TimeoutError, EOFError)):
+        return "transient"
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+        return "transient"
+    name = type(exc).__name__
+    if any(s in name for s in ("Payload", "Disconnected", "Timeout", "IncompleteRead", "Connection")):
+        return "transient"  # aiohttp / urllib3 / botocore transport errors
+    return "fatal"
+
+
+def _permanent(exc: BaseException, url: str, what: str) -> BaseException:
+    kind = classify(exc)
+    if kind == "not_found":
+        return ShardNotFound(f"{what}: {url} does not exist", url)
+    if kind == "denied":
+        code, _ = _error_code(exc)
+        return AccessDenied(
+            f"{what}: access denied for {url}"
+            + (f" ({code})" if code else "")
+            + " -- check the credentials (AWS_ACCESS_KEY_ID/AWS_PROFILE, GOOGLE_APPLICATION_"
+            "CREDENTIALS) and data.storage_options",
+            url,
+        )
+    return StorageError(f"{what}: {url}: {type(exc).__name__}", url)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    url: str,
+    *,
+    what: str = "reading",
+    policy: RetryPolicy | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Call fn(); retry transient failures with backoff; turn the rest into StorageError."""
+    policy = policy or RetryPolicy()
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as e:
+            kind = classify(e)
+            if kind != "transient" or attempt == policy.attempts - 1:
+                if kind == "transient":
+                    raise StorageError(
+                        f"{what}: {url}: gave up after {policy.attempts} attempts "
+                        f"({type(e).__name__})",
+                        url,
+                    ) from None
+                raise _permanent(e, url, what) from None
+            if on_retry:
+                on_retry(e)
+            log.warning("%s %s: transient %s, retry %d", what, url, type(e).__name__, attempt + 1)
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only stream over one object that survives transient faults.
+
+    On an error (or an early EOF before the object's known size) it closes the underlying
+    file, waits, re-opens it and seeks to the current position: for S3 that is one ranged
+    GET. At most `policy.attempts` consecutive failures without progress.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        on_retry: Callable[[BaseException], None] | None = None,
+        block_size: int = 8 << 20,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.policy = policy or RetryPolicy()
+        self.on_retry = on_retry
+        self._fs, self._path = get_fs(url, storage_options)
+        self._block = block_size
+        self.size: int = with_retries(
+            lambda: int(self._fs.size(self._path)), url, what="opening", policy=self.policy,
+            on_retry=on_retry,
+        )
+        if self.size is None:
+            raise StorageError(f"opening: {url}: size unknown", url)
+        self.pos = 0
+        self._f: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        def op() -> Any:
+            kw = {"block_size": self._block} if self._fs.protocol not in ("file", ("file", "local")) else {}
+            f = self._fs.open(self._path, "rb", **kw)
+            if self.pos:
+                f.seek(self.pos)
+            return f
+
+        self._f = with_retries(op, self.url, what="opening", policy=self.policy, on_retry=self.on_retry)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.pos >= self.size:
+            return 0
+        view = memoryview(b).cast("B")
+        fails = 0
+        while True:
+            try:
+                data = self._f.read(len(view))
+                if not data and self.pos < self.size:
+                    raise EOFError(f"early end of data at {self.pos} of {self.size}")
+                n = len(data)
+                view[:n] = data
+                self.pos += n
+                return n
+            except Exception as e:
+                kind = classify(e)
+                fails += 1
+                if kind != "transient" or fails >= self.policy.attempts:
+                    self._close_quiet()
+                    if kind == "transient":
+                        raise StorageError(
+                            f"reading: {self.url}: gave up after {fails} attempts at byte "
+                            f"{self.pos} ({type(e).__name__})",
+                            self.url,
+                        ) from None
+                    raise _permanent(e, self.url, "reading") from None
+                if self.on_retry:
+                    self.on_retry(e)
+                log.warning("reading %s: transient %s at byte %d, retrying", self.url,
+                            type(e).__name__, self.pos)
+                self._close_quiet()
+                time.sleep(self.policy.delay(fails - 1))
+                self._open()
+
+    def _close_quiet(self) -> None:
+        try:
+            if self._f is not None:
+                self._f.close()
+        except Exception:  # closing a broken connection may raise again; nothing to do
+            pass
+        self._f = None
+
+    def close(self) -> None:
+        self._close_quiet()
+        super().close()
+
+
+def open_reader(url: str, storage_options: dict | None = None, **kw: Any) -> io.BufferedReader:
+    """A buffered, retrying reader for `url` (see RetryingReader)."""
+    return io.BufferedReader(RetryingReader(url, storage_options, **kw), buffer_size=1 << 20)
+
+
+def read_bytes(url: str, storage_options: dict | None = None, **kw: Any) -> bytes:
+    """The whole object (small files: manifests)."""
+    with open_reader(url, storage_options, **kw) as f:
+        return f.read()
+
+
+def register_webdataset_gopen(storage_options: dict | None = None) -> None:
+    """Let webdataset 1.0.2 open s3:// and gs:// URLs through fsspec (it has no handler)."""
+    import webdataset.gopen as gopen
+
+    def opener(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Any:
+        if "r" in mode:
+            return open_reader(url, storage_options)
+        fs, path = get_fs(url, storage_options)
+        return fs.open(path, mode)
+
+    for scheme in ("s3", "gs", "gcs"):
+        gopen.gopen_schemes[scheme] = opener
