@@ -1,0 +1,243 @@
+"""The retrain lease: mutual exclusion, expiry, takeover, renewal, on a local file system
+and on a real S3-compatible server (moto, 127.0.0.1) using conditional writes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestration.lease import (
+    Lease,
+    LeaseHeld,
+    LeaseLost,
+    LeaseRecord,
+    LocalLeaseStore,
+    S3LeaseStore,
+    open_store,
+)
+
+
+@pytest.fixture(scope="module")
+def _moto_endpoint():
+    """A moto S3 server on 127.0.0.1 (until the shared tests/fixtures/s3.py one lands)."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(_moto_endpoint):
+    return _moto_endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    import uuid
+
+    import s3fs
+
+    name = f"lease-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint},
+                      skip_instance_cache=True).mkdir(name)
+    return name
+
+
+class Clock:
+    """A hand-driven wall clock, so expiry tests take no real time."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture(params=["local", "s3"])
+def make_store(request, tmp_path: Path):
+    """A factory of stores that all point at the same lease object."""
+    if request.param == "local":
+        path = tmp_path / "locks" / "model.lease"
+        return lambda: LocalLeaseStore(path)
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    opts = {"client_kwargs": {"endpoint_url": endpoint}}
+    url = f"s3://{bucket}/data/_sslstream_retrain.model.lease"
+    return lambda: S3LeaseStore(url, opts)
+
+
+@pytest.mark.timeout(60)
+def test_second_holder_is_refused_while_the_first_is_live(make_store) -> None:
+    clock = Clock()
+    a = Lease(make_store(), "run-a", ttl_s=60, grace_s=0, clock=clock)
+    b = Lease(make_store(), "run-b", ttl_s=60, grace_s=0, clock=clock)
+    a.try_acquire()
+    assert a.held
+    clock.t += 59
+    with pytest.raises(LeaseHeld) as e:
+        b.try_acquire()
+    assert e.value.holder.owner == a.owner
+    assert e.value.holder.run_key == "run-a"
+    assert "run-a" in str(e.value)
+    assert not b.held
+
+
+@pytest.mark.timeout(60)
+def test_expired_lease_is_taken_over_and_the_old_holder_learns_it(make_store) -> None:
+    clock = Clock()
+    a = Lease(make_store(), "run", ttl_s=60, grace_s=5, clock=clock)
+    b = Lease(make_store(), "run", ttl_s=60, grace_s=5, clock=clock)
+    a.try_acquire()
+    clock.t += 64  # expired but inside the grace period: still a's
+    with pytest.raises(LeaseHeld):
+        b.try_acquire()
+    clock.t += 2
+    b.try_acquire()
+    assert b.held and b.took_over_from == a.owner
+    with pytest.raises(LeaseLost):
+        a.renew()
+    assert a.lost.is_set() and not a.held
+    # a's release must not delete b's lease
+    a.release()
+    cur = make_store().read()
+    assert cur is not None and LeaseRecord.from_bytes(cur[0], "x").owner == b.owner
+
+
+@pytest.mark.timeout(60)
+def test_renewal_pushes_expiry_forward(make_store) -> None:
+    clock = Clock()
+    a = Lease(make_store(), "run", ttl_s=60, grace_s=0, clock=clock)
+    b = Lease(make_store(), "run", ttl_s=60, grace_s=0, clock=clock)
+    a.try_acquire()
+    for _ in range(3):  # 3 x 50 s = well past the first expiry
+        clock.t += 50
+        a.renew()
+        with pytest.raises(LeaseHeld):
+            b.try_acquire()
+    rec = LeaseRecord.from_bytes(make_store().read()[0], "x")
+    assert rec.expires_at == pytest.approx(clock.t + 60)
+    assert rec.acquired_at == pytest.approx(clock.t - 150)
+    clock.t += 61
+    b.try_acquire()
+    assert b.held
+
+
+@pytest.mark.timeout(60)
+def test_release_frees_it_at_once(make_store) -> None:
+    a = Lease(make_store(), "run", ttl_s=600)
+    b = Lease(make_store(), "run", ttl_s=600)
+    a.try_acquire()
+    a.release()
+    assert make_store().read() is None
+    b.try_acquire()
+    assert b.held
+
+
+def _race(make_store, run_key: str, n: int, clock=time.time) -> tuple[list[Lease], list[Lease]]:
+    """n threads call try_acquire at the same moment; (winners, refused)."""
+    barrier = threading.Barrier(n)
+    winners: list[Lease] = []
+    refused: list[Lease] = []
+    leases = [Lease(make_store(), run_key, ttl_s=600, owner=f"p{i}", clock=clock)
+              for i in range(n)]
+
+    def contend(lease: Lease) -> None:
+        barrier.wait(timeout=20)
+        try:
+            lease.try_acquire()
+            winners.append(lease)
+        except LeaseHeld:
+            refused.append(lease)
+
+    threads = [threading.Thread(target=contend, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return winners, refused
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_acquire_has_exactly_one_winner(make_store) -> None:
+    for round_ in range(2):
+        winners, refused = _race(make_store, f"run-{round_}", 5)
+        assert len(winners) == 1 and len(refused) == 4
+        cur = make_store().read()
+        assert LeaseRecord.from_bytes(cur[0], "x").owner == winners[0].owner
+        winners[0].release()
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_takeover_of_an_expired_lease_has_one_winner(make_store) -> None:
+    clock = Clock()
+    Lease(make_store(), "dead", ttl_s=10, clock=clock).try_acquire()
+    clock.t += 100
+    winners, refused = _race(make_store, "run", 6, clock=clock)
+    assert len(winners) == 1 and len(refused) == 5
+    assert winners[0].took_over_from is not None
+
+
+@pytest.mark.timeout(60)
+def test_heartbeat_keeps_a_short_lease_alive_and_reports_loss(make_store) -> None:
+    # ttl 2 s: long enough for a loaded 2-core CI machine to renew in time
+    a = Lease(make_store(), "run", ttl_s=2.0, grace_s=0)
+    a.try_acquire()
+    lost: list[str] = []
+    a.start_heartbeat(lost.append, interval_s=0.25)
+    other = make_store()
+    deadline = time.monotonic() + 4.0  # 2 ttl: the lease would have expired without renewal
+    while time.monotonic() < deadline:
+        with pytest.raises(LeaseHeld):
+            Lease(other, "other", ttl_s=2.0, grace_s=0).try_acquire()
+        time.sleep(0.3)
+    assert not lost
+    # someone overwrites the lease (an operator, or a takeover): the heartbeat notices
+    store = make_store()
+    version = store.read()[1]
+    assert store.replace(b'{"owner": "intruder"}', version) is not None
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lost and "taken over" in lost[0]
+    assert a.lost.is_set()
+    a.release()
+    assert store.read()[0] == b'{"owner": "intruder"}'  # not deleted by the loser
+
+
+@pytest.mark.timeout(60)
+def test_acquire_waits_for_a_release(make_store) -> None:
+    a = Lease(make_store(), "run", ttl_s=600)
+    a.try_acquire()
+    threading.Timer(0.5, a.release).start()
+    b = Lease(make_store(), "run", ttl_s=600)
+    t0 = time.monotonic()
+    b.acquire(wait_s=10, poll_s=0.1)
+    assert b.held and 0.3 < time.monotonic() - t0 < 5
+    with pytest.raises(LeaseHeld):
+        Lease(make_store(), "run", ttl_s=600).acquire(wait_s=0.3, poll_s=0.1)
+
+
+def test_garbled_lease_counts_as_expired(tmp_path: Path) -> None:
+    path = tmp_path / "x.lease"
+    path.write_bytes(b"not json")
+    lease = Lease(LocalLeaseStore(path), "run", ttl_s=60)
+    lease.try_acquire()
+    assert lease.held and lease.took_over_from == "<unreadable>"
+
+
+def test_open_store_refuses_stores_without_conditional_writes(tmp_path: Path) -> None:
+    assert isinstance(open_store(str(tmp_path / "a.lease")), LocalLeaseStore)
+    assert isinstance(open_store(f"file://{tmp_path}/a.lease"), LocalLeaseStore)
+    with pytest.raises(ValueError, match="retrain.lock.url"):
+        open_store("gs://bucket/a.lease")
