@@ -162,6 +162,7 @@ def ensure_synthetic(
         )
     r.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{r.name}-tmp-", dir=r.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the data set is not secret
     try:
         for split, n in (("train", train_samples), ("test", test_samples)):
             write_shards(
@@ -169,6 +170,7 @@ def ensure_synthetic(
                 tmp / split,
                 prefix=split,
                 max_count=samples_per_shard,
+                classes=list(CLASSES),
             )
         _write_readme(tmp, train_samples, test_samples, image_size, seed)
         if r.exists():
