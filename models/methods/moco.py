@@ -1,0 +1,117 @@
+"""MoCo v2 (Chen et al. 2020): queries against a momentum encoder's keys and a key queue.
+
+query encoder: backbone -> projector (Linear-ReLU-Linear, no BN: moco/builder.py)
+key encoder:   EMA copy (:class:`~models.state.MomentumEncoder`; MoCo's m = 0.999 is
+               ``tau_base = tau_final = 0.999``), updated after each optimizer step
+queue:         :class:`~models.state.Queue`, the keys of all ranks, enqueued after the loss
+loss:          info_nce(q1, k2, queue) (``symmetric: true`` averages it with
+               info_nce(q2, k1, queue) and enqueues both views' keys, as solo-learn's MoCo v2+)
+
+``bn`` keeps the key encoder's BatchNorm from leaking which sample is the positive:
+``shuffle`` (the paper) shuffles the batch across ranks before the key encoder and restores
+the order after it, so each rank's key-BN statistics come from other images than its query-BN
+statistics (on one process it is a no-op); ``sync`` asks the trainer for SyncBatchNorm
+(CUDA only); ``none`` does nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.heads import moco_projector
+from models.methods.base import Method, MethodConfig, Metrics
+from models.objectives import gather_no_grad, get_rank, get_world_size, info_nce
+from models.state import MomentumEncoder, Queue
+
+
+class MoCoV2(Method):
+    name = "mocov2"
+
+    def __init__(self, backbone: nn.Module, *, proj_hidden_dim: int = 2048,
+                 proj_output_dim: int = 128, temperature: float = 0.2, queue_size: int = 65536,
+                 tau_base: float = 0.999, tau_final: float = 0.999, bn: str = "shuffle",
+                 symmetric: bool = False, process_group: Any = None) -> None:
+        if bn not in ("shuffle", "sync", "none"):
+            raise ValueError(f"method.bn must be shuffle, sync or none, got {bn!r}")
+        super().__init__(backbone, sync_bn=bn == "sync", process_group=process_group)
+        self.projector = moco_projector(self.feature_dim, proj_hidden_dim, proj_output_dim)
+        self.momentum = MomentumEncoder(nn.Sequential(self.backbone, self.projector),
+                                        tau_base=tau_base, tau_final=tau_final)
+        self.queue = Queue(queue_size, proj_output_dim, process_group=process_group)
+        self.temperature = float(temperature)
+        self.bn = bn
+        self.symmetric = bool(symmetric)
+        self._tau = float(tau_base)
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
+                    process_group: Any = None) -> MoCoV2:
+        return cls(backbone, proj_hidden_dim=cfg.int("proj_hidden_dim"),
+                   proj_output_dim=cfg.int("proj_output_dim"),
+                   temperature=cfg.float("temperature"), queue_size=cfg.int("queue_size"),
+                   tau_base=cfg.float("tau_base"),
+                   tau_final=float(cfg.opt("tau_final", cfg.float("tau_base"))),
+                   bn=cfg.choice("bn", ("shuffle", "sync", "none"), "shuffle"),
+                   symmetric=bool(cfg.opt("symmetric", False)), process_group=process_group)
+
+    # -- shuffle-BN (moco/builder.py's _batch_shuffle_ddp / _batch_unshuffle_ddp) -------------
+
+    def _shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of a random permutation of the global batch, and the inverse."""
+        group = self.process_group
+        x_all = gather_no_grad(x, group)
+        perm = torch.randperm(x_all.shape[0], device=x.device)
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast(perm, src=src, group=group)  # every rank uses rank 0's permutation
+        b, r = x.shape[0], get_rank(group)
+        return x_all[perm[r * b:(r + 1) * b]], torch.argsort(perm)
+
+    def _unshuffle(self, k: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        k_all = gather_no_grad(k, self.process_group)
+        b, r = k.shape[0], get_rank(self.process_group)
+        return k_all[inverse[r * b:(r + 1) * b]]
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised key-encoder outputs for ``x``, in ``x``'s order."""
+        if self.bn == "shuffle" and get_world_size(self.process_group) > 1:
+            shuffled, inverse = self._shuffle(x)
+            k = self._unshuffle(self.momentum(shuffled), inverse)
+        else:
+            k = self.momentum(x)
+        return F.normalize(k, dim=1)
+
+    # -- step ---------------------------------------------------------------------------------
+
+    def training_step(self, view1: torch.Tensor,
+                      view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        z1 = self.projector(self.backbone(view1))
+        q1 = F.normalize(z1, dim=1)
+        k2 = self.keys(view2)
+        # A copy: the enqueue below writes in place into the buffer autograd would save.
+        negatives = self.queue.keys.clone()
+        loss = info_nce(q1, k2, negatives, self.temperature)
+        if self.symmetric:
+            q2 = F.normalize(self.projector(self.backbone(view2)), dim=1)
+            k1 = self.keys(view1)
+            loss = 0.5 * (loss + info_nce(q2, k1, negatives, self.temperature))
+            self.queue.enqueue(torch.cat([k2, k1]))
+        else:
+            self.queue.enqueue(k2)
+        return loss, {"loss": loss.detach(), "tau": self._tau, "embeddings": z1.detach()}
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        online = itertools.chain(self.backbone.parameters(), self.projector.parameters())
+        self._tau = self.momentum.update(online, total_steps)
+
+    @property
+    def ddp_static_buffers(self) -> list[str]:
+        """Buffers that are identical on every rank by construction (the queue): DDP's
+        per-step ``broadcast_buffers`` need not copy them (65536 x 128 floats = 32 MB)."""
+        return ["queue.keys", "queue.ptr"]

@@ -1,0 +1,65 @@
+"""SimSiam (Chen & He 2021): BYOL without the momentum target; a stop-gradient does the work.
+
+online: backbone -> projector (3 x Linear-BN, BN without affine on the output) -> predictor
+        (bottleneck 2048-512-2048)
+loss:   (D(p1, sg(z2)) + D(p2, sg(z1))) / 2 with D = -cosine (range [-1, 1])
+
+``stop_gradient: false`` removes the stop-gradient: the paper's Fig. 2 experiment, which
+collapses at once (loss -> -1, std of the normalised output -> 0). ``fix_pred_lr: true``
+flags the predictor's optimiser groups ``fixed_lr`` (no lr decay), as the paper does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.heads import simsiam_predictor, simsiam_projector
+from models.methods.base import Method, MethodConfig, Metrics, split_param_groups
+from models.objectives import simsiam_loss
+
+
+class SimSiam(Method):
+    name = "simsiam"
+
+    def __init__(self, backbone: nn.Module, *, proj_hidden_dim: int = 2048,
+                 proj_output_dim: int = 2048, proj_layers: int = 3, pred_hidden_dim: int = 512,
+                 stop_gradient: bool = True, fix_pred_lr: bool = True, sync_bn: bool = True,
+                 process_group: Any = None) -> None:
+        super().__init__(backbone, sync_bn=sync_bn, process_group=process_group)
+        self.projector = simsiam_projector(self.feature_dim, proj_hidden_dim, proj_output_dim,
+                                           proj_layers)
+        self.predictor = simsiam_predictor(proj_output_dim, pred_hidden_dim, proj_output_dim)
+        self.stop_gradient = bool(stop_gradient)
+        self.fix_pred_lr = bool(fix_pred_lr)
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
+                    process_group: Any = None) -> SimSiam:
+        return cls(backbone, proj_hidden_dim=cfg.int("proj_hidden_dim"),
+                   proj_output_dim=cfg.int("proj_output_dim"),
+                   proj_layers=int(cfg.opt("proj_layers", 3)),
+                   pred_hidden_dim=cfg.int("pred_hidden_dim"),
+                   stop_gradient=bool(cfg.opt("stop_gradient", True)),
+                   fix_pred_lr=bool(cfg.opt("fix_pred_lr", True)),
+                   sync_bn=bool(cfg.opt("sync_bn", True)), process_group=process_group)
+
+    def training_step(self, view1: torch.Tensor,
+                      view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        z1 = self.projector(self.backbone(view1))
+        z2 = self.projector(self.backbone(view2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        sg = self.stop_gradient
+        loss = 0.5 * (simsiam_loss(p1, z2, stop_gradient=sg)
+                      + simsiam_loss(p2, z1, stop_gradient=sg))
+        return loss, {"loss": loss.detach(), "embeddings": z1.detach()}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        encoder = itertools.chain(self.backbone.named_parameters(),
+                                  self.projector.named_parameters())
+        return [*split_param_groups(encoder, "encoder"),
+                *split_param_groups(self.predictor.named_parameters(), "predictor",
+                                    fixed_lr=self.fix_pred_lr)]

@@ -1,0 +1,208 @@
+"""Optimisers and learning-rate schedules for SSL pre-training.
+
+* :class:`LARS` -- SGD with momentum whose per-tensor step is scaled by the trust ratio
+  ``eta * ||w|| / ||g + wd * w||`` (You et al. 2017), as in the official VICReg / Barlow Twins
+  code. Groups flagged ``lars_exclude`` (biases and norm-layer parameters, i.e. every tensor
+  with ``ndim <= 1``; see ``Method.parameter_groups``) get neither adaptation nor weight decay:
+  the rule of BYOL, SimCLR, VICReg and Barlow Twins.
+* :func:`build_optimizer` -- LARS / SGD / AdamW from ``conf/optim/*.yaml``, the base lr scaled
+  by the global batch (:func:`scale_lr`), per-group ``lr_mult``.
+* :class:`WarmupCosine` -- per-step linear warmup then cosine decay; groups flagged
+  ``fixed_lr`` (SimSiam's predictor) keep their initial lr.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = ["LARS", "WarmupCosine", "build_optimizer", "scale_lr"]
+
+
+class LARS(Optimizer):
+    """Layer-wise Adaptive Rate Scaling over SGD with momentum.
+
+    For every parameter ``w`` with gradient ``g`` in a group without ``lars_exclude``::
+
+        d = g + weight_decay * w
+        q = eta * ||w|| / ||d||      (q = 1 when ||w|| == 0 or ||d|| == 0)
+        buf = momentum * buf + q * d
+        w = w - lr * buf
+
+    In a group with ``lars_exclude=True``: ``d = g`` (no weight decay), ``q = 1``. The trust
+    ratio is computed with ``torch.where`` on the device: no host synchronisation.
+
+    ``clip=True`` is solo-learn's ``clip_lr`` (LARC clipping, used by its CIFAR recipes with
+    eta = 0.02): ``q <- min(q / lr, 1)``, so the effective per-tensor lr is
+    ``min(eta * ||w|| / ||d||, lr)`` -- the schedule's lr becomes a cap.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9,
+                 weight_decay: float = 0.0, eta: float = 0.001, clip: bool = False) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
+            raise ValueError(
+                f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
+                f"eta={eta}"
+            )
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                        clip=clip, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            exclude = bool(group["lars_exclude"])
+            wd, eta, mom, lr = group["weight_decay"], group["eta"], group["momentum"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not exclude:
+                    if wd != 0:
+                        d = d.add(p, alpha=wd)
+                    w_norm = torch.linalg.vector_norm(p)
+                    d_norm = torch.linalg.vector_norm(d)
+                    one = torch.ones_like(w_norm)
+                    q = torch.where(
+                        (w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, one
+                    )
+                    if group["clip"] and lr > 0:
+                        q = torch.clamp(q / lr, max=1.0)
+                    d = d.mul(q)
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.clone(d).detach()
+                else:
+                    buf.mul_(mom).add_(d)
+                p.add_(buf, alpha=-lr)
+        return loss
+
+
+def scale_lr(base_lr: float, global_batch: int, rule: str = "linear", base_batch: int = 256) -> float:
+    """The lr for ``global_batch`` from the lr at ``base_batch``.
+
+    ``linear``: ``base_lr * global_batch / base_batch`` (Goyal et al.; SimCLR, BYOL, MoCo,
+    SimSiam); ``sqrt``: ``base_lr * sqrt(global_batch / base_batch)`` (SimCLR's small-batch
+    alternative); ``none``: ``base_lr``.
+    """
+    if global_batch < 1 or base_batch < 1:
+        raise ValueError(f"batch sizes must be >= 1, got global={global_batch} base={base_batch}")
+    if rule == "linear":
+        return base_lr * global_batch / base_batch
+    if rule == "sqrt":
+        return base_lr * math.sqrt(global_batch / base_batch)
+    if rule == "none":
+        return float(base_lr)
+    raise ValueError(f"optim.scaling must be linear, sqrt or none, got {rule!r}")
+
+
+def _cfg(cfg: Mapping[str, Any] | Any, key: str, default: Any = ...) -> Any:
+    getter = getattr(cfg, "get", None)
+    value = getter(key, None) if getter is not None else getattr(cfg, key, None)
+    if value is None:
+        if default is ...:
+            raise ValueError(f"optim.{key} is missing")
+        return default
+    return value
+
+
+def build_optimizer(param_groups: list[dict[str, Any]], optim_cfg: Mapping[str, Any] | Any,
+                    global_batch_size: int) -> Optimizer:
+    """An optimiser over ``Method.parameter_groups()`` configured by ``conf/optim/*.yaml``.
+
+    Config keys: ``name`` (lars | sgd | adamw), ``lr`` (at ``base_batch``), ``base_batch``,
+    ``scaling`` (linear | sqrt | none), ``weight_decay``, ``momentum`` (lars, sgd), ``eta``
+    (lars), ``clip_lr`` (lars), ``nesterov`` (sgd), ``betas`` (adamw), ``exclude_bias_and_norm_wd`` (sgd, adamw:
+    no weight decay on groups flagged ``lars_exclude``; LARS always excludes them).
+    Group keys honoured: ``lr_mult`` (multiplies the scaled lr), ``lars_exclude``,
+    ``fixed_lr`` (read by :class:`WarmupCosine`). Extra keys stay in the group.
+    """
+    name = str(_cfg(optim_cfg, "name")).lower()
+    lr = scale_lr(float(_cfg(optim_cfg, "lr")), int(global_batch_size),
+                  str(_cfg(optim_cfg, "scaling", "linear")), int(_cfg(optim_cfg, "base_batch", 256)))
+    wd = float(_cfg(optim_cfg, "weight_decay", 0.0))
+    exclude_wd = bool(_cfg(optim_cfg, "exclude_bias_and_norm_wd", name == "lars"))
+    groups: list[dict[str, Any]] = []
+    for i, g in enumerate(param_groups):
+        if "params" not in g:
+            raise ValueError(f"parameter group {i} has no 'params'")
+        group = dict(g)
+        group["params"] = list(g["params"])
+        group.setdefault("lars_exclude", False)
+        group.setdefault("fixed_lr", False)
+        group["lr"] = lr * float(group.get("lr_mult", 1.0))
+        group["weight_decay"] = 0.0 if (exclude_wd and group["lars_exclude"]) else wd
+        if group["params"]:
+            groups.append(group)
+    if not groups:
+        raise ValueError("build_optimizer: no trainable parameters")
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=float(_cfg(optim_cfg, "momentum", 0.9)),
+                    weight_decay=wd, eta=float(_cfg(optim_cfg, "eta", 0.001)),
+                    clip=bool(_cfg(optim_cfg, "clip_lr", False)))
+    # The LARS flag means nothing to torch's optimisers: keep it only as group metadata.
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=float(_cfg(optim_cfg, "momentum", 0.9)),
+                               weight_decay=wd, nesterov=bool(_cfg(optim_cfg, "nesterov", False)))
+    if name == "adamw":
+        betas = tuple(float(b) for b in _cfg(optim_cfg, "betas", (0.9, 0.999)))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=wd)  # type: ignore[arg-type]
+    raise ValueError(f"optim.name must be lars, sgd or adamw, got {name!r}")
+
+
+class WarmupCosine(LRScheduler):
+    """Per-step schedule: linear warmup, then cosine decay to ``final_lr_ratio * base``.
+
+    The lr of optimizer step ``k`` (0-based; ``scheduler.step()`` after each optimizer step)::
+
+        k <  W:       base * (start + (1 - start) * (k + 1) / W)
+        W <= k < T:   final + (base - final) * (1 + cos(pi * (k - W) / (T - W))) / 2
+        k >= T:       final
+
+    with ``start = warmup_start_ratio``, ``final = final_lr_ratio * base``. Groups flagged
+    ``fixed_lr`` keep ``base`` throughout (SimSiam's predictor, "fix_pred_lr"). State
+    (``last_epoch`` = steps taken) is in ``state_dict``.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int, *,
+                 warmup_start_ratio: float = 0.0, final_lr_ratio: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+            raise ValueError(
+                f"WarmupCosine: need 0 <= warmup_steps <= total_steps and total_steps >= 1, "
+                f"got warmup_steps={warmup_steps} total_steps={total_steps}"
+            )
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.warmup_start_ratio = float(warmup_start_ratio)
+        self.final_lr_ratio = float(final_lr_ratio)
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, k: int) -> float:
+        """The multiplier of the base lr at optimizer step ``k``."""
+        w, t = self.warmup_steps, self.total_steps
+        if k < w:
+            return self.warmup_start_ratio + (1.0 - self.warmup_start_ratio) * (k + 1) / w
+        if k >= t:
+            return self.final_lr_ratio
+        progress = (k - w) / (t - w)
+        return self.final_lr_ratio + (1.0 - self.final_lr_ratio) * 0.5 * (
+            1.0 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        f = self.factor(self.last_epoch)
+        return [
+            base if group.get("fixed_lr", False) else base * f
+            for base, group in zip(self.base_lrs, self.optimizer.param_groups, strict=True)
+        ]
+

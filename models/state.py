@@ -1,0 +1,150 @@
+"""The state a method carries between steps: a momentum (EMA) target and a MoCo key queue.
+
+Both are ``nn.Module`` s whose state lives in parameters and buffers only, so a method's
+``state_dict()`` captures it and ``load_state_dict()`` restores it bit-exactly -- including the
+EMA step counter that drives BYOL's tau schedule (solo-learn does not checkpoint it, so a
+resumed run restarts the schedule) and the queue pointer (lightly checkpoints neither).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.objectives.gather import gather_no_grad
+
+__all__ = ["MomentumEncoder", "Queue", "cosine_tau"]
+
+
+def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
+    """BYOL's EMA rate: ``tau_final - (tau_final - tau_base) * (cos(pi k / K) + 1) / 2``.
+
+    With ``tau_final = 1`` this is the paper's ``1 - (1 - tau_base)(cos(pi k/K) + 1)/2``: tau
+    starts at ``tau_base`` and reaches 1 at the last step. ``tau_final = tau_base`` gives a
+    constant rate (MoCo's m = 0.999). Steps past ``total_steps`` hold ``tau_final``.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0 for the tau schedule, got {total_steps}")
+    k = min(max(int(step), 0), int(total_steps))
+    return tau_final - (tau_final - tau_base) * (math.cos(math.pi * k / total_steps) + 1.0) / 2.0
+
+
+class MomentumEncoder(nn.Module):
+    """An EMA copy of an online network: ``target <- tau * target + (1 - tau) * online``.
+
+    The target is a deep copy of the online network at construction (same initialisation,
+    as in BYOL and MoCo), never receives gradients and runs in whatever train/eval mode its
+    owner is in (BYOL keeps the target in train mode: its BN uses batch statistics and keeps
+    its own running statistics; only parameters are averaged, as in BYOL, MoCo and solo-learn).
+
+    :meth:`update` must be called once per *real* optimizer step (not per forward, not for a
+    step the AMP grad scaler skipped): the buffer ``step`` counts the updates done, is the ``k``
+    of the cosine schedule and is saved in ``state_dict``. ``tau_base = 1`` never changes the
+    target: BYOL's motivating experiment (a frozen random target, 18.8% linear accuracy
+    instead of 1.4% for the raw random network).
+    """
+
+    step: torch.Tensor
+
+    def __init__(self, online: nn.Module, tau_base: float = 0.99, tau_final: float = 1.0) -> None:
+        super().__init__()
+        for label, value in (("tau_base", tau_base), ("tau_final", tau_final)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"method.{label} must be in [0, 1], got {value}")
+        self.tau_base = float(tau_base)
+        self.tau_final = float(tau_final)
+        self.target = copy.deepcopy(online)
+        self.target.requires_grad_(False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # A host-side mirror of ``step``: reading the buffer each step would be a device sync.
+        self._step = 0
+        self.register_load_state_dict_post_hook(MomentumEncoder._sync_step)
+
+    @staticmethod
+    def _sync_step(module: nn.Module, _incompatible: object) -> None:
+        module._step = int(module.step)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.target(x)
+
+    def tau(self, total_steps: int) -> float:
+        """The rate the next :meth:`update` will use."""
+        return cosine_tau(self._step, total_steps, self.tau_base, self.tau_final)
+
+    @torch.no_grad()
+    def update(self, online: nn.Module | Iterable[nn.Parameter], total_steps: int) -> float:
+        """Move the target towards ``online`` (same architecture) and advance ``step``.
+
+        Returns the tau used. ``online`` may be the module or its parameters in the order of
+        ``target.parameters()``.
+        """
+        tau = self.tau(total_steps)
+        if tau < 1.0:  # tau == 1: frozen target; skip even the (exact) no-op lerp
+            src = list(online.parameters() if isinstance(online, nn.Module) else online)
+            dst = list(self.target.parameters())
+            if len(src) != len(dst):
+                raise ValueError(
+                    f"MomentumEncoder.update: online network has {len(src)} parameter tensors, "
+                    f"the target {len(dst)}; they must be the same architecture"
+                )
+            torch._foreach_lerp_(dst, [p.detach() for p in src], 1.0 - tau)
+        self.step.add_(1)
+        self._step += 1
+        return tau
+
+    def extra_repr(self) -> str:
+        return f"tau_base={self.tau_base}, tau_final={self.tau_final}"
+
+
+class Queue(nn.Module):
+    """MoCo's dictionary: a ring buffer of the last ``size`` keys (without gradient).
+
+    :meth:`enqueue` takes this rank's keys, gathers the keys of ALL ranks (global rank order,
+    rank 0's first) and writes them at the pointer, wrapping around the end. Every rank so
+    holds the same queue. Contents and pointer are buffers, so ``state_dict`` restores them.
+    The initial contents are random unit vectors, as in MoCo.
+    """
+
+    keys: torch.Tensor
+    ptr: torch.Tensor
+
+    def __init__(self, size: int, dim: int, *, process_group: dist.ProcessGroup | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"method.queue_size and the key dim must be >= 1, got {size}, {dim}")
+        self.size = int(size)
+        self.process_group = process_group
+        # Seeded so every rank starts from the same queue without a broadcast.
+        gen = torch.Generator().manual_seed(seed)
+        init = nn.functional.normalize(torch.randn(size, dim, generator=gen), dim=1)
+        self.register_buffer("keys", init)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Gather ``keys`` (B, D) from all ranks and write them at the pointer."""
+        if keys.ndim != 2 or keys.shape[1] != self.keys.shape[1]:
+            raise ValueError(
+                f"Queue.enqueue: keys must be (B, {self.keys.shape[1]}), got {tuple(keys.shape)}"
+            )
+        all_keys = gather_no_grad(keys.detach(), group=self.process_group)
+        n = all_keys.shape[0]
+        if n > self.size:
+            raise ValueError(
+                f"Queue.enqueue: {n} keys per step (all ranks) exceed method.queue_size="
+                f"{self.size}"
+            )
+        # Tensor arithmetic keeps the pointer on the device: no host sync per step.
+        idx = (self.ptr + torch.arange(n, device=self.keys.device)) % self.size
+        self.keys.index_copy_(0, idx, all_keys.to(self.keys.dtype))
+        self.ptr.copy_((self.ptr + n) % self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.keys.shape[1]}"
