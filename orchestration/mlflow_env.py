@@ -1,0 +1,100 @@
+"""Where MLflow talks to, and how long it may take: URI resolution, HTTP limits, probing.
+
+Kept apart from the Tracker so that the registry helpers (used by the retraining job without
+a run) resolve the server exactly like training does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+# MLflow's own knobs; its defaults make a client wait ~250 s on a dead server.
+ENV_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+ENV_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+ENV_BACKOFF = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+
+
+def default_tracking_uri(cwd: str | Path | None = None) -> str:
+    """``sqlite:////abs/path/mlflow.db`` in ``cwd``: absolute, so a later chdir cannot move it."""
+    path = Path(cwd or os.getcwd()).resolve() / "mlflow.db"
+    return f"sqlite:///{path}"  # path is absolute: 'sqlite:///' + '/abs' gives the 4 slashes
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """``$MLFLOW_TRACKING_URI`` wins, then the config's ``tracking.uri``, then local sqlite."""
+    return os.environ.get(ENV_URI) or configured or default_tracking_uri()
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def local_artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifact location for an experiment created on a local sqlite backend.
+
+    MLflow's default is ``./mlruns/<id>`` of whatever directory the process runs in; pinning
+    it next to the database (``<db dir>/mlruns/<experiment>``) keeps runs and their
+    artifacts together. None for servers: they choose (``--artifacts-destination``).
+    """
+    if uri.startswith("sqlite:///"):
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment) or "default"
+        return (Path(uri[len("sqlite:///") :]).parent / "mlruns" / safe).as_uri()
+    return None
+
+
+def apply_http_limits(max_retries: int, timeout_s: float, backoff_factor: float) -> None:
+    """Bound MLflow's HTTP retries; variables already set in the environment win."""
+    os.environ.setdefault(ENV_MAX_RETRIES, str(int(max_retries)))
+    os.environ.setdefault(ENV_TIMEOUT, str(int(max(1, round(timeout_s)))))
+    os.environ.setdefault(ENV_BACKOFF, str(backoff_factor))
+
+
+def probe(uri: str, timeout_s: float) -> str | None:
+    """One bounded reachability check: None when reachable, else why not.
+
+    Only HTTP servers are probed (``GET <uri>/health``, no retries): a refused connection
+    answers in milliseconds instead of going through MLflow's retry schedule.
+    """
+    if not is_http(uri):
+        return None
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (http only)
+            if resp.status != 200:
+                return f"GET {url} answered HTTP {resp.status}"
+    except urllib.error.HTTPError as e:
+        return f"GET {url} answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"GET {url} failed: {reason}"
+    return None
+
+
+@contextmanager
+def scoped_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global (fluent) API at ``uri`` for a block, then restore it.
+
+    Needed for the few MLflow entry points without a ``tracking_uri`` argument (logging a
+    model). ``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI``; restoring the
+    variable keeps "the environment wins" meaningful for later Trackers in the same process.
+    """
+    old_env = os.environ.get(ENV_URI)
+    old_uri = mlflow.get_tracking_uri() if old_env is not None else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = old_env

@@ -1,0 +1,72 @@
+"""Figures logged with a run: metric curves and a 2-D projection of test embeddings.
+
+Pure functions returning matplotlib figures (Agg backend: no display needed on servers);
+the Tracker uploads them as PNG artifacts under ``plots/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def pca_2d(embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Project (N, D) embeddings on their two leading principal components -> (N, 2).
+
+    Exact SVD of the centred matrix in float64 (N is a test set, D a few thousand at most),
+    so the projection is deterministic up to the sign of each axis.
+    """
+    z = torch.as_tensor(embeddings).detach().to("cpu", torch.float64)
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, D) embeddings, got shape {tuple(z.shape)}")
+    z = z - z.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(z, full_matrices=False)
+    comps = vh[:2].T
+    if comps.shape[1] < 2:  # D == 1: pad a zero axis
+        comps = torch.cat([comps, torch.zeros_like(comps)], dim=1)
+    return (z @ comps).numpy()
+
+
+def plot_curves(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], *,
+                title: str, ylabel: str) -> Figure:
+    """One line per metric: ``{name: (steps, values)}`` against the step."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, (steps, values) in series.items():
+        ax.plot(list(steps), list(values), marker="o" if len(steps) < 30 else None,
+                markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_projection(points: np.ndarray, labels: Sequence[int] | np.ndarray | torch.Tensor, *,
+                    title: str) -> Figure:
+    """Scatter (N, 2) points coloured by integer label (-1: unlabelled, grey)."""
+    labels = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
+    if len(labels) != len(points):
+        raise ValueError(f"{len(points)} points but {len(labels)} labels")
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    cmap = plt.get_cmap("tab10" if labels.max(initial=0) < 10 else "tab20")
+    for lab in np.unique(labels):
+        sel = labels == lab
+        color = "0.6" if lab < 0 else cmap(int(lab) % cmap.N)
+        ax.scatter(points[sel, 0], points[sel, 1], s=6, alpha=0.7, color=color, label=str(lab))
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    if len(np.unique(labels)) <= 20:
+        ax.legend(fontsize=7, markerscale=2, loc="best", title="label")
+    fig.tight_layout()
+    return fig
