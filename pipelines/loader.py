@@ -1,0 +1,389 @@
+"""Stream -> two augmented views -> torch batches, resumable, with the data-wait measured.
+
+Batch k of an epoch is made of stream samples [k*B, (k+1)*B) of this rank, and its random
+augmentation parameters come from the key (seed, epoch, rank, k, view) (see recipes.py). So the
+loader's whole state is the epoch, the number of batches consumed and the stream's cursor at
+that point; resuming from it yields the same next batches as never stopping (bit-for-bit on
+CPU). Two background threads overlap the work with the training step: a host thread pulls
+samples, validates them and draws the parameters; a device thread runs the backend (DALI
+releases the GIL while it works). Bounded queues (`prefetch`) keep memory flat.
+
+A sample that fails validation, or that makes the backend fail, is replaced in its batch by a
+copy of a good neighbour of the same batch (and counted), so every rank still takes exactly
+len(stream) // batch_size steps and DDP never waits on a missing batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import dali as dali_mod
+from pipelines.recipes import TwoViewRecipe, ViewParams, batch_rng, sample_view_params
+from pipelines.validate import CorruptImage, validate_image
+
+BACKENDS = ("auto", "dali", "torchvision")
+_POLL_S = 0.1
+
+
+@dataclass
+class Batch:
+    view1: torch.Tensor   # (B, 3, H, W) on the trainer's device, normalised, dtype per config
+    view2: torch.Tensor
+    labels: torch.Tensor  # (B,) int64
+    keys: list[str]
+
+
+@dataclass
+class _HostBatch:
+    index: int
+    images: list[bytes]
+    hw: np.ndarray
+    labels: list[int]
+    keys: list[str]
+    shards: list[str]
+    stream_state: dict
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'dali' where nvidia-dali imports, else 'torchvision' with a warning."""
+    if backend not in BACKENDS:
+        raise ValueError(f"loader backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        if dali_mod.DALI_AVAILABLE:
+            return "dali"
+        warnings.warn(f"nvidia-dali is not importable ({dali_mod.DALI_IMPORT_ERROR}); "
+                      "augmenting with the torchvision reference backend (slower)", stacklevel=3)
+        return "torchvision"
+    if backend == "dali" and not dali_mod.DALI_AVAILABLE:
+        raise RuntimeError(f"backend='dali' but nvidia-dali is not importable "
+                           f"({dali_mod.DALI_IMPORT_ERROR}); use backend='auto' or 'torchvision'")
+    return backend
+
+
+def image_hw(data: bytes, validate: str) -> tuple[int, int]:
+    """(H, W) from the header (after the configured validation); raises CorruptImage."""
+    info = validate_image(data, "header" if validate == "none" else validate)
+    if info is None or info.width == 0 or info.height == 0:  # e.g. WebP: ask PIL (header only)
+        import io
+
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.height, im.width
+        except Exception as e:
+            raise CorruptImage(f"unreadable header: {type(e).__name__}: {e}") from None
+    return info.height, info.width
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+class TwoViewLoader:
+    """Iterate two-view batches of a ShardStream-like stream (see docs/contracts.md)."""
+
+    def __init__(self, stream, recipe: TwoViewRecipe, *, batch_size: int, device: torch.device | str,
+                 backend: str = "auto", seed: int = 0, num_threads: int = 2,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, prefetch: int = 2,
+                 validate: str = "header", hw_decoder_load: float = 0.65,
+                 rank: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"loader dtype={dtype}: expected float32, float16 or bfloat16")
+        self.stream, self.recipe, self.batch_size = stream, recipe, batch_size
+        self.device = torch.device(device)
+        self.seed, self.validate, self.prefetch = int(seed), validate, max(1, prefetch)
+        self.rank = int(rank if rank is not None else getattr(stream, "rank", 0))
+        self.backend_name = resolve_backend(backend)
+        self._make_backend = lambda: self._build_backend(num_threads, dtype, channels_last,
+                                                         hw_decoder_load)
+        self._backend = self._make_backend()
+        self.data_wait_s = 0.0
+        self.last_wait_s = 0.0
+        self._aug = {"aug_skipped_corrupt": 0, "aug_backend_errors": 0, "aug_padded": 0,
+                     "batches": 0}
+        self._epoch = 0
+        self._position = 0            # batches of self._epoch already handed out
+        self._stream_state: dict | None = None  # stream cursor right after those batches
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ construction
+    def _build_backend(self, num_threads, dtype, channels_last, hw_decoder_load):
+        if self.backend_name == "dali":
+            device_id = None
+            if self.device.type == "cuda":
+                device_id = self.device.index if self.device.index is not None \
+                    else torch.cuda.current_device()
+            spec = dali_mod.GraphSpec(recipe=self.recipe, batch_size=self.batch_size,
+                                      device_id=device_id, num_threads=num_threads, dtype=dtype,
+                                      channels_last=channels_last, hw_decoder_load=hw_decoder_load)
+            return dali_mod.DaliTwoView(spec)
+        from pipelines.reference import TorchvisionTwoView
+
+        return TorchvisionTwoView(self.recipe, num_threads=num_threads, dtype=dtype,
+                                  channels_last=channels_last)
+
+    # ------------------------------------------------------------------ public API
+    def __len__(self) -> int:
+        return len(self.stream) // self.batch_size
+
+    @property
+    def counters(self) -> dict[str, int]:
+        base = dict(getattr(self.stream, "counters", {}) or {})
+        with self._lock:
+            base.update(self._aug)
+        return base
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch -- unless a loaded state is inside that epoch."""
+        if epoch == self._epoch and 0 < self._position < len(self):
+            return
+        self._epoch, self._position, self._stream_state = int(epoch), 0, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batch": self._position, "seed": self.seed,
+                "batch_size": self.batch_size, "recipe": self.recipe.name,
+                "stream": self._stream_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise ValueError(f"loader state has batch_size={state['batch_size']}, this loader "
+                             f"{self.batch_size}: batch k would not be the same samples")
+        self.close_epoch()
+        self._epoch, self._position = int(state["epoch"]), int(state["batch"])
+        self.seed = int(state.get("seed", self.seed))
+        self._stream_state = state.get("stream")
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.close_epoch()
+        total = len(self)
+        if self._position >= total:  # finished epoch: the caller moves on with set_epoch
+            return iter(())
+        if self._position > 0 and self._stream_state is not None:
+            self.stream.load_state_dict(self._stream_state)
+        elif self._position > 0:
+            raise RuntimeError("loader resumed at batch > 0 without a stream cursor")
+        else:
+            self._rewind_stream()
+        return self._run_epoch(self._position, total)
+
+    def _rewind_stream(self) -> None:
+        """Put the stream at the start of self._epoch (set_epoch keeps a same-epoch cursor)."""
+        self.stream.set_epoch(self._epoch)
+        try:
+            start = self.stream.state_dict(position=0)
+        except TypeError:  # a stream without the prefetching-consumer hook: set_epoch is all
+            return
+        self.stream.load_state_dict(start)
+
+    def close(self) -> None:
+        """Stop the background threads and free the backend (DALI pipeline, thread pool)."""
+        self.close_epoch()
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+
+    # ------------------------------------------------------------------ the epoch
+    def close_epoch(self) -> None:
+        """Stop the current epoch's threads (an abandoned iterator, a `break`)."""
+        self._stop_threads(self._stop, self._threads)
+        self._stop = threading.Event()
+
+    def _stop_threads(self, stop: threading.Event, threads: list[threading.Thread]) -> None:
+        stop.set()
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout=30)
+        alive = [t.name for t in threads if t.is_alive()]
+        if self._threads is threads:
+            self._threads = []
+        if alive:
+            raise RuntimeError(f"loader threads did not stop within 30 s: {alive}")
+
+    def _run_epoch(self, start: int, total: int) -> Iterator[Batch]:
+        if self._backend is None:
+            raise RuntimeError("TwoViewLoader was closed")
+        stop, epoch = self._stop, self._epoch
+        host_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        out_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._threads = [
+            threading.Thread(target=self._host_loop, args=(start, total, host_q, stop),
+                             name=f"sslstream-host-e{epoch}", daemon=True),
+            threading.Thread(target=self._device_loop, args=(epoch, host_q, out_q, stop),
+                             name=f"sslstream-device-e{epoch}", daemon=True),
+        ]
+        threads = self._threads
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(start, total):
+                t0 = time.perf_counter()
+                item = self._get(out_q, threads)
+                self.last_wait_s = time.perf_counter() - t0
+                self.data_wait_s += self.last_wait_s
+                if isinstance(item, _Failure):
+                    raise item.exc
+                batch, index, stream_state = item
+                self._position, self._stream_state = index + 1, stream_state
+                with self._lock:
+                    self._aug["batches"] += 1
+                yield batch
+        finally:
+            self._stop_threads(stop, threads)
+
+    def _get(self, q: queue.Queue, threads: list[threading.Thread]):
+        while True:
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not any(t.is_alive() for t in threads):
+                    try:
+                        return q.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError("loader threads exited without a batch") from None
+
+    def _host_loop(self, start: int, total: int, host_q: queue.Queue, stop: threading.Event):
+        it = iter(self.stream)
+        try:
+            for index in range(start, total):
+                samples = []
+                for sample in it:
+                    samples.append(sample)
+                    if len(samples) == self.batch_size or stop.is_set():
+                        break
+                if stop.is_set():
+                    return
+                if not samples:
+                    raise RuntimeError(
+                        f"stream ended after {index} of {total} batches (len(stream)="
+                        f"{len(self.stream)}, batch_size={self.batch_size}): it yielded fewer "
+                        "samples than its len() promised")
+                state = self.stream.state_dict()
+                if not _put(host_q, self._prepare(index, samples, state), stop):
+                    return
+        except BaseException as e:  # hand the error to the consumer instead of dying silently
+            _put(host_q, _Failure(e), stop)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _prepare(self, index: int, samples: list, state: dict) -> _HostBatch:
+        """Validate, read sizes, replace bad samples by good neighbours, pad a short batch."""
+        hw: list[tuple[int, int] | None] = []
+        for s in samples:
+            try:
+                hw.append(image_hw(s.image, self.validate))
+            except CorruptImage:
+                hw.append(None)
+        good = [i for i, v in enumerate(hw) if v is not None]
+        if not good:
+            raise RuntimeError(f"every sample of batch {index} is corrupt (shards "
+                               f"{sorted({s.shard for s in samples})}); is the data readable?")
+        n_bad = len(samples) - len(good)
+        order = [i if hw[i] is not None else _nearest(good, i) for i in range(len(samples))]
+        n_pad = self.batch_size - len(samples)
+        order += [good[j % len(good)] for j in range(n_pad)]
+        with self._lock:
+            self._aug["aug_skipped_corrupt"] += n_bad
+            self._aug["aug_padded"] += n_pad
+        return _HostBatch(index=index, images=[samples[i].image for i in order],
+                          hw=np.array([hw[i] for i in order], dtype=np.int64),
+                          labels=[int(samples[i].label) for i in order],
+                          keys=[samples[i].key for i in order],
+                          shards=[samples[i].shard for i in order], stream_state=state)
+
+    def _params(self, epoch: int, host: _HostBatch) -> tuple[ViewParams, ViewParams]:
+        v1, v2 = (sample_view_params(view, host.hw,
+                                     batch_rng(self.seed, epoch, self.rank, host.index, i))
+                  for i, view in enumerate(self.recipe.views))
+        return v1, v2
+
+    def _device_loop(self, epoch: int, host_q: queue.Queue, out_q: queue.Queue,
+                     stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    host = host_q.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if isinstance(host, _Failure):
+                    _put(out_q, host, stop)
+                    return
+                batch = self._augment(epoch, host)
+                if not _put(out_q, (batch, host.index, host.stream_state), stop):
+                    return
+        except BaseException as e:
+            _put(out_q, _Failure(e), stop)
+
+    def _augment(self, epoch: int, host: _HostBatch) -> Batch:
+        params = self._params(epoch, host)
+        try:
+            v1, v2 = self._backend.run(host.images, params)
+        except Exception as first:
+            v1, v2 = self._recover(epoch, host, first)
+        labels = torch.tensor(host.labels, dtype=torch.int64)
+        if self.device.type != v1.device.type or self.device != v1.device:
+            nb = self.device.type == "cuda"
+            v1, v2 = v1.to(self.device, non_blocking=nb), v2.to(self.device, non_blocking=nb)
+        return Batch(view1=v1, view2=v2, labels=labels.to(self.device), keys=host.keys)
+
+    def _recover(self, epoch: int, host: _HostBatch, error: Exception):
+        """The backend failed on this batch: find the culprits with a full decode, replace them."""
+        with self._lock:
+            self._aug["aug_backend_errors"] += 1
+        self._backend.reset()
+        bad = []
+        for i, data in enumerate(host.images):
+            try:
+                validate_image(data, "decode")
+            except CorruptImage:
+                bad.append(i)
+        good = [i for i in range(len(host.images)) if i not in set(bad)]
+        if not bad or not good:
+            raise RuntimeError(f"{self.backend_name} failed on batch {host.index} of epoch {epoch} "
+                               f"(shards {sorted(set(host.shards))}) and a full decode found "
+                               f"{len(bad)} bad image(s): {error}") from error
+        order = [i if i in good else _nearest(good, i) for i in range(len(host.images))]
+        with self._lock:
+            self._aug["aug_skipped_corrupt"] += len(bad)
+        host.images = [host.images[i] for i in order]
+        host.hw, host.labels = host.hw[order], [host.labels[i] for i in order]
+        host.keys = [host.keys[i] for i in order]
+        return self._backend.run(host.images, self._params(epoch, host))
+
+
+def _nearest(good: list[int], i: int) -> int:
+    """The good index closest to i (ties: the earlier one) -- deterministic replacement."""
+    return min(good, key=lambda g: (abs(g - i), g))
+
+
+def build_eval_loader(*args, **kwargs):
+    """See `pipelines.eval_loader.build_eval_loader` (re-exported here per docs/contracts.md)."""
+    from pipelines.eval_loader import build_eval_loader as build
+
+    return build(*args, **kwargs)
