@@ -186,8 +186,10 @@ class S3LeaseStore:
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         import s3fs  # lazy: only S3 users need it
 
+        from pipelines.storage import resolve_storage_options  # endpoint from AWS_ENDPOINT_URL
+
         self.url = url
-        opts = dict(storage_options or {})
+        opts = resolve_storage_options(url, storage_options)
         opts.setdefault("skip_instance_cache", True)
         self.fs = s3fs.S3FileSystem(**opts)
         self.bucket, self.key, _ = self.fs.split_path(url)

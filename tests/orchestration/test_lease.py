@@ -20,40 +20,6 @@ from orchestration.lease import (
 )
 
 
-@pytest.fixture(scope="module")
-def _moto_endpoint():
-    """A moto S3 server on 127.0.0.1 (until the shared tests/fixtures/s3.py one lands)."""
-    import os
-
-    from moto.server import ThreadedMotoServer
-
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(k, v)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_endpoint(_moto_endpoint):
-    return _moto_endpoint
-
-
-@pytest.fixture
-def s3_bucket(s3_endpoint):
-    import uuid
-
-    import s3fs
-
-    name = f"lease-{uuid.uuid4().hex[:8]}"
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint},
-                      skip_instance_cache=True).mkdir(name)
-    return name
-
-
 class Clock:
     """A hand-driven wall clock, so expiry tests take no real time."""
 
@@ -70,11 +36,9 @@ def make_store(request, tmp_path: Path):
     if request.param == "local":
         path = tmp_path / "locks" / "model.lease"
         return lambda: LocalLeaseStore(path)
-    endpoint = request.getfixturevalue("s3_endpoint")
-    bucket = request.getfixturevalue("s3_bucket")
-    opts = {"client_kwargs": {"endpoint_url": endpoint}}
-    url = f"s3://{bucket}/data/_sslstream_retrain.model.lease"
-    return lambda: S3LeaseStore(url, opts)
+    s3 = request.getfixturevalue("s3")  # tests/fixtures/s3.py: moto on 127.0.0.1
+    url = f"s3://{s3.bucket('leases')}/data/_sslstream_retrain.model.lease"
+    return lambda: S3LeaseStore(url, s3.storage_options)
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,306 @@
+"""`sslstream retrain`: new shards -> train -> evaluate -> register -> promote if better.
+
+Meant to be started by any scheduler (cron, a Kubernetes CronJob, Airflow), as often as
+one likes; docs/retrain.md has the examples and the exit codes. One call:
+
+1. snapshots the data source (`retrain.source`: shard prefix, manifest URL, brace pattern,
+   on any fsspec store) and reads the champion of `tracking.registry.name`;
+2. if the champion was trained on a snapshot that already holds every current shard
+   (same names, same content), stops: exit 0, nothing done (recorded as tags on the
+   registered model);
+3. otherwise derives the run key from (snapshot, config hash), takes the lease for the
+   model (orchestration/lease.py) and, holding it (heartbeat), either finds the version
+   that run key already registered (a retry after a crash) or trains: `train(cfg)` with
+   `run_name` = run key, so a rerun resumes the same checkpoints and MLflow run, on exactly
+   the snapshot's shard URLs; train registers the encoder as challenger and promotes it to
+   champion by the registry's rule (margin, collapse check);
+4. tags the run and the version with the decision and the snapshot, logs the shard listing
+   as `retrain/snapshot.json`, prints the decision, releases the lease.
+
+The exit code tells a scheduler what to do next (see EXIT_* and docs/retrain.md).
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from orchestration.lease import Lease, LeaseHeld, LeaseStoreError, open_store
+from orchestration.snapshot import Snapshot, config_hash, run_key, source_base, take_snapshot
+
+log = logging.getLogger("sslstream.retrain")
+
+EXIT_OK = 0               # trained (promoted or not), already done, or nothing new
+EXIT_CONFIG = 2           # bad retrain/tracking config (same code as CLI usage errors)
+EXIT_LOCK_HELD = 3        # another live holder is retraining this model: try again later
+EXIT_SOURCE = 4           # data source (or the lease next to it) unreachable / empty / invalid
+EXIT_TRAIN_FAILED = 5     # training raised (non-finite loss, bad data past the limit, ...)
+EXIT_REGISTRY = 6         # tracking server unreachable, or registration / tagging failed
+EXIT_LEASE_LOST = 7       # lost the lease while training (expired, taken over): rerun resumes
+EXIT_PREEMPTED = 8        # stopped by SIGTERM after a checkpoint: rerun resumes
+
+TrainFn = Callable[[DictConfig], Any]
+
+
+class RetrainExit(Exception):
+    """Stop the job with `code` and a one-line `message` for the scheduler's log."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """`cfg.retrain` (conf/retrain/default.yaml documents every field)."""
+
+    source: str | list[str]
+    storage_options: dict
+    init: str
+    lock_url: str
+    ttl_s: float
+    heartbeat_s: float
+    wait_s: float
+    grace_s: float
+    run_key_ignore: tuple[str, ...]
+    enabled: bool
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, model_name: str) -> RetrainSettings:
+        r = cfg.get("retrain") or {}
+        source = r.get("source") or cfg.data.get("train")
+        if not source:
+            raise ValueError("retrain.source (or data.train) must name the shards to watch")
+        source = source if isinstance(source, str) else [str(s) for s in source]
+        so = r.get("storage_options")
+        so = dict(so) if so is not None else dict(cfg.data.get("storage_options") or {})
+        init = str(r.get("init", "scratch"))
+        if init not in ("scratch", "champion"):
+            raise ValueError(f"retrain.init must be scratch or champion, got {init!r}")
+        lock = r.get("lock") or {}
+        ttl = float(lock.get("ttl_s", 300))
+        if ttl <= 0:
+            raise ValueError(f"retrain.lock.ttl_s must be > 0, got {ttl}")
+        hb = float(lock.get("heartbeat_s") or ttl / 3.0)
+        if not 0 < hb < ttl:
+            raise ValueError(f"retrain.lock.heartbeat_s must be in (0, ttl_s={ttl}), got {hb}")
+        url = lock.get("url") or (
+            f"{source_base(source).rstrip('/')}/_sslstream_retrain.{model_name}.lease")
+        return cls(source, so, init, str(url), ttl, hb, float(lock.get("wait_s", 0)),
+                   float(lock.get("grace_s", 10)),
+                   tuple(str(k) for k in r.get("run_key_ignore") or ()),
+                   bool(r.get("enabled", True)))
+
+
+def _say(msg: str) -> None:
+    print(f"sslstream retrain: {msg}", flush=True)
+
+
+def _registry(cfg: DictConfig):
+    """The MLflow side, or RetrainExit(EXIT_REGISTRY) if the server does not answer."""
+    from orchestration import mlflow_env
+    from orchestration.retrain_mlflow import RetrainRegistry
+    from orchestration.tracking import TrackingSettings
+
+    ts = TrackingSettings.from_config(cfg.get("tracking"))
+    if not ts.enabled:
+        raise RetrainExit(EXIT_CONFIG, "tracking.enabled=false: retraining needs the model "
+                          "registry to know the champion")
+    uri = mlflow_env.resolve_tracking_uri(ts.uri)
+    if mlflow_env.is_http(uri):
+        mlflow_env.apply_http_limits(ts.http_max_retries, ts.http_timeout_s,
+                                     ts.http_backoff_factor)
+    if (why := mlflow_env.probe(uri, ts.probe_timeout_s)) is not None:
+        raise RetrainExit(EXIT_REGISTRY, f"MLflow at {uri} is unreachable: {why}")
+    return RetrainRegistry(uri, ts.registry, ts.experiment)
+
+
+def _nothing_new(reg, snap: Snapshot) -> tuple[Any, str | None]:
+    """(champion, why there is nothing to do) - the reason is None when training is due."""
+    champ = reg.champion()
+    if champ is None:
+        return None, None
+    if champ.tags.get("retrain.snapshot_id") == snap.id:
+        return champ, f"champion v{champ.version} was trained on this snapshot ({snap.id[:12]})"
+    known = reg.champion_fingerprints(champ)
+    if known is not None and not snap.new_since(known):
+        return champ, (f"no shard is new since champion v{champ.version}'s data "
+                       f"({len(snap.shards)} shards, none added or changed)")
+    return champ, None
+
+
+def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | None
+                  ) -> DictConfig:
+    """The job's config with run_name = run key and data = exactly the snapshot's shards."""
+    tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(tcfg):
+        bank_is_train = tcfg.data.get("bank") == tcfg.data.get("train")
+        tcfg.run_name = key
+        tcfg.data.train = snap.urls
+        if bank_is_train:
+            tcfg.data.bank = snap.urls
+        tcfg.data.generate = False
+        if warm_from is not None:
+            if "init_from" not in (cfg.trainer or {}):
+                raise RetrainExit(EXIT_CONFIG, "retrain.init=champion needs trainer.init_from "
+                                  "(warm start) support in train.py; use retrain.init=scratch")
+            tcfg.trainer.init_from = warm_from
+    return tcfg
+
+
+def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s: float) -> Any:
+    """train_fn under the lease's heartbeat; a lost lease interrupts the training."""
+    from orchestration.registry import RegistrationError
+
+    lost_reason: list[str] = []
+
+    def on_lost(reason: str) -> None:
+        lost_reason.append(reason)
+        if threading.current_thread() is not threading.main_thread():
+            _thread.interrupt_main()  # KeyboardInterrupt in train_fn, between two steps
+
+    lease.start_heartbeat(on_lost, heartbeat_s)
+    try:
+        return train_fn(tcfg)
+    except KeyboardInterrupt:
+        if lost_reason:
+            raise RetrainExit(EXIT_LEASE_LOST, f"{lost_reason[0]}; training stopped (another "
+                              "holder may be running it); rerun to resume") from None
+        raise
+    except RetrainExit:
+        raise
+    except RegistrationError as e:
+        raise RetrainExit(EXIT_REGISTRY, f"training finished but registration failed: {e}; "
+                          "rerun to retry (the final checkpoint is kept)") from e
+    except Exception as e:
+        log.exception("training of %s failed", tcfg.run_name)
+        raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {type(e).__name__}: {e}") from e
+
+
+def retrain(cfg: DictConfig, *, train_fn: TrainFn | None = None, registry: Any = None) -> int:
+    """Run one retraining check; returns the exit code (see module docstring)."""
+    try:
+        _say(_retrain(cfg, train_fn=train_fn, registry=registry))
+        return EXIT_OK
+    except RetrainExit as e:
+        print(f"sslstream retrain: {'FAILED: ' if e.code else ''}{e} (exit {e.code})",
+              file=sys.stderr if e.code else sys.stdout, flush=True)
+        return e.code
+
+
+run = retrain  # `orchestration.retrain.run(cfg) -> int`, the name the CLI brief used
+
+
+def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str:
+    model = str(OmegaConf.select(cfg, "tracking.registry.name", default="sslstream-encoder"))
+    try:
+        st = RetrainSettings.from_config(cfg, model)
+    except (ValueError, TypeError) as e:
+        raise RetrainExit(EXIT_CONFIG, str(e)) from e
+    if not st.enabled:
+        return "retrain.enabled=false: nothing to do"
+    try:
+        snap = take_snapshot(st.source, st.storage_options)
+    except (OSError, ValueError, KeyError) as e:
+        raise RetrainExit(EXIT_SOURCE, f"data source {st.source} unusable: {e}") from e
+    _say(f"source {snap.source}: {len(snap.shards)} shards, snapshot {snap.id[:12]}")
+    reg = registry if registry is not None else _registry(cfg)
+    try:
+        champ, why = _nothing_new(reg, snap)
+        if why is not None:
+            reg.record_check("nothing-new", why, snap)
+            return f"nothing to do: {why}"
+    except RetrainExit:
+        raise
+    except Exception as e:
+        raise RetrainExit(EXIT_REGISTRY, f"reading champion of {model!r}: {e}") from e
+
+    ignore = list(st.run_key_ignore) + ["data.train", "run_name"]
+    if cfg.data.get("bank") == cfg.data.get("train"):
+        ignore.append("data.bank")
+    key = run_key(model, snap.id, config_hash(cfg, ignore))
+    try:
+        lease = Lease(open_store(st.lock_url, st.storage_options), key, ttl_s=st.ttl_s,
+                      grace_s=st.grace_s)
+        lease.acquire(wait_s=st.wait_s)
+    except LeaseHeld as e:
+        raise RetrainExit(EXIT_LOCK_HELD, str(e)) from e
+    except ValueError as e:
+        raise RetrainExit(EXIT_CONFIG, str(e)) from e
+    except (LeaseStoreError, OSError) as e:
+        raise RetrainExit(EXIT_SOURCE, f"lease {st.lock_url} unusable: {e}") from e
+    if lease.took_over_from:
+        _say(f"took over the expired lease of {lease.took_over_from}")
+    try:
+        return _under_lease(cfg, st, reg, snap, key, lease, train_fn)
+    finally:
+        lease.release()
+
+
+def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot, key: str,
+                 lease: Lease, train_fn: TrainFn | None) -> str:
+    try:
+        # Re-check under the lease: a holder we waited for may have done the work.
+        champ, why = _nothing_new(reg, snap)
+        if why is not None:
+            reg.record_check("nothing-new", why, snap)
+            return f"nothing to do: {why}"
+        existing = reg.find_version(key)
+    except Exception as e:
+        raise RetrainExit(EXIT_REGISTRY, f"reading registry of {reg.name!r}: {e}") from e
+    new = snap.new_since(reg.champion_fingerprints(champ) or {}) if champ else list(snap.shards)
+    tags: dict[str, Any] = {"run_key": key, "snapshot_id": snap.id, "source": snap.source,
+                            "shards": len(snap.shards), "new_shards": len(new), "init": st.init}
+    if champ is None:
+        reason = f"no champion yet: training on {len(snap.shards)} shards"
+    elif "retrain.snapshot_id" not in champ.tags:
+        reason = (f"champion v{champ.version} has no recorded data snapshot: training on all "
+                  f"{len(snap.shards)} shards")
+    else:
+        reason = f"{len(new)} new or changed shard(s) since champion v{champ.version}"
+    if existing is not None:
+        _say(f"run {key} already registered v{existing}; finishing its bookkeeping")
+        run_id = reg.version_info(existing)[0]
+    else:
+        _say(f"{reason}; training run {key}")
+        warm = champ.uri if (st.init == "champion" and champ is not None) else None
+        tcfg = _train_config(cfg, key, snap, warm)
+        if train_fn is None:
+            from orchestration.train import train as train_fn
+        result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
+        if getattr(result, "status", "completed") == "preempted":
+            raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by SIGTERM after a "
+                              "checkpoint; rerun to resume")
+        run_id = getattr(result, "run_id", None)
+        try:
+            existing = reg.find_version(key)
+        except Exception as e:
+            raise RetrainExit(EXIT_REGISTRY, f"reading registry of {reg.name!r}: {e}") from e
+        if existing is None:
+            raise RetrainExit(EXIT_REGISTRY, f"run {key} trained but registered no version of "
+                              f"{reg.name!r} (tracking disabled or unreachable during training?)")
+    try:
+        promoted = reg.is_champion(existing)
+        vtags = reg.version_info(existing)[1]
+        decision = "promoted" if promoted else "registered-not-promoted"
+        why = vtags.get("promotion_reason", "")
+        tags.update(decision=decision, reason=f"{reason}; {why}".strip("; "))
+        reg.record(existing, run_id, tags, snap)
+        reg.record_check(decision, tags["reason"], snap)
+    except Exception as e:
+        raise RetrainExit(EXIT_REGISTRY, f"tagging v{existing} of {reg.name!r}: {e}") from e
+    verdict = "champion" if promoted else "challenger only"
+    return f"{reg.name} v{existing} ({verdict}): {tags['reason']}"
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m orchestration.retrain key=value`
+    from orchestration.cli import main
+
+    sys.exit(main(["retrain", *sys.argv[1:]]))
