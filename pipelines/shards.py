@@ -274,13 +274,18 @@ def _sample_problem(img: bytes | None, cls: bytes | None, num_classes: int | Non
 def verify(source: str, storage_options: dict | None = None, *, workers: int = 4,
            validate: str = "header") -> VerifyReport:
     """Check every shard of the manifest at/under `source`: present, sha256, bytes, count,
-    every member readable and every image passing `validate`."""
-    src = str(source).partition("#")[0]
+    every member readable and every image passing `validate`. `source#split` restricts
+    the check to one split of a CIFAR-layout manifest."""
+    src, _, split = str(source).partition("#")
     murl = src if src.endswith(".json") else join_url(src, MANIFEST_NAME)
     man = load_manifest(murl, storage_options)
     base = murl.rsplit("/", 1)[0] if "/" in murl else "."
     ncls = len(man.classes) if man.classes else None
     jobs = [(e, None) for e in man.shards] + [(e, s) for s, es in man.splits.items() for e in es]
+    if split:  # SOURCE#split: only that split of a CIFAR-layout manifest
+        jobs = [(e, s) for e, s in jobs if s == split or (s is None and split == "shards")]
+        if not jobs:
+            raise KeyError(f"{murl} has no split {split!r}")
     with ThreadPoolExecutor(max(1, workers)) as ex:
         checks = list(ex.map(
             lambda j: _check_shard(j[0], join_url(base, j[0].shard), j[1], storage_options, ncls, validate),

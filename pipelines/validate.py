@@ -71,7 +71,7 @@ def _check_jpeg(data: bytes) -> ImageInfo:
             break
         (length,) = struct.unpack(">H", data[i : i + 2])
         if length < 2 or i + length > n:
-            raise CorruptImage(f"jpeg: segment 0x{marker:02X} runs past the end")
+            raise CorruptImage(f"jpeg: segment 0x{marker:02X} runs past the end (truncated)")
         if marker in _SOF:
             if length < 8:
                 raise CorruptImage("jpeg: short frame header")
