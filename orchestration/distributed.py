@@ -64,6 +64,13 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     NCCL needs one CUDA device per process, selected before the group is created;
     gloo works everywhere (and is what the CPU tests use).
     """
+    if dist.is_available() and dist.is_initialized():  # a caller (tests, a launcher) made it
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        dev = resolve_device(device, local)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return DistEnv(rank, world, local, dev)
     env = torchrun_env()
     if env is None or env[1] == 1:
         rank, world, local = (0, 1, 0) if env is None else env

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,9 @@ class EvalResult:
     bank_size: int
     test_size: int
     seconds: float
+    # the test split's features and labels (for the PCA plot); not metrics
+    test_features: torch.Tensor | None = field(default=None, repr=False)
+    test_labels: torch.Tensor | None = field(default=None, repr=False)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         out = {
@@ -173,11 +176,18 @@ class EvalResult:
         return out
 
 
-def evaluate(cfg: DictConfig, method: nn.Module, env: DistEnv) -> EvalResult:
+def evaluate(
+    cfg: DictConfig,
+    method: nn.Module,
+    env: DistEnv,
+    *,
+    inputs: tuple[int, tuple[float, ...], tuple[float, ...]] | None = None,
+) -> EvalResult:
     """kNN (and the linear probe when `eval.probe`) of `method.embed` on cfg.data.bank/test.
 
     `method` is the unwrapped Method (not the DDP wrapper). Its train/eval mode is restored
-    afterwards. Every rank returns the same result.
+    afterwards. Every rank returns the same result. `inputs` = (image size, mean, std)
+    replaces the augment recipe's (a registered encoder carries its own).
     """
     from models.collapse import effective_rank, embedding_std
     from pipelines.loader import build_eval_loader
@@ -188,10 +198,19 @@ def evaluate(cfg: DictConfig, method: nn.Module, env: DistEnv) -> EvalResult:
             raise ValueError(f"evaluation needs labelled shards: data.{key} is not set")
     t0 = time.perf_counter()
 
-    def batches(urls: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        return build_eval_loader(
+    from pipelines.recipes import TwoViewRecipe
+
+    # Eval inputs are normalised and sized like the training views, so the encoder sees
+    # the statistics it was trained on.
+    if inputs is None:
+        recipe = TwoViewRecipe.from_config(cfg.augment)
+        inputs = (recipe.size, tuple(recipe.view1.mean), tuple(recipe.view1.std))
+    size, mean, std = inputs
+
+    def features(urls: str) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = build_eval_loader(
             urls,
-            image_size=int(data.image_size),
+            image_size=int(size),
             batch_size=int(ev.batch_size),
             device=env.device,
             storage_options=dict(data.get("storage_options") or {}),
@@ -199,13 +218,20 @@ def evaluate(cfg: DictConfig, method: nn.Module, env: DistEnv) -> EvalResult:
             world_size=env.world_size,
             num_workers=int(data.get("num_workers", 2)),
             backend=str(cfg.trainer.get("loader_backend", "auto")),
+            mean=tuple(mean),
+            std=tuple(std),
+            num_threads=int(cfg.trainer.get("loader_threads", 2)),
         )
+        try:
+            return extract_features(method.embed, loader, env.device)
+        finally:
+            loader.close()
 
     was_training = method.training
     method.eval()
     try:
-        bank_x, bank_y = extract_features(method.embed, batches(data.bank), env.device)
-        test_x, test_y = extract_features(method.embed, batches(data.test), env.device)
+        bank_x, bank_y = features(data.bank)
+        test_x, test_y = features(data.test)
     finally:
         method.train(was_training)
     num_classes = data.get("num_classes") or None
@@ -231,4 +257,58 @@ def evaluate(cfg: DictConfig, method: nn.Module, env: DistEnv) -> EvalResult:
         bank_size=int(bank_x.shape[0]),
         test_size=int(test_x.shape[0]),
         seconds=time.perf_counter() - t0,
+        test_features=test_x,
+        test_labels=test_y,
     )
+
+
+class _Encoder(nn.Module):
+    """A bare backbone behind the `embed` interface `evaluate` uses."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+def evaluate_saved(cfg: DictConfig, *, checkpoint: str | None = None, model_uri: str | None = None) -> EvalResult | None:
+    """`sslstream eval`: evaluate a training checkpoint or a logged/registered encoder.
+
+    A checkpoint is rebuilt with cfg.method / cfg.backbone (pass the overrides it was
+    trained with); a model URI (`models:/name@champion`, `models:/name/3`, `models:/m-...`)
+    is rebuilt from its own spec. Returns the result on rank 0, None elsewhere.
+    """
+    from orchestration.checkpoint import load_checkpoint
+    from orchestration.distributed import init_distributed
+
+    env = init_distributed(str(cfg.trainer.get("device", "auto")))
+    inputs = None
+    if checkpoint is not None:
+        from models.methods import build_method
+
+        module: nn.Module = build_method(cfg.method, cfg.backbone)
+        state = load_checkpoint(checkpoint)
+        try:
+            module.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(
+                f"checkpoint {checkpoint} does not fit method={cfg.method.name} "
+                f"backbone={cfg.backbone.name}: pass the overrides it was trained with ({e})"
+            ) from e
+    elif model_uri is not None:
+        from orchestration.encoder_model import build_encoder
+        from orchestration.mlflow_env import resolve_tracking_uri
+        from orchestration.registry import load_encoder_state_dict
+
+        uri = resolve_tracking_uri(cfg.tracking.get("uri"))
+        weights, spec = load_encoder_state_dict(uri, model_uri)
+        backbone = build_encoder(spec)
+        backbone.load_state_dict(weights)
+        module = _Encoder(backbone)
+        inputs = (spec.image_size, tuple(spec.mean), tuple(spec.std))
+    else:
+        raise ValueError("evaluate_saved needs a checkpoint path or a model URI")
+    result = evaluate(cfg, module.to(env.device), env, inputs=inputs)
+    return result if env.is_main else None

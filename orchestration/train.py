@@ -17,7 +17,6 @@ per epoch on every rank), so collectives never wait on a rank that ran out of da
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,8 @@ class TrainResult:
     registered_uri: str | None = None
     promoted: bool | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    promotion_reason: str | None = None
+    method: Any = field(default=None, repr=False)  # the trained Method (unwrapped)
 
 
 def prepare_data(cfg: DictConfig, env: D.DistEnv) -> None:
@@ -138,7 +139,6 @@ def train(cfg: DictConfig) -> TrainResult:
             f"{tr.batch_size} per rank ({env.world_size} rank(s)); lower the batch size"
         )
     total_steps = int(tr.max_steps) if tr.get("max_steps") else int(tr.epochs) * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
     global_batch = int(tr.batch_size) * env.world_size
     optimizer = build_optimizer(method.parameter_groups(), cfg.optim, global_batch)
     warmup = int(round(_warmup_epochs(cfg) * steps_per_epoch))
@@ -147,46 +147,41 @@ def train(cfg: DictConfig) -> TrainResult:
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     model = wrap_model(method, env.device, distributed=env.distributed, compile=bool(tr.get("compile", False)))
 
-    step, epoch, epoch_step, run_id = 0, 0, 0, None
+    s = _State()
     latest = ckpt.latest_checkpoint(run_dir) if tr.get("resume", True) else None
     if latest is not None:
         state = ckpt.load_checkpoint(latest, map_location=env.device)
+        if int(state["total_steps"]) != total_steps and env.is_main:
+            log.warning("resuming %s: total steps change from %s to %s (epochs/max_steps/"
+                        "batch size/world size changed)", latest, state["total_steps"], total_steps)
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        step, epoch, epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
-        run_id = state.get("run_id")
-        if epoch_step:
-            loader.load_state_dict(state["loader"])
+        s.step, s.epoch, s.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
+        s.run_id = state.get("run_id")
         rngs = state["rng"]
-        ckpt.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+        if int(state.get("world_size", 1)) == env.world_size:
+            ckpt.set_rng_state(rngs[env.rank])
+            if s.epoch_step:
+                loader.load_state_dict(state["loader"])
+        else:  # per-rank cursors and RNG streams do not map: restart the interrupted epoch
+            ckpt.set_rng_state(rngs[0])
+            if s.epoch_step and env.is_main:
+                log.warning("world size changed (%s -> %s): epoch %d restarts from its first batch",
+                            state.get("world_size"), env.world_size, s.epoch)
+            s.epoch_step = 0
+        s.saved_step = s.step
         if env.is_main:
-            print(f"resuming {cfg.run_name} from {latest} (step {step}/{total_steps})", flush=True)
+            print(f"resuming {cfg.run_name} from {latest} (step {s.step}/{total_steps})", flush=True)
 
-    runlog = RunLog(cfg, env, run_id=run_id)
-    stop = StopFlag()
-    stop.install()
-    monitor = Monitor(
-        every=int(tr.get("log_every_steps", 10)),
-        total_steps=total_steps,
-        start_step=step,
-        global_batch=global_batch,
-        is_main=env.is_main,
-        progress=str(tr.get("progress", "auto")),
-        sink=runlog.log_metrics,
-    )
-    grad_clip = float(tr.grad_clip) if tr.get("grad_clip") else None
-    every_ckpt = int(tr.get("checkpoint_every_steps", 0) or 0)
-    every_eval = int(cfg.eval.get("every_epochs", 0) or 0)
-    saved_step = step if latest is not None else -1
+    runlog = RunLog(cfg, env, run_id=s.run_id)
+    s.run_id = runlog.run_id
 
     def save() -> None:
-        nonlocal saved_step
-        if saved_step == step:
+        if s.saved_step == s.step:
             return
-        rng = ckpt.rng_state()
-        gathered = _gather_rng(rng, env)
+        gathered = _gather_rng(ckpt.rng_state(), env)
         if env.is_main:
             state = {
                 "model": method.state_dict(),
@@ -195,79 +190,112 @@ def train(cfg: DictConfig) -> TrainResult:
                 "scaler": scaler.state_dict(),
                 "rng": gathered,
                 "loader": ckpt.to_plain(loader.state_dict()),
-                "step": step,
-                "epoch": epoch,
-                "epoch_step": epoch_step,
+                "step": s.step,
+                "epoch": s.epoch,
+                "epoch_step": s.epoch_step,
                 "total_steps": total_steps,
-                "run_id": runlog.run_id,
+                "run_id": s.run_id,
                 "run_name": str(cfg.run_name),
                 "world_size": env.world_size,
             }
-            ckpt.save_checkpoint(state, run_dir, step, keep_last=int(tr.get("keep_last", 3)))
+            ckpt.save_checkpoint(state, run_dir, s.step, keep_last=int(tr.get("keep_last", 3)))
         D.barrier()
-        saved_step = step
+        s.saved_step = s.step
 
+    stop = StopFlag()
+    stop.install()
+    monitor = Monitor(
+        every=int(tr.get("log_every_steps", 10)),
+        total_steps=total_steps,
+        start_step=s.step,
+        global_batch=global_batch,
+        is_main=env.is_main,
+        progress=str(tr.get("progress", "auto")),
+        sink=runlog.log_metrics,
+    )
+    grad_clip = float(tr.grad_clip) if tr.get("grad_clip") else None
+    every_ckpt = int(tr.get("checkpoint_every_steps", 0) or 0)
+    every_eval = int(cfg.eval.get("every_epochs", 0) or 0)
     status = "completed"
     try:
         monitor.reset_clock(loader.data_wait_s)
-        while step < total_steps and status == "completed":
-            if epoch_step == 0:
-                loader.set_epoch(epoch)
+        while s.step < total_steps and status == "completed":
+            if s.epoch_step == 0:
+                loader.set_epoch(s.epoch)
             method.train()
             for batch in loader:
                 out = train_step(
                     model, method, optimizer, scheduler, scaler, batch.view1, batch.view2,
-                    step=step, total_steps=total_steps, amp_dtype=amp,
+                    step=s.step, total_steps=total_steps, amp_dtype=amp,
                     grad_clip=grad_clip, stop_requested=stop.requested,
                 )
-                step += 1
-                epoch_step += 1
-                end_of_epoch = epoch_step >= steps_per_epoch
-                if end_of_epoch:
-                    epoch, epoch_step = epoch + 1, 0
+                s.step += 1
+                s.epoch_step += 1
+                if s.epoch_step == steps_per_epoch:  # an epoch-end state resumes at the next epoch
+                    s.epoch, s.epoch_step = s.epoch + 1, 0
                 monitor.update(
-                    step, epoch, out.loss, out.metrics, scheduler.get_last_lr()[0],
+                    s.step, s.epoch, out.loss, out.metrics, scheduler.get_last_lr()[0],
                     loader.data_wait_s, dict(loader.counters),
                 )
                 if out.stop:
                     save()
                     status = "preempted"
                     break
-                if every_ckpt and step % every_ckpt == 0:
+                if every_ckpt and s.step % every_ckpt == 0:
                     save()
-                if end_of_epoch or step >= total_steps:
+                if s.step >= total_steps:
                     break
-            else:  # the loader ended early: a loader/stream bug that would desync ranks
+            if status != "completed" or s.step >= total_steps:
+                break
+            if s.epoch_step != 0:  # the loader ended early: ranks would desynchronise
                 raise RuntimeError(
                     f"the loader yielded fewer than len(loader)={steps_per_epoch} batches in "
-                    f"epoch {epoch}; every rank must take the same number of steps"
+                    f"epoch {s.epoch}; every rank must take the same number of steps"
                 )
-            if status == "completed" and every_eval and epoch_step == 0 and epoch % every_eval == 0 and step < total_steps:
+            if every_eval and s.epoch % every_eval == 0:
                 res = evaluate(cfg, method, env)
-                runlog.log_metrics(res.metrics(), step)
+                runlog.log_metrics(res.metrics(), s.step)
                 if env.is_main:
-                    print(f"epoch {epoch}: kNN acc {res.knn_acc:.4f}", flush=True)
-    except NonFiniteLossError:
-        save()  # the weights were not touched by the bad step: this is the last good state
-        runlog.fail("non-finite loss")
+                    print(f"epoch {s.epoch}: kNN accuracy {res.knn_acc:.4f}", flush=True)
+    except NonFiniteLossError as e:
+        save()  # the bad step was not applied: this is the last good state
+        runlog.fail(str(e))
+        raise
+    except BaseException as e:
+        runlog.fail(f"{type(e).__name__}: {e}")
         raise
     finally:
         monitor.close()
         stop.uninstall()
+        loader.close()
     save()
-    result = TrainResult(status, step, total_steps, epoch, run_dir, run_id=runlog.run_id)
+    result = TrainResult(status, s.step, total_steps, s.epoch, run_dir, run_id=s.run_id, method=method)
     if status == "preempted":
         if env.is_main:
-            print(f"stopped by SIGTERM at step {step}/{total_steps}; checkpoint in {run_dir}; "
+            print(f"stopped by SIGTERM at step {s.step}/{total_steps}; checkpoint in {run_dir}; "
                   "run the same command again to resume", flush=True)
         runlog.pause()
         return result
     if cfg.eval.get("at_end", True):
         result.eval = evaluate(cfg, method, env)
         result.metrics.update(result.eval.metrics())
-        runlog.log_metrics(result.eval.metrics(), step)
-    runlog.finish(method, result)
+        runlog.log_metrics(result.eval.metrics(), s.step)
+    feats = None
+    if result.eval is not None and result.eval.test_features is not None:
+        feats = (result.eval.test_features, result.eval.test_labels)
+    runlog.finish(method, result, feats)
     return result
+
+
+@dataclass
+class _State:
+    """The loop's counters (mutable, shared with the save() closure)."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    run_id: str | None = None
+    saved_step: int = -1
 
 
 def _gather_rng(rng: dict[str, Any], env: D.DistEnv) -> list[dict[str, Any]]:
