@@ -51,11 +51,14 @@ def local_artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
-def apply_http_limits(max_retries: int, timeout_s: float, backoff_factor: float) -> None:
-    """Bound MLflow's HTTP retries; variables already set in the environment win."""
+def apply_http_limits(max_retries: int, timeout_s: float, backoff_factor: int) -> None:
+    """Bound MLflow's HTTP retries; variables already set in the environment win.
+
+    MLflow parses all three as integers (seconds; backoff = factor * 2**retry seconds).
+    """
     os.environ.setdefault(ENV_MAX_RETRIES, str(int(max_retries)))
     os.environ.setdefault(ENV_TIMEOUT, str(int(max(1, round(timeout_s)))))
-    os.environ.setdefault(ENV_BACKOFF, str(backoff_factor))
+    os.environ.setdefault(ENV_BACKOFF, str(int(backoff_factor)))
 
 
 def probe(uri: str, timeout_s: float) -> str | None:

@@ -72,7 +72,7 @@ class TrackingSettings:
     artifact_location: str | None = None
     http_max_retries: int = 2
     http_timeout_s: float = 10.0
-    http_backoff_factor: float = 1.0
+    http_backoff_factor: int = 1
     probe_timeout_s: float = 5.0
     reconnect_after_s: float | None = 300.0
     system_metrics: bool = True
@@ -411,22 +411,25 @@ class Tracker:
             return fn()
         except Exception as e:  # MLflow surfaces requests/urllib3/OS/sqlalchemy errors
             why = mlflow_env.probe(self.uri, self.settings.probe_timeout_s)
-            if why is not None or self.run_id is None:
-                self._go_down(f"{what}: {why or _short(e)}")
+            if why is not None:
+                self._go_down(f"{what}: {why}")
+            elif self.run_id is None:  # reachable, but the run could not be opened
+                self._go_down(f"{what}: {_short(e)}", verb="failing")
             elif what not in self._call_warnings:  # server fine: this call was refused
                 self._call_warnings.add(what)
                 log.warning("MLflow %s failed at %s (further %s failures are not reported): %s",
                             what, self.uri, what, _short(e))
             return None
 
-    def _go_down(self, reason: str) -> None:
+    def _go_down(self, reason: str, verb: str = "unreachable") -> None:
         if self._down_reason is None:
             retry = self.settings.reconnect_after_s
-            log.warning("MLflow at %s unreachable: %s; training continues without tracking "
-                        "(nothing is buffered; %s)", self.uri, reason,
+            log.warning("MLflow at %s %s: %s; training continues without tracking "
+                        "(nothing is buffered; %s)", self.uri, verb, reason,
                         f"retrying every {retry:g} s" if retry is not None else "no retries")
         self._down_reason = reason
-        self._retry_at = time.monotonic() + (self.settings.reconnect_after_s or math.inf)
+        retry = self.settings.reconnect_after_s
+        self._retry_at = time.monotonic() + (math.inf if retry is None else retry)
 
     def _batch(self, **kwargs: Any) -> None:
         assert self._client is not None and self.run_id is not None

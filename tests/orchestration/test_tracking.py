@@ -1,0 +1,228 @@
+"""Tracker: params/metrics/artifacts against a real MLflow server, local sqlite default,
+MLFLOW_TRACKING_URI precedence, resume of a run, and degradation when MLflow is down."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestration import mlflow_env
+from orchestration.encoder_model import EncoderSpec
+from orchestration.registry import RegistrationError
+from orchestration.tracking import Tracker, TrackingSettings, flatten_params
+from tests.fixtures.mlflow_server import free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIG = {
+    "method": {"name": "byol", "tau": 0.99},
+    "optim": {"lr": 0.3, "betas": [0.9, 0.99]},
+    "data": {"train": "x" * 700, "storage_options": {}},
+    "seed": 0,
+    "note": None,
+}
+
+
+def _settings(**kw: object) -> TrackingSettings:
+    base = {"experiment": f"exp-{uuid.uuid4().hex[:8]}", "system_metrics": False}
+    base.update(kw)
+    return TrackingSettings.from_config(base)
+
+
+@pytest.fixture
+def no_env_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    # setenv first so that monkeypatch's undo removes whatever a test leaves behind
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def test_flatten_params_keys_values_and_truncation() -> None:
+    flat = flatten_params(CONFIG, max_length=40)
+    assert flat["method.name"] == "byol"
+    assert flat["method.tau"] == "0.99"
+    assert flat["optim.betas"] == "[0.9, 0.99]"
+    assert flat["data.storage_options"] == "{}"
+    assert flat["note"] == "None"
+    cut = flat["data.train"]
+    assert len(cut) == 40 and cut.endswith(f"...[+{700 - 40} chars]") and cut.startswith("xxx")
+    odd = flatten_params({"a+b": {"k" * 300: 1}})
+    (key,) = odd
+    assert len(key) == 250 and key.startswith("a_b." + "k" * 10) and "+" not in key
+
+
+def test_settings_reject_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="registry.*marginn"):
+        TrackingSettings.from_config({"registry": {"marginn": 0.1}})
+    with pytest.raises(ValueError, match="urii"):
+        TrackingSettings.from_config({"urii": "x"})
+    s = TrackingSettings.from_config({"http": {"max_retries": 1, "timeout_s": 3},
+                                      "registry": {"margin": 0.02}})
+    assert (s.http_max_retries, s.http_timeout_s, s.registry.margin) == (1, 3, 0.02)
+
+
+def test_local_sqlite_default_and_env_uri_precedence(
+    in_tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch, no_env_uri: None
+) -> None:
+    tracker = Tracker(_settings())
+    assert tracker.uri == f"sqlite:///{in_tmp_cwd.resolve()}/mlflow.db"
+    assert tracker.uri.startswith("sqlite:////")  # absolute path: four slashes
+    run_id = tracker.start("local-run", CONFIG, tags={"method": "byol"})
+    assert run_id is not None and tracker.enabled
+    tracker.log_metrics({"train/loss": torch.tensor(1.5)}, step=3)
+    tracker.log_config("seed: 0\n")
+    tracker.end()
+    assert (in_tmp_cwd / "mlflow.db").is_file()
+    run = MlflowClient(tracker.uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train/loss"] == 1.5
+    assert run.data.params["optim.lr"] == "0.3" and run.data.tags["method"] == "byol"
+    exp_name = tracker.settings.experiment
+    assert (in_tmp_cwd / "mlruns" / exp_name).is_dir()  # artifacts next to the database
+    assert list((in_tmp_cwd / "mlruns" / exp_name).rglob("config.yaml"))
+
+    # MLFLOW_TRACKING_URI wins over tracking.uri (same db: its schema is already created)
+    env_uri = tracker.uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    from_env = Tracker(_settings(uri=f"sqlite:///{in_tmp_cwd / 'from-config.db'}"))
+    assert from_env.uri == env_uri
+    run_id2 = from_env.start("env-run", {"a": 1})
+    from_env.end()
+    assert not (in_tmp_cwd / "from-config.db").exists()
+    assert MlflowClient(env_uri).get_run(run_id2).data.params == {"a": "1"}
+
+
+@pytest.mark.mlflow_server
+def test_run_on_server_params_metrics_artifacts_plots(
+    mlflow_server: str, tmp_path: Path, no_env_uri: None
+) -> None:
+    tracker = Tracker(_settings(uri=mlflow_server, system_metrics=True))
+    run_id = tracker.start("server-run", CONFIG, tags={"method": "byol"})
+    assert run_id is not None
+    for step in range(5):
+        tracker.log_metrics({"train/loss": 2.0 - 0.25 * step, "train/lr": 0.1}, step=step)
+    tracker.log_metrics({"eval/knn_acc": 0.2}, step=2)
+    tracker.log_metrics({"eval/knn_acc": 0.4}, step=4)
+    tracker.log_config("method:\n  name: byol\n")
+    extra = tmp_path / "notes.txt"
+    extra.write_text("hello")
+    tracker.log_artifact(str(extra), "misc")
+    tracker.log_training_plots()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    z = torch.randn(60, 16, generator=g) + 3.0 * torch.nn.functional.one_hot(labels, 16)
+    tracker.log_embedding_projection(z, labels, step=4)
+    tracker.end()
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.tau"] == "0.99"
+    assert len(run.data.params["data.train"]) == tracker.settings.max_param_length
+    hist = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [
+        (s, 2.0 - 0.25 * s) for s in range(5)]
+    arts = {a.path for d in ("", "misc", "config", "plots")
+            for a in client.list_artifacts(run_id, d or None)}
+    assert {"misc/notes.txt", "config/config.yaml", "plots/loss.png",
+            "plots/knn_accuracy.png", "plots/embeddings_pca_00000004.png"} <= arts
+    local = client.download_artifacts(run_id, "plots/loss.png", str(tmp_path))
+    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    try:
+        import psutil  # noqa: F401
+    except ImportError:  # degraded with a visible note on the run
+        assert "psutil" in run.data.tags["sslstream.system_metrics"]
+
+
+@pytest.mark.mlflow_server
+def test_resume_continues_the_same_run(mlflow_server: str, no_env_uri: None) -> None:
+    settings = _settings(uri=mlflow_server)
+    first = Tracker(settings)
+    run_id = first.start("resumable", {"lr": 0.1, "epochs": 2})
+    first.log_metrics({"train/loss": 1.0}, step=10)
+    first.end("KILLED")  # what a pre-empted job does
+
+    second = Tracker(settings)
+    assert second.start("resumable", {"lr": 0.1, "epochs": 4, "resume": True},
+                        run_id=run_id) == run_id
+    assert second.resumed
+    second.log_metrics({"train/loss": 0.5}, step=20)
+    second.end()
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # params are immutable in MLflow: the first value stays, new keys are added
+    assert run.data.params == {"lr": "0.1", "epochs": "2", "resume": "True"}
+    steps = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    assert steps == [(10, 1.0), (20, 0.5)]
+    exp = client.get_experiment_by_name(settings.experiment)
+    assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_dead_server_degrades_fast_with_one_warning(
+    caplog: pytest.LogCaptureFixture, no_env_uri: None
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    tracker = Tracker(_settings(uri=dead, reconnect_after_s=None))
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="sslstream.tracking"):
+        assert tracker.start("dead", CONFIG) is None
+        for step in range(50):
+            tracker.log_metrics({"train/loss": 1.0}, step=step)
+        tracker.log_config("a: 1\n")
+        tracker.log_training_plots()
+        tracker.end()
+    assert time.monotonic() - t0 < 10
+    assert not tracker.enabled
+    (warning,) = _warnings(caplog, "unreachable")
+    assert dead in warning.getMessage()
+    assert "training continues without tracking" in warning.getMessage()
+    spec = EncoderSpec(backbone={"name": "resnet_mini"}, feature_dim=128, image_size=32,
+                       mean=(0.5,) * 3, std=(0.25,) * 3)
+    with pytest.raises(RegistrationError, match=dead.replace(".", r"\.")):
+        tracker.log_encoder(torch.nn.Linear(2, 2), spec)
+
+
+@pytest.mark.mlflow_server
+def test_outage_mid_run_drops_then_resumes(
+    mlflow_server: str, caplog: pytest.LogCaptureFixture, no_env_uri: None
+) -> None:
+    tracker = Tracker(_settings(uri=mlflow_server, reconnect_after_s=0.0))
+    run_id = tracker.start("flaky", {"a": 1})
+    tracker.log_metrics({"m": 1.0}, step=1)
+    dead = f"http://127.0.0.1:{free_port()}"
+    live_client = tracker._client
+    # a real outage: point the tracker's client at a closed port
+    tracker.uri, tracker._client = dead, MlflowClient(dead)
+    with caplog.at_level(logging.WARNING, logger="sslstream.tracking"):
+        t0 = time.monotonic()
+        tracker.log_metrics({"m": 2.0}, step=2)
+        tracker.log_metrics({"m": 3.0}, step=3)
+        assert time.monotonic() - t0 < 15
+        assert not tracker.enabled
+        tracker.uri, tracker._client = mlflow_server, live_client  # server back
+        tracker.log_metrics({"m": 4.0}, step=4)
+    assert tracker.enabled
+    tracker.end()
+    assert len(_warnings(caplog, "unreachable")) == 1
+    assert len(_warnings(caplog, "reachable again")) == 1
+    steps = sorted(m.step for m in MlflowClient(mlflow_server).get_metric_history(run_id, "m"))
+    assert steps == [1, 4]  # nothing buffered during the outage
+
+
+def test_inactive_tracker_is_a_no_op(in_tmp_cwd: Path, no_env_uri: None) -> None:
+    tracker = Tracker(_settings(), active=False)  # e.g. rank 1 under DDP
+    assert tracker.start("x", CONFIG) is None
+    tracker.log_metrics({"a": 1.0}, step=0)
+    tracker.end()
+    assert not (in_tmp_cwd / "mlflow.db").exists()
+    assert mlflow_env.probe("sqlite:///x.db", 1.0) is None
