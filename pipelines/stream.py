@@ -165,8 +165,9 @@ class ShardStream:
 
     # ------------------------------------------------------------------ iteration
 
-    def _reader(self, segments: Sequence[Segment]) -> LaneReader:
-        return LaneReader(self.shard_urls, segments, lanes=self.num_workers,
+    def _reader(self, segments: Sequence[Segment], lanes: int | None = None) -> LaneReader:
+        return LaneReader(self.shard_urls, segments,
+                          lanes=self.num_workers if lanes is None else lanes,
                           storage_options=self.storage_options, num_classes=self.num_classes,
                           validate=self.validate, count=self._count)
 
@@ -205,7 +206,8 @@ class ShardStream:
         while n < length:  # top up by wrap-around over this rank's own slice
             passes += 1
             got = 0
-            for item in self._reader(segs):
+            # Inline (no read-ahead threads): a top-up usually needs a handful of samples.
+            for item in self._reader(segs, lanes=0):
                 if isinstance(item, Good):
                     if n >= length:
                         break
