@@ -209,7 +209,12 @@ class DaliEval:
 
     def __init__(self, size: int, resize: int, mean, std, batch_size: int,
                  device_id: int | None, num_threads: int = 2) -> None:
-        self._pipe = build_eval_pipeline(size, resize, mean, std, batch_size, device_id, num_threads)
+        self._args = (size, resize, mean, std, batch_size, device_id, num_threads)
+        self._pipe = build_eval_pipeline(*self._args)
+
+    def reset(self) -> None:
+        self._pipe = None
+        self._pipe = build_eval_pipeline(*self._args)
 
     def run(self, images: list[bytes]) -> torch.Tensor:
         self._pipe.feed_input("images", [np.frombuffer(b, dtype=np.uint8) for b in images])

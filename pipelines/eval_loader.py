@@ -14,7 +14,7 @@ import torch
 from pipelines import dali as dali_mod
 from pipelines.loader import image_hw, resolve_backend
 from pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.validate import CorruptImage
+from pipelines.validate import CorruptImage, validate_image
 
 
 def eval_resize(size: int) -> int:
@@ -23,16 +23,24 @@ def eval_resize(size: int) -> int:
 
 
 class EvalLoader:
-    """Deterministic single view of every sample of this rank, exactly once, in stream order.
+    """Deterministic single view of this rank's share of the samples, each exactly once.
 
-    Runs in the caller's thread: evaluation passes are short and an extra thread would only
-    complicate shutdown. Corrupt samples are skipped and counted (never duplicated).
+    The stream is read whole (unshuffled, world_size=1) and rank r keeps the samples at
+    positions r, r + W, r + 2W, ...: every sample lands on exactly one rank even when the
+    count does not divide by W (ShardStream's rank split either drops or pads that
+    remainder). Keys already seen are skipped, so the stream's wrap-around top-ups after a
+    corrupt sample never count twice. Cost: every rank reads the whole split (eval splits
+    are small). Runs in the caller's thread; corrupt samples are skipped and counted.
     """
 
     def __init__(self, stream, *, image_size: int, batch_size: int, device: torch.device | str,
                  backend: str = "auto", num_threads: int = 2, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, validate: str = "header") -> None:
+                 std=IMAGENET_STD, validate: str = "header", rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"eval loader rank={rank} outside world_size={world_size}")
         self.stream, self.batch_size, self.validate = stream, batch_size, validate
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.backend_name = resolve_backend(backend)
         resize = eval_resize(image_size)
@@ -50,12 +58,20 @@ class EvalLoader:
         self.skipped_corrupt = 0
 
     def __len__(self) -> int:
-        return -(-len(self.stream) // self.batch_size)
+        """Batches of this rank (an upper bound when corrupt samples get skipped)."""
+        mine = len(range(self.rank, len(self.stream), self.world_size))
+        return -(-mine // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images: list[bytes] = []
         labels: list[int] = []
+        seen: set[str] = set()
         for sample in self.stream:
+            if sample.key in seen:
+                continue
+            seen.add(sample.key)
+            if (len(seen) - 1) % self.world_size != self.rank:
+                continue
             try:
                 image_hw(sample.image, self.validate)
             except CorruptImage:
@@ -70,7 +86,24 @@ class EvalLoader:
             yield self._run(images, labels)
 
     def _run(self, images: list[bytes], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self._backend.run(images)
+        try:
+            x = self._backend.run(images)
+        except Exception as error:  # a header-valid but undecodable image: drop it, count it
+            keep = []
+            for i, data in enumerate(images):
+                try:
+                    validate_image(data, "decode")
+                    keep.append(i)
+                except CorruptImage:
+                    self.skipped_corrupt += 1
+            if len(keep) == len(images) or not keep:
+                raise RuntimeError(f"eval backend {self.backend_name} failed on a batch: "
+                                   f"{error}") from error
+            reset = getattr(self._backend, "reset", None)
+            if reset is not None:
+                reset()
+            images, labels = [images[i] for i in keep], [labels[i] for i in keep]
+            x = self._backend.run(images)
         return x.to(self.device), torch.tensor(labels, dtype=torch.int64, device=self.device)
 
     def close(self) -> None:
@@ -80,15 +113,19 @@ class EvalLoader:
 def build_eval_loader(urls, *, image_size: int, batch_size: int, device: torch.device | str,
                       storage_options: dict | None = None, rank: int = 0, world_size: int = 1,
                       num_workers: int = 2, backend: str = "auto", mean=IMAGENET_MEAN,
-                      std=IMAGENET_STD, stream=None, num_threads: int = 2) -> EvalLoader:
-    """Eval loader over `urls` (unshuffled, unpadded: each sample once across ranks).
+                      std=IMAGENET_STD, stream=None, num_threads: int = 2,
+                      validate: str = "header") -> EvalLoader:
+    """Eval loader over `urls`: unshuffled, unpadded, each sample on exactly one rank.
 
-    `stream` replaces the ShardStream built from `urls` (tests, custom sources).
+    `stream` replaces the ShardStream built from `urls` (tests, custom sources); it must
+    yield the whole split (it is strided by rank here).
     """
     if stream is None:
         from pipelines.stream import ShardStream
 
-        stream = ShardStream(urls, rank=rank, world_size=world_size, num_workers=num_workers,
-                             shuffle=False, exact_epoch=False, storage_options=storage_options)
+        stream = ShardStream(urls, rank=0, world_size=1, num_workers=num_workers,
+                             shuffle=False, exact_epoch=False, storage_options=storage_options,
+                             validate=validate)
     return EvalLoader(stream, image_size=image_size, batch_size=batch_size, device=device,
-                      backend=backend, num_threads=num_threads, mean=mean, std=std)
+                      backend=backend, num_threads=num_threads, mean=mean, std=std,
+                      validate=validate, rank=rank, world_size=world_size)

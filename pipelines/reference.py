@@ -13,22 +13,28 @@ torchvision's ColorJitter draws a random order per image. See docs/augment.md.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from pipelines.recipes import SOLARIZE_THRESHOLD, ViewParams, ViewRecipe, blur_kernel_size
 
 
 def decode(data: bytes | np.ndarray) -> torch.Tensor:
-    """Encoded JPEG/PNG -> uint8 (3, H, W) RGB tensor (libjpeg-turbo, as DALI's CPU decoder)."""
-    buf = torch.frombuffer(bytearray(data) if isinstance(data, bytes) else data.tobytes(),
-                           dtype=torch.uint8)
-    return decode_image(buf, mode=ImageReadMode.RGB)
+    """Encoded JPEG/PNG/WebP -> uint8 (3, H, W) RGB tensor.
+
+    PIL (libjpeg-turbo, the same decoder as DALI's CPU path: identical pixels on the test
+    images) rather than torchvision.io, whose decoders are deprecated since 0.29.
+    """
+    raw = data if isinstance(data, bytes) else data.tobytes()
+    with Image.open(io.BytesIO(raw)) as im:
+        arr = np.array(im.convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def augment_one(image: torch.Tensor, view: ViewRecipe, params: ViewParams, i: int) -> torch.Tensor:

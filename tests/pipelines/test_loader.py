@@ -1,0 +1,272 @@
+"""TwoViewLoader and the eval loader: batch counts, resume, shutdown, data-wait, eval coverage.
+
+Run on the real ShardStream over shards written by tests/fixtures/shards.py where the data
+plane matters (rank balance, corrupt members), and on a list-backed stream where timing or
+identity matters. DALI runs in CPU mode; tests that need it skip where it does not import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+from pipelines import dali as dali_mod
+from pipelines import loader as loader_mod
+from pipelines.eval_loader import build_eval_loader
+from pipelines.loader import TwoViewLoader
+from pipelines.recipes import PRESETS
+from pipelines.stream import ShardStream
+from tests.pipelines.augment_helpers import FakeStream, make_samples
+
+needs_dali = pytest.mark.skipif(not dali_mod.DALI_AVAILABLE,
+                                reason=f"nvidia-dali not importable: {dali_mod.DALI_IMPORT_ERROR}")
+BACKENDS = [pytest.param("dali", marks=needs_dali), "torchvision"]
+RECIPE = PRESETS["cifar_byol"]
+
+
+def _tasks() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _collect(loader, n: int | None = None):
+    out = []
+    for i, b in enumerate(loader):
+        out.append(b)
+        if n is not None and i + 1 == n:
+            break
+    return out
+
+
+def _same(a, b) -> bool:
+    return (a.keys == b.keys and torch.equal(a.labels, b.labels)
+            and torch.equal(a.view1, b.view1) and torch.equal(a.view2, b.view2))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_batch_counts_per_rank(backend, shard_factory):
+    """61 samples over 5 uneven shards, 2 ranks, batch 8: both ranks take 30 // 8 = 3 steps
+    of exactly 8, over two epochs, even with corrupt members in the shards."""
+    shards = shard_factory([17, 5, 23, 9, 7], corrupt={(0, 3): "bad_header", (2, 4): "cut_jpeg"})
+    steps = []
+    for rank in range(2):
+        stream = ShardStream(shards.urls, rank=rank, world_size=2, num_workers=1, seed=1,
+                             max_bad_fraction=0.2)
+        loader = TwoViewLoader(stream, RECIPE, batch_size=8, device="cpu", backend=backend, seed=3)
+        try:
+            assert len(loader) == len(stream) // 8 == 3
+            for epoch in range(2):
+                loader.set_epoch(epoch)
+                batches = list(loader)
+                assert [b.view1.shape[0] for b in batches] == [8, 8, 8]
+                assert all(b.view2.shape == (8, 3, 32, 32) and b.labels.dtype == torch.int64
+                           for b in batches)
+                assert set(k for b in batches for k in b.keys) <= shards.good_keys
+                steps.append(len(batches))
+            assert loader.counters["batches"] == 6
+            assert loader.counters["skipped_corrupt"] >= 1  # the stream's own counter comes through
+        finally:
+            loader.close()
+    assert steps == [3, 3, 3, 3]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_after_k_batches_is_bitwise_identical(backend, shard_factory):
+    """Stop after k batches, save, rebuild everything from scratch, load, continue: the
+    remaining batches (this epoch and the next) equal the uninterrupted run's, bit for bit."""
+    shards = shard_factory([20, 14, 18])
+
+    def make():
+        stream = ShardStream(shards.urls, num_workers=2, seed=5, shuffle_buffer=16)
+        return TwoViewLoader(stream, RECIPE, batch_size=6, device="cpu", backend=backend, seed=11)
+
+    ref_loader = make()
+    try:
+        reference = []
+        for epoch in range(2):
+            ref_loader.set_epoch(epoch)
+            reference.append(_collect(ref_loader))
+    finally:
+        ref_loader.close()
+    assert len(reference[0]) == 52 // 6 and not _same(reference[0][0], reference[1][0])
+
+    k = 3
+    first = make()
+    try:
+        first.set_epoch(0)
+        head = _collect(first, k)
+        state = first.state_dict()
+    finally:
+        first.close()
+    assert all(_same(a, b) for a, b in zip(head, reference[0][:k], strict=True))
+    assert state["batch"] == k
+
+    resumed = make()
+    try:
+        resumed.load_state_dict(state)
+        resumed.set_epoch(0)  # the trainer's loop calls this; it must keep the cursor
+        rest = _collect(resumed)
+        resumed.set_epoch(1)
+        nxt = _collect(resumed)
+    finally:
+        resumed.close()
+    assert len(rest) == len(reference[0]) - k
+    assert all(_same(a, b) for a, b in zip(rest, reference[0][k:], strict=True))
+    assert all(_same(a, b) for a, b in zip(nxt, reference[1], strict=True))
+
+
+@pytest.mark.timeout(60)
+def test_seed_changes_views_not_samples():
+    samples = make_samples(16)
+    out = {}
+    for seed in (0, 0, 1):
+        loader = TwoViewLoader(FakeStream(samples), RECIPE, batch_size=8, device="cpu",
+                               backend="torchvision", seed=seed)
+        try:
+            out.setdefault(seed, []).append(_collect(loader))
+        finally:
+            loader.close()
+    a, b = out[0]
+    (c,) = out[1]
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True))
+    assert [x.keys for x in a] == [x.keys for x in c]
+    assert not torch.equal(a[0].view1, c[0].view1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_break_and_close_leave_no_threads(backend):
+    """Abandon an epoch half way, iterate again, close: no Python thread and no native
+    (DALI / thread-pool) thread outlives the loader, and nothing hangs."""
+    time.sleep(0.2)
+    threads_before, tasks_before = set(threading.enumerate()), _tasks()
+    loader = TwoViewLoader(FakeStream(make_samples(48)), RECIPE, batch_size=8, device="cpu",
+                           backend=backend, prefetch=2)
+    assert len(_collect(loader, 2)) == 2
+    assert len(_collect(loader)) == 4  # the break kept the cursor: 6 - 2 batches remain
+    loader.set_epoch(1)
+    assert len(_collect(loader, 1)) == 1
+    t0 = time.monotonic()
+    loader.close()
+    assert time.monotonic() - t0 < 10
+    for _ in range(50):
+        if set(threading.enumerate()) <= threads_before and _tasks() <= tasks_before:
+            break
+        time.sleep(0.1)
+    assert set(threading.enumerate()) <= threads_before, threading.enumerate()
+    assert _tasks() <= tasks_before
+    with pytest.raises(RuntimeError, match="closed"):
+        list(loader)
+
+
+@pytest.mark.timeout(60)
+def test_data_wait_measures_a_slow_stream_and_prefetch_hides_it():
+    """A stream taking 0.2 s per batch: a consumer that does not work waits ~that long per
+    batch; a consumer that works 0.4 s per step barely waits (the threads read ahead)."""
+    samples = make_samples(40, h=24, w=24)
+    loader = TwoViewLoader(FakeStream(samples, delay_s=0.025), RECIPE, batch_size=8,
+                           device="cpu", backend="torchvision", prefetch=2)
+    try:
+        _collect(loader)
+        hungry = loader.data_wait_s
+        assert hungry >= 0.8, hungry  # 5 batches x 0.2 s of reading
+        loader.set_epoch(1)
+        waits = []
+        for batch in loader:
+            waits.append(loader.last_wait_s)
+            time.sleep(0.4)  # the "training step"
+            assert batch.view1.shape[0] == 8
+        assert sum(waits[1:]) < 0.5 * sum([hungry / 5] * 4), waits
+        assert loader.data_wait_s == pytest.approx(hungry + sum(waits))
+    finally:
+        loader.close()
+
+
+@pytest.mark.timeout(60)
+def test_stream_errors_surface_in_the_consumer():
+    class Broken(FakeStream):
+        def __iter__(self):
+            yield from list(super().__iter__())[:3]
+            raise OSError("s3://bucket/shard-000003.tar: connection reset")
+
+    loader = TwoViewLoader(Broken(make_samples(16)), RECIPE, batch_size=2, device="cpu",
+                           backend="torchvision")
+    try:
+        with pytest.raises(OSError, match="shard-000003"):
+            list(loader)
+    finally:
+        loader.close()
+
+
+def test_auto_backend_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(dali_mod, "DALI_AVAILABLE", False)
+    monkeypatch.setattr(dali_mod, "DALI_IMPORT_ERROR", "ImportError: no nvidia.dali")
+    with pytest.warns(UserWarning, match="torchvision reference"):
+        assert loader_mod.resolve_backend("auto") == "torchvision"
+    with pytest.raises(RuntimeError, match="not importable"):
+        loader_mod.resolve_backend("dali")
+    with pytest.raises(ValueError, match="backend='jax'"):
+        loader_mod.resolve_backend("jax")
+
+
+@needs_dali
+def test_auto_backend_picks_dali_when_importable():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loader_mod.resolve_backend("auto") == "dali"
+
+
+def test_state_with_another_batch_size_is_refused():
+    loader = TwoViewLoader(FakeStream(make_samples(8)), RECIPE, batch_size=4, device="cpu",
+                           backend="torchvision")
+    try:
+        with pytest.raises(ValueError, match="batch_size=8"):
+            loader.load_state_dict({"epoch": 0, "batch": 1, "batch_size": 8, "stream": {}})
+    finally:
+        loader.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_loader_yields_each_sample_once_across_ranks(backend):
+    """Labels are unique sample ids: 3 ranks together see each of 23 samples exactly once,
+    with the deterministic view (two passes identical); a corrupt one is skipped, counted."""
+    samples = make_samples(23, h=36, w=44)
+    samples[4] = dataclasses.replace(samples[4], image=b"<html>oops</html>")
+    labels, outputs = [], {}
+    for rank in range(3):
+        ev = build_eval_loader(None, image_size=32, batch_size=4, device="cpu", rank=rank,
+                               world_size=3, backend=backend, stream=FakeStream(samples))
+        try:
+            first = list(ev)
+            outputs[rank] = ev.skipped_corrupt
+            second = list(ev)
+        finally:
+            ev.close()
+        assert len(first) <= len(ev)
+        for (x1, y1), (x2, y2) in zip(first, second, strict=True):
+            assert x1.shape[1:] == (3, 32, 32) and torch.equal(x1, x2) and torch.equal(y1, y2)
+        labels += [int(v) for _, y in first for v in y]
+    assert sorted(labels) == [i for i in range(23) if i != 4]
+    assert sum(outputs.values()) == 1
+
+
+@pytest.mark.timeout(60)
+def test_eval_loader_on_shards_covers_the_split(shard_factory):
+    shards = shard_factory([7, 5, 9])
+    total = 0
+    for rank in range(2):
+        ev = build_eval_loader(shards.urls, image_size=16, batch_size=5, device="cpu",
+                               rank=rank, world_size=2, num_workers=1, backend="torchvision")
+        try:
+            total += sum(len(y) for _, y in ev)
+        finally:
+            ev.close()
+    assert total == 21
