@@ -1,0 +1,311 @@
+"""The retraining decision flow against a real S3-compatible server (moto) and a real
+`mlflow server`, both on 127.0.0.1, with the training step replaced by a fast stand-in
+that registers through the real registry code (orchestration/registry.py).
+
+The end-to-end runs with the real trainer are in test_retrain_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from orchestration import retrain as R
+from orchestration.lease import Lease, LeaseRecord, S3LeaseStore
+from orchestration.registry import RegistrySettings, register_encoder
+from orchestration.snapshot import take_snapshot
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.s3, pytest.mark.mlflow_server]
+
+
+def make_config(src: str, s3, mlflow_uri: str, tmp: Path, model: str, **retrain: Any
+                ) -> DictConfig:
+    """The parts of the composed config retrain reads, from the real conf/ files."""
+    cfg = OmegaConf.create({
+        "run_name": "ignored",
+        "seed": 0,
+        "data": {"name": "shards", "train": src, "test": None, "bank": src,
+                 "storage_options": s3.storage_options, "generate": False},
+        "trainer": {"output_dir": str(tmp / "outputs"), "epochs": 1},
+        "method": {"name": "byol"},
+        "tracking": OmegaConf.load(REPO / "conf/tracking/local.yaml"),
+        "retrain": OmegaConf.load(REPO / "conf/retrain/default.yaml"),
+    })
+    cfg.tracking.uri = mlflow_uri
+    cfg.tracking.experiment = f"exp-{model}"
+    cfg.tracking.registry.name = model
+    cfg.tracking.registry.margin = 0.01
+    for k, v in retrain.items():
+        OmegaConf.update(cfg, f"retrain.{k}", v, force_add=True)
+    return cfg
+
+
+class FakeTrain:
+    """Stands in for orchestration.train.train: opens/resumes the MLflow run named
+    cfg.run_name and registers a version through the real registry code, with the kNN
+    accuracy and collapse metrics it is told to report."""
+
+    def __init__(self, knn: float = 0.5, std: float = 0.1, fail: Exception | None = None,
+                 sleep_s: float = 0.0) -> None:
+        self.knn, self.std, self.fail, self.sleep_s = knn, std, fail, sleep_s
+        self.calls: list[DictConfig] = []
+
+    def __call__(self, cfg: DictConfig) -> SimpleNamespace:
+        self.calls.append(cfg)
+        client = MlflowClient(cfg.tracking.uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+        runs = client.search_runs([exp_id], f"attributes.run_name = '{cfg.run_name}'")
+        run_id = runs[0].info.run_id if runs else client.create_run(
+            exp_id, run_name=str(cfg.run_name)).info.run_id
+        deadline = time.monotonic() + self.sleep_s
+        while time.monotonic() < deadline:  # "training": interruptible between steps
+            time.sleep(0.02)
+        if self.fail is not None and not isinstance(self.fail, KeyboardInterrupt):
+            raise self.fail
+        settings = RegistrySettings(**OmegaConf.to_container(cfg.tracking.registry))
+        decision = register_encoder(
+            cfg.tracking.uri, f"runs:/{run_id}/encoder", settings,
+            metrics={"eval/knn_acc": self.knn, "eval/embedding_std": self.std,
+                     "eval/effective_rank": 20.0},
+            feature_dim=128, run_id=run_id)
+        client.set_terminated(run_id)
+        return SimpleNamespace(status="completed", run_id=run_id,
+                               registered_uri=decision.uri, promoted=decision.promoted)
+
+
+def put_shards(s3, bucket: str, names: list[str], manifest: bool = False) -> str:
+    """Shards of random bytes (the snapshot never reads their content) under s3://bucket/train."""
+    import hashlib
+    import os
+
+    fs = s3.fs()
+    entries = []
+    for n in names:
+        data = os.urandom(512)
+        fs.pipe_file(f"{bucket}/train/{n}", data)
+        entries.append({"shard": n, "samples": 4, "sha256": hashlib.sha256(data).hexdigest()})
+    if manifest:
+        fs.pipe_file(f"{bucket}/train/manifest.json", json.dumps({"shards": entries}).encode())
+    return f"s3://{bucket}/train"
+
+
+def versions(uri: str, model: str) -> list[int]:
+    return sorted(int(v.version) for v in MlflowClient(uri).search_model_versions(
+        f"name = '{model}'"))
+
+
+def champion(uri: str, model: str) -> int | None:
+    aliases = MlflowClient(uri).get_registered_model(model).aliases
+    return int(aliases["champion"]) if "champion" in aliases else None
+
+
+@pytest.fixture
+def setup(s3, mlflow_server, tmp_path):
+    model = f"enc-{uuid.uuid4().hex[:8]}"
+    bucket = s3.bucket(f"data-{model}")
+    source = put_shards(s3, bucket, [f"train-{i:06d}.tar" for i in range(3)])
+
+    def cfg(**kw: Any) -> DictConfig:
+        return make_config(source, s3, mlflow_server, tmp_path, model, **kw)
+
+    return SimpleNamespace(s3=s3, uri=mlflow_server, model=model, bucket=bucket,
+                           source=source, cfg=cfg, tmp=tmp_path)
+
+
+@pytest.mark.timeout(180)
+def test_trains_then_does_nothing_then_retrains_on_new_shards(setup, capsys) -> None:
+    fake = FakeTrain(knn=0.5)
+    assert R.retrain(setup.cfg(), train_fn=fake) == R.EXIT_OK
+    assert len(fake.calls) == 1
+    snap = take_snapshot(setup.source, setup.s3.storage_options)
+    tcfg = fake.calls[0]
+    assert list(tcfg.data.train) == snap.urls and list(tcfg.data.bank) == snap.urls
+    assert tcfg.run_name.startswith(f"{setup.model}-{snap.id[:12]}-")
+    assert versions(setup.uri, setup.model) == [1] and champion(setup.uri, setup.model) == 1
+    client = MlflowClient(setup.uri)
+    mv = client.get_model_version(setup.model, "1")
+    assert mv.tags["retrain.snapshot_id"] == snap.id
+    assert mv.tags["retrain.run_key"] == tcfg.run_name
+    assert mv.tags["retrain.decision"] == "promoted"
+    run = client.get_run(mv.run_id)
+    assert run.data.tags["retrain.decision"] == "promoted"
+    listing = json.loads(Path(client.download_artifacts(
+        mv.run_id, "retrain/snapshot.json", str(setup.tmp))).read_text())
+    assert listing["id"] == snap.id and len(listing["shards"]) == 3
+    assert "v1 (champion)" in capsys.readouterr().out
+
+    # nothing new: exit 0, no training, no version
+    assert R.retrain(setup.cfg(), train_fn=fake) == R.EXIT_OK
+    assert len(fake.calls) == 1 and versions(setup.uri, setup.model) == [1]
+    assert "nothing to do" in capsys.readouterr().out
+    rm = client.get_registered_model(setup.model)
+    assert rm.tags["retrain.last_decision"] == "nothing-new"
+
+    # a shard arrives: a new run key, a new version, promoted (0.6 > 0.5 + 0.01)
+    put_shards(setup.s3, setup.bucket, ["train-000003.tar"])
+    fake.knn = 0.6
+    assert R.retrain(setup.cfg(), train_fn=fake) == R.EXIT_OK
+    assert len(fake.calls) == 2 and fake.calls[1].run_name != tcfg.run_name
+    assert len(fake.calls[1].data.train) == 4
+    assert versions(setup.uri, setup.model) == [1, 2] and champion(setup.uri, setup.model) == 2
+    mv2 = client.get_model_version(setup.model, "2")
+    assert mv2.tags["retrain.new_shards"] == "1" and mv2.tags["retrain.shards"] == "4"
+
+    # a shard removed: nothing new (every current shard is in the champion's data)
+    setup.s3.fs().rm(f"{setup.bucket}/train/train-000000.tar")
+    assert R.retrain(setup.cfg(), train_fn=fake) == R.EXIT_OK
+    assert len(fake.calls) == 2 and versions(setup.uri, setup.model) == [1, 2]
+
+    # a shard rewritten under the same name counts as new data
+    setup.s3.fs().pipe_file(f"{setup.bucket}/train/train-000001.tar", b"changed" * 50)
+    fake.knn = 0.7
+    assert R.retrain(setup.cfg(), train_fn=fake) == R.EXIT_OK
+    assert len(fake.calls) == 3 and versions(setup.uri, setup.model) == [1, 2, 3]
+
+
+@pytest.mark.timeout(180)
+def test_worse_or_collapsed_challenger_is_registered_not_promoted(setup) -> None:
+    assert R.retrain(setup.cfg(), train_fn=FakeTrain(knn=0.5)) == R.EXIT_OK
+    put_shards(setup.s3, setup.bucket, ["train-000003.tar"])
+    collapsed = FakeTrain(knn=0.9, std=1e-4)  # better kNN, but collapsed embeddings
+    assert R.retrain(setup.cfg(), train_fn=collapsed) == R.EXIT_OK
+    assert versions(setup.uri, setup.model) == [1, 2] and champion(setup.uri, setup.model) == 1
+    mv = MlflowClient(setup.uri).get_model_version(setup.model, "2")
+    assert mv.tags["retrain.decision"] == "registered-not-promoted"
+    assert "collapsed" in mv.tags["retrain.reason"]
+    # the next scheduled call finds run key -> v2 and does not train the same data again
+    again = FakeTrain(knn=0.9)
+    assert R.retrain(setup.cfg(), train_fn=again) == R.EXIT_OK
+    assert not again.calls and versions(setup.uri, setup.model) == [1, 2]
+    # within the margin (0.51 < 0.5 + 0.01) is not better either
+    put_shards(setup.s3, setup.bucket, ["train-000004.tar"])
+    assert R.retrain(setup.cfg(), train_fn=FakeTrain(knn=0.505)) == R.EXIT_OK
+    assert versions(setup.uri, setup.model) == [1, 2, 3] and champion(setup.uri, setup.model) == 1
+
+
+@pytest.mark.timeout(180)
+def test_crash_after_registration_is_finished_without_a_second_version(setup) -> None:
+    def crash_after_register(cfg: DictConfig):
+        FakeTrain(knn=0.5)(cfg)
+        raise RuntimeError("node lost after registering")
+
+    assert R.retrain(setup.cfg(), train_fn=crash_after_register) == R.EXIT_TRAIN_FAILED
+    assert versions(setup.uri, setup.model) == [1]
+    mv = MlflowClient(setup.uri).get_model_version(setup.model, "1")
+    assert "retrain.run_key" not in mv.tags  # the crash came before retrain's bookkeeping
+    retry = FakeTrain()
+    assert R.retrain(setup.cfg(), train_fn=retry) == R.EXIT_OK
+    assert not retry.calls and versions(setup.uri, setup.model) == [1]
+    mv = MlflowClient(setup.uri).get_model_version(setup.model, "1")
+    assert mv.tags["retrain.decision"] == "promoted" and "retrain.snapshot_id" in mv.tags
+    assert R.retrain(setup.cfg(), train_fn=retry) == R.EXIT_OK  # and now: nothing new
+    assert not retry.calls
+
+
+@pytest.mark.timeout(120)
+def test_exit_codes_for_lock_source_tracking_and_training_failures(setup, capsys) -> None:
+    cfg = setup.cfg()
+    st = R.RetrainSettings.from_config(cfg, setup.model)
+    assert st.lock_url == f"{setup.source}/_sslstream_retrain.{setup.model}.lease"
+    other = Lease(S3LeaseStore(st.lock_url, setup.s3.storage_options), "someone-else", ttl_s=600)
+    other.try_acquire()
+    fake = FakeTrain()
+    assert R.retrain(cfg, train_fn=fake) == R.EXIT_LOCK_HELD
+    assert "held by" in capsys.readouterr().err and not fake.calls
+    other.release()
+
+    bad_source = setup.cfg(source=f"s3://{setup.bucket}/no-such-prefix")
+    assert R.retrain(bad_source, train_fn=fake) == R.EXIT_SOURCE
+    assert "no-such-prefix" in capsys.readouterr().err
+
+    dead = setup.cfg()
+    dead.tracking.uri = "http://127.0.0.1:9"  # discard port: connection refused
+    assert R.retrain(dead, train_fn=fake) == R.EXIT_REGISTRY
+    assert "unreachable" in capsys.readouterr().err and not fake.calls
+
+    assert R.retrain(setup.cfg(init="warm"), train_fn=fake) == R.EXIT_CONFIG
+
+    boom = FakeTrain(fail=ValueError("loss is nan at step 3"))
+    assert R.retrain(setup.cfg(), train_fn=boom) == R.EXIT_TRAIN_FAILED
+    assert "loss is nan" in capsys.readouterr().err
+    assert setup.s3.fs().exists(st.lock_url) is False  # the lease was released
+    assert versions(setup.uri, setup.model) == []
+
+
+@pytest.mark.timeout(120)
+def test_expired_lease_of_a_dead_holder_is_taken_over(setup, capsys) -> None:
+    cfg = setup.cfg()
+    st = R.RetrainSettings.from_config(cfg, setup.model)
+    store = S3LeaseStore(st.lock_url, setup.s3.storage_options)
+    dead = LeaseRecord("deadhost:1:x", "old-run", 0.0, 0.0, time.time() - 60, 300.0)
+    assert store.create(dead.to_bytes()) is not None
+    assert R.retrain(cfg, train_fn=FakeTrain()) == R.EXIT_OK
+    assert "took over the expired lease of deadhost:1:x" in capsys.readouterr().out
+    assert versions(setup.uri, setup.model) == [1]
+
+
+@pytest.mark.timeout(120)
+def test_losing_the_lease_stops_training(setup, capsys) -> None:
+    cfg = setup.cfg(lock={"ttl_s": 3, "heartbeat_s": 0.3})
+    st = R.RetrainSettings.from_config(cfg, setup.model)
+    store = S3LeaseStore(st.lock_url, setup.s3.storage_options)
+
+    def steal() -> None:  # another holder overwrites the lease while we train
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            cur = store.read()
+            if cur is not None:
+                store.replace(b'{"owner": "thief"}', cur[1])
+                return
+            time.sleep(0.05)
+
+    thief = threading.Thread(target=steal)
+    thief.start()
+    slow = FakeTrain(sleep_s=30)
+    t0 = time.monotonic()
+    assert R.retrain(cfg, train_fn=slow) == R.EXIT_LEASE_LOST
+    assert time.monotonic() - t0 < 15
+    thief.join(5)
+    assert "taken over" in capsys.readouterr().err
+    assert versions(setup.uri, setup.model) == []
+    assert store.read()[0] == b'{"owner": "thief"}'  # not deleted by the loser
+
+
+def test_snapshot_ids_and_run_keys(s3, tmp_path) -> None:
+    bucket = s3.bucket("snaps")
+    src = put_shards(s3, bucket, ["b.tar", "a.tar"], manifest=True)
+    snap = take_snapshot(src, s3.storage_options)
+    assert [s.name for s in snap.shards] == ["a.tar", "b.tar"]
+    assert all(s.fingerprint.startswith("sha256:") for s in snap.shards)
+    # same listing in another order, other location: same id
+    listing = [(s.name, s.fingerprint) for s in reversed(snap.shards)]
+    from orchestration.snapshot import Snapshot, config_hash, run_key, snapshot_id
+
+    assert snapshot_id(listing) == snap.id
+    assert Snapshot.from_dict(json.loads(snap.to_json())).id == snap.id
+    # no manifest: ETags; local files: size + mtime
+    s3.fs().rm(f"{bucket}/train/manifest.json")
+    etag = take_snapshot(src, s3.storage_options)
+    assert all(s.fingerprint.startswith("etag:") for s in etag.shards)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x-000000.tar").write_bytes(b"x" * 10)
+    local = take_snapshot(str(tmp_path / "d"))
+    assert local.shards[0].fingerprint.startswith("size:10:mtime:")
+    # config hash: ignored keys do not matter, others do
+    a = OmegaConf.create({"optim": {"lr": 0.1}, "tracking": {"uri": "x"}})
+    b = OmegaConf.create({"optim": {"lr": 0.1}, "tracking": {"uri": "y"}})
+    c = OmegaConf.create({"optim": {"lr": 0.2}, "tracking": {"uri": "x"}})
+    assert config_hash(a, ["tracking"]) == config_hash(b, ["tracking"])
+    assert config_hash(a, ["tracking"]) != config_hash(c, ["tracking"])
+    assert run_key("my model", snap.id, "f" * 64) == f"my_model-{snap.id[:12]}-ffffffff"
