@@ -158,7 +158,8 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
         return "transient"
     name = type(exc).__name__
-    if any(s in name for s in ("Payload", "Disconnected", "Timeout", "IncompleteRead", "Connection")):
+    if any(s in name for s in ("Payload", "Disconnected", "Timeout", "IncompleteRead", "Connection",
+                               "HTTPClientError", "StreamingError")):
         return "transient"  # aiohttp / urllib3 / botocore transport errors
     return "fatal"
 
