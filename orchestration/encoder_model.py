@@ -90,13 +90,13 @@ def preprocess(images: np.ndarray, spec: EncoderSpec) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     size = spec.image_size
     h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-        x = torch.nn.functional.interpolate(
-            x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
-        )
-        top, left = (new_h - size) // 2, (new_w - size) // 2
+    if (h, w) != (size, size):  # torchvision's Resize(size) + CenterCrop(size) arithmetic
+        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        if (new_h, new_w) != (h, w):
+            x = torch.nn.functional.interpolate(
+                x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+            )
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         x = x[..., top : top + size, left : left + size]
     mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype).view(1, 3, 1, 1)

@@ -299,8 +299,11 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
     the returned spec's ``backbone`` config.
     """
     with tempfile.TemporaryDirectory(prefix="sslstream-warm-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri))
+        # models:/ URIs resolve through the process-global registry URI, whatever the
+        # registry_uri argument says: scope it.
+        with scoped_tracking_uri(uri):
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri))
         conf = Model.load(str(local)).flavors["python_function"]
         paths = {k: local / (v["path"] if isinstance(v, dict) else v)
                  for k, v in conf.get("artifacts", {}).items()}
