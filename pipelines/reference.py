@@ -128,3 +128,40 @@ class TorchvisionEval:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def torchvision_transform(view: ViewRecipe):
+    """The recipe as a plain torchvision v2 Compose with torchvision's own randomness (random
+    jitter order, torch RNG): the classic per-sample DataLoader pipeline, used as the
+    throughput baseline. Not resumable; the loader backends use `augment_one` instead."""
+    from torchvision.transforms import v2
+
+    k = blur_kernel_size(view.blur_sigma[1])
+    return v2.Compose([
+        v2.RandomResizedCrop(view.size, scale=view.crop_scale, ratio=view.crop_ratio,
+                             antialias=True),
+        v2.RandomApply([v2.ColorJitter(view.brightness, view.contrast, view.saturation,
+                                       view.hue)], p=view.jitter_p),
+        v2.RandomGrayscale(p=view.grayscale_p),
+        v2.RandomApply([v2.GaussianBlur(k, sigma=view.blur_sigma)], p=view.blur_p),
+        v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=view.solarize_p),
+        v2.RandomHorizontalFlip(p=view.flip_p),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(view.mean), list(view.std)),
+    ])
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Encoded images -> (view1, view2) per sample with `torchvision_transform`: the
+    DataLoader-with-workers baseline of benchmarks/pipeline_throughput.py."""
+
+    def __init__(self, images: Sequence[bytes], recipe) -> None:
+        self.images = list(images)
+        self.transforms = [torchvision_transform(v) for v in recipe.views]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = decode(self.images[i])
+        return self.transforms[0](image), self.transforms[1](image)
