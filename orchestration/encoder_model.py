@@ -106,6 +106,10 @@ def preprocess(images: np.ndarray, spec: EncoderSpec) -> torch.Tensor:
 class EncoderModel(PythonModel):
     """pyfunc wrapper: rebuilds the backbone from the spec and weights artifacts."""
 
+    # The logged signature carries the schema; this opts out of MLflow's type-hint based
+    # validation wrapper (and its "Add type hints" warning on every import of this file).
+    _skip_type_hint_validation = True
+
     def load_context(self, context):  # noqa: ANN001 (MLflow inspects the signature)
         with open(context.artifacts["spec"], encoding="utf-8") as f:
             self.spec = EncoderSpec.from_json(f.read())
