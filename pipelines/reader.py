@@ -83,6 +83,7 @@ def check_sample(key: str, parts: dict[str, bytes], shard: str, padded: bool,
 
 
 _END = object()
+_CHUNK = 16  # items per queue operation
 
 
 class _Failure:
@@ -95,7 +96,7 @@ class LaneReader:
 
     def __init__(self, urls: Sequence[str], segments: Sequence[Segment], *, lanes: int,
                  storage_options: dict | None, num_classes: int | None, validate: str,
-                 count: Callable[[str, int], None], queue_size: int = 64) -> None:
+                 count: Callable[[str, int], None], queue_size: int = 8) -> None:
         self.urls, self.segments = urls, list(segments)
         self.threaded = lanes > 0
         self.k = max(1, lanes)
@@ -129,6 +130,8 @@ class LaneReader:
             yield from self._segment_items(seg)
 
     def _run_lane(self, lane: int, q: queue.Queue, stop: threading.Event) -> None:
+        """Producer thread: items go to the queue in chunks (one queue operation per chunk,
+        not per sample: for small images the queue's locking was a visible cost)."""
         def put(x: object) -> bool:
             while not stop.is_set():
                 try:
@@ -139,12 +142,19 @@ class LaneReader:
             return False
 
         gen = self._lane_items(lane)
+        chunk: list[Item] = []
         try:
             for item in gen:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as e:  # surfaced in the consumer's thread
+                chunk.append(item)
+                if len(chunk) >= _CHUNK:
+                    if not put(chunk):
+                        return
+                    chunk = []
+            if (chunk and not put(chunk)) or not put(_END):
+                return
+        except BaseException as e:  # surfaced in the consumer's thread, after what was read
+            if chunk:
+                put(chunk)
             put(_Failure(e))
         finally:
             gen.close()
@@ -167,7 +177,7 @@ class LaneReader:
                     return
                 if isinstance(x, _Failure):
                     raise x.exc
-                yield x
+                yield from x
 
         try:
             yield from self._merge([drain(q) for q in qs])

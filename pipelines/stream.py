@@ -81,6 +81,7 @@ class ShardStream:
         self.num_classes = num_classes if num_classes is not None else (len(classes) if classes else None)
         self._refs: list[ShardRef] = refs
         self._counts: list[int] | None = None
+        self._fp: str | None = None  # cursor fingerprint, computed once
         self.epoch, self.position = 0, 0
         self._counters: Counter[str] = Counter({k: 0 for k in COUNTER_NAMES})
         self._lock = threading.Lock()
@@ -132,10 +133,13 @@ class ShardStream:
             self.epoch, self.position = int(epoch), 0
 
     def _fingerprint(self) -> str:
+        if self._fp is not None:
+            return self._fp
         plan = [self.shard_urls, self.shard_counts, self.seed, self.shuffle, self.exact_epoch,
                 self.rank, self.world_size, max(1, self.num_workers), self.shuffle_buffer,
                 self.validate]
-        return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+        self._fp = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+        return self._fp
 
     def state_dict(self, position: int | None = None) -> dict:
         """The cursor (plain Python types). A consumer that prefetches passes the number of

@@ -212,3 +212,43 @@ def test_cli_verify_unlabelled_folder_as_module(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "pipelines.shards", "verify", str(tmp_path / "nothere")],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nothere/manifest.json does not exist" in r.stderr
+
+
+# ------------------------------------------------------------ tar reader
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+@pytest.mark.parametrize("gz", [False, True], ids=["tar", "gz"])
+def test_tar_reader_agrees_with_tarfile(tmp_path: Path, fmt: int, gz: bool) -> None:
+    from pipelines.tario import iter_tar_samples
+
+    names = ["d/k1.jpg", "d/k1.cls", "x" * 120 + "/k2.jpg", "x" * 120 + "/k2.cls",
+             "k4.jpg", "k4.meta.json"]
+    if fmt != tarfile.USTAR_FORMAT:  # names ustar cannot hold
+        names.append("y" * 40 + "/" + "z" * 110 + ".jpg")
+    if fmt == tarfile.PAX_FORMAT:
+        names.append("unicodé/k5.jpg")
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w:gz" if gz else "w", format=fmt) as tf:
+        d = tarfile.TarInfo("d")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for i, n in enumerate(names):
+            data = bytes([i]) * (i * 300)  # sizes crossing 512-byte blocks, and an empty one
+            ti = tarfile.TarInfo(n)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    expected: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            if not m.isfile():
+                continue
+            key, ext = m.name.split("/")[-1].split(".", 1)
+            key = m.name.rsplit("/", 1)[0] + "/" + key if "/" in m.name else key
+            if not expected or expected[-1][0] != key:
+                expected.append((key, {}))
+            expected[-1][1][ext] = tf.extractfile(m).read()
+    with path.open("rb") as f:
+        got = list(iter_tar_samples(io.BufferedReader(f)))
+    assert got == expected
