@@ -162,9 +162,11 @@ def test_geometry_matches_torchvision_pixelwise():
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("preset", "hue", "mean_tol", "std_tol"), [
-    # without hue, DALI and torchvision differ by uint8 rounding and the contrast centre
-    ("cifar_byol", 0.0, 0.03, 0.03),
-    # DALI rotates hue in YIQ, torchvision in HSV: measured |d std| <= 0.10 on channel B
+    # Measured (DALI 2.4, torchvision 0.29): without hue |d mean| <= 0.024 (uint8 truncation
+    # in torchvision, DALI's contrast centre 128 vs torchvision's mean grey), |d std|/std <=
+    # 0.008; with hue (DALI rotates in YIQ, torchvision in HSV) |d mean| <= 0.036 and
+    # |d std|/std <= 0.094, on the blue channel.
+    ("cifar_byol", 0.0, 0.03, 0.02),
     ("cifar_byol", None, 0.05, 0.12),
     ("byol", None, 0.05, 0.12),
 ])
