@@ -1,7 +1,7 @@
 """Write ImageNet-sized JPEG shards (default 500x375, quality 90) for the throughput benchmark.
 
 The images are procedural (smooth colour fields, blobs, edges and noise, so JPEG sizes and
-decode costs resemble photographs: ~60-110 kB at 500x375), written with the project's own
+decode costs resemble photographs: ~55 kB at 500x375, quality 90), written with the project's own
 `pipelines.shards.write_shards`, so the benchmark reads exactly what training reads.
 
     python benchmarks/make_large_jpeg_shards.py OUT_DIR --count 2048 --width 500 --height 375

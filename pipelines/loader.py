@@ -127,6 +127,7 @@ class TwoViewLoader:
         self._epoch = 0
         self._position = 0            # batches of self._epoch already handed out
         self._stream_state: dict | None = None  # stream cursor right after those batches
+        self._restored = False        # a state was loaded and not yet iterated
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -159,10 +160,13 @@ class TwoViewLoader:
         return base
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first batch -- unless a loaded state is inside that epoch."""
-        if epoch == self._epoch and 0 < self._position < len(self):
+        """Select `epoch`, from its first batch -- unless the cursor is already inside it
+        (a loaded state, or an iteration left with `break`): then it is kept."""
+        inside = 0 < self._position < len(self) or (self._restored and self._position > 0)
+        if int(epoch) == self._epoch and inside:
             return
         self._epoch, self._position, self._stream_state = int(epoch), 0, None
+        self._restored = False
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch": self._position, "seed": self.seed,
@@ -177,12 +181,18 @@ class TwoViewLoader:
         self._epoch, self._position = int(state["epoch"]), int(state["batch"])
         self.seed = int(state.get("seed", self.seed))
         self._stream_state = state.get("stream")
+        self._restored = True
 
     def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch. A finished epoch iterates again from its start,
+        except right after loading a state saved at its end (then: nothing left)."""
         self.close_epoch()
         total = len(self)
-        if self._position >= total:  # finished epoch: the caller moves on with set_epoch
-            return iter(())
+        restored, self._restored = self._restored, False
+        if self._position >= total:
+            if restored:
+                return iter(())
+            self._position, self._stream_state = 0, None
         if self._position > 0 and self._stream_state is not None:
             self.stream.load_state_dict(self._stream_state)
         elif self._position > 0:

@@ -123,6 +123,32 @@ def test_resume_after_k_batches_is_bitwise_identical(backend, shard_factory):
 
 
 @pytest.mark.timeout(60)
+def test_epoch_cursor_semantics():
+    """Iterating again re-runs the epoch (same batches); a state saved at the end of an epoch
+    resumes to 'nothing left' even if the trainer calls set_epoch(same) again."""
+    samples = make_samples(12)
+    loader = TwoViewLoader(FakeStream(samples), RECIPE, batch_size=4, device="cpu",
+                           backend="torchvision")
+    try:
+        a, b = _collect(loader), _collect(loader)
+        assert len(a) == len(b) == 3 and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        end_state = loader.state_dict()
+        assert end_state["batch"] == 3
+    finally:
+        loader.close()
+    resumed = TwoViewLoader(FakeStream(samples), RECIPE, batch_size=4, device="cpu",
+                            backend="torchvision")
+    try:
+        resumed.load_state_dict(end_state)
+        resumed.set_epoch(0)
+        assert _collect(resumed) == []
+        resumed.set_epoch(1)
+        assert len(_collect(resumed)) == 3
+    finally:
+        resumed.close()
+
+
+@pytest.mark.timeout(60)
 def test_seed_changes_views_not_samples():
     samples = make_samples(16)
     out = {}
