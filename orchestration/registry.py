@@ -227,6 +227,7 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
     if (commit := git_commit()) is not None:
         version_tags.setdefault("git_commit", commit)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version: int | None = None
     try:
         _ensure_registered_model(client, name)
         mv = client.create_model_version(
@@ -244,8 +245,9 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
         client.set_model_version_tag(name, str(version), "promoted", str(promoted).lower())
         client.set_model_version_tag(name, str(version), "promotion_reason", reason[:5000])
     except Exception as e:  # MLflow raises MlflowException, requests and OS errors
+        done = "" if version is None else f" (version {version} was created; aliases/tags incomplete)"
         raise RegistrationError(
-            f"registering model {name!r} from {model_uri} at {uri} failed: {e}"
+            f"registering model {name!r} from {model_uri} at {uri} failed{done}: {e}"
         ) from e
     return PromotionDecision(name=name, version=version, uri=f"models:/{name}/{version}",
                              promoted=promoted, reason=reason, metric=new_metric,

@@ -28,14 +28,10 @@ caller knows the encoder was not registered and keeps its checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import torch
@@ -48,106 +44,16 @@ from orchestration.encoder_model import EncoderSpec
 from orchestration.registry import (
     PromotionDecision,
     RegistrationError,
-    RegistrySettings,
     log_encoder,
     register_encoder,
 )
+from orchestration.tracking_config import KEY_BAD, MAX_KEY, TrackingSettings, flatten_params
 
 __all__ = ["Tracker", "TrackingSettings", "flatten_params", "RegistrationError"]
 
 log = logging.getLogger("sslstream.tracking")
 T = TypeVar("T")
 _BATCH = 100                        # MLflow's limit of params/tags per log_batch call
-_MAX_KEY = 250                      # MLflow's limit on param/metric key length
-_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
-
-
-@dataclass(frozen=True)
-class TrackingSettings:
-    """``cfg.tracking`` (conf/tracking/local.yaml documents every field)."""
-
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "sslstream"
-    artifact_location: str | None = None
-    http_max_retries: int = 2
-    http_timeout_s: float = 10.0
-    http_backoff_factor: int = 1
-    probe_timeout_s: float = 5.0
-    reconnect_after_s: float | None = 300.0
-    system_metrics: bool = True
-    system_metrics_interval_s: float = 10.0
-    max_param_length: int = 500
-    plots: bool = True
-    registry: RegistrySettings = field(default_factory=RegistrySettings)
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any | None) -> TrackingSettings:
-        """Build from a mapping/DictConfig; unknown keys are an error naming the key."""
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, cls):
-            return cfg
-        raw = _to_dict(cfg)
-        http = raw.pop("http", None) or {}
-        for key, name in (("max_retries", "http_max_retries"), ("timeout_s", "http_timeout_s"),
-                          ("backoff_factor", "http_backoff_factor")):
-            if key in http:
-                raw[name] = http.pop(key)
-        if http:
-            raise ValueError(f"unknown tracking.http keys: {sorted(http)}")
-        reg = dict(raw.pop("registry", None) or {})
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(raw) - known):
-            raise ValueError(f"unknown tracking config keys: {unknown}")
-        reg_known = {f.name for f in fields(RegistrySettings)}
-        if unknown := sorted(set(reg) - reg_known):
-            raise ValueError(f"unknown tracking.registry config keys: {unknown}")
-        return cls(**raw, registry=RegistrySettings(**reg))
-
-
-def _to_dict(cfg: Any) -> dict[str, Any]:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return {k: (_to_dict(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()}
-
-
-def flatten_params(cfg: Mapping[str, Any], max_length: int = 500) -> dict[str, str]:
-    """Nested config -> ``{"a.b.c": "value"}`` strings that MLflow accepts as params.
-
-    Lists become JSON; values longer than ``max_length`` are cut with a ``...[+N chars]``
-    marker (MLflow rejects > 6000); keys with characters MLflow refuses are sanitised and
-    over-long keys shortened with a hash, so flattening never fails on odd configs.
-    """
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            if not value and prefix:
-                out[prefix] = "{}"
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-            return
-        if isinstance(value, (list, tuple)):
-            text = json.dumps(list(value), default=str)
-        else:
-            text = "None" if value is None else str(value)
-        if len(text) > max_length:
-            marker = f"...[+{len(text) - max_length} chars]"
-            text = text[: max(0, max_length - len(marker))] + marker
-        key = _KEY_BAD.sub("_", prefix)
-        if len(key) > _MAX_KEY:
-            digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-            key = key[: _MAX_KEY - 11] + "~" + digest
-        out[key] = text
-
-    walk("", cfg)
-    return out
 
 
 class Tracker:
@@ -166,6 +72,7 @@ class Tracker:
         self._retry_at = 0.0
         self._monitor: Any = None
         self._call_warnings: set[str] = set()
+        self._params_logged = False
         if self.active and mlflow_env.is_http(self.uri):
             s = self.settings
             mlflow_env.apply_http_limits(s.http_max_retries, s.http_timeout_s,
@@ -220,7 +127,9 @@ class Tracker:
         else:
             run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         self._client, self.run_id = client, run.info.run_id
+        self._params_logged = False
         self._log_params(config, existing=run.data.params if self.resumed else {})
+        self._params_logged = True
         if self.resumed and tags:
             self._batch(tags=[RunTag(k, v) for k, v in tags.items()])
         self._start_system_metrics()
@@ -253,6 +162,12 @@ class Tracker:
         todo = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(todo), _BATCH):
             self._batch(params=todo[i : i + _BATCH])
+
+    def _resend_params(self) -> None:
+        assert self._client is not None and self._start_args is not None
+        existing = self._client.get_run(self.run_id).data.params
+        self._log_params(self._start_args[1], existing=existing)
+        self._params_logged = True
 
     def _start_system_metrics(self) -> None:
         if not self.settings.system_metrics:
@@ -292,7 +207,7 @@ class Tracker:
         if not self._ready():
             return
         now = int(time.time() * 1000)
-        batch = [Metric(_KEY_BAD.sub("_", str(k))[:_MAX_KEY], _scalar(v), now, int(step))
+        batch = [Metric(KEY_BAD.sub("_", str(k))[:MAX_KEY], _scalar(v), now, int(step))
                  for k, v in metrics.items()]
         self._guarded("log_metrics", lambda: self._batch(metrics=batch))
 
@@ -349,7 +264,10 @@ class Tracker:
 
     def log_embedding_projection(self, embeddings: torch.Tensor, labels: torch.Tensor,
                                  step: int | None = None, max_points: int = 5000) -> None:
-        """2-D PCA of (test) embeddings coloured by label -> ``plots/embeddings_pca[_<step>].png``."""
+        """2-D PCA of (test) embeddings coloured by label.
+
+        Written to ``plots/embeddings_pca_<step>.png`` (``plots/embeddings_pca.png`` without a step).
+        """
         if not (self.settings.plots and self._ready()):
             return
         from orchestration.plots import pca_2d, plot_projection
@@ -400,6 +318,8 @@ class Tracker:
         reason, self._down_reason = self._down_reason, None
         if self.run_id is None:
             self._guarded("start", self._open_run)
+        elif not self._params_logged:  # the outage began while the params were being sent
+            self._guarded("log_params", self._resend_params)
         if self._down_reason is None:
             log.warning("MLflow at %s reachable again (was: %s); tracking resumes, metrics "
                         "logged meanwhile were dropped", self.uri, reason)
