@@ -318,7 +318,9 @@ def read_bytes(url: str, storage_options: dict | None = None, **kw: Any) -> byte
 
 def register_webdataset_gopen(storage_options: dict | None = None) -> None:
     """Let webdataset 1.0.2 open s3:// and gs:// URLs through fsspec (it has no handler)."""
-    import webdataset.gopen as gopen
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the package shadows it with a function
 
     def opener(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Any:
         if "r" in mode:

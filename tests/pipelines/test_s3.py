@@ -114,3 +114,17 @@ def test_faults_beyond_the_client_retries_are_retried_by_the_stream(
     # Without the stream's own retries the first failure the client gives up on would end
     # the epoch; some are absorbed by s3fs's HEAD -> LIST fallback, so at least one here.
     assert s.counters["retries"] >= 1
+
+
+def test_webdataset_reads_s3_through_the_registered_opener(s3: S3Env, s3_shards) -> None:
+    """webdataset 1.0.2 has no s3 handler; register_webdataset_gopen gives it ours."""
+    import webdataset as wds
+
+    from pipelines.storage import register_webdataset_gopen
+
+    url, ss = s3_shards
+    register_webdataset_gopen(s3.storage_options)
+    ds = wds.WebDataset("s3://data/train/shard-{000000..000001}.tar", shardshuffle=False,
+                        empty_check=False)
+    keys = [s["__key__"] for s in ds]
+    assert keys == ss.keys[0] + ss.keys[1]
