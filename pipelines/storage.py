@@ -141,6 +141,8 @@ def classify(exc: BaseException) -> str:
     code, status = _error_code(exc)
     if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "NoSuchBucket", "404"):
         return "not_found"
+    if "Credentials" in type(exc).__name__:  # botocore NoCredentialsError & co.
+        return "denied"
     if isinstance(exc, PermissionError) or code in (
         "AccessDenied",
         "InvalidAccessKeyId",
@@ -247,7 +249,12 @@ class RetryingReader(io.RawIOBase):
 
     def _open(self) -> None:
         def op() -> Any:
-            kw = {"block_size": self._block} if self._fs.protocol not in ("file", ("file", "local")) else {}
+            proto = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
+            kw: dict[str, Any] = {}
+            if "file" not in proto:
+                kw["block_size"] = self._block
+            if "s3" in proto:
+                kw["size"] = self.size  # spares s3fs a second HEAD per open
             f = self._fs.open(self._path, "rb", **kw)
             if self.pos:
                 f.seek(self.pos)
