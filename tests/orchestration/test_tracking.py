@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -226,3 +227,19 @@ def test_inactive_tracker_is_a_no_op(in_tmp_cwd: Path, no_env_uri: None) -> None
     tracker.end()
     assert not (in_tmp_cwd / "mlflow.db").exists()
     assert mlflow_env.probe("sqlite:///x.db", 1.0) is None
+
+
+def test_pca_2d_matches_covariance_eigenvectors() -> None:
+    from orchestration.plots import pca_2d
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(400, 6)) * np.array([5.0, 2.0, 0.5, 0.3, 0.2, 0.1])
+    rot, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    z = z @ rot.T + 3.0
+    centred = z - z.mean(axis=0)
+    evals, evecs = np.linalg.eigh(np.cov(centred.T))  # ascending
+    want = centred @ evecs[:, ::-1][:, :2]
+    got = pca_2d(torch.from_numpy(z).float())
+    for axis in range(2):  # equal up to the sign of each component
+        sign = np.sign(got[:, axis] @ want[:, axis])
+        np.testing.assert_allclose(sign * got[:, axis], want[:, axis], atol=1e-3)
