@@ -105,11 +105,19 @@ class GraphSpec:
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
     hw_decoder_load: float = 0.65
+    jpeg_fancy_upsampling: bool = True
     prefetch_queue_depth: int = 1
 
 
 def build_two_view_pipeline(spec: GraphSpec):
     """Compile the two-view graph; feed it with `feed_two_view` and `pipe.run()`."""
+    pipe = define_two_view_pipeline(spec)
+    pipe.build()
+    return pipe
+
+
+def define_two_view_pipeline(spec: GraphSpec):
+    """The two-view Pipeline object, not yet built (building a GPU one needs CUDA)."""
     if not DALI_AVAILABLE:
         raise RuntimeError(f"nvidia-dali is not importable here ({DALI_IMPORT_ERROR})")
     gpu = spec.device_id is not None
@@ -120,8 +128,14 @@ def build_two_view_pipeline(spec: GraphSpec):
     def graph():
         encoded = fn.external_source(name="images", dtype=types.UINT8, ndim=1)
         if gpu:
+            # Padding values of DALI's ImageNet examples (no nvJPEG reallocation on a large
+            # image); fancy upsampling = the CPU decoder's chroma upsampling, so GPU pixels
+            # match what the CPU-mode tests check.
             image = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
-                                      hw_decoder_load=spec.hw_decoder_load)
+                                      hw_decoder_load=spec.hw_decoder_load,
+                                      device_memory_padding=211_025_920,
+                                      host_memory_padding=140_544_512,
+                                      jpeg_fancy_upsampling=spec.jpeg_fancy_upsampling)
         else:
             image = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
         return tuple(_augment_view(image, v, f"v{i + 1}_", out_dtype, layout, gpu)
@@ -130,7 +144,6 @@ def build_two_view_pipeline(spec: GraphSpec):
     pipe = graph(batch_size=spec.batch_size, num_threads=spec.num_threads,
                  device_id=spec.device_id, seed=0, prefetch_queue_depth=spec.prefetch_queue_depth,
                  exec_pipelined=False, exec_async=False, exec_dynamic=True)
-    pipe.build()
     return pipe
 
 

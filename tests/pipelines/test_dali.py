@@ -204,3 +204,14 @@ def test_undecodable_jpeg_is_replaced_and_counted_not_fatal():
         assert bad_key not in keys and len(keys) == 16
         assert loader.counters["aug_skipped_corrupt"] == 1
         assert loader.counters["aug_backend_errors"] == backend_errors
+
+
+def test_gpu_graph_is_well_formed_in_python():
+    """No GPU here: at least define the GPU variant of the graph (mixed decode, GPU ops fed
+    CPU argument inputs, conditionals on GPU data) up to DALI's backend, which needs CUDA.
+    Uses DALI's private `_build_graph` (DALI is pinned to 2.4.0)."""
+    spec = dali_mod.GraphSpec(recipe=PRESETS["byol"], batch_size=4, device_id=0,
+                              dtype=torch.float16, channels_last=True)
+    pipe = dali_mod.define_two_view_pipeline(spec)
+    pipe._build_graph()
+    assert [o.device for o in pipe._graph_outputs] == ["gpu", "gpu"]
