@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.shards import main as shards_main
 from pipelines.shards import verify, write_shards
-from pipelines.storage import AccessDenied, ShardNotFound
+from pipelines.storage import AccessDenied, ShardNotFound, redact
 from pipelines.stream import ShardStream
 from tests.fixtures.s3 import CREDS, S3Env, s3_options
 from tests.fixtures.shards import make_jpeg
@@ -83,6 +83,7 @@ def test_refused_credentials_are_a_clear_error_without_secrets(s3: S3Env, s3_sha
     assert "access denied for s3://data/train/manifest.json" in msg and "credentials" in msg
     assert "very-secret-value-123" not in msg and CREDS["AWS_SECRET_ACCESS_KEY"] not in msg
     assert e.value.__cause__ is None and e.value.__suppress_context__
+    assert "very-secret-value-123" not in repr(redact(opts))  # what the stream would log
 
 
 @pytest.mark.parametrize("faults", [["503"] * 4, ["cut", "cut"], ["reset", "reset"]],

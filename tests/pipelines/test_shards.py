@@ -181,6 +181,10 @@ def test_cli_make_labelled_folder_then_verify(tmp_path: Path, capsys: pytest.Cap
     assert len(labels) == 12
     assert main(["verify", str(out)]) == 0
     assert "all 3 shards" in capsys.readouterr().out
+    from pipelines.stream import ShardStream
+
+    streamed = {x.key: x.label for x in ShardStream(str(out), num_workers=1)}
+    assert streamed == labels
 
 
 def test_cli_verify_names_tampered_missing_and_truncated_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -117,3 +117,16 @@ def test_cursor_from_another_stream_is_refused(uneven_shards: ShardSet) -> None:
         ShardStream(root, seed=2).load_state_dict(st)
     with pytest.raises(ValueError, match="rank/world_size 0/2"):
         ShardStream(root, world_size=2).load_state_dict(st)
+
+
+@pytest.mark.timeout(120)
+def test_resume_on_cifar10_gz_shards_in_a_new_process(cifar10_dir: Path) -> None:
+    urls = f"{cifar10_dir}#test"
+    kw = {"rank": 0, "world_size": 2, "num_workers": 2, "seed": 11, "shuffle_buffer": 256,
+          "exact_epoch": True}
+    ks = [1234, 4999]
+    keys, states = _cursors(urls, kw, 3, ks)
+    assert len(keys) == 5000
+    got = _run_child(urls, kw, states, 20)
+    for k, g in zip(ks, got, strict=True):
+        assert g["keys"] == keys[k : k + 20], f"resume after {k} samples"
