@@ -68,6 +68,9 @@ class RunLog:
         if eval_features is not None:
             z, y = eval_features
             self.tracker.log_embedding_projection(z.cpu(), y.cpu(), step=result.step)
+        if not self.tracker.active:
+            log.warning("tracking.enabled=false: the encoder is not logged or registered")
+            return
         if result.eval is None:
             log.warning("eval.at_end=false: the encoder is not registered (promotion needs kNN)")
             self.tracker.end("FINISHED")

@@ -178,9 +178,14 @@ def train(cfg: DictConfig) -> TrainResult:
     runlog = RunLog(cfg, env, run_id=s.run_id)
     s.run_id = runlog.run_id
 
-    def save() -> None:
+    def save() -> bool:
+        """Checkpoint the current state (all ranks call it); never a non-finite one."""
         if s.saved_step == s.step:
-            return
+            return True
+        if not _all_finite(method, env):
+            log.error("not checkpointing step %d: the weights are not finite "
+                      "(the newest checkpoint on disk stays the last good state)", s.step)
+            return False
         gathered = _gather_rng(ckpt.rng_state(), env)
         if env.is_main:
             state = {
@@ -201,6 +206,7 @@ def train(cfg: DictConfig) -> TrainResult:
             ckpt.save_checkpoint(state, run_dir, s.step, keep_last=int(tr.get("keep_last", 3)))
         D.barrier()
         s.saved_step = s.step
+        return True
 
     stop = StopFlag()
     stop.install()
@@ -223,7 +229,9 @@ def train(cfg: DictConfig) -> TrainResult:
             if s.epoch_step == 0:
                 loader.set_epoch(s.epoch)
             method.train()
+            seen = 0
             for batch in loader:
+                seen += 1
                 out = train_step(
                     model, method, optimizer, scheduler, scaler, batch.view1, batch.view2,
                     step=s.step, total_steps=total_steps, amp_dtype=amp,
@@ -241,13 +249,16 @@ def train(cfg: DictConfig) -> TrainResult:
                     save()
                     status = "preempted"
                     break
-                if every_ckpt and s.step % every_ckpt == 0:
-                    save()
+                if every_ckpt and s.step % every_ckpt == 0 and not save():
+                    raise NonFiniteLossError(
+                        f"non-finite weights after step {s.step} (loss was finite); "
+                        "check optim.lr / the method config; the last good checkpoint is kept"
+                    )
                 if s.step >= total_steps:
                     break
             if status != "completed" or s.step >= total_steps:
                 break
-            if s.epoch_step != 0:  # the loader ended early: ranks would desynchronise
+            if s.epoch_step != 0 or seen == 0:  # the loader ended early: ranks would desync
                 raise RuntimeError(
                     f"the loader yielded fewer than len(loader)={steps_per_epoch} batches in "
                     f"epoch {s.epoch}; every rank must take the same number of steps"
@@ -257,6 +268,9 @@ def train(cfg: DictConfig) -> TrainResult:
                 runlog.log_metrics(res.metrics(), s.step)
                 if env.is_main:
                     print(f"epoch {s.epoch}: kNN accuracy {res.knn_acc:.4f}", flush=True)
+        if not save():
+            raise NonFiniteLossError(f"non-finite weights after the last step {s.step}; "
+                                     "the last good checkpoint is kept")
     except NonFiniteLossError as e:
         save()  # the bad step was not applied: this is the last good state
         runlog.fail(str(e))
@@ -268,7 +282,6 @@ def train(cfg: DictConfig) -> TrainResult:
         monitor.close()
         stop.uninstall()
         loader.close()
-    save()
     result = TrainResult(status, s.step, total_steps, s.epoch, run_dir, run_id=s.run_id, method=method)
     if status == "preempted":
         if env.is_main:
@@ -296,6 +309,13 @@ class _State:
     epoch_step: int = 0
     run_id: str | None = None
     saved_step: int = -1
+
+
+def _all_finite(method: torch.nn.Module, env: D.DistEnv) -> bool:
+    """Whether every floating tensor of the method's state is finite, on every rank."""
+    flags = [torch.isfinite(t).all() for t in method.state_dict().values() if t.is_floating_point()]
+    ok = bool(torch.stack(flags).all().item()) if flags else True
+    return D.all_reduce_max(0.0 if ok else 1.0, env.device) == 0.0
 
 
 def _gather_rng(rng: dict[str, Any], env: D.DistEnv) -> list[dict[str, Any]]:

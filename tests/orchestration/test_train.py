@@ -1,0 +1,177 @@
+"""`sslstream train` end to end (CPU): the CLI in a subprocess with a local sqlite MLflow
+store, a NaN run that registers nothing, a collapsed run that is not promoted.
+
+Sizes are tiny (16 px, resnet_mini with narrow widths, a few steps) so the file stays
+within the test budget on a 2-core machine; the embedded default's real sizes are timed in
+BENCHMARKS.md instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestration import checkpoint as ckpt
+from orchestration.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny(tmp: Path, *extra: str, steps: int = 6) -> list[str]:
+    """Overrides for a seconds-long CPU run under `tmp` (data, checkpoints)."""
+    return [
+        f"data.root={tmp / 'data'}",
+        "data.generate_train_samples=160",
+        "data.generate_test_samples=60",
+        "data.image_size=16",
+        "data.num_workers=1",
+        "augment.view1.size=16",
+        "augment.view2.size=16",
+        "backbone.widths=[8,16,16,32]",
+        "method.proj_hidden_dim=64",
+        "method.pred_hidden_dim=64",
+        "method.proj_output_dim=32",
+        "trainer.batch_size=16",
+        f"trainer.max_steps={steps}",
+        "trainer.num_threads=1",
+        "trainer.loader_threads=1",
+        "trainer.progress=log",
+        "trainer.log_every_steps=2",
+        "trainer.checkpoint_every_steps=4",
+        f"trainer.output_dir={tmp / 'out'}",
+        "eval.batch_size=64",
+        "eval.knn_k=20",
+        "eval.probe_epochs=5",
+        "tracking.system_metrics=false",
+        "tracking.plots=false",
+        *extra,
+    ]
+
+
+def sqlite_uri(cwd: Path) -> str:
+    return f"sqlite:///{cwd.resolve() / 'mlflow.db'}"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", **extra)
+    return env
+
+
+@pytest.mark.timeout(240)
+def test_default_run_end_to_end_from_the_cli(tmp_path, capsys):
+    """`sslstream train` in a fresh cwd: data generated, trained, evaluated, registered."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "train", *tiny(tmp_path, steps=10)],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=220,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "kNN accuracy: " in proc.stdout
+    assert "registered model: models:/sslstream-encoder/1 (champion)" in proc.stdout
+    assert "step 10/10" in proc.stdout and "img_per_s" in proc.stdout
+    # the local sqlite store in the cwd holds the run, its metrics and the champion
+    client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
+    mv = client.get_model_version_by_alias("sslstream-encoder", "champion")
+    run = client.get_run(mv.run_id)
+    assert run.info.status == "FINISHED"
+    knn = run.data.metrics["eval/knn_acc"]
+    assert f"kNN accuracy: {knn:.4f}" in proc.stdout
+    assert {"train/loss", "train/lr", "train/tau", "train/embedding_std", "perf/img_per_s",
+            "perf/data_wait_frac"} <= set(run.data.metrics)
+    assert run.data.params["method.name"] == "byol"
+    # the data set was generated in data.root, the final checkpoint is in output_dir/run_name
+    assert (tmp_path / "data" / "train" / "manifest.json").is_file()
+    last = ckpt.latest_checkpoint(tmp_path / "out" / "byol-synthetic")
+    assert last is not None and last.name == "step-00000010.pt"
+    state = ckpt.load_checkpoint(last)
+    assert state["step"] == 10 and state["run_id"] == mv.run_id
+
+    # `sslstream eval` on that checkpoint and on the registered champion: the same kNN
+    os.environ["MLFLOW_TRACKING_URI"] = sqlite_uri(tmp_path)
+    os.chdir(tmp_path)
+    try:
+        for args in (["--checkpoint", str(last)], ["--model", "models:/sslstream-encoder@champion"]):
+            assert main(["eval", *args, *tiny(tmp_path)]) == 0
+            assert f"kNN accuracy: {knn:.4f}" in capsys.readouterr().out
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.chdir(REPO)
+
+
+@pytest.mark.timeout(120)
+def test_exploding_lr_stops_and_registers_nothing(in_tmp_cwd, capsys):
+    """An absurd SGD lr blows the weights up: exit 1, nothing registered, the MLflow run
+    FAILED, and no checkpoint on disk holds a non-finite tensor."""
+    rc = main(["train", *tiny(in_tmp_cwd, "optim=sgd", "optim.lr=1e30", "trainer.grad_clip=null",
+                              "trainer.checkpoint_every_steps=1", steps=12)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "non-finite" in err and "Nothing was registered" in err
+    client = MlflowClient(tracking_uri=sqlite_uri(in_tmp_cwd))
+    assert client.search_registered_models() == []
+    runs = client.search_runs([client.get_experiment_by_name("sslstream").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    for p in ckpt.list_checkpoints(in_tmp_cwd / "out" / "byol-synthetic"):
+        state = ckpt.load_checkpoint(p)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(120)
+def test_nan_loss_keeps_the_last_good_state(in_tmp_cwd, capsys, monkeypatch):
+    """A NaN loss at step 6 (injected into the method): the bad step is never applied, the
+    state after 6 good steps is checkpointed, the run fails with the step number."""
+    from models.methods.byol import BYOL
+
+    real = BYOL.training_step
+    calls = {"n": 0}
+
+    def nan_at_step_6(self, v1, v2):
+        loss, metrics = real(self, v1, v2)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 7 else loss), metrics
+
+    monkeypatch.setattr(BYOL, "training_step", nan_at_step_6)
+    rc = main(["train", *tiny(in_tmp_cwd, "tracking.enabled=false", steps=12)])
+    assert rc == 1
+    assert "non-finite loss at step 6" in capsys.readouterr().err
+    run_dir = in_tmp_cwd / "out" / "byol-synthetic"
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-00000004.pt", "step-00000006.pt"]
+    state = ckpt.load_checkpoint(run_dir / "step-00000006.pt")
+    assert state["step"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(180)
+def test_collapsed_run_is_registered_but_never_promoted(in_tmp_cwd, capsys):
+    """A healthy run becomes champion; an over-regularised SimSiam without stop-gradient
+    (weight decay 5 drives every feature to a constant) is registered as challenger, never
+    champion, with the collapse as the reason (checked before any accuracy comparison)."""
+    assert main(["train", *tiny(in_tmp_cwd, steps=4)]) == 0
+    capsys.readouterr()
+    rc = main(["train", *tiny(in_tmp_cwd, "method=simsiam", "method.stop_gradient=false",
+                              "method.proj_hidden_dim=64", "method.proj_output_dim=32",
+                              "method.pred_hidden_dim=16", "optim=sgd", "optim.lr=0.5",
+                              "optim.weight_decay=5", "trainer.warmup_epochs=0", steps=30)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "registered model: models:/sslstream-encoder/2 (challenger)" in out
+    client = MlflowClient(tracking_uri=sqlite_uri(in_tmp_cwd))
+    assert str(client.get_model_version_by_alias("sslstream-encoder", "champion").version) == "1"
+    v2 = client.get_model_version_by_alias("sslstream-encoder", "challenger")
+    assert str(v2.version) == "2" and v2.tags["promoted"] == "false"
+    assert v2.tags["promotion_reason"].startswith("collapsed")
+
+
+def test_cfg_prints_the_resolved_config(capsys, in_tmp_cwd):
+    assert main(["train", "--cfg", "trainer.epochs=7", "method=simclr"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 7" in out and "name: simclr" in out
+    assert "run_name: simclr-synthetic" in out  # interpolations resolved
+    assert "${" not in out
