@@ -87,6 +87,16 @@ class ShardStream:
         self._lock = threading.Lock()
         log.debug("ShardStream over %d shards, storage_options=%s", len(refs), redact(storage_options))
 
+    def __getstate__(self) -> dict:
+        """Picklable (spawned loader workers): the lock is recreated on the other side."""
+        d = dict(self.__dict__)
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
     # ------------------------------------------------------------------ sizes
 
     @property

@@ -110,6 +110,19 @@ def test_cursor_semantics_in_process(uneven_shards: ShardSet) -> None:
     assert [x.key for x in t] == full1
 
 
+def test_stream_pickles_with_its_cursor(uneven_shards: ShardSet) -> None:
+    import pickle
+
+    s = ShardStream(str(uneven_shards.root), num_workers=2, seed=3, shuffle_buffer=4)
+    s.set_epoch(2)
+    it = iter(s)
+    head = [next(it).key for _ in range(7)]
+    it.close()
+    u = ShardStream(str(uneven_shards.root), num_workers=2, seed=3, shuffle_buffer=4)
+    u.set_epoch(2)
+    assert head + [x.key for x in pickle.loads(pickle.dumps(s))] == [x.key for x in u]
+
+
 def test_cursor_from_another_stream_is_refused(uneven_shards: ShardSet) -> None:
     root = str(uneven_shards.root)
     st = ShardStream(root, seed=1).state_dict()
