@@ -51,6 +51,7 @@ class _HostBatch:
     keys: list[str]
     shards: list[str]
     stream_state: dict
+    params: tuple[ViewParams, ViewParams] | None = None  # drawn on the host thread
 
 
 class _Failure:
@@ -241,7 +242,7 @@ class TwoViewLoader:
         host_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         out_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self._threads = [
-            threading.Thread(target=self._host_loop, args=(start, total, host_q, stop),
+            threading.Thread(target=self._host_loop, args=(epoch, start, total, host_q, stop),
                              name=f"sslstream-host-e{epoch}", daemon=True),
             threading.Thread(target=self._device_loop, args=(epoch, host_q, out_q, stop),
                              name=f"sslstream-device-e{epoch}", daemon=True),
@@ -276,7 +277,8 @@ class TwoViewLoader:
                     except queue.Empty:
                         raise RuntimeError("loader threads exited without a batch") from None
 
-    def _host_loop(self, start: int, total: int, host_q: queue.Queue, stop: threading.Event):
+    def _host_loop(self, epoch: int, start: int, total: int, host_q: queue.Queue,
+                   stop: threading.Event) -> None:
         it = iter(self.stream)
         try:
             for index in range(start, total):
@@ -292,8 +294,9 @@ class TwoViewLoader:
                         f"stream ended after {index} of {total} batches (len(stream)="
                         f"{len(self.stream)}, batch_size={self.batch_size}): it yielded fewer "
                         "samples than its len() promised")
-                state = self.stream.state_dict()
-                if not _put(host_q, self._prepare(index, samples, state), stop):
+                host = self._prepare(index, samples, self.stream.state_dict())
+                host.params = self._params(epoch, host)
+                if not _put(host_q, host, stop):
                     return
         except BaseException as e:  # hand the error to the consumer instead of dying silently
             _put(host_q, _Failure(e), stop)
@@ -351,9 +354,8 @@ class TwoViewLoader:
             _put(out_q, _Failure(e), stop)
 
     def _augment(self, epoch: int, host: _HostBatch) -> Batch:
-        params = self._params(epoch, host)
         try:
-            v1, v2 = self._backend.run(host.images, params)
+            v1, v2 = self._backend.run(host.images, host.params)
         except Exception as first:
             v1, v2 = self._recover(epoch, host, first)
         labels = torch.tensor(host.labels, dtype=torch.int64)
