@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -71,6 +72,8 @@ class RetrainSettings:
     grace_s: float
     run_key_ignore: tuple[str, ...]
     enabled: bool
+    nproc_per_node: int = 1
+    torchrun_args: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: DictConfig, model_name: str) -> RetrainSettings:
@@ -93,10 +96,14 @@ class RetrainSettings:
             raise ValueError(f"retrain.lock.heartbeat_s must be in (0, ttl_s={ttl}), got {hb}")
         url = lock.get("url") or (
             f"{source_base(source).rstrip('/')}/_sslstream_retrain.{model_name}.lease")
+        nproc = int(r.get("nproc_per_node", 1) or 1)
+        if nproc < 1:
+            raise ValueError(f"retrain.nproc_per_node must be >= 1, got {nproc}")
         return cls(source, so, init, str(url), ttl, hb, float(lock.get("wait_s", 0)),
                    float(lock.get("grace_s", 10)),
                    tuple(str(k) for k in r.get("run_key_ignore") or ()),
-                   bool(r.get("enabled", True)))
+                   bool(r.get("enabled", True)), nproc,
+                   tuple(str(a) for a in r.get("torchrun_args") or ()))
 
 
 def _say(msg: str) -> None:
@@ -206,6 +213,9 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
         raise RetrainExit(EXIT_CONFIG, str(e)) from e
     if not st.enabled:
         return "retrain.enabled=false: nothing to do"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RetrainExit(EXIT_CONFIG, "sslstream retrain runs as one process and launches "
+                          "torchrun itself: use retrain.nproc_per_node=N instead of torchrun")
     try:
         snap = take_snapshot(st.source, st.storage_options)
     except (OSError, ValueError, KeyError) as e:
@@ -272,9 +282,15 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
         _say(f"{reason}; training run {key}")
         warm = champ.uri if (st.init == "champion" and champ is not None) else None
         tcfg = _train_config(cfg, key, snap, warm)
-        if train_fn is None:
-            from orchestration.train import train as train_fn
-        result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
+        if train_fn is None and st.nproc_per_node > 1:
+            from orchestration.retrain_torchrun import run_torchrun
+
+            result = run_torchrun(tcfg, lease, st.heartbeat_s, st.nproc_per_node,
+                                  st.torchrun_args)
+        else:
+            if train_fn is None:
+                from orchestration.train import train as train_fn
+            result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
         if getattr(result, "status", "completed") == "preempted":
             raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by SIGTERM after a "
                               "checkpoint; rerun to resume")

@@ -81,6 +81,12 @@ class RetrainRegistry:
             raise
         if found:
             return min(int(v.version) for v in found)
+        # the trainer tags each version with its run_name (= run key) when it creates it,
+        # so a crash between registration and our own tags is still found here
+        found = self.client.search_model_versions(
+            f"name = {_quote(self.name)} and tags.run_name = {_quote(run_key)}")
+        if found:
+            return min(int(v.version) for v in found)
         run_ids = set(self._runs_named(run_key))
         if not run_ids:
             return None
