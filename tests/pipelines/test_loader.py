@@ -168,12 +168,15 @@ def test_seed_changes_views_not_samples():
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_break_and_close_leave_no_threads(backend):
+@pytest.mark.parametrize("source", ["list", "shards"])
+def test_break_and_close_leave_no_threads(backend, source, shard_factory):
     """Abandon an epoch half way, iterate again, close: no Python thread and no native
-    (DALI / thread-pool) thread outlives the loader, and nothing hangs."""
+    (DALI / thread-pool / stream reader) thread outlives the loader, and nothing hangs."""
+    stream = FakeStream(make_samples(48)) if source == "list" else \
+        ShardStream(shard_factory([20, 28]).urls, num_workers=2)
     time.sleep(0.2)
     threads_before, tasks_before = set(threading.enumerate()), _tasks()
-    loader = TwoViewLoader(FakeStream(make_samples(48)), RECIPE, batch_size=8, device="cpu",
+    loader = TwoViewLoader(stream, RECIPE, batch_size=8, device="cpu",
                            backend=backend, prefetch=2)
     assert len(_collect(loader, 2)) == 2
     assert len(_collect(loader)) == 4  # the break kept the cursor: 6 - 2 batches remain
