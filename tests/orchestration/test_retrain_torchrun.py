@@ -1,0 +1,53 @@
+"""`sslstream retrain retrain.nproc_per_node=2`: the job stays one process and trains under
+torchrun (2 gloo ranks on CPU), on a local shard folder with the local-file lease, against
+a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestration import retrain as R
+from tests.orchestration.test_retrain_e2e import tiny
+
+pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_training_under_torchrun(mlflow_server, tmp_path) -> None:
+    from pipelines.synthetic import ensure_synthetic
+
+    data = ensure_synthetic(tmp_path / "synthetic", train_samples=128, test_samples=64,
+                            image_size=16, samples_per_shard=32)
+    model = f"enc-{uuid.uuid4().hex[:8]}"
+    argv = [sys.executable, "-m", "orchestration.cli", "retrain",
+            f"data.root={data}", "data.generate=false",
+            f"tracking.uri={mlflow_server}", f"tracking.experiment={model}",
+            f"tracking.registry.name={model}",
+            "retrain.nproc_per_node=2", *tiny(tmp_path, 4)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=280)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == R.EXIT_OK, out[-5000:]
+    assert "(champion)" in out
+    mv = MlflowClient(mlflow_server).get_model_version(model, "1")
+    key = mv.tags["retrain.run_key"]
+    run = MlflowClient(mlflow_server).get_run(mv.run_id)
+    assert run.data.tags["world_size"] == "2"  # trained by two ranks
+    # the lease lived next to the data and was released
+    assert not (data / "train" / f"_sslstream_retrain.{model}.lease").exists()
+    assert (tmp_path / "out" / key / "retrain-result.json").is_file()
+
+    # running it under torchrun instead is refused with a config error, not a lease race
+    env2 = dict(env, WORLD_SIZE="2", RANK="0")
+    proc = subprocess.run(argv, cwd=tmp_path, env=env2, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == R.EXIT_CONFIG and "nproc_per_node" in proc.stderr
