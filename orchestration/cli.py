@@ -14,6 +14,7 @@ which is what torchrun launches: `torchrun --nproc-per-node 8 -m orchestration.c
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +37,24 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+_BRACE = re.compile(r"\{[^{}$]*\.\.[^{}$]*\}")
+
+
+def quote_brace_patterns(overrides: Sequence[str]) -> list[str]:
+    """`data.train=s3://b/train-{000000..000127}.tar` -> `data.train='s3://b/...'`.
+
+    Hydra's override grammar reserves `{`, so a WebDataset brace pattern would need quoting
+    inside shell quoting; values holding a `{a..b}` range are quoted here instead.
+    """
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and _BRACE.search(value) and not value.startswith(("'", '"')):
+            o = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+        out.append(o)
+    return out
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The resolved config: conf/config.yaml + its groups + `overrides` (Hydra syntax)."""
     from hydra import compose, initialize_config_module
@@ -43,7 +62,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name="config", overrides=quote_brace_patterns(overrides))
     OmegaConf.resolve(cfg)
     return cfg
 
@@ -164,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         return COMMANDS[cmd](rest)
+    except SystemExit as e:  # usage errors here and argparse in `shards` exit with a code
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
         print("sslstream: interrupted", file=sys.stderr)
         return 130
