@@ -90,10 +90,15 @@ def byol_mlp(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256,
 
 
 def simsiam_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048,
-                      num_layers: int = 3) -> nn.Sequential:
-    """SimSiam's projector: BN on every layer, the output BN without affine parameters."""
-    return mlp(in_dim, hidden_dim, out_dim, num_layers, hidden_bn=True, last_bias=False,
-               last_bn=True, last_bn_affine=False)
+                      num_layers: int = 3, last_bn: bool = True) -> nn.Sequential:
+    """SimSiam's projector: BN on every layer, the output BN without affine parameters.
+
+    ``last_bn=False`` drops the output BN (the paper's Table 2 ablation): the output can then
+    collapse to a constant, which the output BN (zero mean, unit variance per dimension)
+    rules out -- there collapse shows as a falling effective rank instead.
+    """
+    return mlp(in_dim, hidden_dim, out_dim, num_layers, hidden_bn=True,
+               last_bias=not last_bn, last_bn=last_bn, last_bn_affine=False)
 
 
 def simsiam_predictor(in_dim: int = 2048, hidden_dim: int = 512,

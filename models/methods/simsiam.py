@@ -26,12 +26,12 @@ class SimSiam(Method):
     name = "simsiam"
 
     def __init__(self, backbone: nn.Module, *, proj_hidden_dim: int = 2048,
-                 proj_output_dim: int = 2048, proj_layers: int = 3, pred_hidden_dim: int = 512,
-                 stop_gradient: bool = True, fix_pred_lr: bool = True, sync_bn: bool = True,
+                 proj_output_dim: int = 2048, proj_layers: int = 3, proj_last_bn: bool = True,
+                 pred_hidden_dim: int = 512, stop_gradient: bool = True, fix_pred_lr: bool = True, sync_bn: bool = True,
                  process_group: Any = None) -> None:
         super().__init__(backbone, sync_bn=sync_bn, process_group=process_group)
         self.projector = simsiam_projector(self.feature_dim, proj_hidden_dim, proj_output_dim,
-                                           proj_layers)
+                                           proj_layers, last_bn=proj_last_bn)
         self.predictor = simsiam_predictor(proj_output_dim, pred_hidden_dim, proj_output_dim)
         self.stop_gradient = bool(stop_gradient)
         self.fix_pred_lr = bool(fix_pred_lr)
@@ -42,6 +42,7 @@ class SimSiam(Method):
         return cls(backbone, proj_hidden_dim=cfg.int("proj_hidden_dim"),
                    proj_output_dim=cfg.int("proj_output_dim"),
                    proj_layers=int(cfg.opt("proj_layers", 3)),
+                   proj_last_bn=bool(cfg.opt("proj_last_bn", True)),
                    pred_hidden_dim=cfg.int("pred_hidden_dim"),
                    stop_gradient=bool(cfg.opt("stop_gradient", True)),
                    fix_pred_lr=bool(cfg.opt("fix_pred_lr", True)),

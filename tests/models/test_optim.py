@@ -1,0 +1,175 @@
+"""LARS against an independent float64 reference, warmup-cosine against its formula, lr scaling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.optim import LARS, WarmupCosine, build_optimizer, scale_lr
+
+
+def _lars_reference(w: np.ndarray, g: np.ndarray, buf: np.ndarray | None, *, lr: float,
+                    momentum: float, wd: float, eta: float, exclude: bool,
+                    clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One LARS step written from the paper / official VICReg code, in float64 numpy."""
+    if exclude:
+        d = g.copy()
+    else:
+        d = g + wd * w
+        w_norm, d_norm = np.linalg.norm(w), np.linalg.norm(d)
+        trust = eta * w_norm / d_norm if (w_norm > 0 and d_norm > 0) else 1.0
+        if clip:
+            trust = min(trust / lr, 1.0)
+        d = trust * d
+    buf = d if buf is None else momentum * buf + d
+    return w - lr * buf, buf
+
+
+def _problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+    c = rng.normal(size=3)
+    w0, b0 = rng.normal(size=(3, 4)), rng.normal(size=3)
+
+    def grads(w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # L = 0.5 ||W X - Y||^2 + 0.5 ||b - c||^2
+        return (w @ x - y) @ x.T, b - c
+
+    def torch_loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((w @ torch.from_numpy(x) - torch.from_numpy(y)) ** 2).sum() + 0.5 * (
+            (b - torch.from_numpy(c)) ** 2).sum()
+
+    return w0, b0, grads, torch_loss
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_lars_matches_reference_update(clip: bool) -> None:
+    w0, b0, grads, torch_loss = _problem()
+    w = torch.tensor(w0, requires_grad=True)
+    b = torch.tensor(b0, requires_grad=True)
+    lrs = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
+    hp = dict(momentum=0.9, wd=0.01, eta=0.02)
+    opt = LARS([{"params": [w], "lars_exclude": False}, {"params": [b], "lars_exclude": True}],
+               lr=lrs[0], momentum=hp["momentum"], weight_decay=hp["wd"], eta=hp["eta"], clip=clip)
+    rw, rb, bw, bb = w0.copy(), b0.copy(), None, None
+    for lr in lrs:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        torch_loss(w, b).backward()
+        opt.step()
+        gw, gb = grads(rw, rb)
+        rw, bw = _lars_reference(rw, gw, bw, lr=lr, exclude=False, clip=clip, **hp)
+        rb, bb = _lars_reference(rb, gb, bb, lr=lr, exclude=True, clip=clip, **hp)
+        np.testing.assert_allclose(w.detach().numpy(), rw, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(b.detach().numpy(), rb, rtol=1e-10, atol=1e-12)
+    # the trust ratio really acted: plain SGD momentum would have moved w differently
+    sgd_w = torch.tensor(w0, requires_grad=True)
+    sgd = torch.optim.SGD([sgd_w], lr=lrs[0], momentum=0.9, weight_decay=0.01)
+    for lr in lrs:
+        sgd.param_groups[0]["lr"] = lr
+        sgd.zero_grad()
+        torch_loss(sgd_w, torch.tensor(b0)).backward()
+        sgd.step()
+    assert not np.allclose(sgd_w.detach().numpy(), rw, atol=1e-3)
+
+
+def test_lars_trust_ratio_is_one_for_zero_weights() -> None:
+    w = torch.zeros(3, 3, requires_grad=True)
+    opt = LARS([w], lr=0.1, momentum=0.0, weight_decay=0.5, eta=0.001)
+    w.grad = torch.ones(3, 3)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3, 3), -0.1))
+
+
+def test_build_optimizer_lars_groups_scaling_and_exclusion() -> None:
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    b = torch.nn.Parameter(torch.randn(4))
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    groups = [
+        {"name": "enc", "params": [w], "lars_exclude": False},
+        {"name": "enc/bias_norm", "params": [b], "lars_exclude": True, "lr_mult": 0.5},
+        {"name": "pred", "params": [p], "lars_exclude": False, "fixed_lr": True},
+    ]
+    cfg = {"name": "lars", "lr": 0.3, "base_batch": 256, "scaling": "linear",
+           "weight_decay": 1e-6, "momentum": 0.9, "eta": 0.001}
+    opt = build_optimizer(groups, cfg, global_batch_size=1024)
+    assert isinstance(opt, LARS)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs == pytest.approx([1.2, 0.6, 1.2])
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-6, 0.0, 1e-6]
+    assert [g["fixed_lr"] for g in opt.param_groups] == [False, False, True]
+    assert opt.param_groups[1]["lars_exclude"] is True
+
+    sgd = build_optimizer(groups, {"name": "sgd", "lr": 0.05, "weight_decay": 1e-4}, 512)
+    assert isinstance(sgd, torch.optim.SGD)
+    # MoCo / SimSiam decay every parameter unless asked otherwise
+    assert [g["weight_decay"] for g in sgd.param_groups] == [1e-4, 1e-4, 1e-4]
+    adamw = build_optimizer(groups, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+                                     "exclude_bias_and_norm_wd": True}, 256)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0, 0.05]
+    with pytest.raises(ValueError, match="optim.name"):
+        build_optimizer(groups, {"name": "adagrad", "lr": 0.1}, 256)
+    with pytest.raises(ValueError, match="optim.lr"):
+        build_optimizer(groups, {"name": "sgd"}, 256)
+
+
+def test_scale_lr_rules() -> None:
+    assert scale_lr(0.3, 4096) == pytest.approx(4.8)
+    assert scale_lr(0.3, 4096, "sqrt") == pytest.approx(0.3 * 4.0)
+    assert scale_lr(0.3, 4096, "none") == 0.3
+    assert scale_lr(0.05, 512, "linear", base_batch=256) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="optim.scaling"):
+        scale_lr(0.1, 256, "cubic")
+
+
+def _expected_factor(k: int, warmup: int, total: int, start: float, final: float) -> float:
+    if k < warmup:
+        return start + (1 - start) * (k + 1) / warmup
+    if k >= total:
+        return final
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize(("start", "final"), [(0.0, 0.0), (0.1, 0.001)])
+def test_warmup_cosine_values_and_fixed_lr_group(start: float, final: float) -> None:
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.4}, {"params": [b], "lr": 0.1,
+                                                        "fixed_lr": True}], lr=0.4)
+    sched = WarmupCosine(opt, 5, 20, warmup_start_ratio=start, final_lr_ratio=final)
+    for k in range(25):
+        expected = 0.4 * _expected_factor(k, 5, 20, start, final)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), k
+        assert opt.param_groups[1]["lr"] == 0.1
+        opt.step()
+        sched.step()
+
+
+def test_warmup_cosine_resumes_from_state_dict() -> None:
+    def make() -> tuple[torch.optim.Optimizer, WarmupCosine]:
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        return opt, WarmupCosine(opt, 3, 12)
+
+    opt, sched = make()
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    opt2, sched2 = make()
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    for _ in range(6):
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        for o, s in ((opt, sched), (opt2, sched2)):
+            o.step()
+            s.step()
+
+
+def test_warmup_cosine_rejects_bad_steps() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosine(opt, 30, 20)

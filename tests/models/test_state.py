@@ -1,0 +1,168 @@
+"""MomentumEncoder and Queue: tau schedule, frozen target, state round trips, DDP enqueue."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.state import MomentumEncoder, Queue, cosine_tau
+from tests.ddp import run_ddp
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
+
+
+def _perturb(net: nn.Module, seed: int) -> None:
+    """Stand-in for an optimizer step on the online network."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_tau_schedule_equals_byol_formula_in_float64() -> None:
+    total, base = 37, 0.996
+    for k in range(total + 3):
+        kk = min(k, total)
+        expected = 1.0 - (1.0 - base) * (math.cos(math.pi * kk / total) + 1.0) / 2.0
+        assert cosine_tau(k, total, base) == pytest.approx(expected, rel=0, abs=1e-15)
+    assert cosine_tau(0, total, base) == pytest.approx(base, abs=1e-15)
+    assert cosine_tau(total, total, base) == pytest.approx(1.0, abs=1e-15)
+    # tau_final = tau_base gives a constant rate (MoCo)
+    assert {cosine_tau(k, 10, 0.999, 0.999) for k in range(11)} == {0.999}
+    with pytest.raises(ValueError, match="total_steps"):
+        cosine_tau(0, 0, 0.99)
+
+
+def test_update_is_ema_with_the_scheduled_tau_and_counts_steps() -> None:
+    online = _net(0)
+    enc = MomentumEncoder(online, tau_base=0.9)
+    total = 5
+    for k in range(total):
+        _perturb(online, k)
+        before = [t.detach().double().clone() for t in enc.target.parameters()]
+        tau = enc.update(online, total)
+        expected_tau = 1.0 - 0.1 * (math.cos(math.pi * k / total) + 1.0) / 2.0
+        assert tau == pytest.approx(expected_tau, abs=1e-15)
+        for t_old, t_new, o in zip(before, enc.target.parameters(), online.parameters(), strict=True):
+            ref = expected_tau * t_old + (1.0 - expected_tau) * o.detach().double()
+            torch.testing.assert_close(t_new.double(), ref, rtol=0, atol=1e-6)
+        assert int(enc.step) == k + 1
+    # the target never receives gradients
+    assert all(not p.requires_grad for p in enc.target.parameters())
+
+
+def test_tau_base_one_is_a_frozen_random_target() -> None:
+    online = _net(0)
+    enc = MomentumEncoder(online, tau_base=1.0)
+    initial = {k: v.clone() for k, v in enc.target.state_dict().items()}
+    for k in range(200):
+        _perturb(online, k)
+        assert enc.update(online, 200) == 1.0
+    for name, p in enc.target.named_parameters():
+        assert torch.equal(p, initial[name]), name
+    assert not torch.equal(next(online.parameters()), initial["0.weight"])
+    assert int(enc.step) == 200
+
+
+def test_forward_alone_never_moves_the_target() -> None:
+    online = _net(0)
+    enc = MomentumEncoder(online, tau_base=0.5)
+    initial = [p.clone() for p in enc.target.parameters()]
+    _perturb(online, 1)
+    out = enc(torch.randn(8, 5))
+    assert not out.requires_grad
+    for p, q in zip(enc.target.parameters(), initial, strict=True):
+        assert torch.equal(p, q)
+    assert int(enc.step) == 0
+
+
+def test_momentum_state_dict_round_trip_is_bit_exact_including_tau_step() -> None:
+    online = _net(0)
+    enc = MomentumEncoder(online, tau_base=0.9)
+    for k in range(7):
+        _perturb(online, k)
+        enc(torch.randn(8, 5))  # moves BN running stats (buffers) too
+        enc.update(online, 20)
+    state = {k: v.clone() for k, v in enc.state_dict().items()}
+    assert int(state["step"]) == 7
+
+    fresh = MomentumEncoder(_net(123), tau_base=0.9)
+    fresh.load_state_dict(state)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # the restored step drives the schedule: the next update uses tau(7), as the original does
+    assert fresh.tau(20) == enc.tau(20) == cosine_tau(7, 20, 0.9)
+    _perturb(online, 99)
+    assert fresh.update(online, 20) == enc.update(online, 20)
+    for a, b in zip(fresh.state_dict().values(), enc.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_queue_wraps_and_round_trips() -> None:
+    q = Queue(10, 2)
+    batches = [torch.full((4, 2), float(i + 1)) for i in range(3)]
+    ptrs = []
+    for b in batches:
+        q.enqueue(b)
+        ptrs.append(int(q.ptr))
+    assert ptrs == [4, 8, 2]
+    expected_owner = [3, 3, 1, 1, 2, 2, 2, 2, 3, 3]  # slot -> batch that wrote it last
+    assert q.keys[:, 0].tolist() == [float(v) for v in expected_owner]
+
+    fresh = Queue(10, 2, seed=5)
+    assert not torch.equal(fresh.keys, q.keys)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.keys, q.keys) and int(fresh.ptr) == 2
+    extra = torch.randn(3, 2)
+    q.enqueue(extra)
+    fresh.enqueue(extra)
+    assert torch.equal(fresh.keys, q.keys) and torch.equal(fresh.ptr, q.ptr)
+
+
+def test_queue_rejects_bad_shapes() -> None:
+    q = Queue(4, 3)
+    with pytest.raises(ValueError, match=r"\(B, 3\)"):
+        q.enqueue(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="queue_size=4"):
+        q.enqueue(torch.zeros(5, 3))
+
+
+def test_queue_initial_keys_are_unit_vectors_and_identical_across_instances() -> None:
+    a, b = Queue(16, 8), Queue(16, 8)
+    assert torch.equal(a.keys, b.keys)  # same seed: ranks agree without a broadcast
+    torch.testing.assert_close(a.keys.norm(dim=1), torch.ones(16))
+
+
+def _queue_body(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    q = Queue(10, 2)
+    snapshots = []
+    for step in range(3):
+        # key value = 100 * step + 10 * rank + row: tells who wrote a slot, and when
+        base = 100.0 * step + 10.0 * rank
+        keys = torch.stack([torch.full((2,), base + i) for i in range(3)])
+        q.enqueue(keys)
+        snapshots.append(q.keys[:, 0].clone())
+    return {"snapshots": torch.stack(snapshots), "ptr": q.ptr.clone()}
+
+
+@pytest.mark.timeout(120)
+def test_queue_under_two_gloo_ranks_holds_all_keys_in_rank_order() -> None:
+    results = run_ddp(_queue_body, world_size=2)
+    r0, r1 = results
+    assert torch.equal(r0["snapshots"], r1["snapshots"])
+    assert int(r0["ptr"]) == int(r1["ptr"]) == (3 * 6) % 10  # 6 keys per step, wrapped
+    snaps = r0["snapshots"]
+    # step 0 writes slots 0..5: rank 0's three keys, then rank 1's
+    assert snaps[0, :6].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    # step 1 writes slots 6..9 then wraps to 0..1
+    expected_step1 = [111.0, 112.0, 2.0, 10.0, 11.0, 12.0, 100.0, 101.0, 102.0, 110.0]
+    assert snaps[1].tolist() == expected_step1
+    # step 2 writes slots 2..7
+    expected_step2 = [111.0, 112.0, 200.0, 201.0, 202.0, 210.0, 211.0, 212.0, 102.0, 110.0]
+    assert snaps[2].tolist() == expected_step2
