@@ -191,6 +191,15 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
         raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {type(e).__name__}: {e}") from e
 
 
+def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot) -> None:
+    """Best effort: the failed attempt as registered-model tags (the trainer has already
+    marked its MLflow run FAILED); a tracking outage must not hide the real exit code."""
+    try:
+        reg.record_check(f"failed-exit-{e.code}", f"run {key}: {e}", snap)
+    except Exception as err:  # the original failure is what the scheduler must see
+        log.warning("could not record the failure in MLflow: %s", err)
+
+
 def retrain(cfg: DictConfig, *, train_fn: TrainFn | None = None, registry: Any = None) -> int:
     """Run one retraining check; returns the exit code (see module docstring)."""
     try:
@@ -282,18 +291,22 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
         _say(f"{reason}; training run {key}")
         warm = champ.uri if (st.init == "champion" and champ is not None) else None
         tcfg = _train_config(cfg, key, snap, warm)
-        if train_fn is None and st.nproc_per_node > 1:
-            from orchestration.retrain_torchrun import run_torchrun
+        try:
+            if train_fn is None and st.nproc_per_node > 1:
+                from orchestration.retrain_torchrun import run_torchrun
 
-            result = run_torchrun(tcfg, lease, st.heartbeat_s, st.nproc_per_node,
-                                  st.torchrun_args)
-        else:
-            if train_fn is None:
-                from orchestration.train import train as train_fn
-            result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
-        if getattr(result, "status", "completed") == "preempted":
-            raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by SIGTERM after a "
-                              "checkpoint; rerun to resume")
+                result = run_torchrun(tcfg, lease, st.heartbeat_s, st.nproc_per_node,
+                                      st.torchrun_args)
+            else:
+                if train_fn is None:
+                    from orchestration.train import train as train_fn
+                result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
+            if getattr(result, "status", "completed") == "preempted":
+                raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by SIGTERM after a "
+                                  "checkpoint; rerun to resume")
+        except RetrainExit as e:
+            _record_failure(reg, e, key, snap)
+            raise
         run_id = getattr(result, "run_id", None)
         try:
             existing = reg.find_version(key)

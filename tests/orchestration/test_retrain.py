@@ -242,6 +242,20 @@ def test_exit_codes_for_lock_source_tracking_and_training_failures(setup, capsys
     assert setup.s3.fs().exists(st.lock_url) is False  # the lease was released
     assert versions(setup.uri, setup.model) == []
 
+    def preempted(cfg: DictConfig) -> SimpleNamespace:  # SIGTERM: checkpoint, then stop
+        return SimpleNamespace(status="preempted", run_id=None)
+
+    assert R.retrain(setup.cfg(), train_fn=preempted) == R.EXIT_PREEMPTED
+    assert "rerun to resume" in capsys.readouterr().err
+    # with a registered model, failures are recorded on it
+    assert R.retrain(setup.cfg(), train_fn=FakeTrain(knn=0.5)) == R.EXIT_OK
+    put_shards(setup.s3, setup.bucket, ["train-000009.tar"])
+    assert R.retrain(setup.cfg(), train_fn=boom) == R.EXIT_TRAIN_FAILED
+    tags = MlflowClient(setup.uri).get_registered_model(setup.model).tags
+    assert tags["retrain.last_decision"] == "failed-exit-5"
+    assert "loss is nan" in tags["retrain.last_reason"]
+    assert versions(setup.uri, setup.model) == [1]
+
 
 @pytest.mark.timeout(120)
 def test_expired_lease_of_a_dead_holder_is_taken_over(setup, capsys) -> None:
