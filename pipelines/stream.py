@@ -26,17 +26,19 @@ from dataclasses import dataclass
 
 from pipelines.manifest import ShardRef, count_samples, resolve_shards
 from pipelines.plan import Segment, mix_seed, per_rank, rank_segments, shard_order
-from pipelines.reader import Bad, Good, LaneReader, Short
+from pipelines.reader import Bad, Good, LanePositions, LaneReader, Short
+from pipelines.resume import EpochLog, FastForward, fast_forward, fetch
 from pipelines.storage import redact
 from pipelines.validate import VALIDATE_MODES
 
-log = logging.getLogger(__name__)
+log_ = logging.getLogger(__name__)
 
 __all__ = ["BadDataError", "Sample", "ShardStream"]
 
 COUNTER_NAMES = (
     "read", "yielded", "skipped_corrupt", "bad_image", "empty", "missing_image", "bad_label",
     "truncated_shards", "lost", "padded", "topped_up", "retries", "shards_opened", "replayed",
+    "fast_forwarded", "refetched",
 )
 
 
@@ -82,10 +84,11 @@ class ShardStream:
         self._refs: list[ShardRef] = refs
         self._counts: list[int] | None = None
         self._fp: str | None = None  # cursor fingerprint, computed once
+        self._log: EpochLog | None = EpochLog()  # bad samples met this epoch (for the cursor)
         self.epoch, self.position = 0, 0
         self._counters: Counter[str] = Counter({k: 0 for k in COUNTER_NAMES})
         self._lock = threading.Lock()
-        log.debug("ShardStream over %d shards, storage_options=%s", len(refs), redact(storage_options))
+        log_.debug("ShardStream over %d shards, storage_options=%s", len(refs), redact(storage_options))
 
     def __getstate__(self) -> dict:
         """Picklable (spawned loader workers): the lock is recreated on the other side."""
@@ -109,7 +112,7 @@ class ShardStream:
         if self._counts is None:
             missing = [r.url for r in self._refs if r.samples is None]
             if missing:
-                log.warning("no manifest counts for %d shards: counting them (one full read)", len(missing))
+                log_.warning("no manifest counts for %d shards: counting them (one full read)", len(missing))
                 with ThreadPoolExecutor(max(1, self.num_workers)) as ex:
                     found = dict(zip(missing, ex.map(lambda u: count_samples(u, self.storage_options), missing), strict=True))
             self._counts = [r.samples if r.samples is not None else found[r.url] for r in self._refs]
@@ -140,7 +143,7 @@ class ShardStream:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; a restored cursor of the same epoch keeps its position."""
         if int(epoch) != self.epoch:
-            self.epoch, self.position = int(epoch), 0
+            self.epoch, self.position, self._log = int(epoch), 0, EpochLog()
 
     def _fingerprint(self) -> str:
         if self._fp is not None:
@@ -153,11 +156,15 @@ class ShardStream:
 
     def state_dict(self, position: int | None = None) -> dict:
         """The cursor (plain Python types). A consumer that prefetches passes the number of
-        samples it has really consumed this epoch as `position`."""
-        return {"version": 1, "epoch": self.epoch,
-                "position": self.position if position is None else int(position),
-                "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "fingerprint": self._fingerprint()}
+        samples it has really consumed this epoch as `position`. `log` lists the bad samples
+        met so far this epoch, which lets a resume skip re-reading the epoch."""
+        pos = self.position if position is None else int(position)
+        st = {"version": 2, "epoch": self.epoch, "position": pos, "seed": self.seed,
+              "rank": self.rank, "world_size": self.world_size,
+              "fingerprint": self._fingerprint()}
+        if self._log is not None:
+            st["log"] = self._log.to_state()
+        return st
 
     def load_state_dict(self, state: dict) -> None:
         fp = self._fingerprint()
@@ -167,6 +174,8 @@ class ShardStream:
                 f"exact_epoch, rank/world_size {self.rank}/{self.world_size}, num_workers, "
                 f"shuffle_buffer or validate changed): saved {state.get('fingerprint')}, now {fp}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        # Without a log (older cursor) the epoch is replayed by reading it again.
+        self._log = EpochLog.from_state(state["log"]) if "log" in state else None
 
     @property
     def counters(self) -> dict[str, int]:
@@ -179,49 +188,57 @@ class ShardStream:
 
     # ------------------------------------------------------------------ iteration
 
-    def _reader(self, segments: Sequence[Segment], lanes: int | None = None) -> LaneReader:
+    def _reader(self, segments: Sequence[Segment], lanes: int | None = None,
+                start: LanePositions | None = None) -> LaneReader:
         return LaneReader(self.shard_urls, segments,
                           lanes=self.num_workers if lanes is None else lanes,
                           storage_options=self.storage_options, num_classes=self.num_classes,
-                          validate=self.validate, count=self._count)
+                          validate=self.validate, count=self._count, start=start)
 
-    def _valid(self, length: int) -> Iterator[Good]:
-        """Exactly `length` good samples: the rank's slice, then top-ups by wrap-around."""
+    def _valid(self, length: int, ff: FastForward | None = None) -> Iterator[Good]:
+        """Exactly `length` good samples: the rank's slice, then top-ups by wrap-around.
+        `ff` continues from a fast-forwarded state instead of the start of the epoch."""
         segs = self.segments()
+        log = self._log if self._log is not None else EpochLog()
         limit = self.max_bad_fraction * length
-        bad = 0
+        n, bad = (ff.n_good, ff.bad) if ff else (0, 0)
         per_shard: Counter[str] = Counter()
-        n = 0
-        for item in self._reader(segs):
-            if isinstance(item, Good):
-                n += 1
-                yield item
-                continue
-            if isinstance(item, Bad):
-                self._count("skipped_corrupt")
-                self._count(item.reason)
-                log.debug("skipped %s in %s: %s", item.key, item.shard, item.detail)
-                lost = 1
-            else:
-                assert isinstance(item, Short)
-                self._count("truncated_shards")
-                self._count("lost", item.lost)
-                log.warning("shard %s ended early, %d samples lost: %s", item.shard, item.lost, item.reason)
-                lost = item.lost
-            bad += lost
-            per_shard[item.shard] += lost
-            if bad > limit:
-                worst = ", ".join(f"{u} ({c})" for u, c in per_shard.most_common(3))
-                raise BadDataError(
-                    f"{bad} of this rank's {length} samples are corrupt or missing, more than "
-                    f"max_bad_fraction={self.max_bad_fraction}; limit passed in shard {item.shard} "
-                    f"(worst: {worst})", item.shard)
-        passes = 0
+        if ff is None or ff.phase == "main":
+            for item in self._reader(segs, start=ff.lanes if ff else None):
+                if isinstance(item, Good):
+                    n += 1
+                    yield item
+                    continue
+                if isinstance(item, Bad):
+                    log.bad.add((item.seg, item.index))
+                    self._count("skipped_corrupt")
+                    self._count(item.reason)
+                    log_.debug("skipped %s in %s: %s", item.key, item.shard, item.detail)
+                    lost = 1
+                else:
+                    assert isinstance(item, Short)
+                    log.got[item.seg] = item.got
+                    self._count("truncated_shards")
+                    self._count("lost", item.lost)
+                    log_.warning("shard %s ended early, %d samples lost: %s", item.shard, item.lost, item.reason)
+                    lost = item.lost
+                bad += lost
+                per_shard[item.shard] += lost
+                if bad > limit:
+                    worst = ", ".join(f"{u} ({c})" for u, c in per_shard.most_common(3))
+                    raise BadDataError(
+                        f"{bad} of this rank's {length} samples are corrupt or missing, more than "
+                        f"max_bad_fraction={self.max_bad_fraction}; limit passed in shard {item.shard} "
+                        f"(worst: {worst})", item.shard)
+        resume_at = ff.topup if ff is not None and ff.phase == "topup" else None
+        passes = resume_at[0] - 1 if resume_at else 0
         while n < length:  # top up by wrap-around over this rank's own slice
             passes += 1
+            start = LanePositions({0: resume_at[1:]}, [0]) if resume_at else None
+            partial, resume_at = resume_at is not None, None
             got = 0
             # Inline (no read-ahead threads): a top-up usually needs a handful of samples.
-            for item in self._reader(segs, lanes=0):
+            for item in self._reader(segs, lanes=0, start=start):
                 if isinstance(item, Good):
                     if n >= length:
                         break
@@ -229,17 +246,24 @@ class ShardStream:
                     got += 1
                     self._count("topped_up")
                     yield item
-            if got == 0:
+            if got == 0 and not partial:
                 raise BadDataError(f"rank {self.rank} found no readable sample in its slice "
-                                   f"(shards {sorted({self.shard_urls[s.shard] for s in segs})})",
+                                   f"(pass {passes}, shards {sorted({self.shard_urls[s.shard] for s in segs})})",
                                    self.shard_urls[segs[0].shard])
 
-    def _shuffled(self, items: Iterator[Good]) -> Iterator[Good]:
+    def _shuffled(self, items: Iterator[Good], ff: FastForward | None = None,
+                  buffer: list[Good] | None = None) -> Iterator[Good]:
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from items
             return
-        rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, 0xB0FF))
+        rng = random.Random(self._shuffle_seed())
         buf: list[Good] = []
+        if ff is not None:
+            rng.setstate(ff.rng_state)  # type: ignore[arg-type]
+            buf = list(buffer or [])
+            if ff.draining:
+                yield from buf
+                return
         for it in items:
             if len(buf) < self.shuffle_buffer:
                 buf.append(it)
@@ -250,16 +274,41 @@ class ShardStream:
         rng.shuffle(buf)
         yield from buf
 
+    def _shuffle_seed(self) -> int:
+        return mix_seed(self.seed, self.epoch, self.rank, 0xB0FF)
+
+    def _fast_forward(self, length: int) -> tuple[FastForward, list[Good]]:
+        """The epoch's state at self.position, computed from the log; reads only the shuffle
+        buffer's samples (the lanes re-read their current shards up to where they were)."""
+        assert self._log is not None
+        segs = self.segments()
+        shuffled = self.shuffle and self.shuffle_buffer > 1
+        ff = fast_forward(segs, max(1, self.num_workers), self._log, length, self.position,
+                          self.shuffle_buffer, self._shuffle_seed() if shuffled else None)
+        buffer = fetch(ff.buffer, segs, self.shard_urls, storage_options=self.storage_options,
+                       num_classes=self.num_classes, validate=self.validate, count=self._count,
+                       workers=max(1, self.num_workers))
+        return ff, buffer
+
     def __iter__(self) -> Iterator[Sample]:
         """One epoch (the current one) for this rank, from the cursor on."""
         length = len(self)
         if self.position >= length:  # the last pass finished: the same epoch again
             self.position = 0
-        skip = self.position
-        done = 0
-        for g in self._shuffled(self._valid(length)):
+        if self.position == 0:
+            self._log = EpochLog()
+        done = skip = self.position
+        if skip and self._log is not None:  # fast-forward: no re-reading of the epoch
+            ff, buffer = self._fast_forward(length)
+            items = self._shuffled(self._valid(length, ff), ff, buffer)
+            self._count("fast_forwarded", skip)
+        else:  # replay: read the epoch again up to the cursor, yielding nothing
+            self._log = EpochLog()
+            items = self._shuffled(self._valid(length))
+            done = 0
+        for g in items:
             done += 1
-            if done <= skip:  # replaying up to a restored cursor
+            if done <= skip:
                 self._count("replayed")
                 continue
             self.position = done

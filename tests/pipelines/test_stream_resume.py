@@ -30,7 +30,7 @@ for state in job["states"]:
         keys.append(x.key)
         if len(keys) == job["take"]:
             break
-    out.append({"keys": keys, "replayed": s.counters["replayed"]})
+    out.append({"keys": keys, **s.counters})
 print(json.dumps(out))
 """
 
@@ -74,7 +74,7 @@ def test_resume_in_a_new_process_inside_shards_and_at_boundaries(uneven_shards: 
     got = _run_child(root, kw, states, take)
     for k, g in zip(ks, got, strict=True):
         assert g["keys"] == keys[k : k + take], f"resume after {k} samples"
-        assert g["replayed"] == k
+        assert g["fast_forwarded"] == k and g["replayed"] == 0
     got2 = _run_child(root, kw2, states2, take)
     for k, g in zip(ks2, got2, strict=True):
         assert g["keys"] == keys2[k : k + take], f"resume after {k} samples (shard boundary {boundary})"
@@ -143,3 +143,46 @@ def test_resume_on_cifar10_gz_shards_in_a_new_process(cifar10_dir: Path) -> None
     got = _run_child(urls, kw, states, 20)
     for k, g in zip(ks, got, strict=True):
         assert g["keys"] == keys[k : k + 20], f"resume after {k} samples"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("workers", "buffer"), [(2, 6), (3, 1), (0, 40)],
+                         ids=["2lanes-buf6", "3lanes-nobuf", "inline-buf40"])
+def test_resume_at_every_position_with_bad_data(shard_factory, workers: int, buffer: int) -> None:
+    """The fast-forward simulation against the real stream at every cut point, on data with
+    corrupt samples, a truncated shard and hence top-ups (which are resumed into too)."""
+    ss = shard_factory([9, 4, 11, 6], corrupt={(0, 3): "bad_header", (2, 0): "empty",
+                                               (2, 7): "bad_label"}, truncate={3: 0.5})
+    root = str(ss.root)
+    kw = {"rank": 1, "world_size": 2, "num_workers": workers, "seed": 2, "shuffle_buffer": buffer,
+          "exact_epoch": True, "max_bad_fraction": 0.5}
+    ref = ShardStream(root, **kw)
+    ref.set_epoch(1)
+    full = []
+    states = []
+    for x in ref:
+        full.append(x.key)
+        states.append(ref.state_dict())
+    assert len(full) == 15 and ref.counters["topped_up"] > 0
+    for k in range(1, len(full)):
+        s = ShardStream(root, **kw)
+        s.load_state_dict(json.loads(json.dumps(states[k - 1])))  # as stored in a checkpoint
+        s.set_epoch(1)
+        assert [x.key for x in s] == full[k:], f"resume after {k} samples"
+        assert s.counters["replayed"] == 0
+
+
+def test_resume_reads_far_less_than_the_epoch(cifar10_dir: Path) -> None:
+    urls = f"{cifar10_dir}#train"
+    kw = {"num_workers": 2, "seed": 1, "shuffle_buffer": 100}
+    s = ShardStream(urls, **kw)
+    st = s.state_dict(position=45_000)
+    st["log"] = {"bad": [], "short": []}
+    t = ShardStream(urls, **kw)
+    t.load_state_dict(st)
+    it = iter(t)
+    next(it)
+    it.close()
+    c = t.counters
+    assert c["fast_forwarded"] == 45_000 and c["replayed"] == 0
+    assert c["refetched"] <= 100 and c["read"] < 10_000  # a shard or two, not 45,000 samples
