@@ -7,9 +7,10 @@ What it guarantees (docs/data.md has the long form):
 - with `exact_epoch=True` every sample is in exactly one rank's slice each epoch (the
   last W*L - N positions are padding that wraps around, counted);
 - the order is a pure function of (data, seed, epoch, rank, world_size, num_workers), so
-  `load_state_dict` resumes mid-epoch by replaying the epoch's reads up to the cursor
-  without yielding them (cost: re-reading and header-checking that prefix; no decode
-  unless validate="decode").
+  `load_state_dict` resumes mid-epoch exactly: the cursor logs the bad samples met, the
+  epoch is fast-forwarded on indices (pipelines/resume.py) and only the shuffle buffer's
+  samples and the lanes' current shards are read again. A cursor without that log falls
+  back to replaying the epoch's reads up to the cursor.
 """
 
 from __future__ import annotations
