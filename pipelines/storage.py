@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +35,7 @@ __all__ = [
     "classify",
     "get_fs",
     "open_reader",
+    "plain",
     "read_bytes",
     "redact",
     "register_webdataset_gopen",
@@ -84,10 +85,19 @@ class RetryPolicy:
         return min(self.max_delay, self.base_delay * 2**attempt) * random.uniform(0.5, 1.0)
 
 
-def redact(options: dict | None) -> dict:
+def plain(obj: Any) -> Any:
+    """Mappings/sequences (e.g. OmegaConf containers from the config) as plain dicts/lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
+        return [plain(v) for v in obj]
+    return obj
+
+
+def redact(options: Mapping | None) -> dict:
     """A copy of storage options safe to log: values of secret-looking keys replaced."""
     out: dict[str, Any] = {}
-    for k, v in (options or {}).items():
+    for k, v in plain(options or {}).items():
         if isinstance(v, dict):
             out[k] = redact(v)
         elif any(h in str(k).lower() for h in _SECRET_HINTS):
@@ -103,7 +113,7 @@ def resolve_storage_options(url: str, storage_options: dict | None = None) -> di
     Credentials are left to the backend's own chain (AWS_* env, profiles, instance roles;
     GOOGLE_APPLICATION_CREDENTIALS for gcsfs), so they never pass through our code.
     """
-    opts = dict(storage_options or {})
+    opts = plain(storage_options or {})
     if url.startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         ck = dict(opts.get("client_kwargs") or {})

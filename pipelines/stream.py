@@ -29,7 +29,7 @@ from pipelines.manifest import ShardRef, count_samples, resolve_shards
 from pipelines.plan import Segment, mix_seed, per_rank, rank_segments, shard_order
 from pipelines.reader import Bad, Good, LanePositions, LaneReader, Short
 from pipelines.resume import EpochLog, FastForward, fast_forward, fetch
-from pipelines.storage import redact
+from pipelines.storage import plain, redact
 from pipelines.validate import VALIDATE_MODES
 
 log_ = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ class ShardStream:
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.exact_epoch, self.max_bad_fraction = bool(exact_epoch), float(max_bad_fraction)
-        self.storage_options, self.validate = storage_options, validate
-        refs, classes = resolve_shards(urls, storage_options)
+        self.storage_options = plain(storage_options) if storage_options else None
+        self.validate = validate
+        urls = plain(urls) if not isinstance(urls, str) else urls  # ListConfig from Hydra
+        refs, classes = resolve_shards(urls, self.storage_options)
         self.classes = classes
         self.num_classes = num_classes if num_classes is not None else (len(classes) if classes else None)
         self._refs: list[ShardRef] = refs
