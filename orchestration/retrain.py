@@ -191,6 +191,18 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
         raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {type(e).__name__}: {e}") from e
 
 
+def _generate_embedded_data(cfg: DictConfig) -> None:
+    """The embedded default (data.generate=true) works in a fresh directory, as with train."""
+    if not cfg.data.get("generate", False):
+        return
+    import torch
+
+    from orchestration.distributed import DistEnv
+    from orchestration.train import prepare_data
+
+    prepare_data(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+
+
 def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot) -> None:
     """Best effort: the failed attempt as registered-model tags (the trainer has already
     marked its MLflow run FAILED); a tracking outage must not hide the real exit code."""
@@ -226,6 +238,7 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
         raise RetrainExit(EXIT_CONFIG, "sslstream retrain runs as one process and launches "
                           "torchrun itself: use retrain.nproc_per_node=N instead of torchrun")
     try:
+        _generate_embedded_data(cfg)
         snap = take_snapshot(st.source, st.storage_options)
     except (OSError, ValueError, KeyError) as e:
         raise RetrainExit(EXIT_SOURCE, f"data source {st.source} unusable: {e}") from e

@@ -235,6 +235,8 @@ def test_exit_codes_for_lock_source_tracking_and_training_failures(setup, capsys
     assert "unreachable" in capsys.readouterr().err and not fake.calls
 
     assert R.retrain(setup.cfg(init="warm"), train_fn=fake) == R.EXIT_CONFIG
+    assert R.retrain(setup.cfg(enabled=False), train_fn=fake) == R.EXIT_OK
+    assert "retrain.enabled=false" in capsys.readouterr().out and not fake.calls
 
     boom = FakeTrain(fail=ValueError("loss is nan at step 3"))
     assert R.retrain(setup.cfg(), train_fn=boom) == R.EXIT_TRAIN_FAILED
