@@ -167,12 +167,14 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
     from orchestration.registry import RegistrationError
 
     lost_reason: list[str] = []
+    training = threading.Event()
 
     def on_lost(reason: str) -> None:
         lost_reason.append(reason)
-        if threading.current_thread() is not threading.main_thread():
+        if training.is_set() and threading.current_thread() is not threading.main_thread():
             _thread.interrupt_main()  # KeyboardInterrupt in train_fn, between two steps
 
+    training.set()
     lease.start_heartbeat(on_lost, heartbeat_s)
     try:
         return train_fn(tcfg)
@@ -189,6 +191,8 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
     except Exception as e:
         log.exception("training of %s failed", tcfg.run_name)
         raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {type(e).__name__}: {e}") from e
+    finally:
+        training.clear()  # a loss during the bookkeeping after training interrupts nothing
 
 
 def _generate_embedded_data(cfg: DictConfig) -> None:
