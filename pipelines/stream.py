@@ -73,6 +73,7 @@ class ShardStream:
             raise ValueError(f"validate={validate!r}: expected one of {VALIDATE_MODES}")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction={max_bad_fraction}: expected 0..1")
+        urls = plain(urls) if not isinstance(urls, str) else urls  # ListConfig from Hydra
         self.urls_spec = urls
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
@@ -80,7 +81,6 @@ class ShardStream:
         self.exact_epoch, self.max_bad_fraction = bool(exact_epoch), float(max_bad_fraction)
         self.storage_options = plain(storage_options) if storage_options else None
         self.validate = validate
-        urls = plain(urls) if not isinstance(urls, str) else urls  # ListConfig from Hydra
         refs, classes = resolve_shards(urls, self.storage_options)
         self.classes = classes
         self.num_classes = num_classes if num_classes is not None else (len(classes) if classes else None)
