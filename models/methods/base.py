@@ -70,7 +70,8 @@ def split_param_groups(named: Iterable[tuple[str, nn.Parameter]], name: str,
     """Split trainable parameters into weights and biases/norm parameters (``ndim <= 1``).
 
     The second group is flagged ``lars_exclude``: LARS neither adapts its lr nor decays it
-    (BYOL, SimCLR, VICReg, Barlow Twins). Empty groups are dropped.
+    (BYOL, SimCLR, VICReg, Barlow Twins). ``fixed_lr`` (default False) tells
+    :class:`~models.optim.WarmupCosine` to leave the group's lr alone. Empty groups are dropped.
     """
     weights: list[nn.Parameter] = []
     others: list[nn.Parameter] = []
@@ -78,8 +79,9 @@ def split_param_groups(named: Iterable[tuple[str, nn.Parameter]], name: str,
         if p.requires_grad:
             (others if p.ndim <= 1 else weights).append(p)
     groups = [
-        {"name": name, "params": weights, "lars_exclude": False, **flags},
-        {"name": f"{name}/bias_norm", "params": others, "lars_exclude": True, **flags},
+        {"name": name, "params": weights, "lars_exclude": False, "fixed_lr": False, **flags},
+        {"name": f"{name}/bias_norm", "params": others, "lars_exclude": True, "fixed_lr": False,
+         **flags},
     ]
     return [g for g in groups if g["params"]]
 

@@ -1,0 +1,224 @@
+"""Every method: one step interface, detached metrics, optimiser groups, state round trips;
+MoCo's shuffle-BN and queue under 2 gloo ranks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from models.methods import METHODS, MoCoV2, build_method
+from tests.conftest import REPO_ROOT
+from tests.ddp import run_ddp
+from tests.models.test_training_toy import SMALL_HEADS, TINY_BACKBONE, method_cfg
+
+EXTRA = {"byol": {"pred_hidden_dim": 32}, "simsiam": {"pred_hidden_dim": 16},
+         "mocov2": {"queue_size": 64}}
+NAMES = sorted(METHODS)
+
+
+def _build(name: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_method(method_cfg(name, **SMALL_HEADS, **EXTRA.get(name, {}), **overrides),
+                        TINY_BACKBONE)
+
+
+def _views(batch: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=g), torch.randn(batch, 3, 16, 16, generator=g)
+
+
+def test_every_config_file_names_its_method_and_both_presets_resolve() -> None:
+    files = sorted((REPO_ROOT / "conf" / "method").glob("*.yaml"))
+    assert {f.stem for f in files} == set(METHODS)
+    for f in files:
+        for preset in ("cifar", "imagenet"):
+            cfg = OmegaConf.load(f)
+            assert cfg.name == f.stem
+            cfg.preset = preset
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            for key in ("proj_hidden_dim", "proj_output_dim"):
+                assert resolved[key] == resolved["presets"][preset][key], (f.stem, preset, key)
+    byol = OmegaConf.load(REPO_ROOT / "conf" / "method" / "byol.yaml")
+    byol.preset = "imagenet"
+    assert byol.tau_base == 0.996
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step_contract(name: str) -> None:
+    method = _build(name)
+    method.train()
+    v1, v2 = _views()
+    loss, metrics = method.training_step(v1, v2)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    emb = metrics["embeddings"]
+    assert emb.shape == (8, SMALL_HEADS["proj_output_dim"]) and not emb.requires_grad
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            assert not value.requires_grad, key
+            assert key == "embeddings" or value.numel() == 1, key
+        else:
+            assert isinstance(value, float), key
+    loss.backward()
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in method.backbone.parameters())
+    # optimiser groups: every trainable parameter exactly once, LARS flag = ndim <= 1
+    groups = method.parameter_groups()
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(trainable)
+    assert {id(p) for p in grouped} == {id(p) for p in trainable}
+    for g in groups:
+        assert all((p.ndim <= 1) == g["lars_exclude"] for p in g["params"]), g["name"]
+    # momentum targets are not trainable and got no gradient
+    if hasattr(method, "momentum"):
+        assert all(p.grad is None and not p.requires_grad
+                   for p in method.momentum.parameters())
+    method.eval()
+    assert method.embed(v1).shape == (8, method.feature_dim)
+
+
+def test_forward_is_training_step_for_ddp() -> None:
+    method = _build("simclr")
+    v1, v2 = _views()
+    torch.manual_seed(0)
+    a, _ = method(v1, v2)
+    torch.manual_seed(0)
+    b, _ = method.training_step(v1, v2)
+    assert torch.equal(a, b)
+
+
+def test_simsiam_predictor_groups_keep_a_fixed_lr() -> None:
+    groups = _build("simsiam").parameter_groups()
+    assert {g["name"]: g["fixed_lr"] for g in groups} == {
+        "encoder": False, "encoder/bias_norm": False, "predictor": True,
+        "predictor/bias_norm": True}
+    groups = _build("simsiam", fix_pred_lr=False).parameter_groups()
+    assert not any(g["fixed_lr"] for g in groups)
+
+
+def test_barlow_twins_bias_lr_mult() -> None:
+    groups = _build("barlow_twins", bias_lr_mult=0.024).parameter_groups()
+    assert [g.get("lr_mult") for g in groups] == [None, 0.024]
+
+
+def test_build_errors_name_the_key() -> None:
+    with pytest.raises(ValueError, match="method.name='nope'"):
+        build_method({"name": "nope"}, TINY_BACKBONE)
+    cfg = OmegaConf.to_container(method_cfg("byol"))
+    del cfg["tau_base"]
+    with pytest.raises(ValueError, match="method.tau_base"):
+        build_method(cfg, TINY_BACKBONE)
+    with pytest.raises(ValueError, match="method.bn"):
+        _build("mocov2", bn="batch")
+
+
+def test_sync_bn_wishes() -> None:
+    assert _build("byol").wants_sync_bn
+    assert not _build("byol", sync_bn=False).wants_sync_bn
+    assert not _build("mocov2", bn="shuffle").wants_sync_bn
+    assert _build("mocov2", bn="sync").wants_sync_bn
+
+
+def test_byol_target_moves_only_in_after_optimizer_step() -> None:
+    method = _build("byol")
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    initial = [p.clone() for p in method.momentum.parameters()]
+    v1, v2 = _views()
+    loss, metrics = method.training_step(v1, v2)
+    assert metrics["tau"] == 0.99
+    loss.backward()
+    opt.step()  # the online network moved, the target did not
+    assert all(torch.equal(p, q) for p, q in zip(method.momentum.parameters(), initial, strict=True))
+    method.after_optimizer_step(1, 10)
+    assert int(method.momentum.step) == 1
+    assert not all(torch.equal(p, q) for p, q in zip(method.momentum.parameters(), initial, strict=True))
+    _, metrics = method.training_step(v1, v2)
+    assert metrics["tau"] == 0.99  # tau of the update just done (k = 0)
+
+
+def _run(method, opt, steps: int, seed: int) -> None:
+    for k in range(steps):
+        v1, v2 = _views(seed=seed + k)
+        loss, _ = method.training_step(v1, v2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_optimizer_step(k + 1, 20)
+
+
+@pytest.mark.parametrize(("name", "extra"), [("byol", {}), ("mocov2", {"symmetric": True}),
+                                             ("simsiam", {})])
+def test_resume_from_state_dict_is_bit_exact(name: str, extra: dict) -> None:
+    method = _build(name, **extra)
+    opt = torch.optim.SGD(method.parameters(), lr=0.05, momentum=0.9)
+    _run(method, opt, 3, seed=10)
+    saved = {k: v.clone() for k, v in method.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # as a checkpoint file would hold it
+
+    resumed = _build(name, seed=7, **extra)  # different initial weights, queue, step
+    resumed.load_state_dict(saved)
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(saved_opt)
+    _run(method, opt, 3, seed=20)
+    _run(resumed, opt2, 3, seed=20)
+    for (k, a), b in zip(method.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    if name != "simsiam":
+        assert int(resumed.momentum.step) == 6
+    if name == "mocov2":
+        assert int(resumed.queue.ptr) == (6 * 16) % 64
+
+
+def test_moco_enqueues_the_keys_after_using_the_old_queue() -> None:
+    method = _build("mocov2", symmetric=False)
+    before = method.queue.keys.clone()
+    v1, v2 = _views()
+    loss, _ = method.training_step(v1, v2)
+    loss.backward()  # would fail if the enqueue had modified a tensor saved for backward
+    assert int(method.queue.ptr) == 8
+    torch.testing.assert_close(method.queue.keys[:8], method.keys(v2))
+    assert torch.equal(method.queue.keys[8:], before[8:])
+
+
+def _moco_body(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # identical weights on both ranks, as DDP guarantees
+    method = build_method(method_cfg("mocov2", **SMALL_HEADS, queue_size=64, symmetric=False,
+                                     bn="shuffle"), TINY_BACKBONE)
+    assert isinstance(method, MoCoV2)
+    v1, v2 = _views(seed=100 + rank)
+    out: dict[str, torch.Tensor] = {}
+    # eval mode first (running statistics still identical on both ranks; a real DDP run keeps
+    # them so by broadcasting buffers): BN ignores the batch, so the shuffle must be exactly
+    # undone, and the enqueued keys must be exactly the plain ones
+    method.eval()
+    out["keys_eval"] = method.keys(v2)
+    out["plain_eval"] = F.normalize(method.momentum(v2), dim=1)
+    loss, _ = method.training_step(v1, v2)
+    loss.backward()
+    out["queue"] = method.queue.keys.clone()
+    out["ptr"] = method.queue.ptr.clone()
+    # train mode: the key BN statistics come from a shuffled sub-batch
+    method.train()
+    torch.manual_seed(1 + rank)
+    out["keys_train"] = method.keys(v2)
+    out["plain_train"] = F.normalize(method.momentum(v2), dim=1)
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_moco_shuffle_bn_and_queue_under_two_gloo_ranks() -> None:
+    r0, r1 = run_ddp(_moco_body, world_size=2)
+    for r in (r0, r1):
+        torch.testing.assert_close(r["keys_eval"], r["plain_eval"], rtol=1e-5, atol=1e-6)
+        # train mode: key BN statistics come from a shuffled sub-batch, not this rank's own
+        assert not torch.allclose(r["keys_train"], r["plain_train"], atol=1e-4)
+    # both ranks hold the same queue: rank 0's 8 keys then rank 1's, pointer past them
+    assert torch.equal(r0["queue"], r1["queue"])
+    assert int(r0["ptr"]) == int(r1["ptr"]) == 16
+    # the enqueued keys are each rank's own keys of view 2 (unshuffled), in rank order
+    torch.testing.assert_close(r0["queue"][:8], r0["plain_eval"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r0["queue"][8:16], r1["plain_eval"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(r0["plain_eval"], r1["plain_eval"], atol=1e-3)
