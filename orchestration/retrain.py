@@ -247,7 +247,10 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
     except (OSError, ValueError, KeyError) as e:
         raise RetrainExit(EXIT_SOURCE, f"data source {st.source} unusable: {e}") from e
     _say(f"source {snap.source}: {len(snap.shards)} shards, snapshot {snap.id[:12]}")
-    reg = registry if registry is not None else _registry(cfg)
+    try:
+        reg = registry if registry is not None else _registry(cfg)
+    except ValueError as e:  # unknown tracking.* keys and the like
+        raise RetrainExit(EXIT_CONFIG, str(e)) from e
     try:
         champ, why = _nothing_new(reg, snap)
         if why is not None:

@@ -54,8 +54,12 @@ class RetrainRegistry:
         with tempfile.TemporaryDirectory(prefix="sslstream-snap-") as tmp:
             try:
                 path = self.client.download_artifacts(champion.run_id, SNAPSHOT_ARTIFACT, tmp)
-            except (MlflowException, OSError):
+            except FileNotFoundError:
                 return None
+            except MlflowException as e:  # a missing listing is "unknown"; an outage raises
+                if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                    return None
+                raise
             snap = Snapshot.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         if snap.id != champion.tags[TAG + "snapshot_id"]:
             return None
