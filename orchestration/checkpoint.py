@@ -123,7 +123,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(
         (
             npst["name"],
-            npst["keys"].numpy().astype(np.uint32),
+            npst["keys"].cpu().numpy().astype(np.uint32),
             npst["pos"],
             npst["has_gauss"],
             npst["gauss"],

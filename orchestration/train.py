@@ -140,17 +140,18 @@ def train(cfg: DictConfig) -> TrainResult:
         )
     total_steps = int(tr.max_steps) if tr.get("max_steps") else int(tr.epochs) * steps_per_epoch
     global_batch = int(tr.batch_size) * env.world_size
+    # SyncBN conversion (CUDA DDP) happens here, before the optimizer collects parameters
+    model = wrap_model(method, env.device, distributed=env.distributed, compile=bool(tr.get("compile", False)))
     optimizer = build_optimizer(method.parameter_groups(), cfg.optim, global_batch)
     warmup = int(round(_warmup_epochs(cfg) * steps_per_epoch))
     scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps)
     amp = autocast_dtype(str(tr.get("precision", "auto")), env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
-    model = wrap_model(method, env.device, distributed=env.distributed, compile=bool(tr.get("compile", False)))
 
     s = _State()
     latest = ckpt.latest_checkpoint(run_dir) if tr.get("resume", True) else None
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, map_location=env.device)
+        state = ckpt.load_checkpoint(latest)  # CPU; load_state_dict moves to the device
         if int(state["total_steps"]) != total_steps and env.is_main:
             log.warning("resuming %s: total steps change from %s to %s (epochs/max_steps/"
                         "batch size/world size changed)", latest, state["total_steps"], total_steps)
@@ -223,6 +224,7 @@ def train(cfg: DictConfig) -> TrainResult:
     every_ckpt = int(tr.get("checkpoint_every_steps", 0) or 0)
     every_eval = int(cfg.eval.get("every_epochs", 0) or 0)
     status = "completed"
+    first_step, wait0, t_loop, t_eval = s.step, loader.data_wait_s, time.perf_counter(), 0.0
     try:
         monitor.reset_clock(loader.data_wait_s)
         while s.step < total_steps and status == "completed":
@@ -264,7 +266,9 @@ def train(cfg: DictConfig) -> TrainResult:
                     f"epoch {s.epoch}; every rank must take the same number of steps"
                 )
             if every_eval and s.epoch % every_eval == 0:
+                t_e = time.perf_counter()
                 res = evaluate(cfg, method, env)
+                t_eval += time.perf_counter() - t_e
                 runlog.log_metrics(res.metrics(), s.step)
                 if env.is_main:
                     print(f"epoch {s.epoch}: kNN accuracy {res.knn_acc:.4f}", flush=True)
@@ -283,6 +287,13 @@ def train(cfg: DictConfig) -> TrainResult:
         stop.uninstall()
         loader.close()
     result = TrainResult(status, s.step, total_steps, s.epoch, run_dir, run_id=s.run_id, method=method)
+    train_s = max(time.perf_counter() - t_loop - t_eval, 1e-9)
+    result.metrics.update({  # this session's training throughput (periodic evaluations excluded)
+        "perf/run_img_per_s": (s.step - first_step) * global_batch / train_s,
+        "perf/run_data_wait_frac": min(1.0, (loader.data_wait_s - wait0) / train_s),
+        "perf/run_train_s": train_s,
+    })
+    runlog.log_metrics(dict(result.metrics), s.step)
     if status == "preempted":
         if env.is_main:
             print(f"stopped by SIGTERM at step {s.step}/{total_steps}; checkpoint in {run_dir}; "
