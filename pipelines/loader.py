@@ -28,7 +28,7 @@ import torch
 
 from pipelines import dali as dali_mod
 from pipelines.recipes import TwoViewRecipe, ViewParams, batch_rng, sample_view_params
-from pipelines.validate import CorruptImage, validate_image
+from pipelines.validate import VALIDATE_MODES, CorruptImage, validate_image
 
 BACKENDS = ("auto", "dali", "torchvision")
 _POLL_S = 0.1
@@ -118,9 +118,9 @@ class TwoViewLoader:
         self.seed, self.validate, self.prefetch = int(seed), validate, max(1, prefetch)
         self.rank = int(rank if rank is not None else getattr(stream, "rank", 0))
         self.backend_name = resolve_backend(backend)
-        self._make_backend = lambda: self._build_backend(num_threads, dtype, channels_last,
-                                                         hw_decoder_load)
-        self._backend = self._make_backend()
+        if validate not in VALIDATE_MODES:
+            raise ValueError(f"loader validate={validate!r}: expected one of {VALIDATE_MODES}")
+        self._backend = self._build_backend(num_threads, dtype, channels_last, hw_decoder_load)
         self.data_wait_s = 0.0
         self.last_wait_s = 0.0
         self._aug = {"aug_skipped_corrupt": 0, "aug_backend_errors": 0, "aug_padded": 0,
