@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from pipelines import dali as dali_mod
-from pipelines.loader import image_hw, resolve_backend
+from pipelines.loader import effective_validation, image_hw, resolve_backend
 from pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.validate import CorruptImage, validate_image
 
@@ -35,11 +35,12 @@ class EvalLoader:
 
     def __init__(self, stream, *, image_size: int, batch_size: int, device: torch.device | str,
                  backend: str = "auto", num_threads: int = 2, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, validate: str = "header", rank: int = 0,
+                 std=IMAGENET_STD, validate: str = "auto", rank: int = 0,
                  world_size: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"eval loader rank={rank} outside world_size={world_size}")
-        self.stream, self.batch_size, self.validate = stream, batch_size, validate
+        self.stream, self.batch_size = stream, batch_size
+        self.validate = effective_validation(validate, stream)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.backend_name = resolve_backend(backend)
@@ -114,7 +115,7 @@ def build_eval_loader(urls, *, image_size: int, batch_size: int, device: torch.d
                       storage_options: dict | None = None, rank: int = 0, world_size: int = 1,
                       num_workers: int = 2, backend: str = "auto", mean=IMAGENET_MEAN,
                       std=IMAGENET_STD, stream=None, num_threads: int = 2,
-                      validate: str = "header") -> EvalLoader:
+                      validate: str = "auto") -> EvalLoader:
     """Eval loader over `urls`: unshuffled, unpadded, each sample on exactly one rank.
 
     `stream` replaces the ShardStream built from `urls` (tests, custom sources); it must
@@ -125,7 +126,7 @@ def build_eval_loader(urls, *, image_size: int, batch_size: int, device: torch.d
 
         stream = ShardStream(urls, rank=0, world_size=1, num_workers=num_workers,
                              shuffle=False, exact_epoch=False, storage_options=storage_options,
-                             validate=validate)
+                             validate="header" if validate == "auto" else validate)
     return EvalLoader(stream, image_size=image_size, batch_size=batch_size, device=device,
                       backend=backend, num_threads=num_threads, mean=mean, std=std,
                       validate=validate, rank=rank, world_size=world_size)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipelines import dali as dali_mod
+from pipelines.imagesize import image_hw as read_hw
 from pipelines.recipes import TwoViewRecipe, ViewParams, batch_rng, sample_view_params
 from pipelines.validate import VALIDATE_MODES, CorruptImage, validate_image
 
@@ -76,19 +77,20 @@ def resolve_backend(backend: str) -> str:
 
 
 def image_hw(data: bytes, validate: str) -> tuple[int, int]:
-    """(H, W) from the header (after the configured validation); raises CorruptImage."""
-    info = validate_image(data, "header" if validate == "none" else validate)
-    if info is None or info.width == 0 or info.height == 0:  # e.g. WebP: ask PIL (header only)
-        import io
+    """(H, W) after the check `validate` asks for ("none": the size only); CorruptImage if bad."""
+    if validate != "none":
+        info = validate_image(data, validate)
+        if info is not None and info.width and info.height:
+            return info.height, info.width
+    return read_hw(data)
 
-        from PIL import Image
 
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.height, im.width
-        except Exception as e:
-            raise CorruptImage(f"unreadable header: {type(e).__name__}: {e}") from None
-    return info.height, info.width
+def effective_validation(validate: str, stream) -> str:
+    """'auto': skip the header check when the stream already ran one (ShardStream does), so
+    the host thread only reads sizes; otherwise check headers here."""
+    if validate != "auto":
+        return validate
+    return "none" if getattr(stream, "validate", None) in ("header", "decode") else "header"
 
 
 def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
@@ -107,7 +109,7 @@ class TwoViewLoader:
     def __init__(self, stream, recipe: TwoViewRecipe, *, batch_size: int, device: torch.device | str,
                  backend: str = "auto", seed: int = 0, num_threads: int = 2,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, prefetch: int = 2,
-                 validate: str = "header", hw_decoder_load: float = 0.65,
+                 validate: str = "auto", hw_decoder_load: float = 0.65,
                  rank: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -115,11 +117,13 @@ class TwoViewLoader:
             raise ValueError(f"loader dtype={dtype}: expected float32, float16 or bfloat16")
         self.stream, self.recipe, self.batch_size = stream, recipe, batch_size
         self.device = torch.device(device)
-        self.seed, self.validate, self.prefetch = int(seed), validate, max(1, prefetch)
+        self.seed, self.prefetch = int(seed), max(1, prefetch)
         self.rank = int(rank if rank is not None else getattr(stream, "rank", 0))
         self.backend_name = resolve_backend(backend)
-        if validate not in VALIDATE_MODES:
-            raise ValueError(f"loader validate={validate!r}: expected one of {VALIDATE_MODES}")
+        if validate != "auto" and validate not in VALIDATE_MODES:
+            raise ValueError(f"loader validate={validate!r}: expected 'auto' or one of "
+                             f"{VALIDATE_MODES}")
+        self.validate = effective_validation(validate, stream)
         self._backend = self._build_backend(num_threads, dtype, channels_last, hw_decoder_load)
         self.data_wait_s = 0.0
         self.last_wait_s = 0.0

@@ -8,20 +8,25 @@ identity matters. DALI runs in CPU mode; tests that need it skip where it does n
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines import dali as dali_mod
 from pipelines import loader as loader_mod
 from pipelines.eval_loader import build_eval_loader
+from pipelines.imagesize import image_hw as read_hw
 from pipelines.loader import TwoViewLoader
 from pipelines.recipes import PRESETS
 from pipelines.stream import ShardStream
+from pipelines.validate import CorruptImage
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
 needs_dali = pytest.mark.skipif(not dali_mod.DALI_AVAILABLE,
@@ -232,6 +237,29 @@ def test_stream_errors_surface_in_the_consumer():
             list(loader)
     finally:
         loader.close()
+
+
+def test_image_sizes_from_headers_match_pil(shard_factory):
+    img = np.zeros((37, 53, 3), np.uint8)
+    blobs = {}
+    for fmt, kw in (("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}), ("WEBP", {})):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format=fmt, **kw)
+        blobs[f"{fmt}{kw}"] = buf.getvalue()
+    gray = io.BytesIO()
+    Image.fromarray(img[..., 0]).save(gray, format="JPEG")
+    blobs["gray"] = gray.getvalue()
+    for name, data in blobs.items():
+        assert read_hw(data) == (37, 53), name
+        assert loader_mod.image_hw(data, "header") == (37, 53), name
+    for bad in (b"", b"<html>", b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\x00" * 10):
+        with pytest.raises(CorruptImage):
+            read_hw(bad)
+    # a ShardStream has header-checked its samples: the loader only reads sizes then
+    checked = ShardStream(shard_factory([3]).urls)
+    assert loader_mod.effective_validation("auto", checked) == "none"
+    assert loader_mod.effective_validation("auto", FakeStream([])) == "header"
+    assert loader_mod.effective_validation("decode", checked) == "decode"
 
 
 def test_auto_backend_falls_back_with_a_warning(monkeypatch):
