@@ -13,7 +13,10 @@ from omegaconf import OmegaConf
 from models.methods import METHODS, MoCoV2, build_method
 from tests.conftest import REPO_ROOT
 from tests.ddp import run_ddp
-from tests.models.test_training_toy import SMALL_HEADS, TINY_BACKBONE, method_cfg
+from tests.models.test_training_toy import SMALL_HEADS, TINY_BACKBONE, method_cfg, one_thread
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+__all__ = ["one_thread"]  # the fixture, imported so pytest finds it here
 
 EXTRA = {"byol": {"pred_hidden_dim": 32}, "simsiam": {"pred_hidden_dim": 16},
          "mocov2": {"queue_size": 64}}
