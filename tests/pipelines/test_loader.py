@@ -327,3 +327,30 @@ def test_eval_loader_on_shards_covers_the_split(shard_factory):
         finally:
             ev.close()
     assert total == 21
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cifar10_views_are_normalised_with_the_dataset_statistics(backend, cifar10_dir):
+    """Real CIFAR-10 shards: the eval view normalised with the cifar presets' mean/std has
+    per-channel mean ~0 and std ~1 (CIFAR-10's published statistics), and two-view batches
+    come out finite with the right shapes."""
+    recipe = PRESETS["cifar_byol"]
+    ev = build_eval_loader(f"{cifar10_dir}#test", image_size=32, batch_size=500, device="cpu",
+                           num_workers=1, backend=backend, mean=recipe.view1.mean,
+                           std=recipe.view1.std)
+    try:
+        x = next(iter(ev))[0].double()
+    finally:
+        ev.close()
+    assert x.shape == (500, 3, 32, 32)
+    assert x.mean((0, 2, 3)).abs().max() < 0.1, x.mean((0, 2, 3))
+    assert (x.std((0, 2, 3)) - 1).abs().max() < 0.1, x.std((0, 2, 3))
+    stream = ShardStream(f"{cifar10_dir}#train", num_workers=1, shuffle_buffer=100)
+    loader = TwoViewLoader(stream, recipe, batch_size=128, device="cpu", backend=backend)
+    try:
+        batch = next(iter(loader))
+    finally:
+        loader.close()
+    assert batch.view1.shape == batch.view2.shape == (128, 3, 32, 32)
+    assert torch.isfinite(batch.view1).all() and set(batch.labels.tolist()) <= set(range(10))
