@@ -113,7 +113,14 @@ class Method(nn.Module):
         raise NotImplementedError(f"{type(self).__name__}.training_step")
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Update state that must move only after a real optimizer step (none by default)."""
+        """Update state that must move only after a real optimizer step (none by default).
+
+        Call it once per optimizer step that really happened (not for a step the fp16 grad
+        scaler skipped). ``step`` is informational: the momentum schedule's k is the
+        method's own update counter (a buffer, so it is checkpointed), which keeps the
+        schedule right whether the caller counts from 0 or 1. ``total_steps`` is the K of
+        the schedule.
+        """
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (the representation that evaluation and the registry use)."""
