@@ -84,7 +84,7 @@ def _check_jpeg(data: bytes) -> ImageInfo:
                 raise CorruptImage("jpeg: scan before any frame header (no SOF)")
             # 0xFFD9 cannot occur inside entropy-coded data (0xFF is stuffed as 0xFF00),
             # so its presence after the first scan means the image was not cut short.
-            if data.find(b"\xff\xd9", i + length) == -1:
+            if data.rfind(b"\xff\xd9", i + length) == -1:  # from the end: EOI is last
                 raise CorruptImage("jpeg: no end-of-image marker (truncated)")
             return info
         i += length
