@@ -16,6 +16,7 @@ that later runs would mistake for a complete one.
 
 from __future__ import annotations
 
+import colorsys
 import io
 import math
 import os
@@ -46,13 +47,18 @@ def _rotate(points: list[tuple[float, float]], cx: float, cy: float, angle: floa
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
 
 
-def _colours(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Foreground and background far enough apart in brightness that the shape is visible."""
-    while True:
-        fg = rng.integers(0, 256, 3)
-        bg = rng.integers(0, 256, 3)
-        if abs(int(fg.mean()) - int(bg.mean())) > 60:
-            return tuple(int(v) for v in fg), tuple(int(v) for v in bg)  # type: ignore[return-value]
+def _colours(rng: np.random.Generator, label: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Foreground hue near the class's own hue (10 hues 36 degrees apart, +-18 degrees of
+    noise), random saturation and value; a dim, desaturated random background.
+
+    Colour is a weak class cue on purpose: the synthetic set must be learnable in a few
+    minutes of CPU training, and SSL colour jitter (hue +-36 degrees) blurs neighbouring
+    classes' hues, so shape still decides between them.
+    """
+    hue = (label / len(CLASSES) + rng.uniform(-0.05, 0.05)) % 1.0
+    fg = colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+    bg = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.4), rng.uniform(0.05, 0.45))
+    return tuple(int(255 * c) for c in fg), tuple(int(255 * c) for c in bg)  # type: ignore[return-value]
 
 
 def draw(label: int, size: int, rng: np.random.Generator) -> Image.Image:
@@ -61,7 +67,7 @@ def draw(label: int, size: int, rng: np.random.Generator) -> Image.Image:
         raise ValueError(f"label must be in [0, {len(CLASSES)}), got {label}")
     ss = 4  # draw 4x larger and downsample: anti-aliased edges, like a photo of a shape
     big = size * ss
-    fg, bg = _colours(rng)
+    fg, bg = _colours(rng, label)
     img = Image.new("RGB", (big, big), bg)
     d = ImageDraw.Draw(img)
     r = big * rng.uniform(0.22, 0.4)  # half-extent of the shape
