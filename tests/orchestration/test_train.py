@@ -68,14 +68,15 @@ def cli_env(**extra: str) -> dict[str, str]:
 def test_default_run_end_to_end_from_the_cli(tmp_path, capsys):
     """`sslstream train` in a fresh cwd: data generated, trained, evaluated, registered."""
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "train", *tiny(tmp_path, steps=10)],
+        [sys.executable, "-m", "orchestration.cli", "train", *tiny(tmp_path, "eval.every_epochs=1", steps=20)],
         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=220,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "kNN accuracy: " in proc.stdout
     assert "registered model: models:/sslstream-encoder/1 (champion)" in proc.stdout
-    assert "step 10/10" in proc.stdout and "img_per_s" in proc.stdout
+    assert "step 20/20" in proc.stdout and "img_per_s" in proc.stdout
+    assert "epoch 1: kNN accuracy" in proc.stdout  # the periodic evaluation (every epoch)
     # the local sqlite store in the cwd holds the run, its metrics and the champion
     client = MlflowClient(tracking_uri=sqlite_uri(tmp_path))
     mv = client.get_model_version_by_alias("sslstream-encoder", "champion")
@@ -86,12 +87,14 @@ def test_default_run_end_to_end_from_the_cli(tmp_path, capsys):
     assert {"train/loss", "train/lr", "train/tau", "train/embedding_std", "perf/img_per_s",
             "perf/data_wait_frac"} <= set(run.data.metrics)
     assert run.data.params["method.name"] == "byol"
+    knn_history = client.get_metric_history(run.info.run_id, "eval/knn_acc")
+    assert sorted(m.step for m in knn_history) == [10, 20]
     # the data set was generated in data.root, the final checkpoint is in output_dir/run_name
     assert (tmp_path / "data" / "train" / "manifest.json").is_file()
     last = ckpt.latest_checkpoint(tmp_path / "out" / "byol-synthetic")
-    assert last is not None and last.name == "step-00000010.pt"
+    assert last is not None and last.name == "step-00000020.pt"
     state = ckpt.load_checkpoint(last)
-    assert state["step"] == 10 and state["run_id"] == mv.run_id
+    assert state["step"] == 20 and state["run_id"] == mv.run_id
 
     # `sslstream eval` on that checkpoint and on the registered champion: the same kNN
     os.environ["MLFLOW_TRACKING_URI"] = sqlite_uri(tmp_path)
@@ -175,3 +178,20 @@ def test_cfg_prints_the_resolved_config(capsys, in_tmp_cwd):
     assert "epochs: 7" in out and "name: simclr" in out
     assert "run_name: simclr-synthetic" in out  # interpolations resolved
     assert "${" not in out
+
+
+@pytest.mark.timeout(120)
+def test_registration_failure_keeps_the_checkpoint_and_fails(in_tmp_cwd, capsys, monkeypatch):
+    """MLflow unreachable (nothing listens on the port): training goes on untracked, then
+    registration fails: exit 1, a clear message, the final checkpoint on disk."""
+    from tests.ddp import free_port
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rc = main(["train", *tiny(in_tmp_cwd, f"tracking.uri=http://127.0.0.1:{free_port()}",
+                              "tracking.probe_timeout_s=2", steps=4)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "FAILED to register the encoder" in err and "unreachable" in err
+    assert "final checkpoint is kept" in err
+    last = ckpt.latest_checkpoint(in_tmp_cwd / "out" / "byol-synthetic")
+    assert last is not None and ckpt.load_checkpoint(last)["step"] == 4
