@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from orchestration import checkpoint as ckpt
 from orchestration import distributed as D
@@ -149,7 +149,12 @@ def train(cfg: DictConfig) -> TrainResult:
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
 
     s = _State()
-    latest = ckpt.latest_checkpoint(run_dir) if tr.get("resume", True) else None
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and not tr.get("resume", True):
+        raise ValueError(
+            f"trainer.resume=false but {run_dir} already holds checkpoints of run_name="
+            f"{cfg.run_name}; choose a new run_name (or trainer.output_dir), or delete them"
+        )
     if latest is not None:
         state = ckpt.load_checkpoint(latest)  # CPU; load_state_dict moves to the device
         if int(state["total_steps"]) != total_steps and env.is_main:
@@ -339,23 +344,17 @@ def _gather_rng(rng: dict[str, Any], env: D.DistEnv) -> list[dict[str, Any]]:
 
 
 def run_from_config(cfg: DictConfig) -> int:
-    """CLI entry: train, print the outcome, map failures to exit codes."""
+    """CLI entry: train, print the outcome on rank 0, leave the process group."""
     t0 = time.perf_counter()
     result = train(cfg)
-    if os.environ.get("RANK", "0") == "0":
-        if result.status == "preempted":
-            return 0
+    if os.environ.get("RANK", "0") == "0" and result.status == "completed":
         if result.eval is not None:
             print(f"kNN accuracy: {result.eval.knn_acc:.4f}", flush=True)
             if result.eval.probe_acc is not None:
                 print(f"linear probe accuracy: {result.eval.probe_acc:.4f}", flush=True)
         if result.registered_uri:
-            print(f"registered model: {result.registered_uri}"
-                  + (" (champion)" if result.promoted else " (challenger)"), flush=True)
+            role = "champion" if result.promoted else f"challenger: {result.promotion_reason}"
+            print(f"registered model: {result.registered_uri} ({role})", flush=True)
         print(f"done in {time.perf_counter() - t0:.0f}s: {result.step} steps, run {result.run_id}", flush=True)
-    D.cleanup()
+    D.cleanup()  # every rank, also after SIGTERM: the others wait in its barrier
     return 0
-
-
-def config_to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -164,7 +164,7 @@ def test_collapsed_run_is_registered_but_never_promoted(in_tmp_cwd, capsys):
                               "optim.weight_decay=5", "trainer.warmup_epochs=0", steps=30)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "registered model: models:/sslstream-encoder/2 (challenger)" in out
+    assert "registered model: models:/sslstream-encoder/2 (challenger: collapsed" in out
     client = MlflowClient(tracking_uri=sqlite_uri(in_tmp_cwd))
     assert str(client.get_model_version_by_alias("sslstream-encoder", "champion").version) == "1"
     v2 = client.get_model_version_by_alias("sslstream-encoder", "challenger")
@@ -195,3 +195,14 @@ def test_registration_failure_keeps_the_checkpoint_and_fails(in_tmp_cwd, capsys,
     assert "final checkpoint is kept" in err
     last = ckpt.latest_checkpoint(in_tmp_cwd / "out" / "byol-synthetic")
     assert last is not None and ckpt.load_checkpoint(last)["step"] == 4
+
+
+@pytest.mark.timeout(60)
+def test_resume_false_refuses_to_mix_with_existing_checkpoints(in_tmp_cwd):
+    args = tiny(in_tmp_cwd, "tracking.enabled=false", "eval.at_end=false", steps=2)
+    assert main(["train", *args]) == 0
+    with pytest.raises(ValueError, match="trainer.resume=false but .* already holds checkpoints"):
+        main(["train", *args, "trainer.resume=false"])
+    # resuming a finished run is a no-op that ends at the same step
+    assert main(["train", *args]) == 0
+    assert [p.name for p in ckpt.list_checkpoints(in_tmp_cwd / "out" / "byol-synthetic")] == ["step-00000002.pt"]
