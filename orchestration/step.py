@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +154,12 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     stepped = scale_before is None or scaler.get_scale() >= scale_before
-    scheduler.step()
+    if stepped:
+        scheduler.step()
+    else:  # the lr schedule follows the step count; torch warns about the skipped optimizer step
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            scheduler.step()
     if stepped:
         method.after_optimizer_step(step, total_steps)
     return StepOutput(loss.detach(), metrics, stepped, bool(stop), grad_norm)
