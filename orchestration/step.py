@@ -13,6 +13,7 @@ methods depend on, is in one short place:
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import warnings
 from dataclasses import dataclass, field
@@ -158,7 +159,7 @@ def train_step(
         scheduler.step()
     else:  # the lr schedule follows the step count; torch warns about the skipped optimizer step
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             scheduler.step()
     if stepped:
         method.after_optimizer_step(step, total_steps)
