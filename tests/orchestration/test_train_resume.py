@@ -17,7 +17,7 @@ from orchestration.cli import compose_config
 from orchestration.train import train
 from tests.orchestration.test_train import cli_env, tiny
 
-STEPS = 40  # 160 samples / batch 16 = 10 steps per epoch: checkpoints at 4, 8 (mid-epoch), ...
+STEPS = 40  # 160 samples / batch 16 = 10 steps per epoch; checkpoints every 3 (mostly mid-epoch)
 
 
 def overrides(tmp: Path, out: str) -> list[str]:
