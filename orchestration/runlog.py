@@ -9,7 +9,9 @@ must not look like success.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from orchestration.train import TrainResult
 
 log = logging.getLogger("sslstream.train")
+REGISTERED_MARKER = "registered.json"  # also read by orchestration.train
 
 
 class RunLog:
@@ -109,3 +112,10 @@ class RunLog:
         result.promotion_reason = decision.reason
         self.tracker.set_tags({"sslstream.registered": decision.uri, "sslstream.promoted": decision.promoted})
         self.tracker.end("FINISHED")
+        # a rerun of the same command sees this next to the final checkpoint and does nothing
+        marker = {"registered_uri": decision.uri, "promoted": decision.promoted,
+                  "reason": decision.reason, "run_id": self.run_id, "step": result.step,
+                  "model_uri": result.model_uri}
+        tmp = result.run_dir / f".{REGISTERED_MARKER}.tmp"
+        tmp.write_text(json.dumps(marker, indent=1))
+        os.replace(tmp, result.run_dir / REGISTERED_MARKER)

@@ -16,6 +16,7 @@ per epoch on every rank), so collectives never wait on a rank that ran out of da
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from orchestration import checkpoint as ckpt
 from orchestration import distributed as D
 from orchestration.evaluate import EvalResult, evaluate
 from orchestration.monitor import Monitor
-from orchestration.runlog import RunLog
+from orchestration.runlog import REGISTERED_MARKER, RunLog
 from orchestration.step import NonFiniteLossError, StopFlag, autocast_dtype, train_step, wrap_model
 
 log = logging.getLogger("sslstream.train")
@@ -181,6 +182,17 @@ def train(cfg: DictConfig) -> TrainResult:
         if env.is_main:
             print(f"resuming {cfg.run_name} from {latest} (step {s.step}/{total_steps})", flush=True)
 
+    done = _registered_marker(run_dir)
+    if s.step >= total_steps and done is not None and int(done.get("step", -1)) == s.step:
+        # finished and registered before: running the same command again changes nothing
+        if env.is_main:
+            print(f"{cfg.run_name} already finished at step {s.step} and was registered as "
+                  f"{done['registered_uri']}; use a new run_name to train again", flush=True)
+        loader.close()
+        return TrainResult("completed", s.step, total_steps, s.epoch, run_dir, run_id=done.get("run_id"),
+                           registered_uri=done["registered_uri"], promoted=bool(done.get("promoted")),
+                           promotion_reason=done.get("reason"), method=method)
+
     runlog = RunLog(cfg, env, run_id=s.run_id)
     s.run_id = runlog.run_id
 
@@ -325,6 +337,19 @@ class _State:
     epoch_step: int = 0
     run_id: str | None = None
     saved_step: int = -1
+
+
+
+
+def _registered_marker(run_dir: Path) -> dict[str, Any] | None:
+    """What `runlog.finish` recorded after registering this run's final checkpoint."""
+    path = run_dir / REGISTERED_MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _all_finite(method: torch.nn.Module, env: D.DistEnv) -> bool:

@@ -96,6 +96,15 @@ def test_default_run_end_to_end_from_the_cli(tmp_path, capsys):
     state = ckpt.load_checkpoint(last)
     assert state["step"] == 20 and state["run_id"] == mv.run_id
 
+    # the same command again: finished and registered, so nothing is trained or registered
+    os.chdir(tmp_path)
+    try:
+        assert main(["train", *tiny(tmp_path, "eval.every_epochs=1", steps=20)]) == 0
+    finally:
+        os.chdir(REPO)
+    assert "already finished at step 20 and was registered as models:/sslstream-encoder/1" in capsys.readouterr().out
+    assert len(client.search_model_versions("name='sslstream-encoder'")) == 1
+
     # `sslstream eval` on that checkpoint and on the registered champion: the same kNN
     os.environ["MLFLOW_TRACKING_URI"] = sqlite_uri(tmp_path)
     os.chdir(tmp_path)
