@@ -116,8 +116,8 @@ def _warmup_epochs(cfg: DictConfig) -> float:
 
 def train(cfg: DictConfig) -> TrainResult:
     """Run (or resume) the job described by `cfg`; see the module docstring."""
-    from models.methods import build_method
     from models.optim import WarmupCosine, build_optimizer
+    from orchestration.warmstart import backbone_weights, build_method_warm
 
     tr = cfg.trainer
     env = D.init_distributed(str(tr.get("device", "auto")), float(tr.get("dist_timeout_s", 1800)))
@@ -129,7 +129,11 @@ def train(cfg: DictConfig) -> TrainResult:
     run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
     prepare_data(cfg, env)
 
-    method = build_method(cfg.method, cfg.backbone, process_group=D.process_group()).to(env.device)
+    latest = ckpt.latest_checkpoint(run_dir)
+    warm = None
+    if latest is None and tr.get("init_from"):  # a resumed run's checkpoint holds everything
+        warm = backbone_weights(cfg, str(tr.init_from))
+    method = build_method_warm(cfg, warm, D.process_group()).to(env.device)
     if _channels_last(cfg, env.device):
         method = method.to(memory_format=torch.channels_last)
     loader = build_loader(cfg, env)
@@ -150,7 +154,6 @@ def train(cfg: DictConfig) -> TrainResult:
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
 
     s = _State()
-    latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not tr.get("resume", True):
         raise ValueError(
             f"trainer.resume=false but {run_dir} already holds checkpoints of run_name="

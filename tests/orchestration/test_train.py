@@ -105,6 +105,20 @@ def test_default_run_end_to_end_from_the_cli(tmp_path, capsys):
     assert "already finished at step 20 and was registered as models:/sslstream-encoder/1" in capsys.readouterr().out
     assert len(client.search_model_versions("name='sslstream-encoder'")) == 1
 
+    # warm start a new run from the registered champion (lr 0: the weights stay the warm ones)
+    os.environ["MLFLOW_TRACKING_URI"] = sqlite_uri(tmp_path)
+    os.chdir(tmp_path)
+    try:
+        assert main(["train", *tiny(tmp_path, "run_name=warm", "trainer.init_from=models:/sslstream-encoder@champion",
+                                    "optim.lr=0", "eval.at_end=false", steps=1)]) == 0
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.chdir(REPO)
+    warm = ckpt.load_checkpoint(tmp_path / "out" / "warm" / "step-00000001.pt")["model"]
+    for k, v in state["model"].items():
+        if k.startswith("backbone.") and "running" not in k and "num_batches" not in k:
+            assert torch.equal(warm[k], v), k
+
     # `sslstream eval` on that checkpoint and on the registered champion: the same kNN
     os.environ["MLFLOW_TRACKING_URI"] = sqlite_uri(tmp_path)
     os.chdir(tmp_path)
@@ -215,3 +229,21 @@ def test_resume_false_refuses_to_mix_with_existing_checkpoints(in_tmp_cwd):
     # resuming a finished run is a no-op that ends at the same step
     assert main(["train", *args]) == 0
     assert [p.name for p in ckpt.list_checkpoints(in_tmp_cwd / "out" / "byol-synthetic")] == ["step-00000002.pt"]
+
+
+@pytest.mark.timeout(60)
+def test_warm_start_from_a_checkpoint_copies_backbone_and_target(in_tmp_cwd):
+    base = tiny(in_tmp_cwd, "tracking.enabled=false", "eval.at_end=false", steps=3)
+    assert main(["train", *base]) == 0
+    src = ckpt.load_checkpoint(in_tmp_cwd / "out" / "byol-synthetic" / "step-00000003.pt")["model"]
+    assert main(["train", *base, "run_name=warm", "optim.lr=0", "trainer.max_steps=1",
+                 f"trainer.init_from={in_tmp_cwd / 'out' / 'byol-synthetic' / 'step-00000003.pt'}"]) == 0
+    got = ckpt.load_checkpoint(in_tmp_cwd / "out" / "warm" / "step-00000001.pt")["model"]
+    weights = [k for k in src if k.startswith("backbone.") and k.endswith(("weight", "bias"))]
+    assert weights
+    for k in weights:
+        assert torch.equal(got[k], src[k]), k
+        # BYOL's momentum target (momentum.target.0 = the backbone) starts from the warm weights
+        assert torch.equal(got["momentum.target.0." + k[len("backbone."):]], src[k]), k
+    with pytest.raises(FileNotFoundError, match="trainer.init_from=/no/such"):
+        main(["train", *base, "run_name=warm2", "trainer.init_from=/no/such/file.pt"])
