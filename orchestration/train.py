@@ -95,6 +95,7 @@ def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
         exact_epoch=bool(data.get("exact_epoch", False)),
         storage_options=dict(data.get("storage_options") or {}),
         max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
+        num_classes=int(data.num_classes) if data.get("num_classes") else None,  # label check
     )
     return TwoViewLoader(
         stream,
