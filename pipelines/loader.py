@@ -8,6 +8,13 @@ CPU). Two background threads overlap the work with the training step: a host thr
 samples, validates them and draws the parameters; a device thread runs the backend (DALI
 releases the GIL while it works). Bounded queues (`prefetch`) keep memory flat.
 
+On a GPU the device thread works on its own CUDA stream of the loader's device (not the
+trainer's, and not device 0 of a fresh thread under torchrun): DALI's outputs are bound to
+that stream and copied there, labels go up from pinned memory, and an event recorded after
+the batch is all the consumer waits on -- `current_stream.wait_event` plus `record_stream`
+on the batch's tensors, so no per-batch host synchronisation and no reuse of a batch's
+memory while the trainer's stream still reads it.
+
 A sample that fails validation, or that makes the backend fail, is replaced in its batch by a
 copy of a good neighbour of the same batch (and counted), so every rank still takes exactly
 len(stream) // batch_size steps and DDP never waits on a missing batch.
@@ -15,6 +22,7 @@ len(stream) // batch_size steps and DDP never waits on a missing batch.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -262,7 +270,9 @@ class TwoViewLoader:
                 self.data_wait_s += self.last_wait_s
                 if isinstance(item, _Failure):
                     raise item.exc
-                batch, index, stream_state = item
+                batch, index, stream_state, ready = item
+                if ready is not None:
+                    _hand_to_current_stream(batch, ready, self.device)
                 self._position, self._stream_state = index + 1, stream_state
                 with self._lock:
                     self._aug["batches"] += 1
@@ -343,17 +353,29 @@ class TwoViewLoader:
     def _device_loop(self, epoch: int, host_q: queue.Queue, out_q: queue.Queue,
                      stop: threading.Event) -> None:
         try:
-            while not stop.is_set():
-                try:
-                    host = host_q.get(timeout=_POLL_S)
-                except queue.Empty:
-                    continue
-                if isinstance(host, _Failure):
-                    _put(out_q, host, stop)
-                    return
-                batch = self._augment(epoch, host)
-                if not _put(out_q, (batch, host.index, host.stream_state), stop):
-                    return
+            with contextlib.ExitStack() as ctx:
+                side = None
+                if self.device.type == "cuda":
+                    # A new thread starts on CUDA device 0 with its default stream: select
+                    # the loader's device and a side stream for everything this thread does.
+                    ctx.enter_context(torch.cuda.device(self.device))
+                    side = torch.cuda.Stream(self.device)
+                    ctx.enter_context(torch.cuda.stream(side))
+                while not stop.is_set():
+                    try:
+                        host = host_q.get(timeout=_POLL_S)
+                    except queue.Empty:
+                        continue
+                    if isinstance(host, _Failure):
+                        _put(out_q, host, stop)
+                        return
+                    batch = self._augment(epoch, host)
+                    ready = None
+                    if side is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(side)
+                    if not _put(out_q, (batch, host.index, host.stream_state, ready), stop):
+                        return
         except BaseException as e:
             _put(out_q, _Failure(e), stop)
 
@@ -363,10 +385,14 @@ class TwoViewLoader:
         except Exception as first:
             v1, v2 = self._recover(epoch, host, first)
         labels = torch.tensor(host.labels, dtype=torch.int64)
-        if self.device.type != v1.device.type or self.device != v1.device:
-            nb = self.device.type == "cuda"
-            v1, v2 = v1.to(self.device, non_blocking=nb), v2.to(self.device, non_blocking=nb)
-        return Batch(view1=v1, view2=v2, labels=labels.to(self.device), keys=host.keys)
+        if self.device.type == "cuda":  # non_blocking uploads need pinned sources
+            labels = labels.pin_memory().to(self.device, non_blocking=True)
+            if v1.device != self.device:  # the torchvision backend works on the host
+                v1 = v1.pin_memory().to(self.device, non_blocking=True)
+                v2 = v2.pin_memory().to(self.device, non_blocking=True)
+        elif v1.device != self.device:
+            v1, v2, labels = v1.to(self.device), v2.to(self.device), labels.to(self.device)
+        return Batch(view1=v1, view2=v2, labels=labels, keys=host.keys)
 
     def _recover(self, epoch: int, host: _HostBatch, error: Exception):
         """The backend failed on this batch: find the culprits with a full decode, replace them."""
@@ -391,6 +417,16 @@ class TwoViewLoader:
         host.hw, host.labels = host.hw[order], [host.labels[i] for i in order]
         host.keys = [host.keys[i] for i in order]
         return self._backend.run(host.images, self._params(epoch, host))
+
+
+def _hand_to_current_stream(batch: Batch, ready, device: torch.device) -> None:
+    """Make the consumer's current stream wait for the batch (a GPU-side wait, not a host
+    sync) and tell torch's allocator that stream uses the batch's memory (`record_stream`),
+    so the side stream cannot reuse it before the trainer's work on it has run."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(ready)
+    for t in (batch.view1, batch.view2, batch.labels):
+        t.record_stream(current)
 
 
 def _nearest(good: list[int], i: int) -> int:

@@ -206,12 +206,103 @@ def test_undecodable_jpeg_is_replaced_and_counted_not_fatal():
         assert loader.counters["aug_backend_errors"] == backend_errors
 
 
-def test_gpu_graph_is_well_formed_in_python():
-    """No GPU here: at least define the GPU variant of the graph (mixed decode, GPU ops fed
-    CPU argument inputs, conditionals on GPU data) up to DALI's backend, which needs CUDA.
-    Uses DALI's private `_build_graph` (DALI is pinned to 2.4.0)."""
-    spec = dali_mod.GraphSpec(recipe=PRESETS["byol"], batch_size=4, device_id=0,
-                              dtype=torch.float16, channels_last=True)
-    pipe = dali_mod.define_two_view_pipeline(spec)
+def _graph_ops(pipe):
+    """(schema name, device, [(input name, device)], [output devices], op spec) of each op.
+    Uses DALI's private `_build_graph` / `_ops` (DALI is pinned to 2.4.0): the graph is
+    defined in Python without CUDA, only `build()` needs the GPU."""
     pipe._build_graph()
-    assert [o.device for o in pipe._graph_outputs] == ["gpu", "gpu"]
+    out = []
+    for op in pipe._ops:
+        name = str(op.spec).splitlines()[0].removeprefix("OpSpec for ").rstrip(":")
+        device = "cpu"
+        for line in str(op.spec).splitlines():
+            if line.strip().startswith("device: "):
+                device = line.split(": ", 1)[1].strip()
+        out.append((name, device, [(i.name, i.device) for i in op.inputs],
+                    [o.device for o in op.outputs], op.spec))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_graph_places_every_op_where_dali_2_4_needs_it(dtype):
+    """The GPU variant, checked op by op against DALI's own schemas (no CUDA needed):
+    every external_source is CPU (encoded bytes and argument inputs must be host data); the
+    decoder is `mixed` (CPU bytes in, GPU image out) with arguments its schema knows and does
+    not deprecate; every augmentation op runs on the GPU and takes only CPU argument inputs;
+    every conditional split/merge is driven by a CPU BOOL predicate; both outputs are GPU,
+    HWC for channels_last, FLOAT16 only where asked (bf16 is cast in torch)."""
+    from nvidia.dali import backend as b
+
+    spec = dali_mod.GraphSpec(recipe=PRESETS["byol"], batch_size=4, device_id=0,
+                              dtype=dtype, channels_last=True, hw_decoder_load=0.5)
+    pipe = dali_mod.define_two_view_pipeline(spec)
+    ops = _graph_ops(pipe)
+    sources = {n for n, _, ins, _, _ in ops if n == "ExternalSource"}
+    assert sources == {"ExternalSource"}
+    names = [n for n, *_ in ops]
+    assert names.count("ExternalSource") == 1 + 2 * len(dali_mod._PARAM_INPUTS)
+    bool_preds = {f"v{v}_{k}" for v in (1, 2) for k, (dt, _) in dali_mod._PARAM_INPUTS.items()
+                  if dt == "BOOL"}
+    gpu_ops = set(b.RegisteredGPUOps())
+    for name, device, ins, outs, op_spec in ops:
+        if name == "ExternalSource":
+            assert device == "cpu" and outs == ["cpu"], (name, device)
+            continue
+        if name == "decoders__Image":
+            assert device == "mixed" and ins == [("images", "cpu")] and outs == ["gpu"]
+            schema = b.GetSchema(name)
+            assert "mixed" in schema.GetSupportedBackends()
+            for arg in ("hw_decoder_load", "device_memory_padding", "host_memory_padding",
+                        "jpeg_fancy_upsampling", "output_type"):
+                assert schema.HasArgument(arg) and not schema.IsDeprecatedArg(arg), arg
+            assert "hw_decoder_load: 0.5" in str(op_spec)
+            continue
+        if name in ("_conditional__Split", "_conditional__Merge"):
+            pred = ins[-1]
+            assert pred[1] == "cpu" and pred[0] in bool_preds, (name, ins)
+            continue
+        assert device == "gpu" and outs == ["gpu"], (name, device, outs)
+        assert name in gpu_ops, name
+        data, *args = ins
+        assert data[1] == "gpu", (name, ins)
+        assert all(dev == "cpu" for _, dev in args), (name, ins)  # argument inputs: host only
+    finals = [o for o in ops if o[0] == "CropMirrorNormalize"]
+    assert len(finals) == 2 and [o.device for o in pipe._graph_outputs] == ["gpu", "gpu"]
+    for *_, op_spec in finals:
+        text = str(op_spec)
+        assert "output_layout: HWC" in text
+        from nvidia.dali import types
+
+        want = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+        assert f"dtype: {int(want)}" in text, text
+
+
+def test_gpu_eval_graph_decodes_mixed_and_runs_on_the_gpu():
+    pipe = dali_mod.define_eval_pipeline(32, 36, (0.5,) * 3, (0.25,) * 3, 4, device_id=0)
+    ops = _graph_ops(pipe)
+    assert [(n, d) for n, d, *_ in ops] == [("ExternalSource", "cpu"),
+                                            ("decoders__Image", "mixed"), ("Resize", "gpu"),
+                                            ("CropMirrorNormalize", "gpu")]
+
+
+def test_outputs_are_owned_buffers_not_recycled_by_the_next_run():
+    """Zero-copy on CPU is safe only because the dynamic executor gives each run() fresh
+    buffers: keep batch 0's tensors, run 4 more batches, batch 0 must be unchanged."""
+    recipe = small(PRESETS["cifar_byol"])
+    samples = make_samples(8)
+    images = [s.image for s in samples]
+    hw = np.array([image_hw(b, "header") for b in images])
+    backend = dali_mod.DaliTwoView(dali_mod.GraphSpec(recipe=recipe, batch_size=8))
+    try:
+        assert backend._pipe.exec_dynamic
+        kept = []
+        for k in range(5):
+            params = tuple(sample_view_params(v, hw, batch_rng(0, 0, 0, k, i))
+                           for i, v in enumerate(recipe.views))
+            v1, v2 = backend.run(images, params)
+            kept.append((v1, v2, v1.clone(), v2.clone()))
+        assert not torch.equal(kept[0][0], kept[1][0])  # different parameters, different views
+        for v1, v2, c1, c2 in kept:
+            assert torch.equal(v1, c1) and torch.equal(v2, c2)
+    finally:
+        backend.close()
