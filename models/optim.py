@@ -1,8 +1,9 @@
 """Optimisers and learning-rate schedules for SSL pre-training.
 
 * :class:`LARS` -- SGD with momentum whose per-tensor step is scaled by the trust ratio
-  ``eta * ||w|| / ||g + wd * w||`` (You et al. 2017), as in the official VICReg / Barlow Twins
-  code. Groups flagged ``lars_exclude`` (biases and norm-layer parameters, i.e. every tensor
+  ``eta * ||w|| / (||g|| + wd * ||w||)`` (You et al. 2017, Eq. 6; solo-learn's LARS, which its
+  CIFAR recipes were tuned with) or ``eta * ||w|| / ||g + wd * w||`` (``trust_ratio="update"``:
+  the official VICReg / Barlow Twins code and BYOL's optax LARS). Groups flagged ``lars_exclude`` (biases and norm-layer parameters, i.e. every tensor
   with ``ndim <= 1``; see ``Method.parameter_groups``) get neither adaptation nor weight decay:
   the rule of BYOL, SimCLR, VICReg and Barlow Twins.
 * :func:`build_optimizer` -- LARS / SGD / AdamW from ``conf/optim/*.yaml``, the base lr scaled
@@ -30,9 +31,17 @@ class LARS(Optimizer):
     For every parameter ``w`` with gradient ``g`` in a group without ``lars_exclude``::
 
         d = g + weight_decay * w
-        q = eta * ||w|| / ||d||      (q = 1 when ||w|| == 0 or ||d|| == 0)
-        buf = momentum * buf + q * d
+        q = eta * ||w|| / (||g|| + weight_decay * ||w|| + eps)     trust_ratio="paper"
+        q = eta * ||w|| / ||d||                                     trust_ratio="update"
+        (q = 1 when ||w|| == 0, or when the denominator's norm is 0)
+        buf = momentum * buf + q * d          (buf = q * d at the first step)
         w = w - lr * buf
+
+    ``paper`` is You et al.'s Eq. 6 and solo-learn's LARS (its CIFAR recipes, our CIFAR
+    presets); ``update`` is the official VICReg / Barlow Twins code and BYOL's optax LARS (the
+    ImageNet presets). By the triangle inequality the two differ only when ``wd * ||w||`` is
+    comparable to ``||g||``; at the papers' wd = 1e-6 they agree to a few parts in 10^6.
+    The momentum semantics are PyTorch SGD's (lr outside the buffer), as both references.
 
     In a group with ``lars_exclude=True``: ``d = g`` (no weight decay), ``q = 1``. The trust
     ratio is computed with ``torch.where`` on the device: no host synchronisation.
@@ -43,14 +52,17 @@ class LARS(Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, eta: float = 0.001, clip: bool = False) -> None:
-        if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
+                 weight_decay: float = 0.0, eta: float = 0.001, clip: bool = False,
+                 trust_ratio: str = "paper", eps: float = 1e-8) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0 or eps < 0:
             raise ValueError(
                 f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
-                f"eta={eta}"
+                f"eta={eta}, eps={eps}"
             )
+        if trust_ratio not in ("paper", "update"):
+            raise ValueError(f"optim.trust_ratio must be paper or update, got {trust_ratio!r}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                        clip=clip, lars_exclude=False)
+                        clip=clip, lars_exclude=False, trust_ratio=trust_ratio, eps=eps)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -67,14 +79,17 @@ class LARS(Optimizer):
                     continue
                 d = p.grad
                 if not exclude:
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(d)
                     if wd != 0:
                         d = d.add(p, alpha=wd)
-                    w_norm = torch.linalg.vector_norm(p)
-                    d_norm = torch.linalg.vector_norm(d)
-                    one = torch.ones_like(w_norm)
-                    q = torch.where(
-                        (w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, one
-                    )
+                    if group["trust_ratio"] == "paper":
+                        denom = g_norm + wd * w_norm + group["eps"]
+                        valid = (w_norm > 0) & (g_norm > 0)
+                    else:
+                        denom = torch.linalg.vector_norm(d)
+                        valid = (w_norm > 0) & (denom > 0)
+                    q = torch.where(valid, eta * w_norm / denom, torch.ones_like(w_norm))
                     if group["clip"] and lr > 0:
                         q = torch.clamp(q / lr, max=1.0)
                     d = d.mul(q)
@@ -122,7 +137,8 @@ def build_optimizer(param_groups: list[dict[str, Any]], optim_cfg: Mapping[str, 
 
     Config keys: ``name`` (lars | sgd | adamw), ``lr`` (at ``base_batch``), ``base_batch``,
     ``scaling`` (linear | sqrt | none), ``weight_decay``, ``momentum`` (lars, sgd), ``eta``
-    (lars), ``clip_lr`` (lars), ``nesterov`` (sgd), ``betas`` (adamw), ``exclude_bias_and_norm_wd`` (sgd, adamw:
+    (lars), ``clip_lr`` (lars), ``trust_ratio`` (lars: paper | update), ``nesterov`` (sgd),
+    ``betas`` (adamw), ``exclude_bias_and_norm_wd`` (sgd, adamw:
     no weight decay on groups flagged ``lars_exclude``; LARS always excludes them).
     Group keys honoured: ``lr_mult`` (multiplies the scaled lr), ``lars_exclude``,
     ``fixed_lr`` (read by :class:`WarmupCosine`). Extra keys stay in the group.
@@ -149,7 +165,8 @@ def build_optimizer(param_groups: list[dict[str, Any]], optim_cfg: Mapping[str, 
     if name == "lars":
         return LARS(groups, lr=lr, momentum=float(_cfg(optim_cfg, "momentum", 0.9)),
                     weight_decay=wd, eta=float(_cfg(optim_cfg, "eta", 0.001)),
-                    clip=bool(_cfg(optim_cfg, "clip_lr", False)))
+                    clip=bool(_cfg(optim_cfg, "clip_lr", False)),
+                    trust_ratio=str(_cfg(optim_cfg, "trust_ratio", "paper")))
     # The LARS flag means nothing to torch's optimisers: keep it only as group metadata.
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=float(_cfg(optim_cfg, "momentum", 0.9)),

@@ -225,3 +225,33 @@ def test_moco_shuffle_bn_and_queue_under_two_gloo_ranks() -> None:
     torch.testing.assert_close(r0["queue"][:8], r0["plain_eval"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(r0["queue"][8:16], r1["plain_eval"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(r0["plain_eval"], r1["plain_eval"], atol=1e-3)
+
+
+def _solo_learn_vicreg(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """solo-learn's vicreg_loss_func with its CIFAR weights 25/25/1, in float64: its variance
+    term is relu(1 - std) averaged per branch and SUMMED over the branches (not halved)."""
+    z1, z2 = z1.double(), z2.double()
+    n, d = z1.shape
+    inv = ((z1 - z2) ** 2).mean()
+    var = sum(torch.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean() for z in (z1, z2))
+    cov = 0.0
+    for z in (z1, z2):
+        zc = z - z.mean(dim=0)
+        c = zc.T @ zc / (n - 1)
+        cov = cov + (c.pow(2).sum() - c.diagonal().pow(2).sum()) / d
+    return 25.0 * inv + 25.0 * var + 1.0 * cov
+
+
+def test_vicreg_cifar_preset_equals_solo_learn_recipe_and_imagenet_the_official_one() -> None:
+    """The official loss halves the variance term; the CIFAR preset must make up for it."""
+    from models.objectives import vicreg_loss
+
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(16, 12, generator=g) * 0.3, torch.randn(16, 12, generator=g) * 0.3
+    cifar = _build("vicreg")
+    sim, std, cov = cifar.coeffs
+    got = vicreg_loss(z1.double(), z2.double(), sim, std, cov)
+    torch.testing.assert_close(got, _solo_learn_vicreg(z1, z2), rtol=1e-10, atol=1e-10)
+    imagenet = OmegaConf.load(REPO_ROOT / "conf" / "method" / "vicreg.yaml")
+    imagenet.preset = "imagenet"
+    assert (imagenet.sim_coeff, imagenet.std_coeff, imagenet.cov_coeff) == (25.0, 25.0, 1.0)

@@ -13,14 +13,19 @@ from models.optim import LARS, WarmupCosine, build_optimizer, scale_lr
 
 def _lars_reference(w: np.ndarray, g: np.ndarray, buf: np.ndarray | None, *, lr: float,
                     momentum: float, wd: float, eta: float, exclude: bool,
-                    clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """One LARS step written from the paper / official VICReg code, in float64 numpy."""
+                    clip: bool = False, form: str = "paper") -> tuple[np.ndarray, np.ndarray]:
+    """One LARS step in float64 numpy: ``paper`` is You et al. Eq. 6 as solo-learn's lars.py
+    writes it (eta |w| / (|g| + wd |w| + 1e-8)); ``update`` is the official VICReg code
+    (eta |w| / |g + wd w|)."""
     if exclude:
         d = g.copy()
     else:
+        w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
         d = g + wd * w
-        w_norm, d_norm = np.linalg.norm(w), np.linalg.norm(d)
-        trust = eta * w_norm / d_norm if (w_norm > 0 and d_norm > 0) else 1.0
+        if form == "paper":
+            trust = eta * w_norm / (g_norm + wd * w_norm + 1e-8)
+        else:
+            trust = eta * w_norm / np.linalg.norm(d)
         if clip:
             trust = min(trust / lr, 1.0)
         d = trust * d
@@ -45,15 +50,18 @@ def _problem(seed: int = 0):
     return w0, b0, grads, torch_loss
 
 
+@pytest.mark.parametrize("form", ["paper", "update"])
 @pytest.mark.parametrize("clip", [False, True])
-def test_lars_matches_reference_update(clip: bool) -> None:
+def test_lars_matches_reference_update(clip: bool, form: str) -> None:
     w0, b0, grads, torch_loss = _problem()
     w = torch.tensor(w0, requires_grad=True)
     b = torch.tensor(b0, requires_grad=True)
     lrs = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
-    hp = dict(momentum=0.9, wd=0.01, eta=0.02)
+    # wd large enough that the two trust-ratio forms differ visibly
+    hp = dict(momentum=0.9, wd=0.5, eta=0.02)
     opt = LARS([{"params": [w], "lars_exclude": False}, {"params": [b], "lars_exclude": True}],
-               lr=lrs[0], momentum=hp["momentum"], weight_decay=hp["wd"], eta=hp["eta"], clip=clip)
+               lr=lrs[0], momentum=hp["momentum"], weight_decay=hp["wd"], eta=hp["eta"], clip=clip,
+               trust_ratio=form)
     rw, rb, bw, bb = w0.copy(), b0.copy(), None, None
     for lr in lrs:
         for group in opt.param_groups:
@@ -62,19 +70,26 @@ def test_lars_matches_reference_update(clip: bool) -> None:
         torch_loss(w, b).backward()
         opt.step()
         gw, gb = grads(rw, rb)
-        rw, bw = _lars_reference(rw, gw, bw, lr=lr, exclude=False, clip=clip, **hp)
-        rb, bb = _lars_reference(rb, gb, bb, lr=lr, exclude=True, clip=clip, **hp)
+        rw, bw = _lars_reference(rw, gw, bw, lr=lr, exclude=False, clip=clip, form=form, **hp)
+        rb, bb = _lars_reference(rb, gb, bb, lr=lr, exclude=True, clip=clip, form=form, **hp)
         np.testing.assert_allclose(w.detach().numpy(), rw, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(b.detach().numpy(), rb, rtol=1e-10, atol=1e-12)
     # the trust ratio really acted: plain SGD momentum would have moved w differently
     sgd_w = torch.tensor(w0, requires_grad=True)
-    sgd = torch.optim.SGD([sgd_w], lr=lrs[0], momentum=0.9, weight_decay=0.01)
+    sgd = torch.optim.SGD([sgd_w], lr=lrs[0], momentum=0.9, weight_decay=hp["wd"])
     for lr in lrs:
         sgd.param_groups[0]["lr"] = lr
         sgd.zero_grad()
         torch_loss(sgd_w, torch.tensor(b0)).backward()
         sgd.step()
     assert not np.allclose(sgd_w.detach().numpy(), rw, atol=1e-3)
+    # and the other trust-ratio form would have moved w differently too
+    other = "update" if form == "paper" else "paper"
+    ow, obuf = w0.copy(), None
+    for lr in lrs:
+        ow, obuf = _lars_reference(ow, grads(ow, b0)[0], obuf, lr=lr, exclude=False, clip=clip,
+                                   form=other, **hp)
+    assert not np.allclose(ow, rw, rtol=1e-6, atol=1e-8)
 
 
 def test_lars_trust_ratio_is_one_for_zero_weights() -> None:
@@ -98,6 +113,11 @@ def test_build_optimizer_lars_groups_scaling_and_exclusion() -> None:
            "weight_decay": 1e-6, "momentum": 0.9, "eta": 0.001}
     opt = build_optimizer(groups, cfg, global_batch_size=1024)
     assert isinstance(opt, LARS)
+    assert {g["trust_ratio"] for g in opt.param_groups} == {"paper"}
+    upd = build_optimizer(groups, {**cfg, "trust_ratio": "update"}, 1024)
+    assert {g["trust_ratio"] for g in upd.param_groups} == {"update"}
+    with pytest.raises(ValueError, match="optim.trust_ratio"):
+        build_optimizer(groups, {**cfg, "trust_ratio": "both"}, 1024)
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs == pytest.approx([1.2, 0.6, 1.2])
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-6, 0.0, 1e-6]
