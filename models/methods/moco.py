@@ -3,9 +3,14 @@
 query encoder: backbone -> projector (Linear-ReLU-Linear, no BN: moco/builder.py)
 key encoder:   EMA copy (:class:`~models.state.MomentumEncoder`; MoCo's m = 0.999 is
                ``tau_base = tau_final = 0.999``), updated after each optimizer step
-queue:         :class:`~models.state.Queue`, the keys of all ranks, enqueued after the loss
-loss:          info_nce(q1, k2, queue) (``symmetric: true`` averages it with
-               info_nce(q2, k1, queue) and enqueues both views' keys, as solo-learn's MoCo v2+)
+queue:         :class:`~models.state.Queue`, the view-2 keys of all ranks, enqueued after
+               the loss
+loss:          info_nce(q1, k2, queue)
+
+``symmetric: true`` is solo-learn's MoCo v2+: a second queue ``queue_view1`` holds the view-1
+keys, and the loss is (info_nce(q1, k2, queue) + info_nce(q2, k1, queue_view1)) / 2 -- each
+query is contrasted with past keys of the *other* view, and each queue keeps ``queue_size``
+keys (solo-learn's ``queue`` of shape (2, D, K)). Both queues are buffers (checkpointed).
 
 ``bn`` keeps the key encoder's BatchNorm from leaking which sample is the positive:
 ``shuffle`` (the paper) shuffles the batch across ranks before the key encoder and restores
@@ -44,6 +49,9 @@ class MoCoV2(Method):
         self.momentum = MomentumEncoder(nn.Sequential(self.backbone, self.projector),
                                         tau_base=tau_base, tau_final=tau_final)
         self.queue = Queue(queue_size, proj_output_dim, process_group=process_group)
+        # symmetric only: the view-1 keys (negatives for q2); another seed, another init
+        self.queue_view1 = (Queue(queue_size, proj_output_dim, process_group=process_group,
+                                  seed=1) if symmetric else None)
         self.temperature = float(temperature)
         self.bn = bn
         self.symmetric = bool(symmetric)
@@ -95,15 +103,14 @@ class MoCoV2(Method):
         q1 = F.normalize(z1, dim=1)
         k2 = self.keys(view2)
         # A copy: the enqueue below writes in place into the buffer autograd would save.
-        negatives = self.queue.keys.clone()
-        loss = info_nce(q1, k2, negatives, self.temperature)
-        if self.symmetric:
+        loss = info_nce(q1, k2, self.queue.keys.clone(), self.temperature)
+        if self.queue_view1 is not None:
             q2 = F.normalize(self.projector(self.backbone(view2)), dim=1)
             k1 = self.keys(view1)
-            loss = 0.5 * (loss + info_nce(q2, k1, negatives, self.temperature))
-            self.queue.enqueue(torch.cat([k2, k1]))
-        else:
-            self.queue.enqueue(k2)
+            loss = 0.5 * (loss + info_nce(q2, k1, self.queue_view1.keys.clone(),
+                                          self.temperature))
+            self.queue_view1.enqueue(k1)
+        self.queue.enqueue(k2)
         return loss, {"loss": loss.detach(), "tau": self._tau, "embeddings": z1.detach()}
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
@@ -114,4 +121,7 @@ class MoCoV2(Method):
     def ddp_static_buffers(self) -> list[str]:
         """Buffers that are identical on every rank by construction (the queue): DDP's
         per-step ``broadcast_buffers`` need not copy them (65536 x 128 floats = 32 MB)."""
-        return ["queue.keys", "queue.ptr"]
+        names = ["queue.keys", "queue.ptr"]
+        if self.queue_view1 is not None:
+            names += ["queue_view1.keys", "queue_view1.ptr"]
+        return names

@@ -171,8 +171,8 @@ def test_resume_from_state_dict_is_bit_exact(name: str, extra: dict) -> None:
         assert torch.equal(a, b), k
     if name != "simsiam":
         assert int(resumed.momentum.step) == 6
-    if name == "mocov2":
-        assert int(resumed.queue.ptr) == (6 * 16) % 64
+    if name == "mocov2":  # symmetric: one queue per view, 8 keys each per step
+        assert int(resumed.queue.ptr) == int(resumed.queue_view1.ptr) == (6 * 8) % 64
 
 
 def test_moco_enqueues_the_keys_after_using_the_old_queue() -> None:
@@ -184,6 +184,41 @@ def test_moco_enqueues_the_keys_after_using_the_old_queue() -> None:
     assert int(method.queue.ptr) == 8
     torch.testing.assert_close(method.queue.keys[:8], method.keys(v2))
     assert torch.equal(method.queue.keys[8:], before[8:])
+
+
+def _ref_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:
+    """-log softmax of [q.k, q.queue_j] / t at the positive, averaged; float64, rows normalised."""
+    q, k, queue = (F.normalize(x.double(), dim=1) for x in (q, k, queue))
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(q.shape[0]):
+        pos = torch.exp(q[i] @ k[i] / t)
+        total = total - torch.log(pos / (pos + torch.exp(queue @ q[i] / t).sum()))
+    return total / q.shape[0]
+
+
+def test_moco_symmetric_contrasts_each_query_with_the_other_views_queue() -> None:
+    """solo-learn's MoCo v2+: q1 vs k2 and the queue of past view-2 keys, q2 vs k1 and the
+    queue of past view-1 keys, averaged; each view's keys go to its own queue."""
+    method = _build("mocov2", symmetric=True)
+    method.eval()  # BN with running statistics: the reference forward sees the same numbers
+    v1, v2 = _views()
+    for _ in range(2):  # fill the queues with something else than their random init
+        method.training_step(*_views(seed=5))
+    old2, old1 = method.queue.keys.clone(), method.queue_view1.keys.clone()
+    assert not torch.equal(old1, old2)
+    with torch.no_grad():
+        q1 = method.projector(method.backbone(v1))
+        q2 = method.projector(method.backbone(v2))
+        k1, k2 = method.momentum(v1), method.momentum(v2)
+    loss, _ = method.training_step(v1, v2)
+    t = method.temperature
+    expected = 0.5 * (_ref_info_nce(q1, k2, old2, t) + _ref_info_nce(q2, k1, old1, t))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    p = 16 % 64  # two earlier steps of 8 keys
+    torch.testing.assert_close(method.queue.keys[p:p + 8], F.normalize(k2, dim=1))
+    torch.testing.assert_close(method.queue_view1.keys[p:p + 8], F.normalize(k1, dim=1))
+    assert "queue_view1.keys" in method.state_dict()
+    assert _build("mocov2", symmetric=False).queue_view1 is None
 
 
 def _moco_body(rank: int, world_size: int) -> dict[str, torch.Tensor]:
@@ -225,6 +260,23 @@ def test_moco_shuffle_bn_and_queue_under_two_gloo_ranks() -> None:
     torch.testing.assert_close(r0["queue"][:8], r0["plain_eval"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(r0["queue"][8:16], r1["plain_eval"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(r0["plain_eval"], r1["plain_eval"], atol=1e-3)
+    # shuffle-BN against moco/builder.py's semantics, recomputed here on one process: rank 0's
+    # permutation (seed 1) of the global batch, rank r encodes slice r of it (train-mode BN
+    # over that slice), the keys go back to the rank and position of their image
+    torch.manual_seed(0)
+    ref = build_method(method_cfg("mocov2", **SMALL_HEADS, queue_size=64, symmetric=False,
+                                  bn="shuffle"), TINY_BACKBONE)
+    ref.train()
+    x_all = torch.cat([_views(seed=100 + r)[1] for r in range(2)])
+    torch.manual_seed(1)
+    perm = torch.randperm(16)
+    keys = torch.empty(16, SMALL_HEADS["proj_output_dim"])
+    with torch.no_grad():
+        for r in range(2):
+            keys[perm[r * 8:(r + 1) * 8]] = ref.momentum(x_all[perm[r * 8:(r + 1) * 8]])
+    keys = F.normalize(keys, dim=1)
+    torch.testing.assert_close(r0["keys_train"], keys[:8], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r1["keys_train"], keys[8:], rtol=1e-4, atol=1e-5)
 
 
 def _solo_learn_vicreg(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
