@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from orchestration.cli import compose_config, main
 from tests.orchestration.test_train import cli_env
@@ -72,3 +74,60 @@ def test_console_script_and_module_entry_point(tmp_path):
                               env=cli_env(), capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "epochs: 3" in proc.stdout
+
+
+# Each method's CIFAR recipe as published (solo-learn scripts/pretrain/cifar/*.yaml; SimSiam:
+# the paper's CIFAR-10 appendix): (augment preset, optimiser, lr at batch 256, weight decay).
+RECIPES = {
+    "byol": ("cifar_byol", "lars", 1.0, 1e-5),
+    "simclr": ("cifar_simclr", "lars", 0.4, 1e-4),
+    "mocov2": ("cifar_mocov2", "sgd", 0.3, 1e-4),
+    "simsiam": ("cifar_simsiam", "sgd", 0.03, 5e-4),
+    "vicreg": ("cifar_vicreg", "lars", 0.3, 1e-4),
+    "barlow_twins": ("cifar_barlow_twins", "lars", 0.3, 1e-4),
+    "contrastive": ("cifar_contrastive", "lars", 0.4, 1e-4),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_method_brings_its_augmentation_and_optimiser(method):
+    aug, opt, lr, wd = RECIPES[method]
+    cfg = compose_config([f"method={method}"])
+    assert (cfg.augment.name, cfg.optim.name) == (aug, opt)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (lr, wd)
+    if opt == "lars":
+        assert (cfg.optim.eta, cfg.optim.clip_lr) == (0.02, True)
+    # the recipe is built from real presets the loader and optimiser accept
+    from models.optim import build_optimizer
+    from pipelines.recipes import TwoViewRecipe
+
+    TwoViewRecipe.from_config(cfg.augment)
+    p = torch.nn.Parameter(torch.zeros(3))
+    build_optimizer([{"params": [p]}], cfg.optim, 256)
+    # what the command line names wins over the recipe
+    cfg = compose_config([f"method={method}", "augment=simclr", "optim=adamw", "optim.lr=0.123"])
+    assert (cfg.augment.name, cfg.optim.name, cfg.optim.lr) == ("simclr", "adamw", 0.123)
+    other = "sgd" if opt == "lars" else "lars"
+    plain = compose_config([f"optim={other}"] + (["method=byol"] if method == "byol" else []))
+    cfg = compose_config([f"method={method}", f"optim={other}"])
+    assert OmegaConf.to_container(cfg.optim) == OmegaConf.to_container(plain.optim)  # no recipe values leak
+
+
+def test_simsiam_augmentation_differs_from_simclr_only_in_jitter():
+    a = compose_config(["method=simsiam"]).augment
+    b = compose_config(["method=simclr"]).augment
+    for v in ("view1", "view2"):
+        assert (a[v].brightness, a[v].contrast, a[v].saturation, a[v].hue) == (0.4, 0.4, 0.4, 0.1)
+        assert a[v].crop_scale == b[v].crop_scale and a[v].grayscale_p == b[v].grayscale_p
+
+
+def test_cifar10_brings_the_cifar_recipe_and_overrides_still_win():
+    cfg = compose_config(["data=cifar10", "method=mocov2"])
+    assert (cfg.backbone.name, cfg.backbone.get("cifar_stem")) == ("resnet18", True)
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.eval.every_epochs) == (256, 200, 10)
+    assert (cfg.augment.name, cfg.optim.name, cfg.optim.lr) == ("cifar_mocov2", "sgd", 0.3)
+    cfg = compose_config(["data=cifar10", "backbone=resnet_mini", "trainer.epochs=3"])
+    assert (cfg.backbone.name, cfg.trainer.epochs) == ("resnet_mini", 3)
+    # the embedded default is unchanged by the recipes
+    cfg = compose_config([])
+    assert (cfg.backbone.name, cfg.trainer.batch_size, cfg.augment.name) == ("resnet_mini", 64, "cifar_byol")
