@@ -8,12 +8,8 @@ CPU). Two background threads overlap the work with the training step: a host thr
 samples, validates them and draws the parameters; a device thread runs the backend (DALI
 releases the GIL while it works). Bounded queues (`prefetch`) keep memory flat.
 
-On a GPU the device thread works on its own CUDA stream of the loader's device (not the
-trainer's, and not device 0 of a fresh thread under torchrun): DALI's outputs are bound to
-that stream and copied there, labels go up from pinned memory, and an event recorded after
-the batch is all the consumer waits on -- `current_stream.wait_event` plus `record_stream`
-on the batch's tensors, so no per-batch host synchronisation and no reuse of a batch's
-memory while the trainer's stream still reads it.
+On a GPU the device thread works on a side stream of the loader's device and the batch
+reaches the trainer's stream by an event (pipelines/handoff.py): no per-batch host sync.
 
 A sample that fails validation, or that makes the backend fail, is replaced in its batch by a
 copy of a good neighbour of the same batch (and counted), so every rank still takes exactly
@@ -22,25 +18,23 @@ len(stream) // batch_size steps and DDP never waits on a missing batch.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipelines import dali as dali_mod
+from pipelines.handoff import POLL_S, DeviceWork, Failure, hand_to_current_stream, put
 from pipelines.imagesize import image_hw as read_hw
 from pipelines.recipes import TwoViewRecipe, ViewParams, batch_rng, sample_view_params
 from pipelines.validate import VALIDATE_MODES, CorruptImage, validate_image
 
 BACKENDS = ("auto", "dali", "torchvision")
-_POLL_S = 0.1
 
 
 @dataclass
@@ -61,11 +55,6 @@ class _HostBatch:
     shards: list[str]
     stream_state: dict
     params: tuple[ViewParams, ViewParams] | None = None  # drawn on the host thread
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 def resolve_backend(backend: str) -> str:
@@ -99,16 +88,6 @@ def effective_validation(validate: str, stream) -> str:
     if validate != "auto":
         return validate
     return "none" if getattr(stream, "validate", None) in ("header", "decode") else "header"
-
-
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=_POLL_S)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 class TwoViewLoader:
@@ -268,11 +247,12 @@ class TwoViewLoader:
                 item = self._get(out_q, threads)
                 self.last_wait_s = time.perf_counter() - t0
                 self.data_wait_s += self.last_wait_s
-                if isinstance(item, _Failure):
+                if isinstance(item, Failure):
                     raise item.exc
                 batch, index, stream_state, ready = item
                 if ready is not None:
-                    _hand_to_current_stream(batch, ready, self.device)
+                    hand_to_current_stream((batch.view1, batch.view2, batch.labels), ready,
+                                           self.device)
                 self._position, self._stream_state = index + 1, stream_state
                 with self._lock:
                     self._aug["batches"] += 1
@@ -283,7 +263,7 @@ class TwoViewLoader:
     def _get(self, q: queue.Queue, threads: list[threading.Thread]):
         while True:
             try:
-                return q.get(timeout=_POLL_S)
+                return q.get(timeout=POLL_S)
             except queue.Empty:
                 if not any(t.is_alive() for t in threads):
                     try:
@@ -310,10 +290,10 @@ class TwoViewLoader:
                         "samples than its len() promised")
                 host = self._prepare(index, samples, self.stream.state_dict())
                 host.params = self._params(epoch, host)
-                if not _put(host_q, host, stop):
+                if not put(host_q, host, stop):
                     return
         except BaseException as e:  # hand the error to the consumer instead of dying silently
-            _put(host_q, _Failure(e), stop)
+            put(host_q, Failure(e), stop)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
@@ -353,31 +333,21 @@ class TwoViewLoader:
     def _device_loop(self, epoch: int, host_q: queue.Queue, out_q: queue.Queue,
                      stop: threading.Event) -> None:
         try:
-            with contextlib.ExitStack() as ctx:
-                side = None
-                if self.device.type == "cuda":
-                    # A new thread starts on CUDA device 0 with its default stream: select
-                    # the loader's device and a side stream for everything this thread does.
-                    ctx.enter_context(torch.cuda.device(self.device))
-                    side = torch.cuda.Stream(self.device)
-                    ctx.enter_context(torch.cuda.stream(side))
+            with DeviceWork(self.device) as work:
                 while not stop.is_set():
                     try:
-                        host = host_q.get(timeout=_POLL_S)
+                        host = host_q.get(timeout=POLL_S)
                     except queue.Empty:
                         continue
-                    if isinstance(host, _Failure):
-                        _put(out_q, host, stop)
+                    if isinstance(host, Failure):
+                        put(out_q, host, stop)
                         return
                     batch = self._augment(epoch, host)
-                    ready = None
-                    if side is not None:
-                        ready = torch.cuda.Event()
-                        ready.record(side)
-                    if not _put(out_q, (batch, host.index, host.stream_state, ready), stop):
+                    ready = work.done()
+                    if not put(out_q, (batch, host.index, host.stream_state, ready), stop):
                         return
         except BaseException as e:
-            _put(out_q, _Failure(e), stop)
+            put(out_q, Failure(e), stop)
 
     def _augment(self, epoch: int, host: _HostBatch) -> Batch:
         try:
@@ -417,16 +387,6 @@ class TwoViewLoader:
         host.hw, host.labels = host.hw[order], [host.labels[i] for i in order]
         host.keys = [host.keys[i] for i in order]
         return self._backend.run(host.images, self._params(epoch, host))
-
-
-def _hand_to_current_stream(batch: Batch, ready, device: torch.device) -> None:
-    """Make the consumer's current stream wait for the batch (a GPU-side wait, not a host
-    sync) and tell torch's allocator that stream uses the batch's memory (`record_stream`),
-    so the side stream cannot reuse it before the trainer's work on it has run."""
-    current = torch.cuda.current_stream(device)
-    current.wait_event(ready)
-    for t in (batch.view1, batch.view2, batch.labels):
-        t.record_stream(current)
 
 
 def _nearest(good: list[int], i: int) -> int:

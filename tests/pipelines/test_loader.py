@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,3 +355,87 @@ def test_cifar10_views_are_normalised_with_the_dataset_statistics(backend, cifar
         loader.close()
     assert batch.view1.shape == batch.view2.shape == (128, 3, 32, 32)
     assert torch.isfinite(batch.view1).all() and set(batch.labels.tolist()) <= set(range(10))
+
+
+# The child: a fresh process builds the same stream + loader, restores each saved loader
+# state and returns the rest of that epoch and the first batches of the next one.
+_RESUME_CHILD = """
+import json, sys, torch
+from pipelines.loader import TwoViewLoader
+from pipelines.recipes import PRESETS
+from pipelines.stream import ShardStream
+job = json.load(sys.stdin)
+torch.set_num_threads(1)
+out = []
+for state in job["states"]:
+    loader = TwoViewLoader(ShardStream(job["urls"], **job["stream"]), PRESETS["cifar_byol"],
+                           device="cpu", **job["loader"])
+    try:
+        loader.load_state_dict(state)
+        loader.set_epoch(state["epoch"])
+        rest = [(b.keys, b.labels, b.view1, b.view2) for b in loader]
+        loader.set_epoch(state["epoch"] + 1)
+        nxt = []
+        for b in loader:
+            nxt.append((b.keys, b.labels, b.view1, b.view2))
+            if len(nxt) == 2:
+                break
+        out.append((rest, nxt))
+    finally:
+        loader.close()
+torch.save(out, job["out"])
+"""
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_saves_what_was_consumed_not_what_prefetch_read(backend, shard_factory, tmp_path):
+    """The trainer checkpoints while the loader's threads have read several batches ahead
+    (prefetch=4, the consumer idles until the stream is >= 3 batches past it). The saved
+    state must be the consumer's: restored in a NEW process it yields exactly the batches the
+    uninterrupted loop yielded after that point, then the next epoch, bit for bit. Shards of
+    uneven size with a corrupt member, so the cursor also carries the bad-sample log."""
+    import json
+    import subprocess
+    import sys
+
+    shards = shard_factory([20, 14, 18], corrupt={(1, 3): "bad_header"})
+    skw = {"num_workers": 2, "seed": 5, "shuffle_buffer": 16, "max_bad_fraction": 0.1}
+    lkw = {"batch_size": 6, "backend": backend, "seed": 11, "prefetch": 4}
+    stream = ShardStream(shards.urls, **skw)
+    loader = TwoViewLoader(stream, RECIPE, device="cpu", **lkw)
+    ks, states, batches, read_ahead = (2, 5), [], [], []
+    try:
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            for b in loader:  # no break: the threads stay alive and keep reading
+                batches.append((epoch, b))
+                consumed = len(batches) if epoch == 0 else None
+                if consumed in ks:
+                    deadline = time.monotonic() + 10
+                    while stream.position < (consumed + 3) * 6 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    read_ahead.append(stream.position - consumed * 6)
+                    states.append(json.loads(json.dumps(loader.state_dict())))
+    finally:
+        loader.close()
+    assert all(r >= 18 for r in read_ahead), read_ahead  # the prefetch really was ahead
+    assert [s["batch"] for s in states] == list(ks)
+    assert [s["stream"]["position"] for s in states] == [k * 6 for k in ks]
+    first = [b for e, b in batches if e == 0]
+    second = [b for e, b in batches if e == 1]
+    assert len(first) == len(loader) == 52 // 6  # manifest counts; the bad one is topped up
+
+    job = {"urls": shards.urls, "stream": skw, "loader": lkw, "states": states,
+           "out": str(tmp_path / "resumed.pt")}
+    r = subprocess.run([sys.executable, "-c", _RESUME_CHILD], input=json.dumps(job),
+                       cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = torch.load(job["out"], weights_only=False)
+    for k, (rest, nxt) in zip(ks, resumed, strict=True):
+        want = first[k:]
+        assert len(rest) == len(want)
+        for (keys, labels, v1, v2), b in zip(rest + nxt, want + second[:2], strict=True):
+            assert keys == b.keys and torch.equal(labels, b.labels)
+            assert torch.equal(v1, b.view1) and torch.equal(v2, b.view2)
