@@ -12,7 +12,7 @@ from typing import Any
 
 from models.backbones import build_backbone
 from models.methods.barlow_twins import BarlowTwins
-from models.methods.base import Method, MethodConfig, split_param_groups
+from models.methods.base import CheckpointMismatchError, Method, MethodConfig, split_param_groups
 from models.methods.byol import BYOL
 from models.methods.contrastive import Contrastive
 from models.methods.moco import MoCoV2
@@ -23,6 +23,7 @@ from models.methods.vicreg import VICReg
 __all__ = [
     "BYOL",
     "METHODS",
+    "CheckpointMismatchError",
     "BarlowTwins",
     "Contrastive",
     "Method",

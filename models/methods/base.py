@@ -23,7 +23,7 @@ from torch import nn
 
 from models.backbones import feature_dim_of
 
-__all__ = ["Method", "MethodConfig", "split_param_groups"]
+__all__ = ["CheckpointMismatchError", "Method", "MethodConfig", "split_param_groups"]
 
 Metrics = dict[str, Any]
 
@@ -86,6 +86,52 @@ def split_param_groups(named: Iterable[tuple[str, nn.Parameter]], name: str,
     return [g for g in groups if g["params"]]
 
 
+class CheckpointMismatchError(RuntimeError):
+    """A state dict that does not fit the method (another method, backbone or head widths).
+
+    A ``RuntimeError`` like torch's own strict-load failure, so callers that catch that keep
+    working; the message says which method and what differs.
+    """
+
+
+def _top_level(keys: Iterable[str]) -> list[str]:
+    return sorted({k.split(".", 1)[0] for k in keys})
+
+
+def _short(items: list[str], n: int = 5) -> str:
+    head = ", ".join(items[:n])
+    return head + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, Any], name: str) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``state_dict`` has exactly ``module``'s
+    keys with the same shapes. Why: torch's own error lists hundreds of keys and never says
+    that the checkpoint came from another method or configuration."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and hasattr(state_dict[k], "shape")
+        and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"the state dict does not fit method {name!r}"]
+    theirs, ours = _top_level(state_dict), _top_level(own)
+    if theirs != ours:
+        parts.append(f"it holds modules [{', '.join(theirs)}] where {name!r} has "
+                     f"[{', '.join(ours)}]: saved by another method (or MoCo's symmetric option)")
+    if shapes:
+        parts.append(f"shape mismatches (another backbone or head width?): {_short(shapes, 3)}")
+    if missing:
+        parts.append(f"missing keys: {_short(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_short(unexpected)}")
+    raise CheckpointMismatchError("; ".join(parts))
+
+
 class Method(nn.Module):
     """Base class: subclasses set ``name``, build heads/state, implement ``training_step``."""
 
@@ -121,6 +167,15 @@ class Method(nn.Module):
         schedule right whether the caller counts from 0 or 1. ``total_steps`` is the K of
         the schedule.
         """
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; with ``strict`` a checkpoint of another method or
+        shape raises :class:`CheckpointMismatchError` naming the difference, before anything
+        is copied (torch's own check fails half-way, leaving a partly loaded model)."""
+        if strict:
+            check_state_dict_fits(self, state_dict, self.name or type(self).__name__)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (the representation that evaluation and the registry use)."""

@@ -4,6 +4,7 @@ MoCo's shuffle-BN and queue under 2 gloo ranks."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -307,3 +308,64 @@ def test_vicreg_cifar_preset_equals_solo_learn_recipe_and_imagenet_the_official_
     imagenet = OmegaConf.load(REPO_ROOT / "conf" / "method" / "vicreg.yaml")
     imagenet.preset = "imagenet"
     assert (imagenet.sim_coeff, imagenet.std_coeff, imagenet.cov_coeff) == (25.0, 25.0, 1.0)
+
+
+def _ref_byol_term(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """mean_i || p_i/|p_i| - z_i/|z_i| ||^2 in float64, written from the paper's Eq. 2."""
+    p, z = p.double(), z.double()
+    p = p / p.norm(dim=1, keepdim=True)
+    z = z / z.norm(dim=1, keepdim=True)
+    return ((p - z) ** 2).sum(dim=1).mean()
+
+
+def test_byol_loss_is_symmetric_predictor_online_only_and_target_uses_batch_statistics() -> None:
+    method = _build("byol")
+    # make the target differ from the online network (as after training) so a mix-up shows
+    method.after_optimizer_step(0, 10)
+    with torch.no_grad():
+        for p in itertools.chain(method.backbone.parameters(), method.projector.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    method.train()
+    v1, v2 = _views(batch=12)
+    target = copy.deepcopy(method.momentum.target).train()
+    target_eval = copy.deepcopy(method.momentum.target).eval()
+    online = copy.deepcopy(torch.nn.Sequential(method.backbone, method.projector)).train()
+    predictor = copy.deepcopy(method.predictor).train()
+    with torch.no_grad():
+        p1, p2 = predictor(online(v1)), predictor(online(v2))
+        t1, t2 = target(v1), target(v2)
+        e1, e2 = target_eval(v1), target_eval(v2)
+    loss, _ = method.training_step(v1, v2)
+    expected = _ref_byol_term(p1, t2) + _ref_byol_term(p2, t1)  # the paper's symmetrised sum
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    # the alternatives a bug would produce are far from it
+    assert abs(float(expected) - float(_ref_byol_term(p1, e2) + _ref_byol_term(p2, e1))) > 1e-3
+    assert abs(float(expected) - 2 * float(_ref_byol_term(p1, t2))) > 1e-3
+    assert abs(float(expected) - float(_ref_byol_term(p1, predictor(t2).detach())
+                                       + _ref_byol_term(p2, predictor(t1).detach()))) > 1e-3
+    loss.backward()
+    assert all(p.grad is not None for p in method.predictor.parameters())
+    assert all(p.grad is None for p in method.momentum.parameters())
+
+
+def test_loading_another_methods_or_shapes_checkpoint_is_a_clear_error() -> None:
+    from models.methods import CheckpointMismatchError
+
+    byol = _build("byol")
+    before = {k: v.clone() for k, v in byol.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r"method 'byol'.*modules \[backbone, "
+                                                      r"projector\].*another method"):
+        byol.load_state_dict(_build("simclr", seed=3).state_dict())
+    # nothing was half-loaded
+    assert all(torch.equal(v, before[k]) for k, v in byol.state_dict().items())
+    wider = build_method(method_cfg("byol", **{**SMALL_HEADS, "proj_output_dim": 32},
+                                    pred_hidden_dim=32), TINY_BACKBONE).state_dict()
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatches.*projector"):
+        byol.load_state_dict(wider)
+    sym = _build("mocov2", symmetric=True).state_dict()
+    with pytest.raises(RuntimeError, match="queue_view1"):  # still a RuntimeError for callers
+        _build("mocov2", symmetric=False).load_state_dict(sym)
+    # a fitting checkpoint loads; strict=False keeps torch's lenient behaviour
+    byol.load_state_dict(_build("byol", seed=4).state_dict())
+    byol.load_state_dict({k: v for k, v in wider.items() if k.startswith("backbone.")},
+                         strict=False)
