@@ -386,8 +386,21 @@ def test_low_precision_inputs_are_computed_in_float32() -> None:
         assert low.dtype == torch.float32, fn.__name__
         full = fn(z1.bfloat16().float(), z2.bfloat16().float())  # same rounded inputs
         assert float(low) == pytest.approx(float(full), rel=1e-6), fn.__name__
+    queue = _randn(5, 6, seed=34).float()
+    low = info_nce(z1.bfloat16(), z2.bfloat16(), queue.bfloat16())
+    assert low.dtype == torch.float32
+    full = info_nce(z1.bfloat16().float(), z2.bfloat16().float(), queue.bfloat16().float())
+    assert float(low) == pytest.approx(float(full), rel=1e-6)
+    # under autocast float32 inputs would go through bf16 matmuls: every loss must switch
+    # autocast off and give its float32 value
+    fns = (nt_xent, contrastive_margin, vicreg_loss, barlow_twins_loss, byol_loss,
+           simsiam_loss)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert nt_xent(z1, z2).dtype == torch.float32
+        outs = [fn(z1, z2) for fn in fns] + [info_nce(z1, z2, queue)]
+    refs = [fn(z1, z2) for fn in fns] + [info_nce(z1, z2, queue)]  # autocast off
+    for fn, out, ref in zip([*fns, info_nce], outs, refs, strict=True):
+        assert out.dtype == torch.float32, fn.__name__
+        assert float(out) == pytest.approx(float(ref), rel=1e-6), fn.__name__
 
 
 def test_bad_inputs_name_the_problem() -> None:
