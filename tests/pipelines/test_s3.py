@@ -129,3 +129,34 @@ def test_webdataset_reads_s3_through_the_registered_opener(s3: S3Env, s3_shards)
                         empty_check=False)
     keys = [s["__key__"] for s in ds]
     assert keys == ss.keys[0] + ss.keys[1]
+
+
+def test_a_server_that_keeps_failing_ends_in_bounded_retries_naming_the_url(
+        s3: S3Env, s3_shards, fault_proxy, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Retries are bounded: a server answering 503 to every GET stops the epoch with an error
+    naming the shard URL and the attempt count, after a bounded number of requests, and no
+    secret reaches the message or the log."""
+    import dataclasses
+    import logging
+
+    import s3fs
+
+    from pipelines import storage
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    fast = dataclasses.replace(storage.RetryPolicy(), base_delay=0.01, max_delay=0.02)
+    monkeypatch.setattr(storage, "RetryPolicy", lambda: fast)
+    url, _ = s3_shards
+    opts = s3_options(fault_proxy.endpoint, config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
+    s = ShardStream(url, storage_options=opts, num_workers=1, shuffle=False)
+    fault_proxy.only = "GET"
+    fault_proxy.plan = ["503"] * 1000
+    with caplog.at_level(logging.DEBUG), pytest.raises(Exception) as err:  # noqa: PT011
+        list(s)
+    msg = str(err.value)
+    assert "s3://data/train/shard-" in msg and "gave up after" in msg, msg
+    assert 0 < len(fault_proxy.injected) <= 3 * fast.attempts, len(fault_proxy.injected)
+    from tests.fixtures.s3 import CREDS
+
+    secret = CREDS["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in msg and secret not in caplog.text
