@@ -17,14 +17,16 @@ Every write is a compare-and-swap, so two processes can never both believe they 
   and ``os.replace`` under an ``fcntl.flock`` on a guard file.
 
 Expiry uses the writer's wall clock (``expires_at`` in the record), so machines that share a
-lease need roughly synchronised clocks (NTP); ``grace_s`` absorbs small skew.
+lease need roughly synchronised clocks (NTP): a taker waits until ``expires_at + grace_s`` by
+its own clock, so skew up to ``grace_s`` is absorbed, and a visibly skewed holder (renewal
+stamped in the reader's future) is reported. A holder whose renewals fail retries every
+``ttl/10`` and gives the lease up ``safety_s = min(ttl/4, 60 s)`` BEFORE its expiry, so it
+stops working before anyone may take over. S3 calls are bounded (timeouts, 2 attempts) so a
+renewal cannot hang past the expiry. The stores live in orchestration/lease_stores.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -32,10 +34,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Protocol
+
+from orchestration.lease_stores import (  # noqa: F401  (re-exported: one import for users)
+    LeaseStore,
+    LeaseStoreError,
+    LocalLeaseStore,
+    S3LeaseStore,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +62,6 @@ class LeaseHeld(RuntimeError):
 
 class LeaseLost(RuntimeError):
     """We held the lease and no longer do (taken over after expiry, or deleted)."""
-
-
-class LeaseStoreError(RuntimeError):
-    """The lease object cannot be read or written (permissions, unreachable store)."""
 
 
 @dataclass(frozen=True)
@@ -86,181 +90,6 @@ class LeaseRecord:
             return cls("<unreadable>", "", 0.0, 0.0, 0.0, 0.0)
 
 
-class LeaseStore(Protocol):
-    """Compare-and-swap storage of one small object. Versions are opaque tokens."""
-
-    url: str
-
-    def read(self) -> tuple[bytes, str] | None:
-        """Content and version, or None when absent."""
-
-    def create(self, data: bytes) -> str | None:
-        """Write only if absent; the new version, or None when it already exists."""
-
-    def replace(self, data: bytes, version: str) -> str | None:
-        """Write only if the current version is `version`; the new version, or None."""
-
-    def delete(self, version: str) -> bool:
-        """Delete only if the current version is `version`."""
-
-
-class LocalLeaseStore:
-    """A lease file on a local (POSIX) file system."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.url = str(self.path)
-        self._guard = self.path.with_name(self.path.name + ".guard")
-
-    @staticmethod
-    def _version(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._guard, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as e:
-            raise LeaseStoreError(f"cannot open lease guard {self._guard}: {e}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    def read(self) -> tuple[bytes, str] | None:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise LeaseStoreError(f"cannot read lease {self.path}: {e}") from e
-        return data, self._version(data)
-
-    def _write_tmp(self, data: bytes) -> Path:
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-
-    def create(self, data: bytes) -> str | None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._write_tmp(data)
-        except OSError as e:
-            raise LeaseStoreError(f"cannot write next to lease {self.path}: {e}") from e
-        try:
-            with self._locked():
-                os.link(tmp, self.path)  # atomic; EEXIST when someone holds it
-            return self._version(data)
-        except FileExistsError:
-            return None
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def replace(self, data: bytes, version: str) -> str | None:
-        with self._locked():
-            cur = self.read()
-            if cur is None or cur[1] != version:
-                return None
-            tmp = self._write_tmp(data)
-            os.replace(tmp, self.path)
-        return self._version(data)
-
-    def delete(self, version: str) -> bool:
-        with self._locked():
-            cur = self.read()
-            if cur is None or cur[1] != version:
-                return False
-            self.path.unlink()
-        return True
-
-
-class S3LeaseStore:
-    """A lease object in an S3 (or S3-compatible) bucket, via s3fs conditional writes."""
-
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        import s3fs  # lazy: only S3 users need it
-
-        from pipelines.storage import resolve_storage_options  # endpoint from AWS_ENDPOINT_URL
-
-        self.url = url
-        opts = resolve_storage_options(url, storage_options)
-        opts.setdefault("skip_instance_cache", True)
-        self.fs = s3fs.S3FileSystem(**opts)
-        self.bucket, self.key, _ = self.fs.split_path(url)
-
-    def _call(self, method: str, **kwargs) -> dict:
-        """One S3 call on s3fs's loop; the body (if any) read into bytes under "Data"."""
-        from fsspec.asyn import sync
-
-        async def call() -> dict:
-            out = await self.fs._call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
-            if "Body" in out:
-                async with out["Body"] as stream:
-                    out["Data"] = await stream.read()
-            return out
-
-        try:
-            return sync(self.fs.loop, call)
-        except (FileNotFoundError, FileExistsError):
-            raise
-        except OSError as e:
-            if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
-                raise _PreconditionFailed(str(e)) from e
-            raise LeaseStoreError(f"S3 {method} on lease {self.url} failed: {e}") from e
-        except Exception as e:  # botocore connection errors and the like
-            raise LeaseStoreError(f"S3 {method} on lease {self.url} failed: {e}") from e
-
-    def read(self) -> tuple[bytes, str] | None:
-        try:
-            out = self._call("get_object")
-        except FileNotFoundError:
-            return None
-        return out["Data"], out["ETag"]
-
-    def create(self, data: bytes) -> str | None:
-        try:
-            return self._call("put_object", Body=data, IfNoneMatch="*")["ETag"]
-        except (FileExistsError, _PreconditionFailed):
-            return None
-
-    def replace(self, data: bytes, version: str) -> str | None:
-        try:
-            return self._call("put_object", Body=data, IfMatch=version)["ETag"]
-        except (FileNotFoundError, _PreconditionFailed):
-            return None
-
-    def delete(self, version: str) -> bool:
-        cur = self.read()  # conditional DeleteObject is not in every S3 clone: check first
-        if cur is None or cur[1] != version:
-            return False
-        self._call("delete_object")
-        return True
-
-
-class _PreconditionFailed(Exception):
-    pass
-
-
-def open_store(url: str, storage_options: dict | None = None) -> LeaseStore:
-    """A lease store for `url`: s3://... or a local path / file://... ."""
-    if url.startswith("s3://"):
-        return S3LeaseStore(url, storage_options)
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    if "://" in url:
-        raise ValueError(
-            f"retrain.lock.url={url!r}: leases need atomic conditional writes, available "
-            "here for s3:// and local paths; point retrain.lock.url at one of those"
-        )
-    return LocalLeaseStore(url)
-
-
 def new_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -287,6 +116,9 @@ class Lease:
         self._thread: threading.Thread | None = None
         self.lost = threading.Event()
         self.took_over_from: str | None = None
+        # A holder whose renewals fail stops this long BEFORE its expiry (others may take
+        # over at expiry + grace_s by their clock): time to stop between two steps.
+        self.safety_s = min(self.ttl_s / 4.0, 60.0)
 
     @property
     def held(self) -> bool:
@@ -307,11 +139,12 @@ class Lease:
                 version = self.store.create(rec.to_bytes())
                 if version is None:
                     raise LeaseHeld(self.store.url, self._current_holder())
-            elif cur[0] == rec.to_bytes():
+            elif LeaseRecord.from_bytes(cur[0], self.store.url).owner == self.owner:
                 # our own create landed but its reply was lost and the client retried
                 version = cur[1]
             else:
                 holder = LeaseRecord.from_bytes(cur[0], self.store.url)
+                self._warn_skew(holder)
                 if self.clock() <= holder.expires_at + self.grace_s:
                     raise LeaseHeld(self.store.url, holder)
                 version = self.store.replace(rec.to_bytes(), cur[1])
@@ -322,6 +155,15 @@ class Lease:
                             self.store.url, holder.owner, self.clock() - holder.expires_at)
         self._version, self._record = version, rec
         self.lost.clear()
+
+    def _warn_skew(self, holder: LeaseRecord) -> None:
+        """Expiry compares the holder's clock with ours: say so when they visibly disagree
+        (a renewal stamped in our future means the holder's clock runs ahead)."""
+        ahead = holder.renewed_at - self.clock()
+        if ahead > max(self.grace_s, 1.0):
+            log.warning("lease %s: holder %s stamped its renewal %.0fs in our future; clocks "
+                        "are skewed by more than grace_s=%g (sync them with NTP)",
+                        self.store.url, holder.owner, ahead, self.grace_s)
 
     def _current_holder(self) -> LeaseRecord:
         cur = self.store.read()
@@ -348,33 +190,43 @@ class Lease:
         version = self.store.replace(rec.to_bytes(), self._version)
         if version is None:
             cur = self.store.read()
-            if cur is not None and cur[0] == rec.to_bytes():  # landed; reply lost
-                self._version, self._record = cur[1], rec
-                return
-            self.lost.set()
-            raise LeaseLost(f"lease {self.store.url} was taken over: "
-                            f"now held by {self._current_holder().owner}")
+            if cur is not None and LeaseRecord.from_bytes(cur[0], self.store.url).owner \
+                    == self.owner:
+                # An earlier renewal of ours landed but its reply was lost (the call failed
+                # after the write): the object is still ours; renew against its version.
+                version = self.store.replace(rec.to_bytes(), cur[1])
+            if version is None:
+                self.lost.set()
+                raise LeaseLost(f"lease {self.store.url} was taken over: "
+                                f"now held by {self._current_holder().owner}")
         self._version, self._record = version, rec
 
     def start_heartbeat(self, on_lost: Callable[[str], None], interval_s: float | None = None
                         ) -> None:
         """Renew every `interval_s` (default ttl/3) in a daemon thread until release()."""
         interval = interval_s if interval_s is not None else self.ttl_s / 3.0
+        retry = min(interval, self.ttl_s / 10.0)
 
         def beat() -> None:
-            while not self._stop.wait(interval):
+            wait = interval
+            while not self._stop.wait(wait):
                 try:
                     self.renew()
+                    wait = interval
                 except LeaseLost as e:
                     on_lost(str(e))
                     return
-                except Exception as e:  # transient store error: retry until expiry
+                except Exception as e:  # transient store error: retry soon, give up early
                     assert self._record is not None
-                    if self.clock() >= self._record.expires_at:
+                    left = self._record.expires_at - self.clock()
+                    if left <= self.safety_s:
                         self.lost.set()
-                        on_lost(f"lease {self.store.url} expired: could not renew ({e})")
+                        on_lost(f"lease {self.store.url} could not be renewed and expires in "
+                                f"{max(left, 0.0):.0f}s ({e})")
                         return
-                    log.warning("lease %s: renewal failed, will retry: %s", self.store.url, e)
+                    wait = retry
+                    log.warning("lease %s: renewal failed (expires in %.0fs), retrying in "
+                                "%.1fs: %s", self.store.url, left, wait, e)
 
         self._stop.clear()
         self._thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)

@@ -21,6 +21,11 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 ENV_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 ENV_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
 ENV_BACKOFF = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+# Our defaults (tracking.http.* in conf/tracking/local.yaml): a dead server fails a call in
+# about max_retries * timeout + backoff ~ 25 s instead of ~250 s.
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_BACKOFF_FACTOR = 1
 
 
 def default_tracking_uri(cwd: str | Path | None = None) -> str:
@@ -61,6 +66,27 @@ def apply_http_limits(max_retries: int, timeout_s: float, backoff_factor: int) -
     os.environ.setdefault(ENV_BACKOFF, str(int(backoff_factor)))
 
 
+def ensure_http_limits(uri: str) -> None:
+    """Apply the default HTTP limits for ``uri`` unless the config or environment set them.
+
+    Called by every registry helper, because they also run outside a Tracker (the retraining
+    job, warm starts, user scripts) where nothing else would bound MLflow's retries.
+    """
+    if is_http(uri):
+        apply_http_limits(DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DEFAULT_BACKOFF_FACTOR)
+
+
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with URL credentials masked (``http://user:token@host`` -> ``http://***@host``).
+
+    Applied to every message that names the server, and to error texts that may quote it.
+    """
+    return _USERINFO.sub(r"\1***@", str(text))
+
+
 def probe(uri: str, timeout_s: float) -> str | None:
     """One bounded reachability check: None when reachable, else why not.
 
@@ -69,16 +95,18 @@ def probe(uri: str, timeout_s: float) -> str | None:
     """
     if not is_http(uri):
         return None
-    url = uri.rstrip("/") + "/health"
+    # without user:password@ (urllib cannot send it; /health needs no auth), never shown
+    url = _USERINFO.sub(r"\1", uri.rstrip("/")) + "/health"
+    shown = url
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (http only)
             if resp.status != 200:
-                return f"GET {url} answered HTTP {resp.status}"
+                return f"GET {shown} answered HTTP {resp.status}"
     except urllib.error.HTTPError as e:
-        return f"GET {url} answered HTTP {e.code}"
+        return f"GET {shown} answered HTTP {e.code}"
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        return f"GET {url} failed: {reason}"
+        return f"GET {shown} failed: {reason}"
     return None
 
 

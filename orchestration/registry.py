@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from orchestration.encoder_model import EncoderSpec, load_weights
-from orchestration.mlflow_env import scoped_tracking_uri
+from orchestration.mlflow_env import ensure_http_limits, redact, scoped_tracking_uri
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
@@ -122,6 +122,7 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
     The ``models`` package is shipped as the model's code, so a serving process rebuilds the
     backbone with the code that trained it. Raises ``RegistrationError`` on failure.
     """
+    ensure_http_limits(uri)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     example = np.zeros((1, spec.image_size, spec.image_size, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="sslstream-encoder-") as tmp:
@@ -151,7 +152,8 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
                 )
         except Exception as e:  # MLflow raises many types (HTTP, IO, schema)
             raise RegistrationError(
-                f"logging encoder {name!r} to run {run_id} at {uri} failed: {e}"
+                f"logging encoder {name!r} to run {run_id} at {redact(uri)} failed: "
+                f"{redact(str(e))}"
             ) from e
     return info.model_uri
 
@@ -226,6 +228,7 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
     version_tags["feature_dim"] = str(feature_dim)
     if (commit := git_commit()) is not None:
         version_tags.setdefault("git_commit", commit)
+    ensure_http_limits(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version: int | None = None
     try:
@@ -237,21 +240,60 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
         )
         version = int(mv.version)
         client.set_registered_model_alias(name, settings.challenger_alias, str(version))
-        champion = _current_champion(client, name, settings.champion_alias)
-        promoted, reason, prev = _decide(client, champion, new_metric, metrics, feature_dim,
-                                         settings)
-        if promoted:
-            client.set_registered_model_alias(name, settings.champion_alias, str(version))
+        promoted, reason, prev = _promote(client, version, new_metric, metrics, feature_dim,
+                                          settings)
         client.set_model_version_tag(name, str(version), "promoted", str(promoted).lower())
         client.set_model_version_tag(name, str(version), "promotion_reason", reason[:5000])
     except Exception as e:  # MLflow raises MlflowException, requests and OS errors
         done = "" if version is None else f" (version {version} was created; aliases/tags incomplete)"
         raise RegistrationError(
-            f"registering model {name!r} from {model_uri} at {uri} failed{done}: {e}"
+            f"registering model {name!r} from {model_uri} at {redact(uri)} failed{done}: "
+            f"{redact(str(e))}"
         ) from e
     return PromotionDecision(name=name, version=version, uri=f"models:/{name}/{version}",
                              promoted=promoted, reason=reason, metric=new_metric,
                              previous_champion=prev)
+
+
+PROMOTE_ATTEMPTS = 5  # read-compare-set rounds against concurrent promoters
+
+
+def _version_of(mv: Any | None) -> int | None:
+    return None if mv is None else int(mv.version)
+
+
+def _promote(client: MlflowClient, version: int, new_metric: float, metrics: dict[str, float],
+             feature_dim: int, settings: RegistrySettings) -> tuple[bool, str, int | None]:
+    """Move alias champion to ``version`` if the rule says so: read, compare, set, verify.
+
+    MLflow has no conditional alias update, so two registrations racing on one model could
+    each promote against the same old champion and the worse one could win. Here the rule
+    is decided against the champion read just before the write (re-decided if it changed),
+    and the alias is read back after the write: if another writer replaced it, the rule is
+    applied again against that writer's version. Two racing promoters therefore converge on
+    the better version, except when a write lands in the milliseconds between another
+    promoter's last read and its write. Bounded: PROMOTE_ATTEMPTS rounds.
+    """
+    alias = settings.champion_alias
+    champion = _current_champion(client, settings.name, alias)
+    promoted, reason, prev = False, "", _version_of(champion)
+    for _ in range(PROMOTE_ATTEMPTS):
+        if _version_of(champion) == version:
+            return True, reason or f"{alias} already points at v{version}", prev
+        promoted, reason, prev = _decide(client, champion, new_metric, metrics, feature_dim,
+                                         settings)
+        if not promoted:
+            return False, reason, prev
+        again = _current_champion(client, settings.name, alias)
+        if _version_of(again) != _version_of(champion):  # changed since we decided
+            champion = again
+            continue
+        client.set_registered_model_alias(settings.name, alias, str(version))
+        champion = _current_champion(client, settings.name, alias)
+        if _version_of(champion) == version:
+            return True, reason, prev
+    return False, (f"{alias} kept changing under concurrent registrations; v{version} not "
+                   f"promoted after {PROMOTE_ATTEMPTS} attempts (last: {reason})"), prev
 
 
 def _decide(client: MlflowClient, champion: Any | None, new_metric: float,
@@ -279,6 +321,7 @@ def _decide(client: MlflowClient, champion: Any | None, new_metric: float,
 def read_champion(uri: str, name: str, *, alias: str = "champion",
                   metric: str = RegistrySettings.metric) -> ChampionInfo | None:
     """The version behind ``models:/<name>@<alias>``; None if the model or alias is absent."""
+    ensure_http_limits(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         version = _current_champion(client, name, alias)
@@ -300,6 +343,7 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
     Reads only tensors (``weights_only=True``); use it to warm-start a backbone built from
     the returned spec's ``backbone`` config.
     """
+    ensure_http_limits(uri)
     with tempfile.TemporaryDirectory(prefix="sslstream-warm-") as tmp:
         # models:/ URIs resolve through the process-global registry URI, whatever the
         # registry_uri argument says: scope it.
@@ -310,7 +354,7 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
         paths = {k: local / (v["path"] if isinstance(v, dict) else v)
                  for k, v in conf.get("artifacts", {}).items()}
         if "spec" not in paths or "weights" not in paths:
-            raise ValueError(f"{model_uri} at {uri} is not an sslstream encoder (artifacts: "
+            raise ValueError(f"{model_uri} at {redact(uri)} is not an sslstream encoder (artifacts: "
                              f"{json.dumps(sorted(paths))})")
         spec = EncoderSpec.from_json(paths["spec"].read_text(encoding="utf-8"))
         return load_weights(str(paths["weights"])), spec

@@ -165,6 +165,15 @@ def take_snapshot(source: str | Sequence[str], storage_options: dict | None = No
     return Snapshot(label, tuple(sorted(shards, key=lambda s: s.name)))
 
 
+def data_tags(train: str | Sequence[str], storage_options: dict | None = None
+              ) -> dict[str, str]:
+    """Registry tags naming the training data: ``data_manifest_hash`` = ``sha256:<snapshot id>``
+    (same bytes under the same names -> same hash, on any machine) and ``data_shards``."""
+    snap = take_snapshot(train if isinstance(train, str) else [str(t) for t in train],
+                         storage_options)
+    return {"data_manifest_hash": f"sha256:{snap.id}", "data_shards": str(len(snap.shards))}
+
+
 def config_hash(cfg: DictConfig, ignore: Sequence[str] = ()) -> str:
     """sha256 of the resolved config minus `ignore` (dotted keys that do not change the model).
 

@@ -84,6 +84,11 @@ class Tracker:
 
     # -- state ------------------------------------------------------------------------------
     @property
+    def shown_uri(self) -> str:
+        """The tracking URI for messages: credentials in it are masked."""
+        return mlflow_env.redact(self.uri)
+
+    @property
     def enabled(self) -> bool:
         """True while a run is open and the server answered the last call."""
         return self.active and self.run_id is not None and self._down_reason is None
@@ -120,7 +125,7 @@ class Tracker:
             except MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                log.warning("MLflow run %s not found at %s; starting a new run", run_id, self.uri)
+                log.warning("MLflow run %s not found at %s; starting a new run", run_id, self.shown_uri)
         if run is not None:
             client.update_run(run.info.run_id, status="RUNNING")
             self.resumed = True
@@ -132,8 +137,8 @@ class Tracker:
         self._params_logged = True
         if self.resumed and tags:
             self._batch(tags=[RunTag(k, v) for k, v in tags.items()])
-        self._start_system_metrics()
-        log.info("MLflow run %s (%s) at %s%s", self.run_id, run_name, self.uri,
+        self._start_system_metrics(resume=self.resumed)
+        log.info("MLflow run %s (%s) at %s%s", self.run_id, run_name, self.shown_uri,
                  " resumed" if self.resumed else "")
 
     def _experiment_id(self, client: MlflowClient) -> str:
@@ -169,9 +174,15 @@ class Tracker:
         self._log_params(self._start_args[1], existing=existing)
         self._params_logged = True
 
-    def _start_system_metrics(self) -> None:
+    def _start_system_metrics(self, resume: bool) -> None:
+        """MLflow's monitor thread (system/* metrics); ``resume`` continues its step count.
+
+        The monitor thread ends for good on its first failed call (an outage), so the
+        Tracker restarts it when the server is back (see ``_ready``).
+        """
         if not self.settings.system_metrics:
             return
+        self._stop_system_metrics()
         try:
             import psutil  # noqa: F401  (mlflow's CPU monitor needs it)
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -182,17 +193,20 @@ class Tracker:
             return
         self._monitor = SystemMetricsMonitor(
             self.run_id, sampling_interval=self.settings.system_metrics_interval_s,
-            resume_logging=self.resumed, tracking_uri=self.uri)
+            resume_logging=resume, tracking_uri=self.uri)
         self._monitor.start()
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Close the run (FINISHED, FAILED or KILLED); a KILLED run can be resumed later."""
+    def _stop_system_metrics(self) -> None:
         if self._monitor is not None:
             monitor, self._monitor = self._monitor, None
             try:
                 monitor.finish()
             except Exception as e:  # the monitor's last flush may hit a dead server
                 log.debug("system metrics monitor did not stop cleanly: %s", e)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run (FINISHED, FAILED or KILLED); a KILLED run can be resumed later."""
+        self._stop_system_metrics()
         if self._ready():
             self._guarded("end", lambda: self._client.set_terminated(self.run_id, status))
         self._start_args = None  # no reconnect after the end
@@ -290,17 +304,34 @@ class Tracker:
                          ) -> PromotionDecision:
         """Register + alias challenger + promote to champion by the rule in registry.py."""
         self._require(f"register model {self.settings.registry.name!r}")
+        version_tags = self._data_tags()
+        version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
         return register_encoder(self.uri, model_uri, self.settings.registry,
                                 metrics={k: _scalar(v) for k, v in metrics.items()},
                                 feature_dim=feature_dim, run_id=self.run_id,
-                                tags={str(k): str(v) for k, v in (tags or {}).items()})
+                                tags=version_tags)
+
+    def _data_tags(self) -> dict[str, str]:
+        """``data_manifest_hash`` / ``data_shards`` of the run's ``data.train`` (best effort:
+        a listing failure leaves them out with a warning, registration goes on)."""
+        from orchestration.snapshot import data_tags
+
+        config = self._start_args[1] if self._start_args is not None else {}
+        data = config.get("data") if isinstance(config, Mapping) else None
+        if not isinstance(data, Mapping) or not data.get("train"):
+            return {}
+        try:
+            return data_tags(data["train"], dict(data.get("storage_options") or {}))
+        except Exception as e:  # storage errors name the URL; registration must go on
+            log.warning("data_manifest_hash left out: listing data.train failed: %s", _short(e))
+            return {}
 
     def _require(self, what: str) -> None:
         if not self.active:
             raise RegistrationError(f"cannot {what}: tracking is disabled (tracking.enabled "
                                     "is false or this is not rank 0)")
         if not self._ready():
-            raise RegistrationError(f"cannot {what}: MLflow at {self.uri} is unreachable "
+            raise RegistrationError(f"cannot {what}: MLflow at {self.shown_uri} is unreachable "
                                     f"({self._down_reason or 'no run was started'})")
 
     # -- failure handling -------------------------------------------------------------------
@@ -318,11 +349,14 @@ class Tracker:
         reason, self._down_reason = self._down_reason, None
         if self.run_id is None:
             self._guarded("start", self._open_run)
-        elif not self._params_logged:  # the outage began while the params were being sent
-            self._guarded("log_params", self._resend_params)
+        else:
+            if not self._params_logged:  # the outage began while the params were being sent
+                self._guarded("log_params", self._resend_params)
+            if self._down_reason is None and self.settings.system_metrics:
+                self._start_system_metrics(resume=True)  # its thread died with the outage
         if self._down_reason is None:
             log.warning("MLflow at %s reachable again (was: %s); tracking resumes, metrics "
-                        "logged meanwhile were dropped", self.uri, reason)
+                        "logged meanwhile were dropped", self.shown_uri, reason)
         return self.enabled
 
     def _guarded(self, what: str, fn: Callable[[], T]) -> T | None:
@@ -338,14 +372,14 @@ class Tracker:
             elif what not in self._call_warnings:  # server fine: this call was refused
                 self._call_warnings.add(what)
                 log.warning("MLflow %s failed at %s (further %s failures are not reported): %s",
-                            what, self.uri, what, _short(e))
+                            what, self.shown_uri, what, _short(e))
             return None
 
     def _go_down(self, reason: str, verb: str = "unreachable") -> None:
         if self._down_reason is None:
             retry = self.settings.reconnect_after_s
             log.warning("MLflow at %s %s: %s; training continues without tracking "
-                        "(nothing is buffered; %s)", self.uri, verb, reason,
+                        "(nothing is buffered; %s)", self.shown_uri, verb, reason,
                         f"retrying every {retry:g} s" if retry is not None else "no retries")
         self._down_reason = reason
         retry = self.settings.reconnect_after_s
@@ -361,5 +395,5 @@ def _scalar(value: Any) -> float:
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
-    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    text = mlflow_env.redact(f"{type(e).__name__}: {e}".replace("\n", " "))
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from orchestration import mlflow_env
 from orchestration.registry import RegistrySettings
 
 MAX_KEY = 250                       # MLflow's limit on param/metric key length
@@ -26,9 +27,9 @@ class TrackingSettings:
     uri: str | None = None
     experiment: str = "sslstream"
     artifact_location: str | None = None
-    http_max_retries: int = 2
-    http_timeout_s: float = 10.0
-    http_backoff_factor: int = 1
+    http_max_retries: int = mlflow_env.DEFAULT_MAX_RETRIES
+    http_timeout_s: float = mlflow_env.DEFAULT_TIMEOUT_S
+    http_backoff_factor: int = mlflow_env.DEFAULT_BACKOFF_FACTOR
     probe_timeout_s: float = 5.0
     reconnect_after_s: float | None = 300.0
     system_metrics: bool = True

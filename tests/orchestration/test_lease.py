@@ -205,3 +205,105 @@ def test_open_store_refuses_stores_without_conditional_writes(tmp_path: Path) ->
     assert isinstance(open_store(f"file://{tmp_path}/a.lease"), LocalLeaseStore)
     with pytest.raises(ValueError, match="retrain.lock.url"):
         open_store("gs://bucket/a.lease")
+
+
+@pytest.mark.timeout(60)
+def test_store_writes_are_really_conditional(make_store) -> None:
+    """The compare-and-swap itself, not the Lease logic: a stale version or an existing
+    object must refuse the write and leave the content untouched; two writers racing from
+    the same version: exactly one wins (s3: s3fs + moto honour If-Match / If-None-Match)."""
+    store = make_store()
+    v1 = store.create(b"one")
+    assert v1 is not None
+    assert make_store().create(b"two") is None  # exists: If-None-Match refuses
+    assert store.read() == (b"one", v1)
+    v2 = store.replace(b"three", v1)
+    assert v2 is not None and v2 != v1
+    assert make_store().replace(b"stale", v1) is None  # If-Match on an old version
+    assert store.read()[0] == b"three"
+    assert not make_store().delete(v1) and store.read()[0] == b"three"
+    for round_ in range(3):
+        version = store.read()[1]
+        barrier = threading.Barrier(4)
+        won: list[bytes] = []
+
+        def write(i: int, version: str = version, barrier=barrier, won=won) -> None:
+            s = make_store()
+            barrier.wait(timeout=20)
+            data = f"writer-{round_}-{i}".encode()
+            if s.replace(data, version) is not None:
+                won.append(data)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(won) == 1, won
+        assert store.read()[0] == won[0]
+
+
+class FlakyStore:
+    """Wraps a store: its next `replace` writes, then fails as if the reply was lost; or every
+    `replace` fails before writing (an unreachable store)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.url = inner, inner.url
+        self.lose_reply_once = False
+        self.down = False
+
+    def read(self):
+        return self.inner.read()
+
+    def create(self, data: bytes):
+        return self.inner.create(data)
+
+    def delete(self, version: str) -> bool:
+        return self.inner.delete(version)
+
+    def replace(self, data: bytes, version: str):
+        from orchestration.lease import LeaseStoreError
+
+        if self.down:
+            raise LeaseStoreError(f"store {self.url} unreachable")
+        out = self.inner.replace(data, version)
+        if self.lose_reply_once:
+            self.lose_reply_once = False
+            raise LeaseStoreError("connection reset after the write")
+        return out
+
+
+@pytest.mark.timeout(60)
+def test_renewal_whose_reply_was_lost_is_still_ours(make_store) -> None:
+    clock = Clock()
+    flaky = FlakyStore(make_store())
+    a = Lease(flaky, "run", ttl_s=60, grace_s=0, clock=clock)
+    a.try_acquire()
+    clock.t += 20
+    flaky.lose_reply_once = True
+    with pytest.raises(Exception, match="connection reset"):
+        a.renew()  # written, but we never learned the new version
+    clock.t += 20
+    a.renew()  # must recognise its own record, not report a takeover
+    assert a.held and not a.lost.is_set()
+    rec = LeaseRecord.from_bytes(make_store().read()[0], "x")
+    assert rec.owner == a.owner and rec.expires_at == clock.t + 60
+
+
+@pytest.mark.timeout(60)
+def test_holder_that_cannot_renew_gives_up_before_its_expiry(tmp_path: Path) -> None:
+    flaky = FlakyStore(LocalLeaseStore(tmp_path / "m.lease"))
+    a = Lease(flaky, "run", ttl_s=2.0, grace_s=0)
+    a.try_acquire()
+    expires_at = LeaseRecord.from_bytes(flaky.read()[0], "x").expires_at
+    flaky.down = True
+    lost: list[tuple[float, str]] = []
+    a.start_heartbeat(lambda why: lost.append((time.time(), why)), interval_s=0.5)
+    deadline = time.monotonic() + 10
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.02)
+    a.release()
+    assert lost and "could not be renewed" in lost[0][1]
+    # stopped before anyone else could take over (expiry + grace by a synced clock)
+    assert lost[0][0] < expires_at - a.safety_s / 2
+    assert a.lost.is_set() and not a.held
