@@ -74,7 +74,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     env = torchrun_env()
     if env is None or env[1] == 1:
         rank, world, local = (0, 1, 0) if env is None else env
-        return DistEnv(rank, world, local, resolve_device(device, local))
+        dev = resolve_device(device, local)
+        if dev.type == "cuda":  # the current device is what DALI / un-indexed .cuda() use
+            torch.cuda.set_device(dev)
+        return DistEnv(rank, world, local, dev)
     rank, world, local = env
     dev = resolve_device(device, local)
     if dev.type == "cuda":

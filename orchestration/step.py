@@ -3,11 +3,22 @@
 Kept apart from the loop in train.py so the order of operations, which the momentum
 methods depend on, is in one short place:
 
-  forward (autocast) -> agree across ranks that the loss is finite (and whether a stop
-  was requested) -> backward -> unscale + clip -> optimizer step (the grad scaler may
-  skip it) -> lr scheduler step -> method.after_optimizer_step (momentum/EMA update), only
-  when the optimizer really stepped (solo-learn's rule: a skipped step must not move the
-  target network).
+  forward (autocast) -> [on check steps: agree across ranks that the loss is finite and
+  whether a stop was requested] -> backward -> unscale + clip -> optimizer step (the fp16
+  grad scaler may skip it) -> lr scheduler step -> method.after_optimizer_step
+  (momentum/EMA update), only when the optimizer really stepped (solo-learn's rule: a
+  skipped step must not move the target network).
+
+Host syncs: on CUDA nothing in a step waits for the device (the loss stays a device
+tensor, the clip norm too), except on *check steps*. Reading `isfinite(loss)` and agreeing
+on it across ranks costs a device sync plus a collective; doing that every step stalls
+the CPU's lead over the GPU (the input pipeline and kernel launches stop overlapping the
+previous step). So the check runs every `check_every` steps (trainer.check_every_steps,
+auto: every step on CPU, where a sync is free, and every log_every_steps on CUDA). A NaN
+in between is applied, poisons the weights and is caught at the next check; checkpoints
+are only ever written from finite weights (train.py), so the newest checkpoint is still
+the last good state and nothing is registered. The fp16 grad scaler (not the default:
+bf16 needs none) reads its scale every step, which is one more sync.
 """
 
 from __future__ import annotations
@@ -58,26 +69,62 @@ def wants_sync_bn(method: nn.Module) -> bool:
     return bool(w() if callable(w) else w)
 
 
-def wrap_model(method: nn.Module, device: torch.device, *, distributed: bool, compile: bool) -> nn.Module:
-    """StepModule (+ SyncBN when the method wants it, on CUDA) (+ DDP) (+ torch.compile).
+def wrap_model(
+    method: nn.Module,
+    device: torch.device,
+    *,
+    distributed: bool,
+    compile: bool,
+    compile_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """StepModule (+ SyncBN when the method wants it, on CUDA) (+ torch.compile) (+ DDP).
 
-    SyncBatchNorm does not run on CPU (NOTES.md), so CPU/gloo runs keep per-rank BN: the
-    statistics are then per-rank, as in MoCo's shuffle-BN-free CPU path. The method's
-    modules are converted in place, so the caller's `method` reference stays valid.
+    SyncBatchNorm does not run on CPU (NOTES.md), so CPU/gloo runs keep per-rank BN. The
+    method's modules are converted in place (before DDP, which must see the final modules,
+    and before the optimizer collects parameters: convert_sync_batchnorm keeps the same
+    Parameter objects anyway), so the caller's `method` reference stays valid.
+
+    torch.compile applies to the backbones only (the online one and its momentum copies:
+    every submodule of the backbone's class), in place with `nn.Module.compile`, so the
+    state_dict keys do not change (checkpoints stay loadable either way) and the methods'
+    Python-side work (collectives with autograd, the queue's in-place enqueue, the tau
+    schedule), which would only cause graph breaks, stays eager. Compiled submodules
+    inside DDP keep DDP's gradient hooks on the parameters.
+
+    DDP: find_unused_parameters=False (every method uses every trainable parameter; the
+    momentum targets do not require grad), buffers synced from rank 0 on every forward
+    (DDP's default: BN running statistics follow rank 0, as in the reference code) except the buffers the method
+    declares identical on every rank by construction (`ddp_static_buffers`, e.g. MoCo's
+    32 MB queue, which would otherwise be copied from rank 0 on every forward).
     """
     if distributed and device.type == "cuda" and wants_sync_bn(method):
         for name, child in list(method.named_children()):
             setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    if compile:
+        compile_backbones(method, **(compile_kwargs or {}))
     model: nn.Module = StepModule(method)
     if distributed:
+        static = [f"method.{n}" for n in getattr(method, "ddp_static_buffers", ()) or ()]
+        if static:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, static)
         model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=True,
-        )
-    if compile:
-        model = torch.compile(model)  # type: ignore[assignment]
+            find_unused_parameters=False,
+            gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: no copy
+        )  # buffers: synced from rank 0 at every forward (DDP's default; the kwarg's name changed)
     return model
+
+
+def compile_backbones(method: nn.Module, **kwargs: Any) -> list[nn.Module]:
+    """`nn.Module.compile` (in place) every submodule of the backbone's class."""
+    backbone = getattr(method, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ValueError(f"trainer.compile=true: {type(method).__name__} has no .backbone to compile")
+    done = [m for m in method.modules() if type(m) is type(backbone)]
+    for m in done:
+        m.compile(**kwargs)
+    return done
 
 
 @dataclass
@@ -108,7 +155,17 @@ class StepOutput:
     metrics: dict[str, Any]
     stepped: bool  # False when the grad scaler skipped the optimizer step
     stop: bool  # some rank asked to stop (SIGTERM): finish here
-    grad_norm: float | None = None
+    grad_norm: torch.Tensor | None = None  # device scalar (read it at log points only)
+
+
+def check_every(spec: Any, device: torch.device, log_every: int) -> int:
+    """trainer.check_every_steps: auto -> 1 on CPU (a sync is free), log_every on CUDA."""
+    if spec is None or str(spec) == "auto":
+        return 1 if device.type != "cuda" else max(1, int(log_every))
+    n = int(spec)
+    if n < 1:
+        raise ValueError(f"trainer.check_every_steps must be auto or >= 1, got {spec!r}")
+    return n
 
 
 def _agree(flags: list[float], device: torch.device) -> list[float]:
@@ -133,24 +190,28 @@ def train_step(
     amp_dtype: torch.dtype | None,
     grad_clip: float | None,
     stop_requested: bool,
+    check: bool = True,
 ) -> StepOutput:
-    """One step. Raises NonFiniteLossError (on every rank) before touching the weights."""
+    """One step. On a check step (`check`, the same steps on every rank), raises
+    NonFiniteLossError on every rank before touching the weights, and agrees on a stop."""
     device = view1.device
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss, metrics = model(view1, view2)
-    nonfinite, stop = _agree([0.0 if torch.isfinite(loss).item() else 1.0, float(stop_requested)], device)
-    if nonfinite:
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step} (loss={loss.item()!r} on this rank); "
-            "check optim.lr / the method config; the last good checkpoint is kept"
-        )
+    stop = 0.0
+    if check:
+        nonfinite, stop = _agree([0.0 if torch.isfinite(loss).item() else 1.0, float(stop_requested)], device)
+        if nonfinite:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (loss={loss.item()!r} on this rank); "
+                "check optim.lr / the method config; the last good checkpoint is kept"
+            )
     scaler.scale(loss).backward()
     grad_norm = None
     if grad_clip:
         scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(grad_clip)))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float(grad_clip)).detach()
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()

@@ -1,6 +1,6 @@
 """`sslstream train`: the main job, from shards to a registered encoder.
 
-One function, `train(cfg)`, runs the same way under `python`, `sslstream train` and
+One function, `train(cfg)` (built by orchestration/job.py: `build_job`), runs the same way under `python`, `sslstream train` and
 `torchrun` (any number of nodes):
 
   data (generate the embedded default on first use) -> ShardStream -> TwoViewLoader
@@ -30,9 +30,15 @@ from omegaconf import DictConfig
 from orchestration import checkpoint as ckpt
 from orchestration import distributed as D
 from orchestration.evaluate import EvalResult, evaluate
+from orchestration.job import Job, build_job, build_loader, prepare_data  # noqa: F401 (prepare_data: retrain)
 from orchestration.monitor import Monitor
 from orchestration.runlog import REGISTERED_MARKER, RunLog
-from orchestration.step import NonFiniteLossError, StopFlag, autocast_dtype, train_step, wrap_model
+from orchestration.step import (
+    NonFiniteLossError,
+    StopFlag,
+    check_every,
+    train_step,
+)
 
 log = logging.getLogger("sslstream.train")
 
@@ -54,282 +60,214 @@ class TrainResult:
     method: Any = field(default=None, repr=False)  # the trained Method (unwrapped)
 
 
-def prepare_data(cfg: DictConfig, env: D.DistEnv) -> None:
-    """Generate the embedded synthetic data set on first use (local rank 0; others wait)."""
-    data = cfg.data
-    if not data.get("generate", False):
-        return
-    from pipelines.synthetic import ensure_synthetic, is_complete
-
-    if env.local_rank == 0 and not is_complete(data.root):
-        log.info("generating the synthetic data set under %s (first use)", data.root)
-        ensure_synthetic(
-            data.root,
-            train_samples=int(data.generate_train_samples),
-            test_samples=int(data.generate_test_samples),
-            image_size=int(data.image_size),
-            seed=int(data.get("generate_seed", 0)),
-        )
-    D.barrier()
-
-
-def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
-    v = cfg.trainer.get("channels_last", "auto")
-    return device.type == "cuda" if str(v) == "auto" else bool(v)
-
-
-def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
-    from pipelines.loader import TwoViewLoader
-    from pipelines.recipes import TwoViewRecipe
-    from pipelines.stream import ShardStream
-
-    data, tr = cfg.data, cfg.trainer
-    stream = ShardStream(
-        data.train,
-        rank=env.rank,
-        world_size=env.world_size,
-        num_workers=int(data.get("num_workers", 2)),
-        seed=int(cfg.seed),
-        shuffle=True,
-        shuffle_buffer=int(data.get("shuffle_buffer", 1000)),
-        exact_epoch=bool(data.get("exact_epoch", False)),
-        storage_options=dict(data.get("storage_options") or {}),
-        max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
-        num_classes=int(data.num_classes) if data.get("num_classes") else None,  # label check
-    )
-    return TwoViewLoader(
-        stream,
-        TwoViewRecipe.from_config(cfg.augment),
-        batch_size=int(tr.batch_size),
-        device=env.device,
-        backend=str(tr.get("loader_backend", "auto")),
-        seed=int(cfg.seed),
-        num_threads=int(tr.get("loader_threads", 2)),
-        channels_last=_channels_last(cfg, env.device),
-        prefetch=int(tr.get("prefetch", 2)),
-    )
-
-
-def _warmup_epochs(cfg: DictConfig) -> float:
-    opt = cfg.optim.get("warmup_epochs", None)
-    return float(opt if opt is not None else cfg.trainer.get("warmup_epochs", 0))
-
-
 def train(cfg: DictConfig) -> TrainResult:
     """Run (or resume) the job described by `cfg`; see the module docstring."""
-    from models.optim import WarmupCosine, build_optimizer
-    from orchestration.warmstart import backbone_weights, build_method_warm
-
-    tr = cfg.trainer
-    env = D.init_distributed(str(tr.get("device", "auto")), float(tr.get("dist_timeout_s", 1800)))
-    if tr.get("num_threads"):
-        torch.set_num_threads(int(tr.num_threads))
-    if tr.get("deterministic", False):
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(int(cfg.seed))  # identical initial weights on every rank
-    run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
-    prepare_data(cfg, env)
-
-    latest = ckpt.latest_checkpoint(run_dir)
-    warm = None
-    if latest is None and tr.get("init_from"):  # a resumed run's checkpoint holds everything
-        warm = backbone_weights(cfg, str(tr.init_from))
-    method = build_method_warm(cfg, warm, D.process_group()).to(env.device)
-    if _channels_last(cfg, env.device):
-        method = method.to(memory_format=torch.channels_last)
-    loader = build_loader(cfg, env)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"data.train={cfg.data.train} gives no full batch of trainer.batch_size="
-            f"{tr.batch_size} per rank ({env.world_size} rank(s)); lower the batch size"
-        )
-    total_steps = int(tr.max_steps) if tr.get("max_steps") else int(tr.epochs) * steps_per_epoch
-    global_batch = int(tr.batch_size) * env.world_size
-    # SyncBN conversion (CUDA DDP) happens here, before the optimizer collects parameters
-    model = wrap_model(method, env.device, distributed=env.distributed, compile=bool(tr.get("compile", False)))
-    optimizer = build_optimizer(method.parameter_groups(), cfg.optim, global_batch)
-    warmup = int(round(_warmup_epochs(cfg) * steps_per_epoch))
-    scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps)
-    amp = autocast_dtype(str(tr.get("precision", "auto")), env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
-
+    job = build_job(cfg)
     s = _State()
-    if latest is not None and not tr.get("resume", True):
-        raise ValueError(
-            f"trainer.resume=false but {run_dir} already holds checkpoints of run_name="
-            f"{cfg.run_name}; choose a new run_name (or trainer.output_dir), or delete them"
-        )
+    latest = ckpt.latest_checkpoint(job.run_dir)
     if latest is not None:
-        state = ckpt.load_checkpoint(latest)  # CPU; load_state_dict moves to the device
-        if int(state["total_steps"]) != total_steps and env.is_main:
-            log.warning("resuming %s: total steps change from %s to %s (epochs/max_steps/"
-                        "batch size/world size changed)", latest, state["total_steps"], total_steps)
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        s.step, s.epoch, s.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
-        s.run_id = state.get("run_id")
-        rngs = state["rng"]
-        if int(state.get("world_size", 1)) == env.world_size:
-            ckpt.set_rng_state(rngs[env.rank])
-            if s.epoch_step:
-                loader.load_state_dict(state["loader"])
-        else:  # per-rank cursors and RNG streams do not map: restart the interrupted epoch
-            ckpt.set_rng_state(rngs[0])
-            if s.epoch_step and env.is_main:
-                log.warning("world size changed (%s -> %s): epoch %d restarts from its first batch",
-                            state.get("world_size"), env.world_size, s.epoch)
-            s.epoch_step = 0
-        s.saved_step = s.step
-        if env.is_main:
-            print(f"resuming {cfg.run_name} from {latest} (step {s.step}/{total_steps})", flush=True)
-
-    done = _registered_marker(run_dir)
-    if s.step >= total_steps and done is not None and int(done.get("step", -1)) == s.step:
-        # finished and registered before: running the same command again changes nothing
-        if env.is_main:
-            print(f"{cfg.run_name} already finished at step {s.step} and was registered as "
-                  f"{done['registered_uri']}; use a new run_name to train again", flush=True)
-        loader.close()
-        return TrainResult("completed", s.step, total_steps, s.epoch, run_dir, run_id=done.get("run_id"),
-                           registered_uri=done["registered_uri"], promoted=bool(done.get("promoted")),
-                           promotion_reason=done.get("reason"), method=method)
-
-    runlog = RunLog(cfg, env, run_id=s.run_id)
+        _resume(job, latest, s)
+    done = _registered_marker(job.run_dir)
+    if s.step >= job.total_steps and done is not None and int(done.get("step", -1)) == s.step:
+        return _already_done(job, s, done)
+    runlog = RunLog(cfg, job.env, run_id=s.run_id)
     s.run_id = runlog.run_id
-
-    def save() -> bool:
-        """Checkpoint the current state (all ranks call it); never a non-finite one."""
-        if s.saved_step == s.step:
-            return True
-        if not _all_finite(method, env):
-            log.error("not checkpointing step %d: the weights are not finite "
-                      "(the newest checkpoint on disk stays the last good state)", s.step)
-            return False
-        gathered = _gather_rng(ckpt.rng_state(), env)
-        if env.is_main:
-            state = {
-                "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": gathered,
-                "loader": ckpt.to_plain(loader.state_dict()),
-                "step": s.step,
-                "epoch": s.epoch,
-                "epoch_step": s.epoch_step,
-                "total_steps": total_steps,
-                "run_id": s.run_id,
-                "run_name": str(cfg.run_name),
-                "world_size": env.world_size,
-            }
-            ckpt.save_checkpoint(state, run_dir, s.step, keep_last=int(tr.get("keep_last", 3)))
-        D.barrier()
-        s.saved_step = s.step
-        return True
-
+    ck = _Checkpointer(job, s)
+    tr = cfg.trainer
+    monitor = Monitor(
+        every=int(tr.get("log_every_steps", 10)), total_steps=job.total_steps, start_step=s.step,
+        global_batch=job.global_batch, is_main=job.env.is_main,
+        progress=str(tr.get("progress", "auto")), sink=runlog.log_metrics, device=job.env.device,
+    )
     stop = StopFlag()
     stop.install()
-    monitor = Monitor(
-        every=int(tr.get("log_every_steps", 10)),
-        total_steps=total_steps,
-        start_step=s.step,
-        global_batch=global_batch,
-        is_main=env.is_main,
-        progress=str(tr.get("progress", "auto")),
-        sink=runlog.log_metrics,
-    )
-    grad_clip = float(tr.grad_clip) if tr.get("grad_clip") else None
-    every_ckpt = int(tr.get("checkpoint_every_steps", 0) or 0)
-    every_eval = int(cfg.eval.get("every_epochs", 0) or 0)
-    status = "completed"
-    first_step, wait0, t_loop, t_eval = s.step, loader.data_wait_s, time.perf_counter(), 0.0
+    first_step, t_loop = s.step, time.perf_counter()
     try:
-        monitor.reset_clock(loader.data_wait_s)
-        while s.step < total_steps and status == "completed":
-            if s.epoch_step == 0:
-                loader.set_epoch(s.epoch)
-            method.train()
-            seen = 0
-            for batch in loader:
-                seen += 1
-                out = train_step(
-                    model, method, optimizer, scheduler, scaler, batch.view1, batch.view2,
-                    step=s.step, total_steps=total_steps, amp_dtype=amp,
-                    grad_clip=grad_clip, stop_requested=stop.requested,
-                )
-                s.step += 1
-                s.epoch_step += 1
-                if s.epoch_step == steps_per_epoch:  # an epoch-end state resumes at the next epoch
-                    s.epoch, s.epoch_step = s.epoch + 1, 0
-                monitor.update(
-                    s.step, s.epoch, out.loss, out.metrics, scheduler.get_last_lr()[0],
-                    loader.data_wait_s, dict(loader.counters),
-                )
-                if out.stop:
-                    save()
-                    status = "preempted"
-                    break
-                if every_ckpt and s.step % every_ckpt == 0 and not save():
-                    raise NonFiniteLossError(
-                        f"non-finite weights after step {s.step} (loss was finite); "
-                        "check optim.lr / the method config; the last good checkpoint is kept"
-                    )
-                if s.step >= total_steps:
-                    break
-            if status != "completed" or s.step >= total_steps:
-                break
-            if s.epoch_step != 0 or seen == 0:  # the loader ended early: ranks would desync
-                raise RuntimeError(
-                    f"the loader yielded fewer than len(loader)={steps_per_epoch} batches in "
-                    f"epoch {s.epoch}; every rank must take the same number of steps"
-                )
-            if every_eval and s.epoch % every_eval == 0:
-                t_e = time.perf_counter()
-                res = evaluate(cfg, method, env)
-                t_eval += time.perf_counter() - t_e
-                runlog.log_metrics(res.metrics(), s.step)
-                if env.is_main:
-                    print(f"epoch {s.epoch}: kNN accuracy {res.knn_acc:.4f}", flush=True)
-        if not save():
+        status, t_eval = _loop(job, s, ck, monitor, runlog, stop)
+        if not ck.save():
             raise NonFiniteLossError(f"non-finite weights after the last step {s.step}; "
                                      "the last good checkpoint is kept")
     except NonFiniteLossError as e:
-        save()  # the bad step was not applied: this is the last good state
+        ck.save()  # refuses non-finite weights: the newest checkpoint stays the last good state
         runlog.fail(str(e))
         raise
     except BaseException as e:
         runlog.fail(f"{type(e).__name__}: {e}")
         raise
     finally:
+        wait_s = monitor.finish()
         monitor.close()
         stop.uninstall()
-        loader.close()
-    result = TrainResult(status, s.step, total_steps, s.epoch, run_dir, run_id=s.run_id, method=method)
+        job.loader.close()
+    result = TrainResult(status, s.step, job.total_steps, s.epoch, job.run_dir, run_id=s.run_id,
+                         method=job.method)
     train_s = max(time.perf_counter() - t_loop - t_eval, 1e-9)
     result.metrics.update({  # this session's training throughput (periodic evaluations excluded)
-        "perf/run_img_per_s": (s.step - first_step) * global_batch / train_s,
-        "perf/run_data_wait_frac": min(1.0, (loader.data_wait_s - wait0) / train_s),
+        "perf/run_img_per_s": (s.step - first_step) * job.global_batch / train_s,
+        "perf/run_data_wait_frac": min(1.0, wait_s / train_s),
         "perf/run_train_s": train_s,
     })
     runlog.log_metrics(dict(result.metrics), s.step)
     if status == "preempted":
-        if env.is_main:
-            print(f"stopped by SIGTERM at step {s.step}/{total_steps}; checkpoint in {run_dir}; "
-                  "run the same command again to resume", flush=True)
+        if job.env.is_main:
+            print(f"stopped by SIGTERM at step {s.step}/{job.total_steps}; checkpoint in "
+                  f"{job.run_dir}; run the same command again to resume", flush=True)
         runlog.pause()
         return result
-    if cfg.eval.get("at_end", True):
-        result.eval = evaluate(cfg, method, env)
+    _final_eval_and_register(job, s, runlog, result)
+    return result
+
+
+def _resume(job: Job, latest: Path, s: _State) -> None:
+    """Load every state of `latest` (weights, optimizer, schedules, scaler, RNGs, cursor)."""
+    env = job.env
+    state = ckpt.load_checkpoint(latest)  # CPU; load_state_dict moves to the device
+    if int(state["total_steps"]) != job.total_steps and env.is_main:
+        log.warning("resuming %s: total steps change from %s to %s (epochs/max_steps/"
+                    "batch size/world size changed)", latest, state["total_steps"], job.total_steps)
+    job.method.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    job.scaler.load_state_dict(state["scaler"])
+    s.step, s.epoch, s.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
+    s.run_id = state.get("run_id")
+    rngs = state["rng"]
+    if int(state.get("world_size", 1)) == env.world_size:
+        ckpt.set_rng_state(rngs[env.rank])
+        if s.epoch_step:
+            job.loader.load_state_dict(state["loader"])
+    else:  # per-rank cursors and RNG streams do not map: restart the interrupted epoch
+        ckpt.set_rng_state(rngs[0])
+        if s.epoch_step and env.is_main:
+            log.warning("world size changed (%s -> %s): epoch %d restarts from its first batch",
+                        state.get("world_size"), env.world_size, s.epoch)
+        s.epoch_step = 0
+    s.saved_step = s.step
+    if env.is_main:
+        print(f"resuming {job.cfg.run_name} from {latest} (step {s.step}/{job.total_steps})", flush=True)
+
+
+def _already_done(job: Job, s: _State, done: dict[str, Any]) -> TrainResult:
+    """Finished and registered before: running the same command again changes nothing."""
+    if job.env.is_main:
+        print(f"{job.cfg.run_name} already finished at step {s.step} and was registered as "
+              f"{done['registered_uri']}; use a new run_name to train again", flush=True)
+    job.loader.close()
+    return TrainResult("completed", s.step, job.total_steps, s.epoch, job.run_dir,
+                       run_id=done.get("run_id"), registered_uri=done["registered_uri"],
+                       promoted=bool(done.get("promoted")), promotion_reason=done.get("reason"),
+                       method=job.method)
+
+
+class _Checkpointer:
+    """Writes the job's full state (rank 0 writes, every rank calls)."""
+
+    def __init__(self, job: Job, s: _State) -> None:
+        self.job, self.s = job, s
+
+    def save(self) -> bool:
+        """Checkpoint the current state; never a non-finite one (False then)."""
+        job, s = self.job, self.s
+        if s.saved_step == s.step:
+            return True
+        if not _all_finite(job.method, job.env):
+            log.error("not checkpointing step %d: the weights are not finite "
+                      "(the newest checkpoint on disk stays the last good state)", s.step)
+            return False
+        gathered = _gather_rng(ckpt.rng_state(), job.env)
+        if job.env.is_main:
+            state = {
+                "model": job.method.state_dict(),
+                "optimizer": job.optimizer.state_dict(),
+                "scheduler": job.scheduler.state_dict(),
+                "scaler": job.scaler.state_dict(),
+                "rng": gathered,
+                "loader": ckpt.to_plain(job.loader.state_dict()),
+                "step": s.step,
+                "epoch": s.epoch,
+                "epoch_step": s.epoch_step,
+                "total_steps": job.total_steps,
+                "run_id": s.run_id,
+                "run_name": str(job.cfg.run_name),
+                "world_size": job.env.world_size,
+            }
+            ckpt.save_checkpoint(state, job.run_dir, s.step,
+                                 keep_last=int(job.cfg.trainer.get("keep_last", 3)))
+        D.barrier()
+        s.saved_step = s.step
+        return True
+
+
+def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunLog,
+          stop: StopFlag) -> tuple[str, float]:
+    """Steps until total_steps or a stop: ("completed" | "preempted", seconds evaluating)."""
+    cfg, tr, loader = job.cfg, job.cfg.trainer, job.loader
+    grad_clip = float(tr.grad_clip) if tr.get("grad_clip") else None
+    every_ckpt = int(tr.get("checkpoint_every_steps", 0) or 0)
+    every_eval = int(cfg.eval.get("every_epochs", 0) or 0)
+    check = check_every(tr.get("check_every_steps", "auto"), job.env.device,
+                        int(tr.get("log_every_steps", 10)))
+    t_eval = 0.0
+    monitor.reset_clock()
+    while s.step < job.total_steps:
+        if s.epoch_step == 0:
+            loader.set_epoch(s.epoch)
+        job.method.train()
+        seen = 0
+        monitor.clock.fetching()
+        for batch in loader:
+            monitor.clock.ready()
+            seen += 1
+            out = train_step(
+                job.model, job.method, job.optimizer, job.scheduler, job.scaler,
+                batch.view1, batch.view2, step=s.step, total_steps=job.total_steps,
+                amp_dtype=job.amp, grad_clip=grad_clip, stop_requested=stop.requested,
+                check=(s.step + 1) % check == 0 or s.step + 1 == job.total_steps,
+            )
+            s.step += 1
+            s.epoch_step += 1
+            if s.epoch_step == job.steps_per_epoch:  # an epoch-end state resumes at the next epoch
+                s.epoch, s.epoch_step = s.epoch + 1, 0
+            monitor.update(s.step, s.epoch, out.loss, out.metrics, job.scheduler.get_last_lr()[0],
+                           loader.counters, out.grad_norm)
+            if out.stop:
+                ck.save()
+                return "preempted", t_eval
+            if every_ckpt and s.step % every_ckpt == 0 and not ck.save():
+                raise NonFiniteLossError(
+                    f"non-finite weights after step {s.step} (no non-finite loss seen at the "
+                    "checks); check optim.lr / the method config; the last good checkpoint is kept"
+                )
+            if s.step >= job.total_steps:
+                return "completed", t_eval
+            monitor.clock.fetching()
+        if s.epoch_step != 0 or seen == 0:  # the loader ended early: ranks would desync
+            raise RuntimeError(
+                f"the loader yielded fewer than len(loader)={job.steps_per_epoch} batches in "
+                f"epoch {s.epoch}; every rank must take the same number of steps"
+            )
+        if every_eval and s.epoch % every_eval == 0:
+            t_e = time.perf_counter()
+            res = evaluate(cfg, job.method, job.env)
+            dt = time.perf_counter() - t_e
+            t_eval += dt
+            monitor.exclude(dt)
+            runlog.log_metrics(res.metrics(), s.step)
+            if job.env.is_main:
+                print(f"epoch {s.epoch}: kNN accuracy {res.knn_acc:.4f}", flush=True)
+    return "completed", t_eval
+
+
+def _final_eval_and_register(job: Job, s: _State, runlog: RunLog, result: TrainResult) -> None:
+    """Evaluate the final encoder, then (rank 0) log, register and maybe promote it."""
+    if job.cfg.eval.get("at_end", True):
+        result.eval = evaluate(job.cfg, job.method, job.env)
         result.metrics.update(result.eval.metrics())
         runlog.log_metrics(result.eval.metrics(), s.step)
     feats = None
     if result.eval is not None and result.eval.test_features is not None:
         feats = (result.eval.test_features, result.eval.test_labels)
-    runlog.finish(method, result, feats)
-    return result
+    runlog.finish(job.method, result, feats)
 
 
 @dataclass
@@ -341,9 +279,6 @@ class _State:
     epoch_step: int = 0
     run_id: str | None = None
     saved_step: int = -1
-
-
-
 
 def _registered_marker(run_dir: Path) -> dict[str, Any] | None:
     """What `runlog.finish` recorded after registering this run's final checkpoint."""

@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from orchestration.step import NonFiniteLossError, StepModule, autocast_dtype, train_step
+from orchestration.monitor import DataWaitClock, Monitor
+from orchestration.step import (
+    NonFiniteLossError,
+    StepModule,
+    autocast_dtype,
+    check_every,
+    compile_backbones,
+    train_step,
+    wrap_model,
+)
 
 
 class Probe(nn.Module):
@@ -73,7 +82,7 @@ def test_gradient_clipping_bounds_the_update():
     x = torch.ones(2, 3, 4, 4)
     out = train_step(StepModule(m), m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), x, x,
                      step=0, total_steps=1, amp_dtype=None, grad_clip=1.0, stop_requested=True)
-    assert out.grad_norm == pytest.approx(200.0 * 3**0.5, rel=1e-5)  # reported before clipping
+    assert float(out.grad_norm) == pytest.approx(200.0 * 3**0.5, rel=1e-5)  # reported before clipping
     assert torch.linalg.vector_norm(torch.ones(3) - m.w.detach()) == pytest.approx(0.1, rel=1e-5)
     assert out.stop  # a requested stop is reported after the step completes
 
@@ -84,3 +93,134 @@ def test_precision_resolution():
     assert autocast_dtype("fp16", cpu) == torch.float16 and autocast_dtype("fp32", cuda) is None
     with pytest.raises(ValueError, match="trainer.precision"):
         autocast_dtype("int8", cpu)
+
+
+def test_check_steps_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert check_every("auto", cpu, 10) == 1 and check_every("auto", cuda, 10) == 10
+    assert check_every(3, cuda, 10) == 3
+    with pytest.raises(ValueError, match="trainer.check_every_steps"):
+        check_every(0, cpu, 10)
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Make every way of reading a tensor's value on the host raise (a device sync on CUDA)."""
+    calls = []
+
+    def boom(name):
+        def f(self, *a, **k):
+            calls.append(name)
+            raise AssertionError(f"host read of a tensor: Tensor.{name}")
+        return f
+
+    def arm():
+        for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, name, boom(name))
+    return arm
+
+
+def test_non_check_steps_and_non_report_updates_read_nothing_on_the_host(no_host_reads):
+    """The CUDA throughput rule: between checks/reports nothing waits for the device."""
+    m = Probe(scale=100.0)
+    opt, sched = _opt(m)
+    x = torch.ones(2, 3, 4, 4)
+    mon = Monitor(every=5, total_steps=10, start_step=0, global_batch=2, is_main=True, progress="log")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    no_host_reads()
+    for k in range(4):
+        out = train_step(StepModule(m), m, opt, sched, scaler, x, x, step=k, total_steps=10,
+                         amp_dtype=None, grad_clip=1.0, stop_requested=False, check=False)
+        assert mon.update(k + 1, 0, out.loss, out.metrics, 0.1, {"skipped": 0}, out.grad_norm) is None
+
+
+def test_nan_between_checks_is_applied_then_caught_at_the_check():
+    m = Probe()
+    opt, sched = _opt(m)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    nan = torch.full((2, 3, 4, 4), float("nan"))
+    out = train_step(StepModule(m), m, opt, sched, scaler, nan, nan, step=0, total_steps=10,
+                     amp_dtype=None, grad_clip=None, stop_requested=True, check=False)
+    assert not out.stop  # a stop is only agreed at check steps
+    assert torch.isnan(m.w.detach()).all()  # documented: the unchecked step was applied
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        train_step(StepModule(m), m, opt, sched, scaler, torch.ones_like(nan), nan, step=1,
+                   total_steps=10, amp_dtype=None, grad_clip=None, stop_requested=False, check=True)
+
+
+def test_monitor_reports_window_means_rates_and_data_wait():
+    import time
+
+    mon = Monitor(every=4, total_steps=8, start_step=0, global_batch=10, is_main=False, progress="log")
+    mon.reset_clock()
+    losses = [1.0, 2.0, 3.0, 6.0]
+    out = None
+    t0 = time.perf_counter()
+    for k, v in enumerate(losses):
+        mon.clock.fetching()
+        time.sleep(0.03)  # the "loader"
+        mon.clock.ready()
+        time.sleep(0.01)  # the "step"
+        out = mon.update(k + 1, 0, torch.tensor(v), {"tau": torch.tensor(0.5)}, 0.2, {"skipped_bad": 3})
+    wall = time.perf_counter() - t0
+    assert out is not None and out["train/loss"] == pytest.approx(3.0)
+    assert out["train/tau"] == 0.5 and out["data/skipped_bad"] == 3.0
+    assert out["perf/img_per_s"] == pytest.approx(40 / wall, rel=0.15)
+    assert out["perf/data_wait_frac"] == pytest.approx(0.12 / wall, rel=0.25)
+    assert 0.6 < out["perf/data_wait_frac"] < 0.9
+
+
+def test_data_wait_clock_sums_only_fetch_gaps():
+    import time
+
+    c = DataWaitClock(torch.device("cpu"))
+    c.fetching()
+    time.sleep(0.02)
+    c.ready()
+    time.sleep(0.05)  # not a fetch
+    c.ready()  # a second ready without fetching adds nothing
+    assert c.collect() == pytest.approx(0.02, abs=0.015) and c.collect() == 0.0
+
+
+class Queued(nn.Module):
+    """A method shape with a backbone, a momentum copy and a rank-identical buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 4))
+        self.target = nn.Sequential(nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+        self.register_buffer("queue_keys", torch.zeros(8, 4))
+
+    ddp_static_buffers = ["queue_keys"]
+
+    def training_step(self, v1, v2):
+        return self.head(self.backbone(v1)).pow(2).mean() + 0 * self.target(v2).sum(), {}
+
+
+def test_ddp_skips_the_methods_static_buffers(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        m = Queued()
+        ddp = wrap_model(m, torch.device("cpu"), distributed=True, compile=False)
+        assert isinstance(ddp, nn.parallel.DistributedDataParallel)
+        assert "method.queue_keys" in ddp.parameters_to_ignore
+        assert all(b is not m.queue_keys for b in ddp.modules_buffers)
+        assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) is True
+        assert not ddp.find_unused_parameters
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compile_targets_the_backbones_in_place_and_keeps_state_dict_keys():
+    m = Queued()
+    m.target = nn.Sequential(nn.Linear(4, 4))  # same class as the backbone: the momentum copy
+    keys = list(m.state_dict())
+    done = compile_backbones(m, backend="eager")
+    assert {id(x) for x in done} == {id(m.backbone), id(m.target)}
+    assert list(m.state_dict()) == keys  # checkpoints load with or without compile
+    loss, _ = StepModule(m)(torch.ones(2, 4), torch.ones(2, 4))
+    loss.backward()
+    assert m.backbone[0].weight.grad is not None
