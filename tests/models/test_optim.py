@@ -193,3 +193,36 @@ def test_warmup_cosine_rejects_bad_steps() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupCosine(opt, 30, 20)
+
+
+def test_warmup_cosine_endpoints() -> None:
+    """The values a run actually sees at its ends: no step at lr 0, the peak reached at the
+    end of warmup, the cosine at (T-1-W)/(T-W) on the last step (as solo-learn's / pl_bolts'
+    closed form), the floor after the end."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    sched = WarmupCosine(opt, 4, 10, final_lr_ratio=0.01)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(0.5)  # first step: base / W, not 0
+    assert seen[3] == pytest.approx(2.0) and seen[4] == pytest.approx(2.0)  # peak
+    assert all(a >= b for a, b in zip(seen[4:], seen[5:], strict=False))  # then decays
+    assert seen[9] == pytest.approx(0.02 + 1.98 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert seen[10] == seen[11] == pytest.approx(0.02)  # past the end: the floor
+
+
+def test_lars_mixed_dtypes_in_one_group() -> None:
+    a = torch.nn.Parameter(torch.randn(4, 4))
+    b = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    a.grad, b.grad = torch.randn(4, 4), torch.randn(4, 4, dtype=torch.float64)
+    ref_a, ref_b = a.detach().clone(), b.detach().clone()
+    LARS([a, b], lr=0.1, weight_decay=0.01, eta=0.02).step()
+    for p, w in ((a, ref_a), (b, ref_b)):
+        g = p.grad.double()
+        w64 = w.double()
+        q = 0.02 * w64.norm() / (g.norm() + 0.01 * w64.norm() + 1e-8)
+        torch.testing.assert_close(p.detach().double(), w64 - 0.1 * q * (g + 0.01 * w64),
+                                   rtol=1e-5, atol=1e-6)
