@@ -215,3 +215,89 @@ def test_registration_errors_are_clear(mlflow_server: str) -> None:
                          metrics={"eval/knn_acc": 0.5, **HEALTHY}, feature_dim=D)
     assert time.monotonic() - t0 < 15
     assert "'enc-dead'" in str(err.value) and dead in str(err.value)
+
+
+@pytest.mark.timeout(60)
+def test_registry_calls_outside_a_tracker_are_bounded_on_a_dead_server(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_champion / register_encoder / warm-start loads run without a Tracker (retrain,
+    user scripts): with none of MLFLOW_HTTP_REQUEST_* set, MLflow's own defaults would
+    retry for ~250 s; the registry applies the bounded defaults itself."""
+    from orchestration import mlflow_env
+
+    for var in (mlflow_env.ENV_MAX_RETRIES, mlflow_env.ENV_TIMEOUT, mlflow_env.ENV_BACKOFF):
+        monkeypatch.setenv(var, "0")
+        monkeypatch.delenv(var)  # restored (removed) after the test
+    dead = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as err:
+        read_champion(dead, "enc-dead")
+    assert time.monotonic() - t0 < 20, "registry call on a dead server was not bounded"
+    assert "127.0.0.1" in str(err.value)
+    assert os.environ[mlflow_env.ENV_MAX_RETRIES] == str(mlflow_env.DEFAULT_MAX_RETRIES)
+
+
+@pytest.mark.mlflow_server
+def test_concurrent_promotion_does_not_let_the_worse_version_win(
+        logged: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """B (0.6) decides against champion v1 (0.5); before B writes the alias, A (0.9)
+    registers and becomes champion. B must re-decide against A and stay challenger."""
+    import orchestration.registry as reg
+
+    uri, model_uri = logged["uri"], logged["model_uri"]
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    settings = RegistrySettings(name=name)
+
+    def register(knn: float):
+        return register_encoder(uri, model_uri, settings, feature_dim=D,
+                                metrics={"eval/knn_acc": knn, **HEALTHY})
+
+    v1 = register(0.5)
+    real_decide = reg._decide
+    injected: list = []
+
+    def decide_then_race(client, champion, new_metric, *args, **kwargs):
+        out = real_decide(client, champion, new_metric, *args, **kwargs)
+        if new_metric == 0.6 and not injected:
+            injected.append(register(0.9))  # the other scheduler, between B's read and write
+        return out
+
+    monkeypatch.setattr(reg, "_decide", decide_then_race)
+    b = register(0.6)
+    a = injected[0]
+    assert a.promoted and a.previous_champion == v1.version
+    assert not b.promoted and "does not beat" in b.reason and f"v{a.version}" in b.reason
+    assert _aliases(uri, name)["champion"] == a.version
+    tags = MlflowClient(uri, registry_uri=uri).get_model_version(name, str(b.version)).tags
+    assert tags["promoted"] == "false"
+
+
+@pytest.mark.mlflow_server
+def test_version_tags_name_the_training_data(logged: dict, tmp_path: Path) -> None:
+    """data_manifest_hash: sha256 over the sorted (shard, content sha256) list, recomputed
+    here from the manifest without the project's code."""
+    import hashlib
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    entries = []
+    for n in ("train-000001.tar", "train-000000.tar"):
+        data = os.urandom(256)
+        (folder / n).write_bytes(data)
+        entries.append({"shard": n, "samples": 4, "sha256": hashlib.sha256(data).hexdigest()})
+    (folder / "manifest.json").write_text(json.dumps({"shards": entries}))
+    want = hashlib.sha256(json.dumps(sorted([e["shard"], "sha256:" + e["sha256"]]
+                                            for e in entries),
+                                     separators=(",", ":")).encode()).hexdigest()
+    name = f"data-{uuid.uuid4().hex[:8]}"
+    tracker = Tracker(TrackingSettings.from_config({
+        "uri": logged["uri"], "experiment": f"reg-{uuid.uuid4().hex[:8]}",
+        "system_metrics": False, "registry": {"name": name}}))
+    tracker.start("data-run", {"method": {"name": "byol"},
+                               "data": {"train": str(folder), "storage_options": {}}})
+    decision = tracker.register_encoder(logged["model_uri"], {"eval/knn_acc": 0.4, **HEALTHY},
+                                        feature_dim=D, tags={"method": "byol"})
+    tracker.end()
+    tags = MlflowClient(logged["uri"]).get_model_version(name, str(decision.version)).tags
+    assert tags["data_manifest_hash"] == f"sha256:{want}" and tags["data_shards"] == "2"
+    assert tags["method"] == "byol" and float(tags["eval/knn_acc"]) == 0.4

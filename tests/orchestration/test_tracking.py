@@ -106,9 +106,11 @@ def test_local_sqlite_default_and_env_uri_precedence(
 def test_run_on_server_params_metrics_artifacts_plots(
     mlflow_server: str, tmp_path: Path, no_env_uri: None
 ) -> None:
-    tracker = Tracker(_settings(uri=mlflow_server, system_metrics=True))
+    tracker = Tracker(_settings(uri=mlflow_server, system_metrics=True,
+                                system_metrics_interval_s=0.2))
     run_id = tracker.start("server-run", CONFIG, tags={"method": "byol"})
     assert run_id is not None
+    time.sleep(1.0)  # a few sampling intervals of the system metrics monitor
     for step in range(5):
         tracker.log_metrics({"train/loss": 2.0 - 0.25 * step, "train/lr": 0.1}, step=step)
     tracker.log_metrics({"eval/knn_acc": 0.2}, step=2)
@@ -138,10 +140,11 @@ def test_run_on_server_params_metrics_artifacts_plots(
             "plots/knn_accuracy.png", "plots/embeddings_pca_00000004.png"} <= arts
     local = client.download_artifacts(run_id, "plots/loss.png", str(tmp_path))
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    try:
-        import psutil  # noqa: F401
-    except ImportError:  # degraded with a visible note on the run
-        assert "psutil" in run.data.tags["sslstream.system_metrics"]
+    import psutil  # noqa: F401  (a dependency: system metrics must be on)
+
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    assert "sslstream.system_metrics" not in run.data.tags
 
 
 @pytest.mark.mlflow_server
@@ -172,8 +175,10 @@ def test_resume_continues_the_same_run(mlflow_server: str, no_env_uri: None) -> 
 def test_dead_server_degrades_fast_with_one_warning(
     caplog: pytest.LogCaptureFixture, no_env_uri: None
 ) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    tracker = Tracker(_settings(uri=dead, reconnect_after_s=None))
+    port = free_port()  # nothing listens there
+    tracker = Tracker(_settings(uri=f"http://alice:s3cret@127.0.0.1:{port}",
+                                reconnect_after_s=None))
+    dead = f"http://***@127.0.0.1:{port}"  # how messages name it: credentials masked
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="sslstream.tracking"):
         assert tracker.start("dead", CONFIG) is None
@@ -186,20 +191,25 @@ def test_dead_server_degrades_fast_with_one_warning(
     assert not tracker.enabled
     (warning,) = _warnings(caplog, "unreachable")
     assert dead in warning.getMessage()
+    assert not [r for r in caplog.records if "s3cret" in r.getMessage()]
     assert "training continues without tracking" in warning.getMessage()
     spec = EncoderSpec(backbone={"name": "resnet_mini"}, feature_dim=128, image_size=32,
                        mean=(0.5,) * 3, std=(0.25,) * 3)
-    with pytest.raises(RegistrationError, match=dead.replace(".", r"\.")):
+    with pytest.raises(RegistrationError) as err:
         tracker.log_encoder(torch.nn.Linear(2, 2), spec)
+    assert dead in str(err.value) and "s3cret" not in str(err.value)
 
 
 @pytest.mark.mlflow_server
 def test_outage_mid_run_drops_then_resumes(
     mlflow_server: str, caplog: pytest.LogCaptureFixture, no_env_uri: None
 ) -> None:
-    tracker = Tracker(_settings(uri=mlflow_server, reconnect_after_s=0.0))
+    tracker = Tracker(_settings(uri=mlflow_server, reconnect_after_s=0.0,
+                                system_metrics=True, system_metrics_interval_s=0.2))
     run_id = tracker.start("flaky", {"a": 1})
     tracker.log_metrics({"m": 1.0}, step=1)
+    first_monitor = tracker._monitor
+    first_monitor.finish()  # what an outage does to MLflow's monitor: its thread ends
     dead = f"http://127.0.0.1:{free_port()}"
     live_client = tracker._client
     # a real outage: point the tracker's client at a closed port
@@ -213,7 +223,13 @@ def test_outage_mid_run_drops_then_resumes(
         tracker.uri, tracker._client = mlflow_server, live_client  # server back
         tracker.log_metrics({"m": 4.0}, step=4)
     assert tracker.enabled
+    # system metrics resume with the run (a new monitor thread, steps continued)
+    assert tracker._monitor is not None and tracker._monitor is not first_monitor
+    assert tracker._monitor._process.is_alive()
+    time.sleep(0.6)
     tracker.end()
+    assert any(k.startswith("system/") for k in
+               MlflowClient(mlflow_server).get_run(run_id).data.metrics)
     assert len(_warnings(caplog, "unreachable")) == 1
     assert len(_warnings(caplog, "reachable again")) == 1
     steps = sorted(m.step for m in MlflowClient(mlflow_server).get_metric_history(run_id, "m"))
