@@ -14,6 +14,7 @@ which is what torchrun launches: `torchrun --nproc-per-node 8 -m orchestration.c
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -188,14 +189,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sslstream: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # config errors, missing shards, ...: one clear line + traceback
+    except Exception as e:  # config errors, missing shards, ...: one clear line
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
         if isinstance(e, HydraException | OmegaConfBaseException):
             print(f"sslstream {cmd}: config error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        if isinstance(e, _user_errors()) and not os.environ.get("SSLSTREAM_TRACEBACK"):
+            # a bad value, a missing shard / file / split, refused credentials, corrupt data:
+            # the message names the input; a traceback would bury it (our frames, not theirs)
+            print(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the traceback)",
+                  file=sys.stderr)
+            return EXIT_FAILED
         raise
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe bad input (their messages name it), not a bug."""
+    from pipelines.storage import StorageError
+    from pipelines.stream import BadDataError
+
+    return (StorageError, BadDataError, FileNotFoundError, PermissionError, ValueError)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def build_job(cfg: DictConfig) -> Job:
     torch.manual_seed(int(cfg.seed))  # identical initial weights on every rank
     run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
     prepare_data(cfg, env)
+    check_eval_splits(cfg)  # before training, not after it
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not tr.get("resume", True):
         raise ValueError(
@@ -147,3 +148,39 @@ def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
 def _warmup_epochs(cfg: DictConfig) -> float:
     opt = cfg.optim.get("warmup_epochs", None)
     return float(opt if opt is not None else cfg.trainer.get("warmup_epochs", 0))
+
+
+def check_eval_splits(cfg: DictConfig) -> None:
+    """Fail before training when the evaluation's labelled splits are unset or absent.
+
+    The evaluation runs periodically and at the end: a typo in `data.test` must not cost a
+    whole training run. Checks that the spec is set and that its first and last shard (or
+    its folder / manifest) exist; errors reaching the store (credentials, network) are
+    left to the stream, which reports them with retries.
+    """
+    ev = cfg.eval
+    if not (ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0)):
+        return
+    import braceexpand
+
+    from pipelines.storage import ShardNotFound, get_fs
+
+    opts = dict(cfg.data.get("storage_options") or {})
+    for key in ("bank", "test"):
+        spec = cfg.data.get(key)
+        if not spec:
+            raise ValueError(
+                f"evaluation needs a labelled split: data.{key} is not set (set "
+                f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
+                "without evaluation and registration)"
+            )
+        specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
+        urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
+        for url in {urls[0], urls[-1]}:
+            try:
+                fs, path = get_fs(url, opts)
+                found = fs.exists(path)
+            except Exception:  # the stream reports store errors (with retries) itself
+                continue
+            if not found:
+                raise ShardNotFound(f"data.{key}={spec}: {url} does not exist", url)

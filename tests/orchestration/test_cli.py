@@ -131,3 +131,22 @@ def test_cifar10_brings_the_cifar_recipe_and_overrides_still_win():
     # the embedded default is unchanged by the recipes
     cfg = compose_config([])
     assert (cfg.backbone.name, cfg.trainer.batch_size, cfg.augment.name) == ("resnet_mini", 64, "cifar_byol")
+
+
+@pytest.mark.timeout(120)
+def test_bad_inputs_give_one_line_naming_them(tmp_path, capsys, monkeypatch):
+    """What the user sees for a missing shard, a missing test split and an unset split:
+    exit 1, one message naming the input, no traceback, before any training."""
+    from tests.orchestration.test_train import tiny
+
+    monkeypatch.chdir(tmp_path)
+    base = tiny(tmp_path, "tracking.enabled=false", steps=2)
+    assert main(["train", *base, "data.train=/nonexistent/train-{000000..000003}.tar"]) == 1
+    err = capsys.readouterr().err
+    assert "/nonexistent/train-000000.tar does not exist" in err and "Traceback" not in err
+    assert main(["train", *base, f"data.test={tmp_path}/no-test-split"]) == 1
+    err = capsys.readouterr().err
+    assert f"data.test={tmp_path}/no-test-split" in err and "does not exist" in err
+    assert main(["train", *base, "data.test=null"]) == 1
+    assert "data.test is not set" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("step-*.pt"))
