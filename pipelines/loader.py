@@ -104,6 +104,8 @@ class TwoViewLoader:
             raise ValueError(f"loader dtype={dtype}: expected float32, float16 or bfloat16")
         self.stream, self.recipe, self.batch_size = stream, recipe, batch_size
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.seed, self.prefetch = int(seed), max(1, prefetch)
         self.rank = int(rank if rank is not None else getattr(stream, "rank", 0))
         self.backend_name = resolve_backend(backend)
@@ -127,10 +129,7 @@ class TwoViewLoader:
     # ------------------------------------------------------------------ construction
     def _build_backend(self, num_threads, dtype, channels_last, hw_decoder_load):
         if self.backend_name == "dali":
-            device_id = None
-            if self.device.type == "cuda":
-                device_id = self.device.index if self.device.index is not None \
-                    else torch.cuda.current_device()
+            device_id = self.device.index if self.device.type == "cuda" else None
             spec = dali_mod.GraphSpec(recipe=self.recipe, batch_size=self.batch_size,
                                       device_id=device_id, num_threads=num_threads, dtype=dtype,
                                       channels_last=channels_last, hw_decoder_load=hw_decoder_load)
@@ -357,7 +356,7 @@ class TwoViewLoader:
         labels = torch.tensor(host.labels, dtype=torch.int64)
         if self.device.type == "cuda":  # non_blocking uploads need pinned sources
             labels = labels.pin_memory().to(self.device, non_blocking=True)
-            if v1.device != self.device:  # the torchvision backend works on the host
+            if v1.device.type == "cpu":  # the torchvision backend works on the host
                 v1 = v1.pin_memory().to(self.device, non_blocking=True)
                 v2 = v2.pin_memory().to(self.device, non_blocking=True)
         elif v1.device != self.device:

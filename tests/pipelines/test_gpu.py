@@ -33,13 +33,18 @@ def _loader(device, **kw):
     return TwoViewLoader(FakeStream(samples), _recipe(), device=device, **kw)
 
 
-@pytest.mark.parametrize(("dtype", "channels_last"), [(torch.bfloat16, True),
-                                                      (torch.float32, False)])
-def test_gpu_batches_are_on_the_device_and_never_overwritten(dtype, channels_last):
-    """Every batch is on the loader's device with the asked dtype/layout; tensors kept while
-    the loader produces later batches (the trainer holding them on its stream) stay intact."""
-    dev = torch.device("cuda", torch.cuda.device_count() - 1)
-    loader = _loader(dev, dtype=dtype, channels_last=channels_last)
+@pytest.mark.parametrize(("dtype", "channels_last", "spec", "backend"), [
+    (torch.bfloat16, True, "last", "dali"), (torch.float32, False, "cuda", "dali"),
+    (torch.float16, False, "last", "torchvision")])
+def test_gpu_batches_are_on_the_device_and_never_overwritten(dtype, channels_last, spec,
+                                                             backend):
+    """Every batch is on the loader's device with the asked dtype/layout ("cuda" without an
+    index means the current device); tensors kept while the loader produces later batches
+    (the trainer holding them on its stream) stay intact."""
+    dev = torch.device("cuda", torch.cuda.device_count() - 1 if spec == "last"
+                       else torch.cuda.current_device())
+    loader = _loader(dev if spec == "last" else "cuda", dtype=dtype, channels_last=channels_last,
+                     backend=backend)
     kept = []
     try:
         for b in loader:
