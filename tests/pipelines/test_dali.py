@@ -137,6 +137,40 @@ def test_event_frequencies_and_placement_byol():
         assert abs(counts[key] / n - p) <= tol, (key, counts[key] / n, p)
 
 
+@pytest.mark.timeout(120)
+def test_jitter_and_blur_act_exactly_where_drawn():
+    """The conditionals: a sample's output changes when (and only when) its jitter / blur
+    coin is on -- compared with the same batch re-run with that coin forced off -- and the
+    coins' frequencies are the recipe's (binomial, 5 sigma). BYOL's view 2 (jitter 0.8, blur
+    0.1) with sigma pinned to >= 1 so every blur is visible on a textured image."""
+    import dataclasses as dc
+
+    base = PRESETS["byol"]
+    view2 = dc.replace(base.view2, size=32, blur_p=0.5, blur_sigma=(1.0, 2.0))
+    recipe = TwoViewRecipe(view1=dc.replace(base.view1, size=32), view2=view2, name="t")
+    images = [s.image for s in make_samples(64, h=40, w=40)]
+    hw = np.array([image_hw(b, "header") for b in images])
+    backend = dali_mod.DaliTwoView(dali_mod.GraphSpec(recipe=recipe, batch_size=len(images)))
+    seen = {"jitter": 0, "blur": 0}
+    n = 0
+    try:
+        for batch in range(6):
+            p1, p2 = (sample_view_params(v, hw, batch_rng(9, 0, 0, batch, i))
+                      for i, v in enumerate(recipe.views))
+            _, out = backend.run(images, (p1, p2))
+            for coin in ("jitter", "blur"):
+                off = dc.replace(p2, **{coin: np.zeros_like(getattr(p2, coin))})
+                _, ref = backend.run(images, (p1, off))
+                changed = ((out - ref).abs().amax((1, 2, 3)) > 1e-3).numpy()
+                assert np.array_equal(changed, getattr(p2, coin)), coin
+                seen[coin] += int(changed.sum())
+            n += len(images)
+    finally:
+        backend.close()
+    for coin, p in (("jitter", view2.jitter_p), ("blur", view2.blur_p)):
+        assert abs(seen[coin] / n - p) <= 5 * math.sqrt(p * (1 - p) / n), (coin, seen[coin], n)
+
+
 def _parity(recipe: TwoViewRecipe, n: int = 256):
     images = [s.image for s in make_samples(n, h=80, w=96)]
     hw = np.array([image_hw(b, "header") for b in images])
