@@ -50,6 +50,7 @@ class MomentumEncoder(nn.Module):
     """
 
     step: torch.Tensor
+    last_tau: torch.Tensor
 
     def __init__(self, online: nn.Module, tau_base: float = 0.99, tau_final: float = 1.0) -> None:
         super().__init__()
@@ -61,13 +62,23 @@ class MomentumEncoder(nn.Module):
         self.target = copy.deepcopy(online)
         self.target.requires_grad_(False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        # A host-side mirror of ``step``: reading the buffer each step would be a device sync.
+        # The rate of the last update (tau_base before any), for the ``tau`` metric; a buffer
+        # so that a resumed run reports the right value from its first step.
+        self.register_buffer("last_tau", torch.tensor(self.tau_base, dtype=torch.float64))
+        # Host-side mirrors: reading the buffers each step would be a device sync.
         self._step = 0
-        self.register_load_state_dict_post_hook(MomentumEncoder._sync_step)
+        self._last_tau = self.tau_base
+        self.register_load_state_dict_post_hook(MomentumEncoder._sync_host_mirrors)
 
     @staticmethod
-    def _sync_step(module: nn.Module, _incompatible: object) -> None:
+    def _sync_host_mirrors(module: nn.Module, _incompatible: object) -> None:
         module._step = int(module.step)
+        module._last_tau = float(module.last_tau)
+
+    @property
+    def last_tau_value(self) -> float:
+        """The tau of the last :meth:`update` (``tau_base`` before the first), host-side."""
+        return self._last_tau
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -95,7 +106,9 @@ class MomentumEncoder(nn.Module):
                 )
             torch._foreach_lerp_(dst, [p.detach() for p in src], 1.0 - tau)
         self.step.add_(1)
+        self.last_tau.fill_(tau)
         self._step += 1
+        self._last_tau = tau
         return tau
 
     def extra_repr(self) -> str:

@@ -35,7 +35,6 @@ class BYOL(Method):
         self.predictor = byol_mlp(proj_output_dim, pred_hidden_dim, proj_output_dim)
         self.momentum = MomentumEncoder(nn.Sequential(self.backbone, self.projector),
                                         tau_base=tau_base, tau_final=tau_final)
-        self._tau = float(tau_base)
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
@@ -53,8 +52,10 @@ class BYOL(Method):
         p1, p2 = self.predictor(z1), self.predictor(z2)
         t1, t2 = self.momentum(view1), self.momentum(view2)  # no grad; target in train mode
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return loss, {"loss": loss.detach(), "tau": self._tau, "embeddings": z1.detach()}
+        metrics = {"loss": loss.detach(), "tau": self.momentum.last_tau.clone(),
+                   "embeddings": z1.detach()}
+        return loss, metrics
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         online = itertools.chain(self.backbone.parameters(), self.projector.parameters())
-        self._tau = self.momentum.update(online, total_steps)
+        self.momentum.update(online, total_steps)

@@ -55,7 +55,6 @@ class MoCoV2(Method):
         self.temperature = float(temperature)
         self.bn = bn
         self.symmetric = bool(symmetric)
-        self._tau = float(tau_base)
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
@@ -111,11 +110,13 @@ class MoCoV2(Method):
                                           self.temperature))
             self.queue_view1.enqueue(k1)
         self.queue.enqueue(k2)
-        return loss, {"loss": loss.detach(), "tau": self._tau, "embeddings": z1.detach()}
+        metrics = {"loss": loss.detach(), "tau": self.momentum.last_tau.clone(),
+                   "embeddings": z1.detach()}
+        return loss, metrics
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         online = itertools.chain(self.backbone.parameters(), self.projector.parameters())
-        self._tau = self.momentum.update(online, total_steps)
+        self.momentum.update(online, total_steps)
 
     @property
     def ddp_static_buffers(self) -> list[str]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models.methods import METHODS
+from models.state import cosine_tau
 from tests.models.test_methods import _build, _views
 from tests.models.test_training_toy import one_thread
 
@@ -58,3 +59,30 @@ def test_channels_last_views_give_the_same_loss(name: str) -> None:
     cl = [v.contiguous(memory_format=torch.channels_last) for v in (v1, v2)]
     out, _ = method.to(memory_format=torch.channels_last).training_step(*cl)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["byol", "mocov2"])
+def test_compiled_step_does_not_recompile_as_the_state_moves(name: str) -> None:
+    """tau, the EMA step and the queue pointer change every step: reading any of them as a
+    Python value in training_step would make torch.compile guard on it and recompile."""
+    method = _build(name)
+    method.train()
+    step = torch.compile(method.training_step, backend="eager")
+    opt = torch.optim.SGD(method.parameters(), lr=0.01)
+    taus = []
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for k in range(3):
+                loss, metrics = step(*_views(seed=k))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                method.after_optimizer_step(k, 10)
+                taus.append(float(metrics["tau"]))
+    finally:
+        torch._dynamo.reset()
+    # the metric follows the schedule: tau_base before any update, then the last update's
+    enc = method.momentum
+    expected = [enc.tau_base] + [cosine_tau(k, 10, enc.tau_base, enc.tau_final) for k in (0, 1)]
+    assert taus == pytest.approx(expected, abs=1e-12)
+    assert taus[2] != taus[1]
