@@ -64,7 +64,7 @@ class MomentumEncoder(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # The rate of the last update (tau_base before any), for the ``tau`` metric; a buffer
         # so that a resumed run reports the right value from its first step.
-        self.register_buffer("last_tau", torch.tensor(self.tau_base, dtype=torch.float64))
+        self.register_buffer("last_tau", torch.tensor(self.tau_base, dtype=torch.float32))
         # Host-side mirrors: reading the buffers each step would be a device sync.
         self._step = 0
         self._last_tau = self.tau_base
@@ -73,6 +73,7 @@ class MomentumEncoder(nn.Module):
     @staticmethod
     def _sync_host_mirrors(module: nn.Module, _incompatible: object) -> None:
         module._step = int(module.step)
+        # float32 in the buffer (MPS has no float64); the schedule recomputes it exactly
         module._last_tau = float(module.last_tau)
 
     @property
