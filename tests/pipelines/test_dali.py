@@ -340,3 +340,45 @@ def test_outputs_are_owned_buffers_not_recycled_by_the_next_run():
             assert torch.equal(v1, c1) and torch.equal(v2, c2)
     finally:
         backend.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_with_corrupt_jpegs_runs_through_with_each_counted(tmp_path):
+    """The whole chain on real shards: a member with a broken header is skipped by the stream
+    (`skipped_corrupt`), one that passes the header check but that DALI cannot decode is
+    replaced by the loader after a full decode (`aug_skipped_corrupt`, `aug_backend_errors`).
+    Every batch is full, every key is a good one."""
+    import io
+    import tarfile
+
+    from pipelines.shards import write_shards
+    from pipelines.stream import ShardStream
+
+    samples = make_samples(30)
+    entropy_key = samples[7].key
+    rows = [(s.key, corrupt_entropy_jpeg(7) if s.key == entropy_key else s.image, s.label)
+            for s in samples]
+    write_shards(rows, tmp_path, max_count=10)
+    shard0 = tmp_path / "shard-000000.tar"  # append a member with a broken header
+    with tarfile.open(shard0, "a") as tf:
+        for name, data in (("zz_bad.jpg", b"\xff\xd8\xff\xe0garbage"), ("zz_bad.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "manifest.json").unlink()  # the shard changed: count by reading
+    urls = [str(tmp_path / f"shard-00000{i}.tar") for i in range(3)]
+    stream = ShardStream(urls, num_workers=2, seed=1, max_bad_fraction=0.1)
+    assert len(stream) == 31  # counted by reading: the appended member is listed
+    loader = TwoViewLoader(stream, small(PRESETS["cifar_byol"]), batch_size=31, device="cpu",
+                           backend="dali")  # one batch holding the whole epoch
+    try:
+        batches = list(loader)
+    finally:
+        loader.close()
+    assert [b.view1.shape[0] for b in batches] == [31]
+    keys = {k for b in batches for k in b.keys}
+    assert entropy_key not in keys and "zz_bad" not in keys
+    c = loader.counters
+    assert c["skipped_corrupt"] == 1 and c["bad_image"] == 1, c
+    assert c["aug_skipped_corrupt"] == 1 and c["aug_backend_errors"] == 1, c
+    assert c["topped_up"] == 1  # the stream refilled the broken-header sample's slot
