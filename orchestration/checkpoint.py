@@ -91,7 +91,12 @@ def _fsync_dir(d: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """torch (CPU and every CUDA device), numpy and python RNG states, weights_only-safe."""
+    """torch (CPU and this process's CUDA device), numpy and python RNG states, weights_only-safe.
+
+    Only the current CUDA device's generator: each rank drives one GPU (LOCAL_RANK), and the
+    checkpoint keeps one entry per rank, so a resume on a node with another GPU count still
+    restores every rank's stream.
+    """
     version, internal, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -110,12 +115,12 @@ def rng_state() -> dict[str, Any]:
         },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device (set from LOCAL_RANK)
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `rng_state()`. CUDA states are restored only when the device count matches."""
+    """Inverse of `rng_state()` (the CUDA state goes to the current device)."""
     torch.set_rng_state(state["torch"].cpu())
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
@@ -130,8 +135,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
     )
     cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 def to_plain(obj: Any) -> Any:

@@ -137,8 +137,10 @@ def extract_features(
     feats, labels = [], []
     for x, y in batches:
         if device.type == "cuda":
+            # channels_last like the trained model (a layout mismatch costs a conversion per conv)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                f = embed(x.to(device, non_blocking=True))
+                f = embed(x)
         else:
             f = embed(x.to(device))
         feats.append(f.float().flatten(1))

@@ -18,21 +18,26 @@ from tests.orchestration.test_train import cli_env, tiny
 TRAIN, TEST = 170, 50  # 170 over 2 ranks x batch 8: the stream pads, both ranks take 10 steps
 
 
-def _overrides(tmp: Path) -> list[str]:
+def _overrides(tmp: Path, *extra: str) -> list[str]:
     return tiny(tmp, f"data.generate_train_samples={TRAIN}", f"data.generate_test_samples={TEST}",
                 "trainer.batch_size=8", "tracking.enabled=false", "trainer.checkpoint_every_steps=5",
-                "eval.probe_epochs=3", steps=12)
+                "eval.probe_epochs=3", *extra, steps=12)
 
 
-def _train_rank(rank: int, world_size: int, tmp: str) -> dict:
+MOCO = ("method=mocov2", "method.queue_size=64", "method.proj_output_dim=16")
+
+
+def _train_rank(rank: int, world_size: int, tmp: str, extra: tuple[str, ...] = ()) -> dict:
     os.chdir(tmp)
     from orchestration.cli import compose_config
     from orchestration.train import train
 
-    res = train(compose_config(_overrides(Path(tmp))))
+    res = train(compose_config(_overrides(Path(tmp), *extra)))
     return {
         "step": res.step,
-        "params": {k: v.detach().clone() for k, v in res.method.named_parameters()},
+        # parameters and buffers: BN statistics (synced from rank 0) and MoCo's queue,
+        # which DDP does not sync (ddp_static_buffers): identical by construction
+        "params": {k: v.detach().clone() for k, v in res.method.state_dict().items()},
         "knn": res.eval.knn_acc,
         "probe": res.eval.probe_acc,
         "bank": res.eval.bank_size,
@@ -47,6 +52,7 @@ def test_two_rank_gloo_training_keeps_ranks_identical(tmp_path):
     assert r0["params"].keys() == r1["params"].keys()
     for k in r0["params"]:  # online network and momentum target alike
         assert torch.equal(r0["params"][k], r1["params"][k]), f"{k} differs between ranks"
+    assert any("running_mean" in k for k in r0["params"])
     # evaluation saw every sample exactly once over the two ranks, and agrees on both
     assert r0["bank"] == r1["bank"] == TRAIN and r0["test"] == r1["test"] == TEST
     assert r0["knn"] == r1["knn"] and r0["probe"] == r1["probe"]
@@ -56,6 +62,17 @@ def test_two_rank_gloo_training_keeps_ranks_identical(tmp_path):
     assert state["step"] == 12 and state["world_size"] == 2 and len(state["rng"]) == 2
     for k, v in r0["params"].items():
         assert torch.equal(state["model"][k], v)
+
+
+@pytest.mark.timeout(180)
+def test_two_rank_moco_queue_stays_identical_without_buffer_broadcast(tmp_path):
+    r0, r1 = run_ddp(_train_rank, str(tmp_path), MOCO, world_size=2, timeout=160)
+    assert r0["step"] == r1["step"] == 12
+    keys = r0["params"]["queue.keys"]
+    assert int(r0["params"]["queue.ptr"]) == (12 * 2 * 2 * 8) % 64  # symmetric: 2 keys/sample, 2 ranks
+    assert keys.abs().sum() > 0 and torch.equal(keys, r1["params"]["queue.keys"])
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), f"{k} differs between ranks"
 
 
 @pytest.mark.timeout(180)
