@@ -3,9 +3,9 @@
     python benchmarks/cifar10_knn.py --method byol --epochs 200           # the H100 target run
     python benchmarks/cifar10_knn.py --method simclr --epochs 1 --max-steps 20 trainer.device=cpu
 
-Runs `orchestration.train.train` exactly as `sslstream train data=cifar10
-backbone=resnet18_cifar method=<m> trainer.epochs=<E>` would (any extra Hydra overrides are
-passed through), then prints one JSON line and a markdown row for BENCHMARKS.md: kNN and
+Runs `orchestration.train.train` exactly as `sslstream train data=cifar10 method=<m>
+trainer.epochs=<E>` would (the method's CIFAR augmentation and optimiser recipe, ResNet-18 with
+the CIFAR stem; any extra Hydra overrides are passed through), then prints one JSON line and a markdown row for BENCHMARKS.md: kNN and
 linear-probe accuracy on the test split (bank: the train split), training images/s over all
 ranks (periodic evaluations excluded) and the fraction of that time spent waiting for data.
 Under torchrun it runs distributed like the trainer; rank 0 prints.
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default="resnet18_cifar")
     ap.add_argument("--data", default=os.environ.get("SSLSTREAM_CIFAR10", str(REPO.parent / "shared/data/cifar10")),
                     help="folder with the CIFAR-10 shards and manifest.json")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="kNN every N epochs during training (data=cifar10 brings 10; 0: only at the end)")
     ap.add_argument("--output-dir", default="./outputs/bench")
     ap.add_argument("--track", action="store_true", help="log to MLflow and register (off by default)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [
         "data=cifar10", f"data.root={a.data}", f"method={a.method}", f"backbone={a.backbone}",
         f"trainer.epochs={a.epochs}", f"trainer.batch_size={a.batch_size}",
-        f"trainer.output_dir={a.output_dir}", "trainer.resume=false",
+        f"trainer.output_dir={a.output_dir}", "trainer.resume=false", f"eval.every_epochs={a.eval_every}",
         f"run_name=bench-{a.method}-{a.backbone}-e{a.epochs}-{int(time.time())}",
     ]
     if a.max_steps:
