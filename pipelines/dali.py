@@ -15,6 +15,7 @@ GPU with `device='mixed'` decoding (nvJPEG, hardware decoder share `hw_decoder_l
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,6 +205,7 @@ class DaliTwoView:
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec
         self._pipe = build_two_view_pipeline(spec)
+        self._pending = PendingOutputs()
 
     def run(self, images: list[bytes], params: tuple[ViewParams, ViewParams]):
         """One batch. On a GPU the caller sets the torch device and stream (the loader's
@@ -211,16 +213,45 @@ class DaliTwoView:
         `outputs_stream`) and copied on it (see `to_torch`)."""
         feed_two_view(self._pipe, [np.frombuffer(b, dtype=np.uint8) for b in images], params)
         out1, out2 = self._pipe.run(*outputs_stream(self.spec.device_id))
-        return (to_torch(out1, self.spec.channels_last, self.spec.dtype),
-                to_torch(out2, self.spec.channels_last, self.spec.dtype))
+        views = (to_torch(out1, self.spec.channels_last, self.spec.dtype),
+                 to_torch(out2, self.spec.channels_last, self.spec.dtype))
+        self._pending.hold((out1, out2), views[0].is_cuda)
+        return views
 
     def reset(self) -> None:
         self.close()
         self._pipe = build_two_view_pipeline(self.spec)
 
     def close(self) -> None:
+        if hasattr(self, "_pending"):
+            self._pending.drain()
         pipe, self._pipe = getattr(self, "_pipe", None), None
         del pipe  # DALI's worker threads go with the last reference
+
+
+class PendingOutputs:
+    """Keeps DALI's GPU outputs alive until the copies `to_torch` enqueued from them ran.
+
+    Belt and braces: binding the outputs to the copying stream should already order their
+    release after the copy; holding a reference until an event recorded after the copy has
+    completed makes that independent of how DALI orders the release. Polled (no host wait)
+    on every `hold`; `drain` waits, on close."""
+
+    def __init__(self) -> None:
+        self._held: collections.deque = collections.deque()
+
+    def hold(self, outputs: tuple, gpu: bool) -> None:
+        if not gpu:
+            return  # CPU copies/views are complete when to_torch returns
+        done = torch.cuda.Event()
+        done.record()  # on the current stream, after the copies
+        self._held.append((done, outputs))
+        while self._held and self._held[0][0].query():
+            self._held.popleft()
+
+    def drain(self) -> None:
+        while self._held:
+            self._held.popleft()[0].synchronize()
 
 
 def build_eval_pipeline(size: int, resize: int, mean, std, batch_size: int,
@@ -261,8 +292,10 @@ class DaliEval:
                  device_id: int | None, num_threads: int = 2) -> None:
         self._args = (size, resize, mean, std, batch_size, device_id, num_threads)
         self._pipe = build_eval_pipeline(*self._args)
+        self._pending = PendingOutputs()
 
     def reset(self) -> None:
+        self._pending.drain()
         self._pipe = None
         self._pipe = build_eval_pipeline(*self._args)
 
@@ -270,7 +303,10 @@ class DaliEval:
         """One batch; on a GPU bound to and copied on torch's current stream (`to_torch`)."""
         self._pipe.feed_input("images", [np.frombuffer(b, dtype=np.uint8) for b in images])
         (out,) = self._pipe.run(*outputs_stream(self._args[5]))
-        return to_torch(out, False, torch.float32)
+        x = to_torch(out, False, torch.float32)
+        self._pending.hold((out,), x.is_cuda)
+        return x
 
     def close(self) -> None:
+        self._pending.drain()
         self._pipe = None

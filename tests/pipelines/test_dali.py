@@ -382,3 +382,38 @@ def test_a_shard_with_corrupt_jpegs_runs_through_with_each_counted(tmp_path):
     assert c["skipped_corrupt"] == 1 and c["bad_image"] == 1, c
     assert c["aug_skipped_corrupt"] == 1 and c["aug_backend_errors"] == 1, c
     assert c["topped_up"] == 1  # the stream refilled the broken-header sample's slot
+
+
+def test_gpu_outputs_are_held_until_their_copy_event_completes(monkeypatch):
+    """PendingOutputs' bookkeeping with a fake CUDA event (no GPU here): DALI outputs stay
+    referenced until the event recorded after their copy reports done; close drains (waits
+    for) the rest; CPU outputs are never held."""
+    class FakeEvent:
+        made: list = []
+
+        def __init__(self):
+            self.done = self.waited = False
+            FakeEvent.made.append(self)
+
+        def record(self, stream=None):
+            pass
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited = True
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    pending = dali_mod.PendingOutputs()
+    pending.hold(("cpu",), gpu=False)
+    assert len(pending._held) == 0
+    pending.hold(("a",), gpu=True)
+    pending.hold(("b",), gpu=True)
+    assert [o for _, o in pending._held] == [("a",), ("b",)]
+    FakeEvent.made[0].done = True
+    pending.hold(("c",), gpu=True)  # polls: a's copy is done, b's is not
+    assert [o for _, o in pending._held] == [("b",), ("c",)]
+    pending.drain()
+    assert not pending._held and FakeEvent.made[1].waited and FakeEvent.made[2].waited
+    assert not FakeEvent.made[0].waited  # never waited on the host for a finished copy
