@@ -23,6 +23,7 @@ The exit code tells a scheduler what to do next (see EXIT_* and docs/retrain.md)
 from __future__ import annotations
 
 import _thread
+import hashlib
 import logging
 import os
 import sys
@@ -74,6 +75,7 @@ class RetrainSettings:
     enabled: bool
     nproc_per_node: int = 1
     torchrun_args: tuple[str, ...] = ()
+    held_exit_code: int = EXIT_LOCK_HELD
 
     @classmethod
     def from_config(cls, cfg: DictConfig, model_name: str) -> RetrainSettings:
@@ -99,11 +101,16 @@ class RetrainSettings:
         nproc = int(r.get("nproc_per_node", 1) or 1)
         if nproc < 1:
             raise ValueError(f"retrain.nproc_per_node must be >= 1, got {nproc}")
+        held = lock.get("held_exit_code")
+        held = EXIT_LOCK_HELD if held is None else int(held)
+        if held not in (0, EXIT_LOCK_HELD):
+            raise ValueError(f"retrain.lock.held_exit_code must be 0 or {EXIT_LOCK_HELD}, "
+                             f"got {held}")
         return cls(source, so, init, str(url), ttl, hb, float(lock.get("wait_s", 0)),
                    float(lock.get("grace_s", 10)),
                    tuple(str(k) for k in r.get("run_key_ignore") or ()),
                    bool(r.get("enabled", True)), nproc,
-                   tuple(str(a) for a in r.get("torchrun_args") or ()))
+                   tuple(str(a) for a in r.get("torchrun_args") or ()), held)
 
 
 def _say(msg: str) -> None:
@@ -143,6 +150,20 @@ def _nothing_new(reg, snap: Snapshot) -> tuple[Any, str | None]:
     return champ, None
 
 
+def _run_key(cfg: DictConfig, st: RetrainSettings, model: str, snap: Snapshot,
+             champ: Any) -> str:
+    """Run key from (snapshot, config hash); a warm start also depends on WHICH champion it
+    starts from, so init=champion adds the champion's version (scratch keys are unchanged)."""
+    ignore = list(st.run_key_ignore) + ["data.train", "run_name"]
+    if cfg.data.get("bank") == cfg.data.get("train"):
+        ignore.append("data.bank")
+    chash = config_hash(cfg, ignore)
+    if st.init == "champion":
+        start = f"champion-v{champ.version}" if champ is not None else "scratch"
+        chash = hashlib.sha256(f"{chash}|init={start}".encode()).hexdigest()
+    return run_key(model, snap.id, chash)
+
+
 def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | None
                   ) -> DictConfig:
     """The job's config with run_name = run key and data = exactly the snapshot's shards."""
@@ -154,10 +175,10 @@ def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | No
         if bank_is_train:
             tcfg.data.bank = snap.urls
         tcfg.data.generate = False
+        # the trainer's warm start (orchestration/warmstart.py): backbone weights of this
+        # exact version (not the alias, which may move), only for a new run; a resumed run's
+        # checkpoint already holds everything
         if warm_from is not None:
-            if "init_from" not in (cfg.trainer or {}):
-                raise RetrainExit(EXIT_CONFIG, "retrain.init=champion needs trainer.init_from "
-                                  "(warm start) support in train.py; use retrain.init=scratch")
             tcfg.trainer.init_from = warm_from
     return tcfg
 
@@ -261,15 +282,14 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
     except Exception as e:
         raise RetrainExit(EXIT_REGISTRY, f"reading champion of {model!r}: {e}") from e
 
-    ignore = list(st.run_key_ignore) + ["data.train", "run_name"]
-    if cfg.data.get("bank") == cfg.data.get("train"):
-        ignore.append("data.bank")
-    key = run_key(model, snap.id, config_hash(cfg, ignore))
+    key = _run_key(cfg, st, model, snap, champ)
     try:
         lease = Lease(open_store(st.lock_url, st.storage_options), key, ttl_s=st.ttl_s,
                       grace_s=st.grace_s)
         lease.acquire(wait_s=st.wait_s)
     except LeaseHeld as e:
+        if st.held_exit_code == EXIT_OK:  # retrain.lock.held_exit_code=0: a skip, not a failure
+            return f"skipped: {e}"
         raise RetrainExit(EXIT_LOCK_HELD, str(e)) from e
     except ValueError as e:
         raise RetrainExit(EXIT_CONFIG, str(e)) from e
@@ -294,6 +314,10 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
         existing = reg.find_version(key)
     except Exception as e:
         raise RetrainExit(EXIT_REGISTRY, f"reading registry of {reg.name!r}: {e}") from e
+    if st.init == "champion" and (again := _run_key(cfg, st, reg.name, snap, champ)) != key:
+        _say(f"the champion changed while waiting for the lease: run key {key} -> {again}")
+        key = again
+        existing = reg.find_version(key)
     new = snap.new_since(reg.champion_fingerprints(champ) or {}) if champ else list(snap.shards)
     tags: dict[str, Any] = {"run_key": key, "snapshot_id": snap.id, "source": snap.source,
                             "shards": len(snap.shards), "new_shards": len(new), "init": st.init}

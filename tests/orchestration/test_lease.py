@@ -227,7 +227,8 @@ def test_store_writes_are_really_conditional(make_store) -> None:
         barrier = threading.Barrier(4)
         won: list[bytes] = []
 
-        def write(i: int, version: str = version, barrier=barrier, won=won) -> None:
+        def write(i: int, version: str = version, barrier=barrier, won=won,
+                  round_: int = round_) -> None:
             s = make_store()
             barrier.wait(timeout=20)
             data = f"writer-{round_}-{i}".encode()

@@ -8,6 +8,7 @@ The end-to-end runs with the real trainer are in test_retrain_e2e.py.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -223,6 +224,10 @@ def test_exit_codes_for_lock_source_tracking_and_training_failures(setup, capsys
     fake = FakeTrain()
     assert R.retrain(cfg, train_fn=fake) == R.EXIT_LOCK_HELD
     assert "held by" in capsys.readouterr().err and not fake.calls
+    # for schedulers that cannot tell "skip" from "fail": the same refusal as exit 0
+    assert R.retrain(setup.cfg(lock={"held_exit_code": 0}), train_fn=fake) == R.EXIT_OK
+    assert "skipped: lease" in capsys.readouterr().out and not fake.calls
+    assert R.retrain(setup.cfg(lock={"held_exit_code": 1}), train_fn=fake) == R.EXIT_CONFIG
     other.release()
 
     bad_source = setup.cfg(source=f"s3://{setup.bucket}/no-such-prefix")
@@ -325,3 +330,74 @@ def test_snapshot_ids_and_run_keys(s3, tmp_path) -> None:
     assert config_hash(a, ["tracking"]) == config_hash(b, ["tracking"])
     assert config_hash(a, ["tracking"]) != config_hash(c, ["tracking"])
     assert run_key("my model", snap.id, "f" * 64) == f"my_model-{snap.id[:12]}-ffffffff"
+
+
+@pytest.mark.timeout(180)
+def test_init_champion_warm_starts_from_the_champion_weights(setup, monkeypatch) -> None:
+    """retrain.init=champion: the trainer gets trainer.init_from = the champion's exact
+    version, and the trainer's own warm-start path (orchestration/warmstart.py) builds the
+    method around the champion's backbone weights (online and momentum target)."""
+    import torch
+
+    from models.backbones import build_backbone
+    from orchestration import mlflow_env
+    from orchestration.encoder_model import EncoderSpec
+    from orchestration.tracking import Tracker, TrackingSettings
+    from orchestration.warmstart import backbone_weights, build_method_warm
+
+    backbone_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/backbone/resnet_mini.yaml"))
+    torch.manual_seed(123)
+    champ_backbone = build_backbone(backbone_cfg).eval()
+    tracker = Tracker(TrackingSettings.from_config({
+        "uri": setup.uri, "experiment": f"exp-{setup.model}", "system_metrics": False,
+        "registry": {"name": setup.model}}))
+    tracker.start("hand-made-champion", {"method": {"name": "byol"}})
+    spec = EncoderSpec(backbone=backbone_cfg, feature_dim=128, image_size=32,
+                       mean=(0.5,) * 3, std=(0.25,) * 3)
+    v1 = tracker.register_encoder(tracker.log_encoder(champ_backbone, spec),
+                                  {"eval/knn_acc": 0.3, "eval/embedding_std": 0.1,
+                                   "eval/effective_rank": 20.0}, feature_dim=128)
+    tracker.end()
+    assert v1.promoted
+
+    def cfg(init: str) -> DictConfig:
+        c = setup.cfg(init=init)
+        c.method = OmegaConf.load(REPO / "conf/method/byol.yaml")
+        c.backbone = OmegaConf.load(REPO / "conf/backbone/resnet_mini.yaml")
+        c.trainer.init_from = None
+        c.tracking.http.max_retries = 1
+        return c
+
+    seen: list[dict] = []
+
+    def warm_train(tcfg: DictConfig) -> SimpleNamespace:
+        weights = backbone_weights(tcfg, str(tcfg.trainer.init_from))
+        method = build_method_warm(tcfg, weights, None)
+        seen.append({"init_from": tcfg.trainer.init_from, "run_name": tcfg.run_name,
+                     "online": method.backbone.state_dict(),
+                     # BYOL's momentum target: momentum.target.0 is its backbone copy
+                     "target": {k[len("momentum.target.0."):]: v
+                                for k, v in method.state_dict().items()
+                                if k.startswith("momentum.target.0.")}})
+        return FakeTrain(knn=0.4)(tcfg)
+
+    for var in (mlflow_env.ENV_MAX_RETRIES, mlflow_env.ENV_TIMEOUT, mlflow_env.ENV_BACKOFF):
+        monkeypatch.setenv(var, "0")
+        monkeypatch.delenv(var)  # as in a fresh `sslstream retrain` process
+    assert R.retrain(cfg("champion"), train_fn=warm_train) == R.EXIT_OK
+    # the retrain path bounded MLflow's HTTP client from the config (no Tracker involved)
+    assert os.environ[mlflow_env.ENV_MAX_RETRIES] == "1"
+    (got,) = seen
+    assert got["init_from"] == f"models:/{setup.model}/{v1.version}"
+    want = champ_backbone.state_dict()
+    assert got["online"].keys() == want.keys()
+    assert all(torch.equal(got["online"][k], want[k]) for k in want)
+    assert got["target"], "BYOL's momentum target was not found in the method's state"
+    assert got["target"].keys() == want.keys()
+    assert all(torch.equal(got["target"][k], want[k]) for k in want)
+    # a warm start from this champion is another run than a scratch run on the same data
+    st = R.RetrainSettings.from_config(cfg("scratch"), setup.model)
+    snap = take_snapshot(setup.source, setup.s3.storage_options)
+    scratch_key = R._run_key(cfg("scratch"), st, setup.model, snap, None)
+    assert got["run_name"] != scratch_key
+    assert versions(setup.uri, setup.model) == [1, 2]
