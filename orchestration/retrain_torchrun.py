@@ -47,12 +47,7 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
 
     Raises RetrainExit with the code for a lost lease, a failed training or registration.
     """
-    from orchestration.retrain import (
-        EXIT_LEASE_LOST,
-        EXIT_REGISTRY,
-        EXIT_TRAIN_FAILED,
-        RetrainExit,
-    )
+    from orchestration.retrain import EXIT_LEASE_LOST, RetrainExit
 
     work = Path(str(tcfg.trainer.output_dir)).expanduser() / str(tcfg.run_name)
     work.mkdir(parents=True, exist_ok=True)
@@ -83,11 +78,24 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
         if proc.poll() is None:
             _signal_group(proc, signal.SIGKILL)
     outcome = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    return outcome_of(proc.returncode, outcome)
+
+
+def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespace:
+    """The TrainResult-like answer for torchrun's exit status and rank 0's result file.
+
+    A preempted run counts as preempted whatever torchrun's status: on SIGTERM the agent
+    itself exits non-zero (SignalException) after the ranks checkpointed and stopped.
+    """
+    from orchestration.retrain import EXIT_REGISTRY, EXIT_TRAIN_FAILED, RetrainExit
+
+    if outcome.get("status") == "preempted":
+        return SimpleNamespace(**outcome)
     if outcome.get("error") == "registration":
         raise RetrainExit(EXIT_REGISTRY, f"training finished but registration failed: "
                           f"{outcome.get('message')}; rerun to retry")
-    if proc.returncode != 0 or not outcome:
-        why = outcome.get("message") or f"torchrun exited with {proc.returncode}"
+    if returncode != 0 or not outcome or "error" in outcome:
+        why = outcome.get("message") or f"torchrun exited with {returncode}"
         raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {why}")
     return SimpleNamespace(**outcome)
 

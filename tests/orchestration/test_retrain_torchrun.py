@@ -51,3 +51,21 @@ def test_two_rank_training_under_torchrun(mlflow_server, tmp_path) -> None:
     proc = subprocess.run(argv, cwd=tmp_path, env=env2, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == R.EXIT_CONFIG and "nproc_per_node" in proc.stderr
+
+
+def test_torchrun_outcome_mapping() -> None:
+    """A SIGTERM'd torchrun exits non-zero (its agent raises SignalException) after the ranks
+    checkpointed: that is a preemption (exit 8 upstream), not a training failure."""
+    from orchestration.retrain_torchrun import outcome_of
+
+    assert outcome_of(1, {"status": "preempted", "run_id": "r"}).status == "preempted"
+    assert outcome_of(0, {"status": "completed", "run_id": "r"}).run_id == "r"
+    with pytest.raises(R.RetrainExit) as e:
+        outcome_of(0, {"error": "registration", "message": "server down"})
+    assert e.value.code == R.EXIT_REGISTRY and "server down" in str(e.value)
+    with pytest.raises(R.RetrainExit) as e:
+        outcome_of(1, {})
+    assert e.value.code == R.EXIT_TRAIN_FAILED and "torchrun exited with 1" in str(e.value)
+    with pytest.raises(R.RetrainExit) as e:
+        outcome_of(1, {"error": "train", "message": "ValueError: loss is nan"})
+    assert e.value.code == R.EXIT_TRAIN_FAILED and "loss is nan" in str(e.value)
