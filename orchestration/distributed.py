@@ -150,6 +150,20 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:c] for o, c in zip(out, counts, strict=True)], dim=0)
 
 
+def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every buffer (BN running statistics, ...) of `module` from rank `src`.
+
+    DDP syncs buffers at the start of each forward, so after the last step every rank
+    still holds the statistics of its own last batch (per-rank BN: CPU/gloo, MoCo's
+    shuffle-BN). Evaluations and the final state must use rank 0's, which the checkpoint
+    holds.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src=src)
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Send a small picklable python object from `src` to every rank."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -84,6 +84,7 @@ def train(cfg: DictConfig) -> TrainResult:
     first_step, t_loop = s.step, time.perf_counter()
     try:
         status, t_eval = _loop(job, s, ck, monitor, runlog, stop)
+        D.sync_buffers(job.method)  # rank 0's BN statistics (the checkpoint's) on every rank
         if not ck.save():
             raise NonFiniteLossError(f"non-finite weights after the last step {s.step}; "
                                      "the last good checkpoint is kept")
@@ -248,6 +249,7 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
             )
         if every_eval and s.epoch % every_eval == 0:
             t_e = time.perf_counter()
+            D.sync_buffers(job.method)  # every rank evaluates the checkpointed (rank 0) state
             res = evaluate(cfg, job.method, job.env)
             dt = time.perf_counter() - t_e
             t_eval += dt
