@@ -224,3 +224,16 @@ def test_compile_targets_the_backbones_in_place_and_keeps_state_dict_keys():
     loss, _ = StepModule(m)(torch.ones(2, 4), torch.ones(2, 4))
     loss.backward()
     assert m.backbone[0].weight.grad is not None
+
+
+def test_progress_bar_only_on_a_terminal_and_rank_0(monkeypatch):
+    import sys
+
+    from orchestration.monitor import use_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert use_bar("auto", True) and not use_bar("auto", False) and not use_bar("log", True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not use_bar("auto", True) and use_bar("bar", True)
+    with pytest.raises(ValueError, match="trainer.progress"):
+        use_bar("fancy", True)
