@@ -228,11 +228,12 @@ def _generate_embedded_data(cfg: DictConfig) -> None:
     prepare_data(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
 
 
-def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot) -> None:
-    """Best effort: the failed attempt as registered-model tags (the trainer has already
-    marked its MLflow run FAILED); a tracking outage must not hide the real exit code."""
+def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot,
+                    decision: str | None = None) -> None:
+    """Best effort: the failed (or skipped) attempt as registered-model tags (the trainer has
+    already marked its MLflow run FAILED); a tracking outage must not hide the exit code."""
     try:
-        reg.record_check(f"failed-exit-{e.code}", f"run {key}: {e}", snap)
+        reg.record_check(decision or f"failed-exit-{e.code}", f"run {key}: {e}", snap)
     except Exception as err:  # the original failure is what the scheduler must see
         log.warning("could not record the failure in MLflow: %s", err)
 
@@ -288,6 +289,8 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
                       grace_s=st.grace_s)
         lease.acquire(wait_s=st.wait_s)
     except LeaseHeld as e:
+        _record_failure(reg, RetrainExit(EXIT_LOCK_HELD, f"skipped: {e}"), key, snap,
+                        decision="lock-held")
         if st.held_exit_code == EXIT_OK:  # retrain.lock.held_exit_code=0: a skip, not a failure
             return f"skipped: {e}"
         raise RetrainExit(EXIT_LOCK_HELD, str(e)) from e

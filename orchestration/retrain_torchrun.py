@@ -52,7 +52,11 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
     work = Path(str(tcfg.trainer.output_dir)).expanduser() / str(tcfg.run_name)
     work.mkdir(parents=True, exist_ok=True)
     cfg_path, result_path = work / CONFIG_NAME, work / RESULT_NAME
-    cfg_path.write_text(OmegaConf.to_yaml(tcfg, resolve=True), encoding="utf-8")
+    # owner-only: the config may hold storage options with credentials for the ranks
+    cfg_path.unlink(missing_ok=True)
+    fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(OmegaConf.to_yaml(tcfg, resolve=True))
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", *extra_args,

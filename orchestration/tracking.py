@@ -47,7 +47,14 @@ from orchestration.registry import (
     log_encoder,
     register_encoder,
 )
-from orchestration.tracking_config import KEY_BAD, MAX_KEY, TrackingSettings, flatten_params
+from orchestration.tracking_config import (
+    KEY_BAD,
+    MAX_KEY,
+    TrackingSettings,
+    flatten_params,
+    redact_config,
+    redact_yaml,
+)
 
 __all__ = ["Tracker", "TrackingSettings", "flatten_params", "RegistrationError"]
 
@@ -73,6 +80,7 @@ class Tracker:
         self._monitor: Any = None
         self._call_warnings: set[str] = set()
         self._params_logged = False
+        self._data: dict[str, Any] = {}
         if self.active and mlflow_env.is_http(self.uri):
             s = self.settings
             mlflow_env.apply_http_limits(s.http_max_retries, s.http_timeout_s,
@@ -105,7 +113,9 @@ class Tracker:
         """Open (or, with ``run_id``, continue) the run; returns its id, None if untracked."""
         if not self.active:
             return None
-        self._start_args = (run_name, dict(resolved_config or {}),
+        data = (resolved_config or {}).get("data")
+        self._data = dict(data) if isinstance(data, Mapping) else {}  # unredacted, for listing
+        self._start_args = (run_name, dict(redact_config(dict(resolved_config or {}))),
                             {str(k): str(v) for k, v in (tags or {}).items()}, run_id)
         if (why := mlflow_env.probe(self.uri, self.settings.probe_timeout_s)) is not None:
             self._go_down(why)
@@ -214,7 +224,8 @@ class Tracker:
     # -- logging ----------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self._ready():
-            self._guarded("log_params", lambda: self._log_params(params, existing={}))
+            clean = redact_config(dict(params))
+            self._guarded("log_params", lambda: self._log_params(clean, existing={}))
 
     def log_metrics(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
         """Log scalar metrics at ``step`` in one request (non-finite values are kept)."""
@@ -241,7 +252,9 @@ class Tracker:
                 self.run_id, str(folder), artifact_path))
 
     def log_config(self, yaml_text: str, name: str = "config.yaml") -> None:
-        """The resolved config as an artifact ``config/<name>`` (what reproduces the run)."""
+        """The resolved config as an artifact ``config/<name>`` (what reproduces the run),
+        with credentials masked (see ``redact_config``)."""
+        yaml_text = redact_yaml(yaml_text)
         if self._ready():
             self._guarded("log_config", lambda: self._client.log_text(
                 self.run_id, yaml_text, f"config/{name}"))
@@ -316,9 +329,8 @@ class Tracker:
         a listing failure leaves them out with a warning, registration goes on)."""
         from orchestration.snapshot import data_tags
 
-        config = self._start_args[1] if self._start_args is not None else {}
-        data = config.get("data") if isinstance(config, Mapping) else None
-        if not isinstance(data, Mapping) or not data.get("train"):
+        data = self._data
+        if not data.get("train"):
             return {}
         try:
             return data_tags(data["train"], dict(data.get("storage_options") or {}))

@@ -262,6 +262,13 @@ def test_exit_codes_for_lock_source_tracking_and_training_failures(setup, capsys
     assert tags["retrain.last_decision"] == "failed-exit-5"
     assert "loss is nan" in tags["retrain.last_reason"]
     assert versions(setup.uri, setup.model) == [1]
+    other = Lease(S3LeaseStore(st.lock_url, setup.s3.storage_options), "someone-else", ttl_s=600)
+    other.try_acquire()
+    assert R.retrain(setup.cfg(), train_fn=fake) == R.EXIT_LOCK_HELD  # the skip is recorded too
+    tags = MlflowClient(setup.uri).get_registered_model(setup.model).tags
+    assert tags["retrain.last_decision"] == "lock-held" and "someone-else" in tags[
+        "retrain.last_reason"]
+    other.release()
 
 
 @pytest.mark.timeout(120)

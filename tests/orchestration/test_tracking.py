@@ -259,3 +259,32 @@ def test_pca_2d_matches_covariance_eigenvectors() -> None:
     for axis in range(2):  # equal up to the sign of each component
         sign = np.sign(got[:, axis] @ want[:, axis])
         np.testing.assert_allclose(sign * got[:, axis], want[:, axis], atol=1e-3)
+
+
+def test_credentials_never_reach_params_or_the_config_artifact(
+    in_tmp_cwd: Path, no_env_uri: None
+) -> None:
+    secret_cfg = {
+        "data": {"train": "s3://bucket/train", "storage_options": {
+            "key": "AKIAEXAMPLEKEY", "secret": "s3cr3t-value",
+            "client_kwargs": {"endpoint_url": "http://minio:9000"}}},
+        "tracking": {"uri": "http://alice:pa55word@mlflow:5000"},
+        "db": {"password": "hunter2"},
+        "retrain": {"run_key_ignore": ["tracking", "data.root"]},
+    }
+    tracker = Tracker(_settings())
+    run_id = tracker.start("secret-run", secret_cfg)
+    tracker.log_config("data:\n  storage_options:\n    secret: s3cr3t-value\n"
+                       "tracking:\n  uri: http://alice:pa55word@mlflow:5000\n")
+    tracker.end()
+    client = MlflowClient(tracker.uri)
+    params = client.get_run(run_id).data.params
+    text = " ".join(f"{k}={v}" for k, v in params.items())
+    for secret in ("AKIAEXAMPLEKEY", "s3cr3t-value", "pa55word", "hunter2"):
+        assert secret not in text
+    assert params["data.storage_options.client_kwargs.endpoint_url"] == "http://minio:9000"
+    assert params["tracking.uri"] == "http://***@mlflow:5000"
+    assert params["retrain.run_key_ignore"] == '["tracking", "data.root"]'
+    config = client.download_artifacts(run_id, "config/config.yaml", str(in_tmp_cwd))
+    body = Path(config).read_text()
+    assert "s3cr3t-value" not in body and "pa55word" not in body and "secret: '***'" in body
