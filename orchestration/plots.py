@@ -1,7 +1,8 @@
 """Figures logged with a run: metric curves and a 2-D projection of test embeddings.
 
-Pure functions returning matplotlib figures (Agg backend: no display needed on servers);
-the Tracker uploads them as PNG artifacts under ``plots/``.
+Pure functions returning matplotlib figures built with the object-oriented API (no pyplot:
+no display needed on servers, no global backend switched in the user's process); the
+Tracker uploads them as PNG artifacts under ``plots/``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 
 def pca_2d(embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -37,7 +35,8 @@ def pca_2d(embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
 def plot_curves(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], *,
                 title: str, ylabel: str) -> Figure:
     """One line per metric: ``{name: (steps, values)}`` against the step."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     for name, (steps, values) in series.items():
         ax.plot(list(steps), list(values), marker="o" if len(steps) < 30 else None,
                 markersize=3, label=name)
@@ -57,8 +56,9 @@ def plot_projection(points: np.ndarray, labels: Sequence[int] | np.ndarray | tor
     labels = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
     if len(labels) != len(points):
         raise ValueError(f"{len(points)} points but {len(labels)} labels")
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
-    cmap = plt.get_cmap("tab10" if labels.max(initial=0) < 10 else "tab20")
+    fig = Figure(figsize=(6, 5), dpi=100)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10" if labels.max(initial=0) < 10 else "tab20"]
     for lab in np.unique(labels):
         sel = labels == lab
         color = "0.6" if lab < 0 else cmap(int(lab) % cmap.N)

@@ -260,15 +260,10 @@ class Tracker:
                 self.run_id, yaml_text, f"config/{name}"))
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """A matplotlib figure as a PNG artifact; the figure is closed afterwards."""
-        import matplotlib.pyplot as plt
-
-        try:
-            if self._ready():
-                self._guarded("log_figure", lambda: self._client.log_figure(
-                    self.run_id, figure, artifact_file))
-        finally:
-            plt.close(figure)
+        """A matplotlib figure as a PNG artifact."""
+        if self._ready():
+            self._guarded("log_figure", lambda: self._client.log_figure(
+                self.run_id, figure, artifact_file))
 
     def log_training_plots(self, loss_key: str = "train/loss",
                            knn_key: str | None = None) -> None:

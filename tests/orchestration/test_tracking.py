@@ -288,3 +288,19 @@ def test_credentials_never_reach_params_or_the_config_artifact(
     config = client.download_artifacts(run_id, "config/config.yaml", str(in_tmp_cwd))
     body = Path(config).read_text()
     assert "s3cr3t-value" not in body and "pa55word" not in body and "secret: '***'" in body
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone() -> None:
+    """Figures are built without pyplot: importing the tracker's plots in a notebook or a
+    GUI process must not switch its backend (the old module forced Agg at import)."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib, sys; before = matplotlib.get_backend(); "
+            "import orchestration.plots as p, numpy as np, io; "
+            "p.plot_projection(np.zeros((4, 2)), [0, 1, 0, 1], title='t').savefig(io.BytesIO()); "
+            "assert 'matplotlib.pyplot' not in sys.modules; "
+            "assert matplotlib.rcParams['backend'] == before, matplotlib.rcParams['backend']")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**__import__("os").environ, "MPLBACKEND": "svg"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
