@@ -52,6 +52,11 @@ def build_job(cfg: DictConfig) -> Job:
         torch.set_num_threads(int(tr.num_threads))
     if tr.get("deterministic", False):
         torch.use_deterministic_algorithms(True)
+    elif env.device.type == "cuda":
+        # fixed input sizes: let cuDNN pick the fastest conv algorithms once; TF32 for the
+        # fp32 matmuls left outside bf16 autocast (losses, heads' norms)
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     torch.manual_seed(int(cfg.seed))  # identical initial weights on every rank
     run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
     prepare_data(cfg, env)

@@ -187,8 +187,11 @@ class Monitor:
 
     def finish(self) -> float:
         """Sync and return the run's total data-wait seconds (every window, closed or not)."""
-        self._sync()
-        self.clock.collect()
+        try:
+            self._sync()
+            self.clock.collect()
+        except Exception as e:  # called while a failure unwinds: never mask the real error
+            log.warning("data-wait clock not read: %s", e)
         return self.clock.total_s
 
     def emit(self, out: dict[str, float], step: int) -> None:
