@@ -146,7 +146,7 @@ class Monitor:
         """Record one finished step (`step` = steps done so far); a dict on report steps.
 
         Between report steps nothing here reads a device value; `counters` (the loader's
-        live counters mapping) is only copied on report steps.
+        counters, or a callable returning them) is only read on report steps.
         """
         self._loss_sum = self._loss_sum + loss.detach().float()
         self._n += 1
@@ -176,6 +176,8 @@ class Monitor:
             z = emb.detach().float()
             out["train/embedding_std"] = float(embedding_std(z))
             out["train/effective_rank"] = float(effective_rank(z))
+        if callable(counters):
+            counters = counters()
         for k, v in dict(counters or {}).items():
             if isinstance(v, int | float):
                 out[f"data/{k}"] = float(v)

@@ -230,7 +230,7 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
             if s.epoch_step == job.steps_per_epoch:  # an epoch-end state resumes at the next epoch
                 s.epoch, s.epoch_step = s.epoch + 1, 0
             monitor.update(s.step, s.epoch, out.loss, out.metrics, job.scheduler.get_last_lr()[0],
-                           loader.counters, out.grad_norm)
+                           lambda: loader.counters, out.grad_norm)
             if out.stop:
                 ck.save()
                 return "preempted", t_eval
