@@ -9,7 +9,7 @@ a weak colour cue: without it 600 CPU steps of BYOL barely move kNN (0.18 -> 0.2
 random-colour variant), with it a random encoder already scores ~0.73 and training reaches
 ~0.80 (BENCHMARKS.md). A texture-class variant with random colours (stripes by
 orientation, checker, dots, rings, grid, disc, triangle) was tried too: 0.33 kNN at init,
-0.24 after 150 of 600 steps, so not kept. It is a smoke-test-sized data set, not a
+0.33 after the full 600 steps (no gain), so not kept. It is a smoke-test-sized data set, not a
 benchmark: numbers on it say the system works end to end, not how good a method is.
 
 Generation is deterministic for a seed and atomic: the shards are written into a temporary
