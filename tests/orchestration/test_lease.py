@@ -308,3 +308,30 @@ def test_holder_that_cannot_renew_gives_up_before_its_expiry(tmp_path: Path) -> 
     # stopped before anyone else could take over (expiry + grace by a synced clock)
     assert lost[0][0] < expires_at - a.safety_s / 2
     assert a.lost.is_set() and not a.held
+
+
+@pytest.mark.timeout(60)
+def test_s3_lease_calls_on_a_hung_store_are_bounded() -> None:
+    """A store that accepts connections and never answers: a lease call must fail soon
+    (timeouts, few tries) so the heartbeat can give up before the expiry, not sit in
+    s3fs's and botocore's retry loops (5 x 5 tries by default)."""
+    import socket
+
+    from orchestration.lease import LeaseStoreError
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)  # accepted by the kernel, never read or answered
+    try:
+        url = "s3://bucket/x/_sslstream_retrain.m.lease"
+        opts = {"key": "k", "secret": "s",
+                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{srv.getsockname()[1]}",
+                                  "region_name": "us-east-1"},
+                "config_kwargs": {"read_timeout": 1, "connect_timeout": 1}}
+        store = S3LeaseStore(url, opts)
+        t0 = time.monotonic()
+        with pytest.raises(LeaseStoreError, match="_sslstream_retrain.m.lease"):
+            store.read()
+        assert time.monotonic() - t0 < 20  # ~6 s here; s3fs + botocore defaults: ~45 s
+    finally:
+        srv.close()
