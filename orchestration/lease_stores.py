@@ -128,10 +128,11 @@ class S3LeaseStore:
         # Bounded calls: a renewal stuck in retries past the expiry would let another holder
         # take over while we still train. s3fs retries 5x by default, botocore 4-5 attempts.
         config = dict(opts.get("config_kwargs") or {})
-        # worst case per call: 2 s3fs tries x (10 s connect + 15 s read) = 50 s < the
-        # holder's safety margin min(ttl/4, 60 s) at the default ttl_s=300
+        # Measured on a hung endpoint: one s3fs try costs ~2 x read_timeout, so a call ends
+        # within ~2 x 2 x 10 s = 40 s (+ connect), inside the holder's safety margin
+        # min(ttl/4, 60 s) at the default ttl_s=300. A lease object is tiny: 10 s is plenty.
         config.setdefault("connect_timeout", 10)
-        config.setdefault("read_timeout", 15)
+        config.setdefault("read_timeout", 10)
         config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
         opts["config_kwargs"] = config
         self.fs = s3fs.S3FileSystem(**opts)
