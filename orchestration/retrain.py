@@ -150,17 +150,17 @@ def _nothing_new(reg, snap: Snapshot) -> tuple[Any, str | None]:
     return champ, None
 
 
-def _run_key(cfg: DictConfig, st: RetrainSettings, model: str, snap: Snapshot,
-             champ: Any) -> str:
-    """Run key from (snapshot, config hash); a warm start also depends on WHICH champion it
-    starts from, so init=champion adds the champion's version (scratch keys are unchanged)."""
+def _run_key(cfg: DictConfig, st: RetrainSettings, model: str, snap: Snapshot) -> str:
+    """Run key from (snapshot, config hash); init=champion is part of the hash (a warm start
+    is another run than a scratch one; scratch keys are unchanged). The champion's VERSION is
+    not: a retry after a crash that already promoted the new version must find that run,
+    not start a second one warm-started from it."""
     ignore = list(st.run_key_ignore) + ["data.train", "run_name"]
     if cfg.data.get("bank") == cfg.data.get("train"):
         ignore.append("data.bank")
     chash = config_hash(cfg, ignore)
     if st.init == "champion":
-        start = f"champion-v{champ.version}" if champ is not None else "scratch"
-        chash = hashlib.sha256(f"{chash}|init={start}".encode()).hexdigest()
+        chash = hashlib.sha256(f"{chash}|init=champion".encode()).hexdigest()
     return run_key(model, snap.id, chash)
 
 
@@ -283,7 +283,7 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
     except Exception as e:
         raise RetrainExit(EXIT_REGISTRY, f"reading champion of {model!r}: {e}") from e
 
-    key = _run_key(cfg, st, model, snap, champ)
+    key = _run_key(cfg, st, model, snap)
     try:
         lease = Lease(open_store(st.lock_url, st.storage_options), key, ttl_s=st.ttl_s,
                       grace_s=st.grace_s)
@@ -317,10 +317,6 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
         existing = reg.find_version(key)
     except Exception as e:
         raise RetrainExit(EXIT_REGISTRY, f"reading registry of {reg.name!r}: {e}") from e
-    if st.init == "champion" and (again := _run_key(cfg, st, reg.name, snap, champ)) != key:
-        _say(f"the champion changed while waiting for the lease: run key {key} -> {again}")
-        key = again
-        existing = reg.find_version(key)
     new = snap.new_since(reg.champion_fingerprints(champ) or {}) if champ else list(snap.shards)
     tags: dict[str, Any] = {"run_key": key, "snapshot_id": snap.id, "source": snap.source,
                             "shards": len(snap.shards), "new_shards": len(new), "init": st.init}

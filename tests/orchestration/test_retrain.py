@@ -405,6 +405,16 @@ def test_init_champion_warm_starts_from_the_champion_weights(setup, monkeypatch)
     # a warm start from this champion is another run than a scratch run on the same data
     st = R.RetrainSettings.from_config(cfg("scratch"), setup.model)
     snap = take_snapshot(setup.source, setup.s3.storage_options)
-    scratch_key = R._run_key(cfg("scratch"), st, setup.model, snap, None)
+    scratch_key = R._run_key(cfg("scratch"), st, setup.model, snap)
     assert got["run_name"] != scratch_key
-    assert versions(setup.uri, setup.model) == [1, 2]
+    assert versions(setup.uri, setup.model) == [1, 2] and champion(setup.uri, setup.model) == 2
+
+    # a crash after the trainer registered (and promoted) v2, before retrain's bookkeeping:
+    # the retry's champion is now v2 itself, yet it must find v2, not warm-start a v3 from it
+    client = MlflowClient(setup.uri)
+    for k in ("retrain.run_key", "retrain.snapshot_id", "retrain.decision"):
+        client.delete_model_version_tag(setup.model, "2", k)
+    seen.clear()
+    assert R.retrain(cfg("champion"), train_fn=warm_train) == R.EXIT_OK
+    assert not seen and versions(setup.uri, setup.model) == [1, 2]
+    assert client.get_model_version(setup.model, "2").tags["retrain.run_key"] == got["run_name"]
