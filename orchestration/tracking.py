@@ -80,7 +80,7 @@ class Tracker:
         self._monitor: Any = None
         self._call_warnings: set[str] = set()
         self._params_logged = False
-        self._data: dict[str, Any] = {}
+        self._data: dict[str, str] = {}  # data_manifest_hash / data_shards version tags
         if self.active and mlflow_env.is_http(self.uri):
             s = self.settings
             mlflow_env.apply_http_limits(s.http_max_retries, s.http_timeout_s,
@@ -114,7 +114,8 @@ class Tracker:
         if not self.active:
             return None
         data = (resolved_config or {}).get("data")
-        self._data = dict(data) if isinstance(data, Mapping) else {}  # unredacted, for listing
+        # listed now, when the stream has just resolved its shards (a prefix may grow later)
+        self._data = self._data_tags(data if isinstance(data, Mapping) else {})
         self._start_args = (run_name, dict(redact_config(dict(resolved_config or {}))),
                             {str(k): str(v) for k, v in (tags or {}).items()}, run_id)
         if (why := mlflow_env.probe(self.uri, self.settings.probe_timeout_s)) is not None:
@@ -312,19 +313,19 @@ class Tracker:
                          ) -> PromotionDecision:
         """Register + alias challenger + promote to champion by the rule in registry.py."""
         self._require(f"register model {self.settings.registry.name!r}")
-        version_tags = self._data_tags()
+        version_tags = dict(self._data)
         version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
         return register_encoder(self.uri, model_uri, self.settings.registry,
                                 metrics={k: _scalar(v) for k, v in metrics.items()},
                                 feature_dim=feature_dim, run_id=self.run_id,
                                 tags=version_tags)
 
-    def _data_tags(self) -> dict[str, str]:
-        """``data_manifest_hash`` / ``data_shards`` of the run's ``data.train`` (best effort:
-        a listing failure leaves them out with a warning, registration goes on)."""
+    @staticmethod
+    def _data_tags(data: Mapping[str, Any]) -> dict[str, str]:
+        """``data_manifest_hash`` / ``data_shards`` of ``data.train`` (best effort: a listing
+        failure leaves them out with a warning, registration goes on)."""
         from orchestration.snapshot import data_tags
 
-        data = self._data
         if not data.get("train"):
             return {}
         try:
