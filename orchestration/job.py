@@ -8,6 +8,7 @@ SyncBN/compile/DDP -> optimizer -> schedules); orchestration/train.py runs the l
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
         exact_epoch=bool(data.get("exact_epoch", False)),
         storage_options=dict(data.get("storage_options") or {}),
         max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
+        validate=str(data.get("validate", "header")),
         num_classes=int(data.num_classes) if data.get("num_classes") else None,  # label check
     )
     return TwoViewLoader(
@@ -144,10 +146,39 @@ def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
         device=env.device,
         backend=str(tr.get("loader_backend", "auto")),
         seed=int(cfg.seed),
-        num_threads=int(tr.get("loader_threads", 2)),
+        num_threads=_loader_threads(cfg, env),
+        dtype=_loader_dtype(cfg, env.device),
         channels_last=_channels_last(cfg, env.device),
         prefetch=int(tr.get("prefetch", 2)),
+        hw_decoder_load=float(tr.get("hw_decoder_load", 0.65)),
     )
+
+
+def _loader_threads(cfg: DictConfig, env: D.DistEnv) -> int:
+    """`auto`: share the node's cores between the local ranks, one left for the step.
+
+    DALI's CPU stages (and the whole graph in CPU mode) scale with threads; 2 threads on a
+    16-core GPU node would leave most of the augmentation capacity idle.
+    """
+    v = cfg.trainer.get("loader_threads", "auto")
+    if str(v) != "auto":
+        return int(v)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(2, (os.cpu_count() or 2) // max(1, local_world) - 1)
+
+
+def _loader_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
+    """`auto`: views in the autocast dtype on CUDA (bf16 halves the hand-off and the first
+    conv reads them as is), float32 elsewhere."""
+    v = str(cfg.trainer.get("loader_dtype", "auto"))
+    if v == "auto":
+        amp = autocast_dtype(str(cfg.trainer.get("precision", "auto")), device)
+        return amp if (device.type == "cuda" and amp is not None) else torch.float32
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if v not in names:
+        raise ValueError(f"trainer.loader_dtype={v!r}: expected auto, fp32, bf16 or fp16")
+    return names[v]
 
 
 def _warmup_epochs(cfg: DictConfig) -> float:
