@@ -103,14 +103,27 @@ def _setup_logging() -> None:
     )
 
 
-def cmd_train(args: list[str]) -> int:
-    opts, overrides = _split_flags(args, (), ("--cfg", "-h", "--help"))
+def _parse(args: list[str], flags_with_value: Sequence[str] = ()
+           ) -> tuple[dict[str, str | bool], DictConfig | None]:
+    """Split a subcommand's flags from its Hydra overrides and compose the config.
+
+    Returns `(opts, None)` when the command is already answered (`--help` printed the usage,
+    `--cfg` printed the resolved config), so every subcommand handles them the same way.
+    """
+    opts, overrides = _split_flags(args, flags_with_value, ("--cfg", "-h", "--help"))
     if opts.get("-h") or opts.get("--help"):
         print(USAGE)
-        return 0
+        return opts, None
     cfg = compose_config(overrides)
     if opts.get("--cfg"):
         print(OmegaConf.to_yaml(cfg), end="")
+        return opts, None
+    return opts, cfg
+
+
+def cmd_train(args: list[str]) -> int:
+    _, cfg = _parse(args)
+    if cfg is None:
         return 0
     from orchestration.registry import RegistrationError
     from orchestration.step import NonFiniteLossError
@@ -128,15 +141,12 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_eval(args: list[str]) -> int:
-    opts, overrides = _split_flags(args, ("--checkpoint", "--model"), ("--cfg", "-h", "--help"))
-    if opts.get("-h") or opts.get("--help"):
-        print(USAGE)
-        return 0
-    if bool(opts.get("--checkpoint")) == bool(opts.get("--model")):
+    opts, _ = _split_flags(args, ("--checkpoint", "--model"), ("--cfg", "-h", "--help"))
+    if not (opts.get("-h") or opts.get("--help")) and (
+            bool(opts.get("--checkpoint")) == bool(opts.get("--model"))):
         return _usage_error("eval needs exactly one of --checkpoint PATH or --model URI")
-    cfg = compose_config(overrides)
-    if opts.get("--cfg"):
-        print(OmegaConf.to_yaml(cfg), end="")
+    opts, cfg = _parse(args, ("--checkpoint", "--model"))
+    if cfg is None:
         return 0
     from orchestration.evaluate import evaluate_saved
 
@@ -151,13 +161,8 @@ def cmd_eval(args: list[str]) -> int:
 
 
 def cmd_retrain(args: list[str]) -> int:
-    opts, overrides = _split_flags(args, (), ("--cfg", "-h", "--help"))
-    if opts.get("-h") or opts.get("--help"):
-        print(USAGE)
-        return 0
-    cfg = compose_config(overrides)
-    if opts.get("--cfg"):
-        print(OmegaConf.to_yaml(cfg), end="")
+    _, cfg = _parse(args)
+    if cfg is None:
         return 0
     from orchestration.retrain import retrain
 
