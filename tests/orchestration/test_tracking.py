@@ -265,7 +265,7 @@ def test_credentials_never_reach_params_or_the_config_artifact(
     in_tmp_cwd: Path, no_env_uri: None
 ) -> None:
     secret_cfg = {
-        "data": {"train": "s3://bucket/train", "storage_options": {
+        "data": {"train": str(in_tmp_cwd / "no-shards"), "storage_options": {
             "key": "AKIAEXAMPLEKEY", "secret": "s3cr3t-value",
             "client_kwargs": {"endpoint_url": "http://minio:9000"}}},
         "tracking": {"uri": "http://alice:pa55word@mlflow:5000"},
