@@ -171,3 +171,16 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def loader_threads(setting: int | str | None) -> int:
+    """Loader threads per rank for `trainer.loader_threads` (an int, or `auto`).
+
+    `auto` shares the node's cores between its local ranks, leaving one for the step:
+    DALI's CPU stages (and the whole graph in CPU mode) scale with threads, and a fixed 2
+    on a 16-core GPU node would leave most of the augmentation capacity idle.
+    """
+    if setting is not None and str(setting) != "auto":
+        return int(setting)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(2, (os.cpu_count() or 2) // max(1, local_world) - 1)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from orchestration.distributed import DistEnv, all_reduce_max, gather_rows
+from orchestration.distributed import DistEnv, all_reduce_max, gather_rows, loader_threads
 
 
 @torch.no_grad()
@@ -222,7 +222,7 @@ def evaluate(
             backend=str(cfg.trainer.get("loader_backend", "auto")),
             mean=tuple(mean),
             std=tuple(std),
-            num_threads=int(cfg.trainer.get("loader_threads", 2)),
+            num_threads=loader_threads(cfg.trainer.get("loader_threads", "auto")),
         )
         try:
             return extract_features(method.embed, loader, env.device)

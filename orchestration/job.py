@@ -8,7 +8,6 @@ SyncBN/compile/DDP -> optimizer -> schedules); orchestration/train.py runs the l
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,25 +145,12 @@ def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
         device=env.device,
         backend=str(tr.get("loader_backend", "auto")),
         seed=int(cfg.seed),
-        num_threads=_loader_threads(cfg, env),
+        num_threads=D.loader_threads(tr.get("loader_threads", "auto")),
         dtype=_loader_dtype(cfg, env.device),
         channels_last=_channels_last(cfg, env.device),
         prefetch=int(tr.get("prefetch", 2)),
         hw_decoder_load=float(tr.get("hw_decoder_load", 0.65)),
     )
-
-
-def _loader_threads(cfg: DictConfig, env: D.DistEnv) -> int:
-    """`auto`: share the node's cores between the local ranks, one left for the step.
-
-    DALI's CPU stages (and the whole graph in CPU mode) scale with threads; 2 threads on a
-    16-core GPU node would leave most of the augmentation capacity idle.
-    """
-    v = cfg.trainer.get("loader_threads", "auto")
-    if str(v) != "auto":
-        return int(v)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(2, (os.cpu_count() or 2) // max(1, local_world) - 1)
 
 
 def _loader_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:

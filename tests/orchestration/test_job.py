@@ -7,16 +7,11 @@ import torch
 from omegaconf import OmegaConf
 
 from orchestration import distributed as D
-from orchestration.job import _loader_dtype, _loader_threads
+from orchestration.job import _loader_dtype
 
 
 def _cfg(**trainer):
     return OmegaConf.create({"trainer": {"precision": "auto", **trainer}})
-
-
-def _env(monkeypatch, local_world: int):
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
-    return D.DistEnv.__new__(D.DistEnv)  # fields unused by _loader_threads
 
 
 def test_loader_dtype_follows_autocast_on_cuda_only():
@@ -31,6 +26,9 @@ def test_loader_dtype_follows_autocast_on_cuda_only():
 
 def test_loader_threads_share_the_node(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert _loader_threads(_cfg(loader_threads="auto"), _env(monkeypatch, 1)) == 15
-    assert _loader_threads(_cfg(loader_threads="auto"), _env(monkeypatch, 8)) == 2
-    assert _loader_threads(_cfg(loader_threads=5), _env(monkeypatch, 1)) == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert D.loader_threads("auto") == 15
+    assert D.loader_threads(None) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert D.loader_threads("auto") == 2
+    assert D.loader_threads(5) == D.loader_threads("5") == 5
