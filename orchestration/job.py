@@ -198,7 +198,7 @@ def check_eval_splits(cfg: DictConfig) -> None:
             )
         specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
         urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
-        for url in {urls[0], urls[-1]}:
+        for url in dict.fromkeys((urls[0], urls[-1])):  # first shard first (a set has no order)
             try:
                 fs, path = get_fs(url, opts)
                 found = fs.exists(path)
