@@ -125,7 +125,7 @@ def cmd_train(args: list[str]) -> int:
     _, cfg = _parse(args)
     if cfg is None:
         return 0
-    from orchestration.registry import RegistrationError
+    from orchestration.errors import RegistrationError
     from orchestration.step import NonFiniteLossError
     from orchestration.train import run_from_config
 

@@ -36,16 +36,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from orchestration.encoder_model import EncoderSpec, load_weights
+from orchestration.errors import RegistrationError  # re-exported: callers import it from here too
 from orchestration.mlflow_env import ensure_http_limits, redact, scoped_tracking_uri
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
 SPEC_FILE = "encoder_spec.json"
 WEIGHTS_FILE = "encoder_weights.pt"
-
-
-class RegistrationError(RuntimeError):
-    """The encoder could not be logged or registered; the caller keeps its checkpoint."""
 
 
 @dataclass(frozen=True)

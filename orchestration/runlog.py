@@ -1,4 +1,5 @@
-"""The trainer's side of MLflow: one Tracker on rank 0, no-ops elsewhere, and the final
+"""The trainer's side of MLflow: one Tracker on rank 0, a NullTracker (no MLflow import)
+elsewhere and when tracking is off, and the final
 log -> register -> promote sequence.
 
 Kept out of train.py so the loop reads as training. The Tracker (orchestration/tracking.py)
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from orchestration.distributed import DistEnv
+from orchestration.tracking_null import NullTracker
 
 if TYPE_CHECKING:
     from orchestration.train import TrainResult
@@ -30,11 +32,15 @@ class RunLog:
     """MLflow run of one training job (continued across resumes via the checkpoint's run id)."""
 
     def __init__(self, cfg: DictConfig, env: DistEnv, run_id: str | None = None) -> None:
-        from orchestration.tracking import Tracker
-
         self.cfg = cfg
         self.env = env
-        self.tracker = Tracker.from_config(cfg.tracking, active=env.is_main)
+        self.tracker: Any
+        if env.is_main and bool(cfg.tracking.get("enabled", True)):
+            from orchestration.tracking import Tracker
+
+            self.tracker = Tracker.from_config(cfg.tracking, active=True)
+        else:  # no MLflow import at all on ranks > 0 or when tracking is off
+            self.tracker = NullTracker()
         resolved = OmegaConf.to_container(cfg, resolve=True)
         tags = {
             "method": cfg.method.name,
