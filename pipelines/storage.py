@@ -133,7 +133,8 @@ def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstra
 
 
 def _error_code(exc: BaseException) -> tuple[str | None, int | None]:
-    """(AWS error code, HTTP status) from a botocore ClientError anywhere in the chain."""
+    """(error code, HTTP status) from anywhere in the chain: a botocore ClientError (AWS code
+    and status), or gcsfs's HttpError (its int `code` is the HTTP status, no named code)."""
     seen = 0
     e: BaseException | None = exc
     while e is not None and seen < 8:
@@ -141,9 +142,16 @@ def _error_code(exc: BaseException) -> tuple[str | None, int | None]:
         if isinstance(resp, dict) and "Error" in resp:
             status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
             return resp["Error"].get("Code"), status
+        if type(e).__name__ == "HttpError" and isinstance(getattr(e, "code", None), int):
+            return None, e.code  # type: ignore[attr-defined]
         e = e.__cause__ or e.__context__
         seen += 1
     return None, None
+
+
+def _gcs_forbidden(exc: BaseException) -> bool:
+    """gcsfs turns a 403 into a bare OSError("Forbidden: <path>...") without an errno."""
+    return type(exc) is OSError and exc.errno is None and str(exc).startswith("Forbidden")
 
 
 def classify(exc: BaseException) -> str:
@@ -153,7 +161,7 @@ def classify(exc: BaseException) -> str:
         return "not_found"
     if "Credentials" in type(exc).__name__:  # botocore NoCredentialsError & co.
         return "denied"
-    if isinstance(exc, PermissionError) or code in (
+    if isinstance(exc, PermissionError) or _gcs_forbidden(exc) or status in (401, 403) or code in (
         "AccessDenied",
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
@@ -163,7 +171,7 @@ def classify(exc: BaseException) -> str:
         return "denied"
     if code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"):
         return "transient"
-    if status is not None and status >= 500:
+    if status is not None and (status >= 500 or status in (408, 429)):
         return "transient"
     if isinstance(exc, (ConnectionError, TimeoutError, EOFError)):
         return "transient"
@@ -171,7 +179,7 @@ def classify(exc: BaseException) -> str:
         return "transient"
     name = type(exc).__name__
     if any(s in name for s in ("Payload", "Disconnected", "Timeout", "IncompleteRead", "Connection",
-                               "HTTPClientError", "StreamingError")):
+                               "HTTPClientError", "StreamingError", "ProxyError")):
         return "transient"  # aiohttp / urllib3 / botocore transport errors
     return "fatal"
 

@@ -16,6 +16,7 @@ import torch
 pytest_plugins = [
     "tests.fixtures.shards",
     "tests.fixtures.s3",
+    "tests.fixtures.gcs",
     "tests.fixtures.mlflow_server",
 ]
 

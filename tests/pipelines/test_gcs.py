@@ -1,0 +1,97 @@
+"""The data plane on gs:// through gcsfs, against a GCS JSON-API server on 127.0.0.1
+(tests/fixtures/gcs.py): listing, manifests, brace patterns, rank splits, missing objects,
+refused access and transient server errors, and webdataset through our opener."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.storage import AccessDenied, ShardNotFound, classify, register_webdataset_gopen
+from pipelines.stream import ShardStream
+from tests.fixtures.gcs import GCS_OPTIONS, FakeGCS
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def gcs_shards(gcs: FakeGCS, uneven_shards):
+    for p in sorted(uneven_shards.root.iterdir()):
+        if p.is_file():
+            gcs.put("data", f"train/{p.name}", p.read_bytes())
+    return "gs://data/train", uneven_shards
+
+
+def test_stream_from_gcs_matches_local(gcs: FakeGCS, gcs_shards) -> None:
+    url, ss = gcs_shards
+    kw = {"rank": 1, "world_size": 2, "num_workers": 2, "seed": 7, "exact_epoch": True,
+          "shuffle_buffer": 8}
+    remote = ShardStream(url, storage_options=GCS_OPTIONS, **kw)
+    local = ShardStream(str(ss.root), **kw)
+    got = [(x.key, x.image, x.label) for x in remote]
+    assert got == [(x.key, x.image, x.label) for x in local]
+    assert len(got) == len(remote) == 31
+    assert remote.shard_urls[0] == "gs://data/train/shard-000000.tar"
+    assert any(r.startswith("GET /download/storage/v1/b/data/o/train%2Fshard-") for r in gcs.requests)
+
+
+def test_brace_pattern_and_manifest_url_on_gcs(gcs: FakeGCS, gcs_shards) -> None:
+    _, ss = gcs_shards
+    pat = ShardStream("gs://data/train/shard-{000000..000004}.tar", storage_options=GCS_OPTIONS)
+    assert pat.shard_counts == [17, 5, 23, 9, 7]
+    man = ShardStream("gs://data/train/manifest.json", storage_options=GCS_OPTIONS)
+    assert sorted(x.key for x in man) == sorted(ss.good_keys)
+
+
+def test_missing_object_on_gcs_names_the_url(gcs: FakeGCS, gcs_shards) -> None:
+    url, _ = gcs_shards
+    del gcs.objects[("data", "train/shard-000002.tar")]
+    s = ShardStream(url, storage_options=GCS_OPTIONS, num_workers=2)
+    with pytest.raises(ShardNotFound, match="gs://data/train/shard-000002.tar does not exist"):
+        list(s)
+
+
+def test_forbidden_on_gcs_is_access_denied_naming_the_url(gcs: FakeGCS, gcs_shards) -> None:
+    url, _ = gcs_shards
+    gcs.fail = [403]  # the first download is the manifest's
+    with pytest.raises(AccessDenied, match="access denied for gs://data/train/manifest.json"):
+        ShardStream(url, storage_options=GCS_OPTIONS)
+
+
+def test_transient_gcs_errors_complete_with_nothing_lost(gcs: FakeGCS, gcs_shards) -> None:
+    url, ss = gcs_shards
+    kw = {"num_workers": 1, "seed": 1, "shuffle_buffer": 8}
+    ref = [(x.key, x.image) for x in ShardStream(str(ss.root), **kw)]
+    s = ShardStream(url, storage_options=GCS_OPTIONS, **kw)
+    gcs.fail = [503, 429]  # the next two shard downloads
+    assert [(x.key, x.image) for x in s] == ref
+    assert gcs.fail == []  # both were served
+    assert s.counters["skipped_corrupt"] == 0 and s.counters["lost"] == 0
+
+
+def test_webdataset_reads_gcs_through_the_registered_opener(gcs: FakeGCS, gcs_shards) -> None:
+    import webdataset as wds
+
+    _, ss = gcs_shards
+    register_webdataset_gopen(GCS_OPTIONS)
+    ds = wds.WebDataset("gs://data/train/shard-{000000..000001}.tar", shardshuffle=False,
+                        empty_check=False)
+    assert [s["__key__"] for s in ds] == ss.keys[0] + ss.keys[1]
+
+
+def test_gcsfs_errors_are_classified_like_their_s3_counterparts() -> None:
+    """What gcsfs raises once its own retries are spent: HttpError carries the HTTP status
+    (5xx, 408, 429: transient, so the stream retries; 401: denied), a 403 is a bare
+    OSError("Forbidden: ..."), a 404 a FileNotFoundError, a 502 requests' ProxyError."""
+    gcsfs_retry = pytest.importorskip("gcsfs.retry")
+    import requests
+
+    def http(code: int) -> Exception:
+        return gcsfs_retry.HttpError({"code": code, "message": "x"})
+
+    assert [classify(http(c)) for c in (500, 503, 408, 429)] == ["transient"] * 4
+    assert classify(http(401)) == "denied"
+    assert classify(http(400)) == "fatal"
+    assert classify(OSError("Forbidden: b/data/o/x\nno access")) == "denied"
+    assert classify(FileNotFoundError("b/data/o/x")) == "not_found"
+    assert classify(requests.exceptions.ProxyError()) == "transient"
+    assert classify(OSError("some other failure")) == "fatal"
