@@ -1,7 +1,8 @@
-"""Where a lease lives: compare-and-swap stores for local files and S3 (see lease.py).
+"""Where a lease lives: compare-and-swap stores for local files, S3 and GCS (see lease.py).
 
 Each store keeps one small object and offers create-if-absent, replace-if-version and
-delete-if-version; versions are opaque (sha256 of the content locally, the ETag on S3).
+delete-if-version; versions are opaque (sha256 of the content locally, the ETag on S3, the
+object generation on GCS).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,6 +191,92 @@ class S3LeaseStore:
         return True
 
 
+class GCSLeaseStore:
+    """A lease object in a Google Cloud Storage bucket, via generation preconditions.
+
+    GCS makes every write conditional on `ifGenerationMatch`: 0 means "only if absent", a
+    generation means "only if that is still the live version", and a failed condition is
+    HTTP 412. Calls go through gcsfs's session and credentials but not its retry loop
+    (six tries with sleeps growing to 16 s: over a minute on a hung endpoint, longer than
+    the holder's safety margin min(ttl/4, 60 s)); here a call makes at most `ATTEMPTS`
+    requests of at most `requests_timeout` (10 s) each, ~32 s in all.
+    """
+
+    ATTEMPTS = 3
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        import gcsfs  # lazy: only GCS users need it
+        from gcsfs.core import quote
+
+        self.url = url
+        opts = dict(storage_options or {})
+        opts.setdefault("skip_instance_cache", True)
+        opts.setdefault("requests_timeout", 10)
+        self.fs = gcsfs.GCSFileSystem(**opts)
+        self.bucket, self.key, _ = self.fs.split_path(url)
+        self._object = f"b/{quote(self.bucket)}/o/{quote(self.key)}"
+        self._upload = f"{self.fs._location}/upload/storage/v1/b/{quote(self.bucket)}/o"
+        # the undecorated request (gcsfs wraps it in its own retries); a gcsfs without it
+        # keeps working, with gcsfs's longer retry loop
+        request = type(self.fs)._request
+        self._request = getattr(request, "__wrapped__", request)
+
+    def _call(self, method: str, path: str, **params) -> tuple[dict, bytes]:
+        """One request, retried on 5xx / 408 / 429 / transport errors; 404 and 412 raise
+        FileNotFoundError and FileExistsError (gcsfs's mapping) for the callers."""
+        from fsspec.asyn import sync
+
+        from pipelines.storage import classify
+
+        for attempt in range(self.ATTEMPTS):
+            try:
+                _, headers, _, body = sync(self.fs.loop, self._request, self.fs, method, path,
+                                           **params)
+                return dict(headers), body
+            except (FileNotFoundError, FileExistsError):
+                raise
+            except Exception as e:
+                if classify(e) != "transient" or attempt == self.ATTEMPTS - 1:
+                    raise LeaseStoreError(f"GCS {method} on lease {self.url} failed: "
+                                          f"{type(e).__name__}: {e}") from e
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def read(self) -> tuple[bytes, str] | None:
+        for _ in range(self.ATTEMPTS):  # replaced between the two requests: read again
+            try:
+                _, meta = self._call("GET", f"{self.fs.base}{self._object}")
+                generation = str(json.loads(meta)["generation"])
+                _, data = self._call("GET", self.fs.url(f"{self.bucket}/{self.key}",
+                                                        generation=generation))
+                return data, generation
+            except FileNotFoundError:
+                continue
+        return None
+
+    def _write(self, data: bytes, if_generation: str) -> str | None:
+        try:
+            _, meta = self._call("POST", self._upload, uploadType="media", name=self.key,
+                                 ifGenerationMatch=if_generation, data=data,
+                                 headers={"Content-Type": "application/json"})
+        except (FileExistsError, FileNotFoundError):  # 412: the condition did not hold
+            return None
+        return str(json.loads(meta)["generation"])
+
+    def create(self, data: bytes) -> str | None:
+        return self._write(data, "0")
+
+    def replace(self, data: bytes, version: str) -> str | None:
+        return self._write(data, version)
+
+    def delete(self, version: str) -> bool:
+        try:
+            self._call("DELETE", f"{self.fs.base}{self._object}", ifGenerationMatch=version)
+        except (FileExistsError, FileNotFoundError):
+            return False
+        return True
+
+
 class _PreconditionFailed(Exception):
     pass
 
@@ -207,14 +296,16 @@ def _is_condition_failure(e: BaseException) -> bool:
 
 
 def open_store(url: str, storage_options: dict | None = None) -> LeaseStore:
-    """A lease store for `url`: s3://... or a local path / file://... ."""
+    """A lease store for `url`: s3://..., gs://... or a local path / file://... ."""
     if url.startswith("s3://"):
         return S3LeaseStore(url, storage_options)
+    if url.startswith(("gs://", "gcs://")):
+        return GCSLeaseStore(url, storage_options)
     if url.startswith("file://"):
         url = url[len("file://") :]
     if "://" in url:
         raise ValueError(
             f"retrain.lock.url={url!r}: leases need atomic conditional writes, available "
-            "here for s3:// and local paths; point retrain.lock.url at one of those"
+            "here for s3://, gs:// and local paths; point retrain.lock.url at one of those"
         )
     return LocalLeaseStore(url)

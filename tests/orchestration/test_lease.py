@@ -1,5 +1,6 @@
-"""The retrain lease: mutual exclusion, expiry, takeover, renewal, on a local file system
-and on a real S3-compatible server (moto, 127.0.0.1) using conditional writes."""
+"""The retrain lease: mutual exclusion, expiry, takeover, renewal, on a local file system,
+on a real S3-compatible server (moto, 127.0.0.1) and on a GCS JSON-API server (127.0.0.1,
+tests/fixtures/gcs.py), using each store's conditional writes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from orchestration.lease import (
     S3LeaseStore,
     open_store,
 )
+from orchestration.lease_stores import GCSLeaseStore, LeaseStoreError
+from tests.fixtures.gcs import GCS_OPTIONS
 
 
 class Clock:
@@ -30,12 +33,17 @@ class Clock:
         return self.t
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gcs"])
 def make_store(request, tmp_path: Path):
     """A factory of stores that all point at the same lease object."""
     if request.param == "local":
         path = tmp_path / "locks" / "model.lease"
         return lambda: LocalLeaseStore(path)
+    if request.param == "gcs":
+        gcs = request.getfixturevalue("gcs")  # tests/fixtures/gcs.py
+        gcs.buckets.add("leases")
+        url = "gs://leases/data/_sslstream_retrain.model.lease"
+        return lambda: GCSLeaseStore(url, dict(GCS_OPTIONS))
     s3 = request.getfixturevalue("s3")  # tests/fixtures/s3.py: moto on 127.0.0.1
     url = f"s3://{s3.bucket('leases')}/data/_sslstream_retrain.model.lease"
     return lambda: S3LeaseStore(url, s3.storage_options)
@@ -203,11 +211,27 @@ def test_garbled_lease_counts_as_expired(tmp_path: Path) -> None:
     assert lease.held and lease.took_over_from == "<unreadable>"
 
 
-def test_open_store_refuses_stores_without_conditional_writes(tmp_path: Path) -> None:
+def test_open_store_refuses_stores_without_conditional_writes(tmp_path: Path, gcs) -> None:
     assert isinstance(open_store(str(tmp_path / "a.lease")), LocalLeaseStore)
     assert isinstance(open_store(f"file://{tmp_path}/a.lease"), LocalLeaseStore)
-    with pytest.raises(ValueError, match="retrain.lock.url"):
-        open_store("gs://bucket/a.lease")
+    assert isinstance(open_store("gs://bucket/a.lease", dict(GCS_OPTIONS)), GCSLeaseStore)
+    for url in ("http://host/a.lease", "memory://a.lease", "az://c/a.lease"):
+        with pytest.raises(ValueError, match="retrain.lock.url"):
+            open_store(url)
+
+
+@pytest.mark.timeout(60)
+def test_gcs_lease_calls_are_bounded_on_a_failing_server(gcs) -> None:
+    """A server that answers 503 to everything: one store call gives up after ATTEMPTS
+    requests with a LeaseStoreError naming the lease, in seconds, not gcsfs's minute."""
+    gcs.buckets.add("leases")
+    store = GCSLeaseStore("gs://leases/model.lease", dict(GCS_OPTIONS))
+    gcs.fail_all = 503
+    t0 = time.monotonic()
+    with pytest.raises(LeaseStoreError, match="gs://leases/model.lease"):
+        store.create(b"x")
+    assert time.monotonic() - t0 < 10
+    assert len([r for r in gcs.requests if r.startswith("POST")]) == GCSLeaseStore.ATTEMPTS
 
 
 @pytest.mark.timeout(60)
