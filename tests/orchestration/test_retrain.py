@@ -418,3 +418,39 @@ def test_init_champion_warm_starts_from_the_champion_weights(setup, monkeypatch)
     assert R.retrain(cfg("champion"), train_fn=warm_train) == R.EXIT_OK
     assert not seen and versions(setup.uri, setup.model) == [1, 2]
     assert client.get_model_version(setup.model, "2").tags["retrain.run_key"] == got["run_name"]
+
+
+@pytest.mark.timeout(180)
+def test_retrain_on_gcs_data_with_the_default_lease_next_to_it(gcs, mlflow_server, tmp_path,
+                                                               capsys) -> None:
+    """The same flow with the data on gs:// (tests/fixtures/gcs.py): the default lease is a
+    GCS object next to the shards, taken with generation preconditions and released; the
+    second call finds nothing new; a rewritten shard (new md5) retrains."""
+    from orchestration.lease_stores import GCSLeaseStore
+    from tests.fixtures.gcs import GCS_OPTIONS
+
+    model = f"enc-gcs-{uuid.uuid4().hex[:8]}"
+    for i in range(3):
+        gcs.put("data", f"train/train-{i:06d}.tar", os.urandom(512))
+    source = "gs://data/train"
+    cfg = make_config(source, SimpleNamespace(storage_options=dict(GCS_OPTIONS)), mlflow_server,
+                      tmp_path, model)
+    fake = FakeTrain(knn=0.5)
+    assert R.retrain(cfg, train_fn=fake) == R.EXIT_OK
+    assert len(fake.calls) == 1 and list(fake.calls[0].data.train) == [
+        f"gs://data/train/train-{i:06d}.tar" for i in range(3)]
+    assert versions(mlflow_server, model) == [1] and champion(mlflow_server, model) == 1
+    lease_posts = [r for r in gcs.requests if r.startswith("POST /upload/") and ".lease" in r]
+    assert lease_posts and all("ifGenerationMatch=" in r for r in lease_posts)
+    assert not [n for b, n in gcs.objects if n.endswith(".lease")]  # released
+    assert "v1 (champion)" in capsys.readouterr().out
+
+    assert R.retrain(cfg, train_fn=fake) == R.EXIT_OK
+    assert len(fake.calls) == 1 and "nothing to do" in capsys.readouterr().out
+
+    gcs.put("data", "train/train-000001.tar", b"changed" * 50)
+    fake.knn = 0.6
+    assert R.retrain(cfg, train_fn=fake) == R.EXIT_OK
+    assert len(fake.calls) == 2 and versions(mlflow_server, model) == [1, 2]
+    assert champion(mlflow_server, model) == 2
+    assert GCSLeaseStore(f"{source}/x.lease", dict(GCS_OPTIONS)).read() is None
