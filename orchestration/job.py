@@ -94,6 +94,25 @@ def build_job(cfg: DictConfig) -> Job:
                 steps_per_epoch, total_steps, global_batch)
 
 
+def describe(job: Job) -> str:
+    """One line saying what will run, printed at the start: what a user checks first when a
+    run is slow or a setting did not take (the GPU defaults are decided here, not in conf/)."""
+    cfg, tr, env = job.cfg, job.cfg.trainer, job.env
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    parts = [f"{dtype_name[job.amp]} autocast" if job.amp is not None else "fp32"]
+    if _channels_last(cfg, env.device):
+        parts.append("channels_last")
+    if tr.get("compile", False):
+        parts.append("compiled backbones")
+    backend = getattr(job.loader, "backend_name", type(job.loader).__name__)
+    threads = D.loader_threads(tr.get("loader_threads", "auto"))
+    return (f"training {cfg.method.name} ({cfg.backbone.name}) on {env.device}: "
+            f"{env.world_size} rank(s) x batch {tr.batch_size} = {job.global_batch}, "
+            f"{job.total_steps} steps ({job.steps_per_epoch}/epoch), {', '.join(parts)}; "
+            f"views from {backend} ({dtype_name[_loader_dtype(cfg, env.device)]}, "
+            f"{threads} threads)")
+
+
 def prepare_data(cfg: DictConfig, env: D.DistEnv) -> None:
     """Generate the embedded synthetic data set on first use (local rank 0; others wait)."""
     data = cfg.data

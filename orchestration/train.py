@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from orchestration import checkpoint as ckpt
 from orchestration import distributed as D
 from orchestration.evaluate import EvalResult, evaluate
-from orchestration.job import Job, build_job, build_loader, prepare_data  # noqa: F401 (prepare_data: retrain)
+from orchestration.job import Job, build_job, build_loader, describe, prepare_data  # noqa: F401 (prepare_data: retrain)
 from orchestration.monitor import Monitor
 from orchestration.runlog import REGISTERED_MARKER, RunLog
 from orchestration.step import (
@@ -70,6 +70,8 @@ def train(cfg: DictConfig) -> TrainResult:
     done = _registered_marker(job.run_dir)
     if s.step >= job.total_steps and done is not None and int(done.get("step", -1)) == s.step:
         return _already_done(job, s, done)
+    if job.env.is_main:
+        print(describe(job), flush=True)
     runlog = RunLog(cfg, job.env, run_id=s.run_id)
     s.run_id = runlog.run_id
     ck = _Checkpointer(job, s)

@@ -277,3 +277,35 @@ def test_warm_start_from_a_checkpoint_copies_backbone_and_target(in_tmp_cwd, cap
     assert main(["train", *base, "run_name=warm2", "trainer.init_from=/no/such/file.pt"]) == 1
     err = capsys.readouterr().err
     assert "trainer.init_from=/no/such" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(300)
+def test_gpu_default_paths_bf16_channels_last_and_compile_run_on_cpu(tmp_path):
+    """What a CUDA run turns on by default -- bf16 autocast, channels_last weights and
+    batches, bf16 batches from the loader -- plus torch.compile of the backbones, run here
+    on the CPU (the CUDA kernels differ, the trainer's logic does not): 4 compiled steps,
+    evaluation, a checkpoint whose keys are the uncompiled ones, then a resume of it
+    without compile to step 6."""
+    common = ["tracking.enabled=false", "trainer.precision=bf16", "trainer.channels_last=true",
+              "trainer.loader_dtype=bf16"]
+    runs = []
+    for steps, extra in ((4, ["trainer.compile=true"]), (6, [])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestration.cli", "train",
+             *tiny(tmp_path, *common, *extra, steps=steps)],
+            cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=280)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        assert f"step {steps}/{steps}" in proc.stdout and "kNN accuracy: " in proc.stdout
+        assert not re.search(r"loss (nan|inf)", proc.stdout)
+        runs.append(proc.stdout)
+    assert ("bf16 autocast, channels_last, compiled backbones; views from dali (bf16"
+            in runs[0]), runs[0][:2000]
+    assert "6 steps" in runs[1] and "bf16 autocast, channels_last; views from dali (bf16" in runs[1]
+    assert "resuming byol-synthetic from" in runs[1] and "(step 4/6)" in runs[1]
+    run_dir = tmp_path / "out" / "byol-synthetic"
+    first = ckpt.load_checkpoint(run_dir / "step-00000004.pt")["model"]
+    assert not [k for k in first if "_orig_mod" in k]  # compile kept the keys
+    last = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+    assert last["step"] == 6
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
