@@ -176,6 +176,9 @@ class S3LeaseStore:
             return self._call("put_object", Body=data, IfNoneMatch="*")["ETag"]
         except (FileExistsError, _PreconditionFailed):
             return None
+        except FileNotFoundError:  # a PutObject 404 is NoSuchBucket
+            raise LeaseStoreError(f"cannot write lease {self.url}: bucket {self.bucket!r} "
+                                  "does not exist") from None
 
     def replace(self, data: bytes, version: str) -> str | None:
         try:
@@ -243,24 +246,31 @@ class GCSLeaseStore:
         raise AssertionError("unreachable")
 
     def read(self) -> tuple[bytes, str] | None:
-        for _ in range(self.ATTEMPTS):  # replaced between the two requests: read again
+        for _ in range(self.ATTEMPTS):
             try:
                 _, meta = self._call("GET", f"{self.fs.base}{self._object}")
-                generation = str(json.loads(meta)["generation"])
+            except FileNotFoundError:
+                return None  # no lease object (a missing bucket shows at the first write)
+            generation = str(json.loads(meta)["generation"])
+            try:
                 _, data = self._call("GET", self.fs.url(f"{self.bucket}/{self.key}",
                                                         generation=generation))
-                return data, generation
             except FileNotFoundError:
-                continue
-        return None
+                continue  # replaced or deleted between the two requests: look again
+            return data, generation
+        raise LeaseStoreError(f"lease {self.url} kept changing while being read "
+                              f"({self.ATTEMPTS} tries)")
 
     def _write(self, data: bytes, if_generation: str) -> str | None:
         try:
             _, meta = self._call("POST", self._upload, uploadType="media", name=self.key,
                                  ifGenerationMatch=if_generation, data=data,
                                  headers={"Content-Type": "application/json"})
-        except (FileExistsError, FileNotFoundError):  # 412: the condition did not hold
+        except FileExistsError:  # 412: the condition did not hold
             return None
+        except FileNotFoundError:  # GCS answers 404 to an upload only for a missing bucket
+            raise LeaseStoreError(f"cannot write lease {self.url}: bucket {self.bucket!r} "
+                                  "does not exist") from None
         return str(json.loads(meta)["generation"])
 
     def create(self, data: bytes) -> str | None:

@@ -220,6 +220,23 @@ def test_open_store_refuses_stores_without_conditional_writes(tmp_path: Path, gc
             open_store(url)
 
 
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_lease_in_a_missing_bucket_is_an_error_naming_it(request, scheme: str) -> None:
+    """Not "held by someone else" (which a scheduler would retry forever): an error naming
+    the bucket, which retrain turns into exit 4."""
+    url = f"{scheme}://no-such-bucket/model.lease"
+    if scheme == "gs":
+        request.getfixturevalue("gcs")
+        store = GCSLeaseStore(url, dict(GCS_OPTIONS))
+    else:
+        store = S3LeaseStore(url, request.getfixturevalue("s3").storage_options)
+    assert store.read() is None
+    with pytest.raises(LeaseStoreError, match="bucket 'no-such-bucket' does not exist"):
+        store.create(b"x")
+    with pytest.raises(LeaseStoreError, match=f"{scheme}://no-such-bucket/model.lease"):
+        Lease(store, "run", ttl_s=60).try_acquire()
+
+
 @pytest.mark.timeout(60)
 def test_gcs_lease_calls_are_bounded_on_a_failing_server(gcs) -> None:
     """A server that answers 503 to everything: one store call gives up after ATTEMPTS
