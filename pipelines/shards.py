@@ -19,8 +19,9 @@ import random
 import re
 import sys
 import tarfile
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -123,12 +124,14 @@ def write_shards(
     classes: list[str] | None = None,
     quality: int = 95,
     storage_options: dict | None = None,
+    on_shard: Callable[[ShardEntry], None] | None = None,
 ) -> Manifest:
     """Write `<prefix>-000000.tar[.gz]`... and manifest.json under `out_dir` (path or URL).
 
     A shard closes at `max_count` samples or before it would pass `max_bytes` (tar bytes,
     before gzip). Images that fail the header check (or re-encoding) are skipped and
     listed in the returned manifest's `extra["skipped"]` (not written to the file).
+    `on_shard` is called with each shard's entry as soon as it is closed (progress).
     """
     if max_count < 1 or max_bytes < 1024:
         raise ValueError(f"max_count={max_count}, max_bytes={max_bytes}: too small")
@@ -154,6 +157,8 @@ def write_shards(
             if w is not None and (w.count >= max_count or w.tar_bytes + est > max_bytes):
                 entries.append(w.close())
                 w = None
+                if on_shard is not None:
+                    on_shard(entries[-1])
             if w is None:
                 name = f"{prefix}-{len(entries):06d}{suffix}"
                 w = _ShardWriter(join_url(out, name), fs, posixpath.join(root, name), compress)
@@ -161,6 +166,8 @@ def write_shards(
         if w is not None:
             entries.append(w.close())
             w = None
+            if on_shard is not None:
+                on_shard(entries[-1])
     finally:
         if w is not None:
             w.close()
@@ -272,10 +279,12 @@ def _sample_problem(img: bytes | None, cls: bytes | None, num_classes: int | Non
 
 
 def verify(source: str, storage_options: dict | None = None, *, workers: int = 4,
-           validate: str = "header") -> VerifyReport:
+           validate: str = "header",
+           on_check: Callable[[ShardCheck, int, int], None] | None = None) -> VerifyReport:
     """Check every shard of the manifest at/under `source`: present, sha256, bytes, count,
     every member readable and every image passing `validate`. `source#split` restricts
-    the check to one split of a CIFAR-layout manifest."""
+    the check to one split of a CIFAR-layout manifest. `on_check(check, done, total)` is
+    called as each shard's check completes (progress); the report keeps manifest order."""
     src, _, split = str(source).partition("#")
     murl = src if src.endswith(".json") else join_url(src, MANIFEST_NAME)
     man = load_manifest(murl, storage_options)
@@ -287,11 +296,27 @@ def verify(source: str, storage_options: dict | None = None, *, workers: int = 4
         if not jobs:
             raise KeyError(f"{murl} has no split {split!r}")
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        checks = list(ex.map(
-            lambda j: _check_shard(j[0], join_url(base, j[0].shard), j[1], storage_options, ncls, validate),
-            jobs,
-        ))
+        futures = [ex.submit(_check_shard, e, join_url(base, e.shard), s, storage_options, ncls,
+                             validate) for e, s in jobs]
+        for done, fut in enumerate(as_completed(futures), 1):
+            if on_check is not None:
+                on_check(fut.result(), done, len(futures))
+        checks = [f.result() for f in futures]
     return VerifyReport(murl, checks)
+
+
+class _Progress:
+    """Progress lines on stderr for the shard commands: count, rate, time left."""
+
+    def __init__(self, total: int, unit: str) -> None:
+        self.total, self.unit, self.t0 = total, unit, time.perf_counter()
+
+    def line(self, done: int, what: str) -> None:
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else 0.0
+        left = f", ~{(self.total - done) / rate:.0f}s left" if rate > 0 and done < self.total else ""
+        print(f"  {what} -- {done}/{self.total} {self.unit} ({rate:.0f}/s{left})",
+              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- CLI
@@ -335,9 +360,15 @@ def _cmd_make(a: argparse.Namespace) -> int:
         return 2
     if a.shuffle:
         random.Random(a.seed).shuffle(items)
+    progress, written = _Progress(len(items), "images"), [0]
+
+    def on_shard(e: ShardEntry) -> None:
+        written[0] += e.samples
+        progress.line(written[0], f"{e.shard}: {e.samples} samples, {(e.bytes or 0) / 1e6:.1f} MB")
+
     man = write_shards(_unique_keys(items), a.out, prefix=a.prefix, max_count=a.max_count,
                        max_bytes=a.max_bytes, reencode_baseline=a.reencode, compress=a.gzip,
-                       classes=classes, quality=a.quality)
+                       classes=classes, quality=a.quality, on_shard=on_shard)
     skipped = man.extra.get("skipped", [])
     print(f"wrote {len(man.shards)} shards, {man.num_samples} samples"
           f"{f', {len(classes)} classes' if classes else ' (unlabelled)'} to {a.out}")
@@ -349,9 +380,16 @@ def _cmd_make(a: argparse.Namespace) -> int:
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
+    progress: _Progress | None = None
+
+    def on_check(c: ShardCheck, done: int, total: int) -> None:
+        nonlocal progress
+        progress = progress or _Progress(total, "shards")
+        progress.line(done, f"{'ok ' if c.ok else 'BAD'} {c.shard}")
+
     try:
         rep = verify(a.source, json.loads(a.storage_options) if a.storage_options else None,
-                     workers=a.workers, validate=a.validate)
+                     workers=a.workers, validate=a.validate, on_check=on_check)
     except (StorageError, ValueError, KeyError) as e:
         print(f"shards verify: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -167,7 +168,11 @@ def test_cli_make_labelled_folder_then_verify(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "src" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
     assert main(["make", str(src), str(out), "--max-count", "5", "--gzip"]) == 0
-    assert "skipped 1 images" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert "skipped 1 images" in cap.out
+    # progress on stderr, one line per shard as it closes: running count of 13 images
+    assert re.findall(r"shard-00000\d\.tar\.gz: (\d) samples.* -- (\d+)/13 images", cap.err) == [
+        ("5", "5"), ("5", "10"), ("2", "12")]
     doc = json.loads((out / "manifest.json").read_text())
     assert doc["classes"] == ["cat", "dog", "eel"]
     assert sum(e["samples"] for e in doc["shards"]) == 12 and len(doc["shards"]) == 3
@@ -180,7 +185,9 @@ def test_cli_make_labelled_folder_then_verify(tmp_path: Path, capsys: pytest.Cap
     assert labels["cat_img_0"] == 0 and labels["dog_img_3"] == 1 and labels["eel_img_2"] == 2
     assert len(labels) == 12
     assert main(["verify", str(out)]) == 0
-    assert "all 3 shards" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert "all 3 shards" in cap.out
+    assert sorted(re.findall(r"ok  shard-\d+\.tar\.gz -- (\d)/3 shards", cap.err)) == ["1", "2", "3"]
     from pipelines.stream import ShardStream
 
     streamed = {x.key: x.label for x in ShardStream(str(out), num_workers=1)}
