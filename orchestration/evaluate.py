@@ -13,6 +13,7 @@ bank and computes the same numbers.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from orchestration.distributed import DistEnv, all_reduce_max, gather_rows, loader_threads
+
+log = logging.getLogger("sslstream.eval")
+PROGRESS_EVERY_S = 15.0  # feature extraction over a large bank takes minutes: say so
 
 
 @torch.no_grad()
@@ -132,9 +136,12 @@ def extract_features(
     device: torch.device,
     *,
     gather: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every sample the loader yields, gathered over ranks."""
+    """Features and labels of every sample the loader yields, gathered over ranks.
+    `progress(samples so far)` is called after every batch (this rank's count)."""
     feats, labels = [], []
+    seen = 0
     for x, y in batches:
         if device.type == "cuda":
             # channels_last like the trained model (a layout mismatch costs a conversion per conv)
@@ -145,6 +152,9 @@ def extract_features(
             f = embed(x.to(device))
         feats.append(f.float().flatten(1))
         labels.append(y.to(device).long())
+        seen += int(y.shape[0])
+        if progress is not None:
+            progress(seen)
     lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     if not gather:
         return (torch.cat(feats) if feats else torch.zeros(0, 0, device=device)), lab
@@ -209,7 +219,7 @@ def evaluate(
         inputs = (recipe.size, tuple(recipe.view1.mean), tuple(recipe.view1.std))
     size, mean, std = inputs
 
-    def features(urls: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(split: str, urls: str) -> tuple[torch.Tensor, torch.Tensor]:
         loader = build_eval_loader(
             urls,
             image_size=int(size),
@@ -224,16 +234,32 @@ def evaluate(
             std=tuple(std),
             num_threads=loader_threads(cfg.trainer.get("loader_threads", "auto")),
         )
+        t_split, last = time.perf_counter(), [time.perf_counter()]
+        stream = getattr(loader, "stream", None)
+        per_rank = len(range(0, len(stream), env.world_size)) if stream is not None else None
+
+        def progress(n: int) -> None:  # rank 0 speaks for all: ranks run in step
+            now = time.perf_counter()
+            if env.is_main and now - last[0] >= PROGRESS_EVERY_S:
+                last[0] = now
+                of = f"/{per_rank}" if per_rank else ""
+                log.info("eval: %s features %d%s samples on rank 0 (%.0f/s)", split, n, of,
+                         n / (now - t_split))
+
         try:
-            return extract_features(method.embed, loader, env.device)
+            out = extract_features(method.embed, loader, env.device, progress=progress)
         finally:
             loader.close()
+        if env.is_main:
+            log.info("eval: %s features of %d samples in %.1fs", split, out[0].shape[0],
+                     time.perf_counter() - t_split)
+        return out
 
     was_training = method.training
     method.eval()
     try:
-        bank_x, bank_y = features(data.bank)
-        test_x, test_y = features(data.test)
+        bank_x, bank_y = features("bank", data.bank)
+        test_x, test_y = features("test", data.test)
     finally:
         method.train(was_training)
     num_classes = data.get("num_classes") or None

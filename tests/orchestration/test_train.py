@@ -309,3 +309,23 @@ def test_gpu_default_paths_bf16_channels_last_and_compile_run_on_cpu(tmp_path):
     last = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert last["step"] == 6
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(120)
+def test_evaluation_reports_progress_while_extracting_features(in_tmp_cwd, caplog, monkeypatch):
+    """Embedding a large bank takes minutes: rank 0 logs the count so far (every
+    PROGRESS_EVERY_S, here every batch) and each split's total and time."""
+    import logging
+
+    from orchestration import evaluate as ev
+
+    monkeypatch.setattr(ev, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="sslstream.eval")
+    assert main(["train", *tiny(in_tmp_cwd, "tracking.enabled=false", "eval.probe=false",
+                                steps=2)]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "sslstream.eval"]
+    assert [ln.split(" samples")[0] for ln in lines if "features of" not in ln] == [
+        "eval: bank features 64/160", "eval: bank features 128/160", "eval: bank features 160/160",
+        "eval: test features 60/60"]
+    assert [ln.split(" in ")[0] for ln in lines if "features of" in ln] == [
+        "eval: bank features of 160 samples", "eval: test features of 60 samples"]
