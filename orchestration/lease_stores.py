@@ -208,6 +208,9 @@ class GCSLeaseStore:
     ATTEMPTS = 3
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        from pipelines.storage import gcs_emulator_defaults
+
+        gcs_emulator_defaults()
         import gcsfs  # lazy: only GCS users need it
         from gcsfs.core import quote
 

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -124,8 +125,20 @@ def resolve_storage_options(url: str, storage_options: dict | None = None) -> di
     return opts
 
 
+def gcs_emulator_defaults() -> None:
+    """With `STORAGE_EMULATOR_HOST` set (a GCS emulator or GCS-compatible endpoint), make
+    gcsfs use its plain filesystem unless the user chose: gcsfs >= 2025 defaults to an
+    "extended" one that asks GCS's gRPC control plane for every bucket's type, which such
+    endpoints do not serve, and every call then spends 60 s in retries. gcsfs reads the
+    switch when it is imported, so this acts only before the first gs:// use."""
+    if os.environ.get("STORAGE_EMULATOR_HOST") and "gcsfs" not in sys.modules:
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
 def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for a URL; a missing backend (gcsfs) is an error naming the URL."""
+    if url.startswith(("gs://", "gcs://")):
+        gcs_emulator_defaults()
     try:
         return fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
     except ImportError as e:

@@ -4,6 +4,8 @@ refused access and transient server errors, and webdataset through our opener.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipelines.storage import AccessDenied, ShardNotFound, classify, register_webdataset_gopen
@@ -141,3 +143,36 @@ def test_write_and_verify_on_gcs(gcs: FakeGCS) -> None:
     keys = [x.key for x in stream]
     assert len(keys) == 9 and set(keys) == {"k0", "k1", "k2", "k3", "k8"}  # topped up
     assert stream.counters["lost"] == 4 and stream.counters["truncated_shards"] == 1
+
+
+_EMULATOR_PROBE = """
+import json, sys, time
+t0 = time.monotonic()
+from pipelines.stream import ShardStream
+keys = [s.key for s in ShardStream(sys.argv[1], storage_options={"token": "anon"})]
+import fsspec
+print("PROBE " + json.dumps({"n": len(keys), "s": time.monotonic() - t0,
+                              "fs": fsspec.get_filesystem_class("gs").__module__}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_emulator_endpoint_gets_gcsfs_plain_filesystem_by_default(gcs: FakeGCS, gcs_shards,
+                                                                      tmp_path) -> None:
+    """A fresh process with only STORAGE_EMULATOR_HOST set (as a user of fake-gcs-server
+    would have): without our default gcsfs's extended filesystem would spend 60 s per call
+    on a gRPC lookup the emulator cannot answer; with it the read takes seconds."""
+    import os
+    import subprocess
+    import sys
+
+    url, ss = gcs_shards
+    env = {k: v for k, v in os.environ.items() if k != "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
+    env["STORAGE_EMULATOR_HOST"] = gcs.endpoint
+    proc = subprocess.run([sys.executable, "-c", _EMULATOR_PROBE, url], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=100)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert line, proc.stderr[-3000:]
+    probe = json.loads(line[-1].removeprefix("PROBE "))
+    assert probe["n"] == len(ss.good_keys) and probe["fs"] == "gcsfs.core"
+    assert probe["s"] < 30, probe
