@@ -182,6 +182,10 @@ class EvalResult:
             f"{prefix}knn_acc": self.knn_acc,
             f"{prefix}embedding_std": self.embedding_std,
             f"{prefix}effective_rank": self.effective_rank,
+            # what the numbers rest on: a split that lost shards shows here, and the cost
+            f"{prefix}bank_size": float(self.bank_size),
+            f"{prefix}test_size": float(self.test_size),
+            f"{prefix}seconds": float(self.seconds),
         }
         if self.probe_acc is not None:
             out[f"{prefix}probe_acc"] = self.probe_acc

@@ -87,6 +87,8 @@ def test_default_run_end_to_end_from_the_cli(tmp_path, capsys):
     assert f"kNN accuracy: {knn:.4f}" in proc.stdout
     assert {"train/loss", "train/lr", "train/tau", "train/embedding_std", "train/effective_rank",
             "train/grad_norm", "perf/img_per_s", "perf/data_wait_frac"} <= set(run.data.metrics)
+    assert run.data.metrics["eval/bank_size"] == 160 and run.data.metrics["eval/test_size"] == 60
+    assert run.data.metrics["eval/seconds"] > 0
     assert any(k.startswith("data/") for k in run.data.metrics)  # the loader's counters
     assert run.data.params["method.name"] == "byol"
     knn_history = client.get_metric_history(run.info.run_id, "eval/knn_acc")
