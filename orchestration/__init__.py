@@ -1,0 +1,15 @@
+"""orchestration: everything that runs a job around the model and the data.
+
+Map (imports run one way, top to bottom; tests/test_layout.py enforces it):
+
+    cli.py, __main__.py   parse argv, compose the Hydra config, dispatch, map errors to exit codes
+    retrain/              the scheduled job: snapshot -> lease -> train -> register -> promote
+    train/                one training run: job assembly, step, loop, checkpoints, monitors
+    evaluate/             frozen-encoder evaluation: features, kNN, linear probe
+    tracking/             MLflow: tracker, settings, registry, the served pyfunc model, plots
+    runtime/              process facilities every job uses: ranks/devices, checkpoint files
+    errors.py             exceptions shared across rooms (user errors, registration errors)
+
+May import: pipelines, models (and, inside, only rooms below the importer).
+Imported by: the `sslstream` console script and `python -m orchestration`.
+"""

@@ -126,8 +126,8 @@ def cmd_train(args: list[str]) -> int:
     if cfg is None:
         return 0
     from orchestration.errors import RegistrationError
-    from orchestration.step import NonFiniteLossError
-    from orchestration.train import run_from_config
+    from orchestration.train.loop import run_from_config
+    from orchestration.train.step import NonFiniteLossError
 
     try:
         return run_from_config(cfg)
@@ -148,7 +148,7 @@ def cmd_eval(args: list[str]) -> int:
     opts, cfg = _parse(args, ("--checkpoint", "--model"))
     if cfg is None:
         return 0
-    from orchestration.evaluate import evaluate_saved
+    from orchestration.evaluate.run import evaluate_saved
 
     res = evaluate_saved(cfg, checkpoint=opts.get("--checkpoint"), model_uri=opts.get("--model"))  # type: ignore[arg-type]
     if res is not None:
@@ -164,13 +164,13 @@ def cmd_retrain(args: list[str]) -> int:
     _, cfg = _parse(args)
     if cfg is None:
         return 0
-    from orchestration.retrain import retrain
+    from orchestration.retrain.job import retrain
 
     return int(retrain(cfg))
 
 
 def cmd_shards(args: list[str]) -> int:
-    from pipelines.shards import main as shards_main
+    from pipelines.shards.tools import main as shards_main
 
     return int(shards_main(args))
 
@@ -212,8 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input (their messages name it), not a bug."""
-    from pipelines.storage import StorageError
-    from pipelines.stream import BadDataError
+    from pipelines.shards.storage import StorageError
+    from pipelines.shards.stream import BadDataError
 
     return (StorageError, BadDataError, FileNotFoundError, PermissionError, ValueError)
 

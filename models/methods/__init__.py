@@ -3,6 +3,9 @@
 ``build_method(cfg.method, cfg.backbone)`` picks the class by ``method.name``; each class
 reads its hyper-parameters from ``conf/method/<name>.yaml`` (which states the CIFAR and
 ImageNet presets and their sources; see docs/methods.md).
+
+May import: models.backbones, models.heads, models.objectives, models.state.
+Imported by: orchestration (train, tracking's encoder model), benchmarks, tests.
 """
 
 from __future__ import annotations

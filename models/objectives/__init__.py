@@ -4,6 +4,9 @@ Every loss returns a scalar tensor; ``vicreg_loss`` and ``barlow_twins_loss`` al
 their unweighted terms with ``return_parts=True``. Gathered losses (``nt_xent``,
 ``contrastive_margin``, ``vicreg_loss``, ``barlow_twins_loss``) take ``group`` and ``gather``
 and are exact under DDP: see docs/objectives.md.
+
+May import: torch and torch.distributed only.
+Imported by: models.methods, tests.
 """
 
 from models.objectives.barlow_twins import barlow_twins_loss

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestration import checkpoint as ckpt
+from orchestration.runtime import checkpoint as ckpt
 
 
 def test_save_keeps_last_k_and_latest_by_step(tmp_path):

@@ -52,7 +52,7 @@ def test_compose_works_from_any_cwd_and_keeps_it(tmp_path, monkeypatch):
 
 
 def test_shards_subcommand_is_dispatched(tmp_path, capsys):
-    from pipelines.synthetic import samples
+    from pipelines.shards.synthetic import samples
 
     src = tmp_path / "src" / "cls0"
     src.mkdir(parents=True)
@@ -99,7 +99,7 @@ def test_method_brings_its_augmentation_and_optimiser(method):
         assert (cfg.optim.eta, cfg.optim.clip_lr) == (0.02, True)
     # the recipe is built from real presets the loader and optimiser accept
     from models.optim import build_optimizer
-    from pipelines.recipes import TwoViewRecipe
+    from pipelines.views.recipes import TwoViewRecipe
 
     TwoViewRecipe.from_config(cfg.augment)
     p = torch.nn.Parameter(torch.zeros(3))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration import checkpoint as ckpt
+from orchestration.runtime import checkpoint as ckpt
 from tests.ddp import free_port, run_ddp
 from tests.orchestration.test_train import cli_env, tiny
 
@@ -33,7 +33,7 @@ MOCO = ("method=mocov2", "method.queue_size=64", "method.proj_output_dim=16")
 def _train_rank(rank: int, world_size: int, tmp: str, extra: tuple[str, ...] = ()) -> dict:
     os.chdir(tmp)
     from orchestration.cli import compose_config
-    from orchestration.train import train
+    from orchestration.train.loop import train
 
     res = train(compose_config(_overrides(Path(tmp), *extra)))
     return {
@@ -72,7 +72,7 @@ def test_two_rank_moco_queue_stays_identical_without_buffer_broadcast(tmp_path):
     r0, r1 = run_ddp(_train_rank, str(tmp_path), MOCO, world_size=2, timeout=160)
     assert r0["step"] == r1["step"] == 12
     from orchestration.cli import compose_config
-    from orchestration.warmstart import build_method_warm
+    from orchestration.train.warmstart import build_method_warm
 
     torch.manual_seed(0)
     initial = build_method_warm(compose_config(_overrides(tmp_path, *MOCO)), None, None).state_dict()

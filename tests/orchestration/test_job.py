@@ -1,4 +1,4 @@
-"""Loader settings the trainer derives from its config (orchestration/job.py)."""
+"""Loader settings the trainer derives from its config (orchestration/train/job.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from orchestration import distributed as D
-from orchestration.job import _loader_dtype
+from orchestration.runtime import distributed as D
+from orchestration.train.job import _loader_dtype
 
 
 def _cfg(**trainer):

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.lease import (
-    Lease,
-    LeaseHeld,
-    LeaseLost,
-    LeaseRecord,
+from orchestration.retrain.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord
+from orchestration.retrain.stores import (
+    GCSLeaseStore,
+    LeaseStoreError,
     LocalLeaseStore,
     S3LeaseStore,
     open_store,
 )
-from orchestration.lease_stores import GCSLeaseStore, LeaseStoreError
 from tests.fixtures.gcs import GCS_OPTIONS
 
 
@@ -307,7 +305,7 @@ class FlakyStore:
         return self.inner.delete(version)
 
     def replace(self, data: bytes, version: str):
-        from orchestration.lease import LeaseStoreError
+        from orchestration.retrain.stores import LeaseStoreError
 
         if self.down:
             raise LeaseStoreError(f"store {self.url} unreachable")
@@ -361,7 +359,7 @@ def test_s3_lease_calls_on_a_hung_store_are_bounded() -> None:
     s3fs's and botocore's retry loops (5 x 5 tries by default)."""
     import socket
 
-    from orchestration.lease import LeaseStoreError
+    from orchestration.retrain.stores import LeaseStoreError
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

@@ -20,16 +20,16 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from models.backbones import build_backbone, feature_dim_of
-from orchestration.encoder_model import EncoderSpec
-from orchestration.registry import (
-    RegistrationError,
+from orchestration.errors import RegistrationError
+from orchestration.tracking.encoder_model import EncoderSpec
+from orchestration.tracking.registry import (
     RegistrySettings,
     collapse_reason,
     load_encoder_state_dict,
     read_champion,
     register_encoder,
 )
-from orchestration.tracking import Tracker, TrackingSettings
+from orchestration.tracking.tracker import Tracker, TrackingSettings
 from tests.fixtures.mlflow_server import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -70,7 +70,7 @@ def _aliases(uri: str, name: str) -> dict[str, int]:
 
 
 def _reference_embed(backbone: torch.nn.Module, images: np.ndarray, size: int) -> np.ndarray:
-    """The in-process answer, computed without orchestration.encoder_model's code."""
+    """The in-process answer, computed without orchestration.tracking.encoder_model's code."""
     from torchvision.transforms.v2 import functional as F
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float64) / 255.0
@@ -230,7 +230,7 @@ def test_registry_calls_outside_a_tracker_are_bounded_on_a_dead_server(
     """read_champion / register_encoder / warm-start loads run without a Tracker (retrain,
     user scripts): with none of MLFLOW_HTTP_REQUEST_* set, MLflow's own defaults would
     retry for ~250 s; the registry applies the bounded defaults itself."""
-    from orchestration import mlflow_env
+    from orchestration.tracking import mlflow_env
 
     for var in (mlflow_env.ENV_MAX_RETRIES, mlflow_env.ENV_TIMEOUT, mlflow_env.ENV_BACKOFF):
         monkeypatch.setenv(var, "0")
@@ -249,7 +249,7 @@ def test_concurrent_promotion_does_not_let_the_worse_version_win(
         logged: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """B (0.6) decides against champion v1 (0.5); before B writes the alias, A (0.9)
     registers and becomes champion. B must re-decide against A and stay challenger."""
-    import orchestration.registry as reg
+    import orchestration.tracking.registry as reg
 
     uri, model_uri = logged["uri"], logged["model_uri"]
     name = f"race-{uuid.uuid4().hex[:8]}"

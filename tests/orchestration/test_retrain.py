@@ -1,6 +1,6 @@
 """The retraining decision flow against a real S3-compatible server (moto) and a real
 `mlflow server`, both on 127.0.0.1, with the training step replaced by a fast stand-in
-that registers through the real registry code (orchestration/registry.py).
+that registers through the real registry code (orchestration/tracking/registry.py).
 
 The end-to-end runs with the real trainer are in test_retrain_e2e.py.
 """
@@ -20,10 +20,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from orchestration import retrain as R
-from orchestration.lease import Lease, LeaseRecord, S3LeaseStore
-from orchestration.registry import RegistrySettings, register_encoder
-from orchestration.snapshot import take_snapshot
+from orchestration.retrain import job as R
+from orchestration.retrain.lease import Lease, LeaseRecord
+from orchestration.retrain.stores import S3LeaseStore
+from orchestration.tracking.registry import RegistrySettings, register_encoder
+from pipelines.shards.snapshot import take_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.s3, pytest.mark.mlflow_server]
@@ -52,7 +53,7 @@ def make_config(src: str, s3, mlflow_uri: str, tmp: Path, model: str, **retrain:
 
 
 class FakeTrain:
-    """Stands in for orchestration.train.train: opens/resumes the MLflow run named
+    """Stands in for orchestration.train.loop.train: opens/resumes the MLflow run named
     cfg.run_name and registers a version through the real registry code, with the kNN
     accuracy and collapse metrics it is told to report."""
 
@@ -318,7 +319,8 @@ def test_snapshot_ids_and_run_keys(s3, tmp_path) -> None:
     assert all(s.fingerprint.startswith("sha256:") for s in snap.shards)
     # same listing in another order, other location: same id
     listing = [(s.name, s.fingerprint) for s in reversed(snap.shards)]
-    from orchestration.snapshot import Snapshot, config_hash, run_key, snapshot_id
+    from orchestration.retrain.runkey import config_hash, run_key
+    from pipelines.shards.snapshot import Snapshot, snapshot_id
 
     assert snapshot_id(listing) == snap.id
     assert Snapshot.from_dict(json.loads(snap.to_json())).id == snap.id
@@ -342,15 +344,15 @@ def test_snapshot_ids_and_run_keys(s3, tmp_path) -> None:
 @pytest.mark.timeout(180)
 def test_init_champion_warm_starts_from_the_champion_weights(setup, monkeypatch) -> None:
     """retrain.init=champion: the trainer gets trainer.init_from = the champion's exact
-    version, and the trainer's own warm-start path (orchestration/warmstart.py) builds the
+    version, and the trainer's own warm-start path (orchestration/train/warmstart.py) builds the
     method around the champion's backbone weights (online and momentum target)."""
     import torch
 
     from models.backbones import build_backbone
-    from orchestration import mlflow_env
-    from orchestration.encoder_model import EncoderSpec
-    from orchestration.tracking import Tracker, TrackingSettings
-    from orchestration.warmstart import backbone_weights, build_method_warm
+    from orchestration.tracking import mlflow_env
+    from orchestration.tracking.encoder_model import EncoderSpec
+    from orchestration.tracking.tracker import Tracker, TrackingSettings
+    from orchestration.train.warmstart import backbone_weights, build_method_warm
 
     backbone_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/backbone/resnet_mini.yaml"))
     torch.manual_seed(123)
@@ -426,7 +428,7 @@ def test_retrain_on_gcs_data_with_the_default_lease_next_to_it(gcs, mlflow_serve
     """The same flow with the data on gs:// (tests/fixtures/gcs.py): the default lease is a
     GCS object next to the shards, taken with generation preconditions and released; the
     second call finds nothing new; a rewritten shard (new md5) retrains."""
-    from orchestration.lease_stores import GCSLeaseStore
+    from orchestration.retrain.stores import GCSLeaseStore
     from tests.fixtures.gcs import GCS_OPTIONS
 
     model = f"enc-gcs-{uuid.uuid4().hex[:8]}"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestration import retrain as R
+from orchestration.retrain import job as R
 
 pytestmark = [pytest.mark.s3, pytest.mark.mlflow_server, pytest.mark.slow]
 
@@ -44,7 +44,7 @@ def tiny(tmp: Path, steps: int) -> list[str]:
 
 class Scenario:
     def __init__(self, s3, mlflow_uri: str, tmp: Path) -> None:
-        from pipelines.synthetic import ensure_synthetic
+        from pipelines.shards.synthetic import ensure_synthetic
 
         self.s3, self.uri, self.tmp = s3, mlflow_uri, tmp
         self.model = f"enc-{uuid.uuid4().hex[:8]}"

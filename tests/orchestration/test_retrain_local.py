@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestration import retrain as R
 from orchestration.cli import main
+from orchestration.retrain import job as R
 from tests.orchestration.test_retrain_e2e import tiny
 
 

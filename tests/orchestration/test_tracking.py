@@ -13,10 +13,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestration import mlflow_env
-from orchestration.encoder_model import EncoderSpec
-from orchestration.registry import RegistrationError
-from orchestration.tracking import Tracker, TrackingSettings, flatten_params
+from orchestration.errors import RegistrationError
+from orchestration.tracking import mlflow_env
+from orchestration.tracking.encoder_model import EncoderSpec
+from orchestration.tracking.tracker import Tracker, TrackingSettings, flatten_params
 from tests.fixtures.mlflow_server import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -246,7 +246,7 @@ def test_inactive_tracker_is_a_no_op(in_tmp_cwd: Path, no_env_uri: None) -> None
 
 
 def test_pca_2d_matches_covariance_eigenvectors() -> None:
-    from orchestration.plots import pca_2d
+    from orchestration.tracking.plots import pca_2d
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(400, 6)) * np.array([5.0, 2.0, 0.5, 0.3, 0.2, 0.1])
@@ -297,7 +297,7 @@ def test_plots_leave_the_users_matplotlib_backend_alone() -> None:
     import sys
 
     code = ("import matplotlib, sys; before = matplotlib.get_backend(); "
-            "import orchestration.plots as p, numpy as np, io; "
+            "import orchestration.tracking.plots as p, numpy as np, io; "
             "p.plot_projection(np.zeros((4, 2)), [0, 1, 0, 1], title='t').savefig(io.BytesIO()); "
             "assert 'matplotlib.pyplot' not in sys.modules; "
             "assert matplotlib.rcParams['backend'] == before, matplotlib.rcParams['backend']")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.registry import RegistrationError
-from orchestration.tracking import Tracker
-from orchestration.tracking_null import NullTracker
+from orchestration.errors import RegistrationError
+from orchestration.tracking.null import NullTracker
+from orchestration.tracking.tracker import Tracker
 from tests.orchestration.test_train import REPO, tiny
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestration import checkpoint as ckpt
 from orchestration.cli import main
+from orchestration.runtime import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -319,7 +319,7 @@ def test_evaluation_reports_progress_while_extracting_features(in_tmp_cwd, caplo
     PROGRESS_EVERY_S, here every batch) and each split's total and time."""
     import logging
 
-    from orchestration import evaluate as ev
+    from orchestration.evaluate import run as ev
 
     monkeypatch.setattr(ev, "PROGRESS_EVERY_S", 0.0)
     caplog.set_level(logging.INFO, logger="sslstream.eval")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration import checkpoint as ckpt
 from orchestration.cli import compose_config
-from orchestration.train import train
+from orchestration.runtime import checkpoint as ckpt
+from orchestration.train.loop import train
 from tests.orchestration.test_train import cli_env, tiny
 
 STEPS = 40  # 160 samples / batch 16 = 10 steps per epoch; checkpoints every 3 (mostly mid-epoch)

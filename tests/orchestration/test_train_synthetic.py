@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import synthetic
+from pipelines.shards import synthetic
 
 
 def test_samples_are_deterministic_balanced_jpegs():
@@ -51,7 +51,7 @@ def test_ensure_synthetic_is_atomic_and_idempotent(tmp_path, monkeypatch):
     assert (root / "train" / "manifest.json").stat().st_mtime_ns == mtime  # not regenerated
 
     # a crash mid-generation leaves nothing under root and no temp dir behind
-    import pipelines.shards as shards
+    import pipelines.shards.tools as shards
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -70,7 +70,7 @@ def test_refuses_incomplete_non_empty_root(tmp_path):
 
 
 def test_stream_reads_generated_shards(tmp_path):
-    from pipelines.stream import ShardStream
+    from pipelines.shards.stream import ShardStream
 
     root = synthetic.ensure_synthetic(tmp_path / "s", train_samples=30, test_samples=10, image_size=16, samples_per_shard=8)
     got = list(ShardStream(str(root / "train"), shuffle=False, num_workers=1, exact_epoch=True))

@@ -8,7 +8,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from pipelines.stream import Sample
+from pipelines.shards.stream import Sample
 
 
 def pattern_image(seed: int, h: int, w: int) -> np.ndarray:

@@ -19,10 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import dali as dali_mod
-from pipelines.loader import TwoViewLoader, image_hw
-from pipelines.recipes import PRESETS, TwoViewRecipe, ViewRecipe, batch_rng, sample_view_params
-from pipelines.reference import TorchvisionTwoView
+from pipelines.views import dali as dali_mod
+from pipelines.views.backend import image_hw
+from pipelines.views.loader import TwoViewLoader
+from pipelines.views.recipes import (
+    PRESETS,
+    TwoViewRecipe,
+    ViewRecipe,
+    batch_rng,
+    sample_view_params,
+)
+from pipelines.views.reference import TorchvisionTwoView
 from tests.pipelines.augment_helpers import (
     FakeStream,
     corrupt_entropy_jpeg,
@@ -407,8 +414,8 @@ def test_a_shard_with_corrupt_jpegs_runs_through_with_each_counted(tmp_path, dev
     import io
     import tarfile
 
-    from pipelines.shards import write_shards
-    from pipelines.stream import ShardStream
+    from pipelines.shards.stream import ShardStream
+    from pipelines.shards.tools import write_shards
 
     samples = make_samples(30)
     entropy_key = samples[7].key

@@ -8,8 +8,13 @@ import json
 
 import pytest
 
-from pipelines.storage import AccessDenied, ShardNotFound, classify, register_webdataset_gopen
-from pipelines.stream import ShardStream
+from pipelines.shards.storage import (
+    AccessDenied,
+    ShardNotFound,
+    classify,
+    register_webdataset_gopen,
+)
+from pipelines.shards.stream import ShardStream
 from tests.fixtures.gcs import GCS_OPTIONS, FakeGCS
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -103,7 +108,7 @@ def test_retrain_snapshot_of_a_gcs_prefix_sees_new_and_rewritten_shards(gcs: Fak
                                                                          gcs_shards) -> None:
     """Without a manifest the retraining job fingerprints gs:// objects by GCS's md5Hash:
     the id holds still when nothing changed and moves when a shard is added or rewritten."""
-    from orchestration.snapshot import take_snapshot
+    from pipelines.shards.snapshot import take_snapshot
 
     url, ss = gcs_shards
     del gcs.objects[("data", "train/manifest.json")]
@@ -123,7 +128,7 @@ def test_retrain_snapshot_of_a_gcs_prefix_sees_new_and_rewritten_shards(gcs: Fak
 def test_write_and_verify_on_gcs(gcs: FakeGCS) -> None:
     """`sslstream shards make` / `verify` on gs://: gcsfs's multipart uploads, then the
     manifest's sha256 against what the store serves, and a tampered shard named."""
-    from pipelines.shards import verify, write_shards
+    from pipelines.shards.tools import verify, write_shards
     from tests.fixtures.shards import make_jpeg
 
     gcs.buckets.add("out")
@@ -148,7 +153,7 @@ def test_write_and_verify_on_gcs(gcs: FakeGCS) -> None:
 _EMULATOR_PROBE = """
 import json, sys, time
 t0 = time.monotonic()
-from pipelines.stream import ShardStream
+from pipelines.shards.stream import ShardStream
 keys = [s.key for s in ShardStream(sys.argv[1], storage_options={"token": "anon"})]
 import fsspec
 print("PROBE " + json.dumps({"n": len(keys), "s": time.monotonic() - t0,

@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from pipelines import dali as dali_mod
-from pipelines.loader import TwoViewLoader
-from pipelines.recipes import PRESETS
+from pipelines.views import dali as dali_mod
+from pipelines.views.loader import TwoViewLoader
+from pipelines.views.recipes import PRESETS
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
 pytestmark = [

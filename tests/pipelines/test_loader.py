@@ -20,14 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import dali as dali_mod
-from pipelines import loader as loader_mod
-from pipelines.eval_loader import build_eval_loader
-from pipelines.imagesize import image_hw as read_hw
-from pipelines.loader import TwoViewLoader
-from pipelines.recipes import PRESETS
-from pipelines.stream import ShardStream
-from pipelines.validate import CorruptImage
+from pipelines.shards.imagesize import image_hw as read_hw
+from pipelines.shards.stream import ShardStream
+from pipelines.shards.validate import CorruptImage
+from pipelines.views import dali as dali_mod
+from pipelines.views import loader as loader_mod
+from pipelines.views.eval_loader import build_eval_loader
+from pipelines.views.loader import TwoViewLoader
+from pipelines.views.recipes import PRESETS
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
 needs_dali = pytest.mark.skipif(not dali_mod.DALI_AVAILABLE,
@@ -361,9 +361,9 @@ def test_cifar10_views_are_normalised_with_the_dataset_statistics(backend, cifar
 # state and returns the rest of that epoch and the first batches of the next one.
 _RESUME_CHILD = """
 import json, sys, torch
-from pipelines.loader import TwoViewLoader
-from pipelines.recipes import PRESETS
-from pipelines.stream import ShardStream
+from pipelines.views.loader import TwoViewLoader
+from pipelines.views.recipes import PRESETS
+from pipelines.shards.stream import ShardStream
 job = json.load(sys.stdin)
 torch.set_num_threads(1)
 out = []

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torchvision.transforms import RandomResizedCrop
 
-from pipelines.recipes import (
+from pipelines.views.recipes import (
     PRESETS,
     TwoViewRecipe,
     ViewRecipe,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.shards import main as shards_main
-from pipelines.shards import verify, write_shards
-from pipelines.storage import AccessDenied, ShardNotFound, redact
-from pipelines.stream import ShardStream
+from pipelines.shards.storage import AccessDenied, ShardNotFound, redact
+from pipelines.shards.stream import ShardStream
+from pipelines.shards.tools import main as shards_main
+from pipelines.shards.tools import verify, write_shards
 from tests.fixtures.s3 import CREDS, S3Env, s3_options
 from tests.fixtures.shards import make_jpeg
 
@@ -121,7 +121,7 @@ def test_webdataset_reads_s3_through_the_registered_opener(s3: S3Env, s3_shards)
     """webdataset 1.0.2 has no s3 handler; register_webdataset_gopen gives it ours."""
     import webdataset as wds
 
-    from pipelines.storage import register_webdataset_gopen
+    from pipelines.shards.storage import register_webdataset_gopen
 
     url, ss = s3_shards
     register_webdataset_gopen(s3.storage_options)
@@ -141,7 +141,7 @@ def test_a_server_that_keeps_failing_ends_in_bounded_retries_naming_the_url(
 
     import s3fs
 
-    from pipelines import storage
+    from pipelines.shards import storage
 
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     fast = dataclasses.replace(storage.RetryPolicy(), base_delay=0.01, max_delay=0.02)

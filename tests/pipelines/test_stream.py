@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.plan import per_rank, rank_segments, shard_order
-from pipelines.stream import ShardStream
+from pipelines.shards.plan import per_rank, rank_segments, shard_order
+from pipelines.shards.stream import ShardStream
 from tests.fixtures.shards import ShardSet
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.storage import ShardNotFound
-from pipelines.stream import BadDataError, ShardStream
+from pipelines.shards.storage import ShardNotFound
+from pipelines.shards.stream import BadDataError, ShardStream
 
 
 @pytest.mark.parametrize(

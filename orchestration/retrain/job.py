@@ -1,0 +1,369 @@
+"""`sslstream retrain`: new shards -> train -> evaluate -> register -> promote if better.
+
+Meant to be started by any scheduler (cron, a Kubernetes CronJob, Airflow), as often as
+one likes; docs/retrain.md has the examples and the exit codes. One call:
+
+1. snapshots the data source (`retrain.source`: shard prefix, manifest URL, brace pattern,
+   on any fsspec store) and reads the champion of `tracking.registry.name`;
+2. if the champion was trained on a snapshot that already holds every current shard
+   (same names, same content), stops: exit 0, nothing done (recorded as tags on the
+   registered model);
+3. otherwise derives the run key from (snapshot, config hash), takes the lease for the
+   model (orchestration/retrain/lease.py) and, holding it (heartbeat), either finds the version
+   that run key already registered (a retry after a crash) or trains: `train(cfg)` with
+   `run_name` = run key, so a rerun resumes the same checkpoints and MLflow run, on exactly
+   the snapshot's shard URLs; train registers the encoder as challenger and promotes it to
+   champion by the registry's rule (margin, collapse check);
+4. tags the run and the version with the decision and the snapshot, logs the shard listing
+   as `retrain/snapshot.json`, prints the decision, releases the lease.
+
+The exit code tells a scheduler what to do next (see EXIT_* and docs/retrain.md).
+"""
+
+from __future__ import annotations
+
+import _thread
+import hashlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from orchestration.retrain.exits import (
+    EXIT_CONFIG,
+    EXIT_LEASE_LOST,
+    EXIT_LOCK_HELD,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_REGISTRY,
+    EXIT_SOURCE,
+    EXIT_TRAIN_FAILED,
+    RetrainExit,
+)
+from orchestration.retrain.lease import Lease, LeaseHeld
+from orchestration.retrain.runkey import config_hash, run_key
+from orchestration.retrain.stores import LeaseStoreError, open_store
+from pipelines.shards.snapshot import Snapshot, source_base, take_snapshot
+
+log = logging.getLogger("sslstream.retrain")
+
+
+TrainFn = Callable[[DictConfig], Any]
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """`cfg.retrain` (conf/retrain/default.yaml documents every field)."""
+
+    source: str | list[str]
+    storage_options: dict
+    init: str
+    lock_url: str
+    ttl_s: float
+    heartbeat_s: float
+    wait_s: float
+    grace_s: float
+    run_key_ignore: tuple[str, ...]
+    enabled: bool
+    nproc_per_node: int = 1
+    torchrun_args: tuple[str, ...] = ()
+    held_exit_code: int = EXIT_LOCK_HELD
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, model_name: str) -> RetrainSettings:
+        r = cfg.get("retrain") or {}
+        source = r.get("source") or cfg.data.get("train")
+        if not source:
+            raise ValueError("retrain.source (or data.train) must name the shards to watch")
+        source = source if isinstance(source, str) else [str(s) for s in source]
+        so = r.get("storage_options")
+        so = dict(so) if so is not None else dict(cfg.data.get("storage_options") or {})
+        init = str(r.get("init", "scratch"))
+        if init not in ("scratch", "champion"):
+            raise ValueError(f"retrain.init must be scratch or champion, got {init!r}")
+        lock = r.get("lock") or {}
+        ttl = float(lock.get("ttl_s", 300))
+        if ttl <= 0:
+            raise ValueError(f"retrain.lock.ttl_s must be > 0, got {ttl}")
+        hb = float(lock.get("heartbeat_s") or ttl / 3.0)
+        if not 0 < hb < ttl:
+            raise ValueError(f"retrain.lock.heartbeat_s must be in (0, ttl_s={ttl}), got {hb}")
+        url = lock.get("url") or (
+            f"{source_base(source).rstrip('/')}/_sslstream_retrain.{model_name}.lease")
+        nproc = int(r.get("nproc_per_node", 1) or 1)
+        if nproc < 1:
+            raise ValueError(f"retrain.nproc_per_node must be >= 1, got {nproc}")
+        held = lock.get("held_exit_code")
+        held = EXIT_LOCK_HELD if held is None else int(held)
+        if held not in (0, EXIT_LOCK_HELD):
+            raise ValueError(f"retrain.lock.held_exit_code must be 0 or {EXIT_LOCK_HELD}, "
+                             f"got {held}")
+        return cls(source, so, init, str(url), ttl, hb, float(lock.get("wait_s", 0)),
+                   float(lock.get("grace_s", 10)),
+                   tuple(str(k) for k in r.get("run_key_ignore") or ()),
+                   bool(r.get("enabled", True)), nproc,
+                   tuple(str(a) for a in r.get("torchrun_args") or ()), held)
+
+
+def _say(msg: str) -> None:
+    print(f"sslstream retrain: {msg}", flush=True)
+
+
+def _registry(cfg: DictConfig):
+    """The MLflow side, or RetrainExit(EXIT_REGISTRY) if the server does not answer."""
+    from orchestration.retrain.champion import RetrainRegistry
+    from orchestration.tracking import mlflow_env
+    from orchestration.tracking.tracker import TrackingSettings
+
+    ts = TrackingSettings.from_config(cfg.get("tracking"))
+    if not ts.enabled:
+        raise RetrainExit(EXIT_CONFIG, "tracking.enabled=false: retraining needs the model "
+                          "registry to know the champion")
+    uri = mlflow_env.resolve_tracking_uri(ts.uri)
+    if mlflow_env.is_http(uri):
+        mlflow_env.apply_http_limits(ts.http_max_retries, ts.http_timeout_s,
+                                     ts.http_backoff_factor)
+    if (why := mlflow_env.probe(uri, ts.probe_timeout_s)) is not None:
+        raise RetrainExit(EXIT_REGISTRY, f"MLflow at {uri} is unreachable: {why}")
+    return RetrainRegistry(uri, ts.registry, ts.experiment)
+
+
+def _nothing_new(reg, snap: Snapshot) -> tuple[Any, str | None]:
+    """(champion, why there is nothing to do) - the reason is None when training is due."""
+    champ = reg.champion()
+    if champ is None:
+        return None, None
+    if champ.tags.get("retrain.snapshot_id") == snap.id:
+        return champ, f"champion v{champ.version} was trained on this snapshot ({snap.id[:12]})"
+    known = reg.champion_fingerprints(champ)
+    if known is not None and not snap.new_since(known):
+        return champ, (f"no shard is new since champion v{champ.version}'s data "
+                       f"({len(snap.shards)} shards, none added or changed)")
+    return champ, None
+
+
+def _run_key(cfg: DictConfig, st: RetrainSettings, model: str, snap: Snapshot) -> str:
+    """Run key from (snapshot, config hash); init=champion is part of the hash (a warm start
+    is another run than a scratch one; scratch keys are unchanged). The champion's VERSION is
+    not: a retry after a crash that already promoted the new version must find that run,
+    not start a second one warm-started from it."""
+    ignore = list(st.run_key_ignore) + ["data.train", "run_name"]
+    if cfg.data.get("bank") == cfg.data.get("train"):
+        ignore.append("data.bank")
+    chash = config_hash(cfg, ignore)
+    if st.init == "champion":
+        chash = hashlib.sha256(f"{chash}|init=champion".encode()).hexdigest()
+    return run_key(model, snap.id, chash)
+
+
+def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | None
+                  ) -> DictConfig:
+    """The job's config with run_name = run key and data = exactly the snapshot's shards."""
+    tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(tcfg):
+        bank_is_train = tcfg.data.get("bank") == tcfg.data.get("train")
+        tcfg.run_name = key
+        tcfg.data.train = snap.urls
+        if bank_is_train:
+            tcfg.data.bank = snap.urls
+        tcfg.data.generate = False
+        # the trainer's warm start (orchestration/train/warmstart.py): backbone weights of this
+        # exact version (not the alias, which may move), only for a new run; a resumed run's
+        # checkpoint already holds everything
+        if warm_from is not None:
+            tcfg.trainer.init_from = warm_from
+    return tcfg
+
+
+def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s: float) -> Any:
+    """train_fn under the lease's heartbeat; a lost lease interrupts the training."""
+    from orchestration.errors import RegistrationError
+
+    lost_reason: list[str] = []
+    training = threading.Event()
+
+    def on_lost(reason: str) -> None:
+        lost_reason.append(reason)
+        if training.is_set() and threading.current_thread() is not threading.main_thread():
+            _thread.interrupt_main()  # KeyboardInterrupt in train_fn, between two steps
+
+    training.set()
+    lease.start_heartbeat(on_lost, heartbeat_s)
+    try:
+        return train_fn(tcfg)
+    except KeyboardInterrupt:
+        if lost_reason:
+            raise RetrainExit(EXIT_LEASE_LOST, f"{lost_reason[0]}; training stopped (another "
+                              "holder may be running it); rerun to resume") from None
+        raise
+    except RetrainExit:
+        raise
+    except RegistrationError as e:
+        raise RetrainExit(EXIT_REGISTRY, f"training finished but registration failed: {e}; "
+                          "rerun to retry (the final checkpoint is kept)") from e
+    except Exception as e:
+        log.exception("training of %s failed", tcfg.run_name)
+        raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {type(e).__name__}: {e}") from e
+    finally:
+        training.clear()  # a loss during the bookkeeping after training interrupts nothing
+
+
+def _generate_embedded_data(cfg: DictConfig) -> None:
+    """The embedded default (data.generate=true) works in a fresh directory, as with train."""
+    if not cfg.data.get("generate", False):
+        return
+    import torch
+
+    from orchestration.runtime.distributed import DistEnv
+    from orchestration.train.job import prepare_data
+
+    prepare_data(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+
+
+def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot,
+                    decision: str | None = None) -> None:
+    """Best effort: the failed (or skipped) attempt as registered-model tags (the trainer has
+    already marked its MLflow run FAILED); a tracking outage must not hide the exit code."""
+    try:
+        reg.record_check(decision or f"failed-exit-{e.code}", f"run {key}: {e}", snap)
+    except Exception as err:  # the original failure is what the scheduler must see
+        log.warning("could not record the failure in MLflow: %s", err)
+
+
+def retrain(cfg: DictConfig, *, train_fn: TrainFn | None = None, registry: Any = None) -> int:
+    """Run one retraining check; returns the exit code (see module docstring)."""
+    try:
+        _say(_retrain(cfg, train_fn=train_fn, registry=registry))
+        return EXIT_OK
+    except RetrainExit as e:
+        print(f"sslstream retrain: {'FAILED: ' if e.code else ''}{e} (exit {e.code})",
+              file=sys.stderr if e.code else sys.stdout, flush=True)
+        return e.code
+
+
+run = retrain  # `orchestration.retrain.job.run(cfg) -> int`, the name the CLI brief used
+
+
+def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str:
+    model = str(OmegaConf.select(cfg, "tracking.registry.name", default="sslstream-encoder"))
+    try:
+        st = RetrainSettings.from_config(cfg, model)
+    except (ValueError, TypeError) as e:
+        raise RetrainExit(EXIT_CONFIG, str(e)) from e
+    if not st.enabled:
+        return "retrain.enabled=false: nothing to do"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RetrainExit(EXIT_CONFIG, "sslstream retrain runs as one process and launches "
+                          "torchrun itself: use retrain.nproc_per_node=N instead of torchrun")
+    try:
+        _generate_embedded_data(cfg)
+        snap = take_snapshot(st.source, st.storage_options)
+    except (OSError, ValueError, KeyError) as e:
+        raise RetrainExit(EXIT_SOURCE, f"data source {st.source} unusable: {e}") from e
+    _say(f"source {snap.source}: {len(snap.shards)} shards, snapshot {snap.id[:12]}")
+    try:
+        reg = registry if registry is not None else _registry(cfg)
+    except ValueError as e:  # unknown tracking.* keys and the like
+        raise RetrainExit(EXIT_CONFIG, str(e)) from e
+    try:
+        champ, why = _nothing_new(reg, snap)
+        if why is not None:
+            reg.record_check("nothing-new", why, snap)
+            return f"nothing to do: {why}"
+    except RetrainExit:
+        raise
+    except Exception as e:
+        raise RetrainExit(EXIT_REGISTRY, f"reading champion of {model!r}: {e}") from e
+
+    key = _run_key(cfg, st, model, snap)
+    try:
+        lease = Lease(open_store(st.lock_url, st.storage_options), key, ttl_s=st.ttl_s,
+                      grace_s=st.grace_s)
+        lease.acquire(wait_s=st.wait_s)
+    except LeaseHeld as e:
+        _record_failure(reg, RetrainExit(EXIT_LOCK_HELD, f"skipped: {e}"), key, snap,
+                        decision="lock-held")
+        if st.held_exit_code == EXIT_OK:  # retrain.lock.held_exit_code=0: a skip, not a failure
+            return f"skipped: {e}"
+        raise RetrainExit(EXIT_LOCK_HELD, str(e)) from e
+    except ValueError as e:
+        raise RetrainExit(EXIT_CONFIG, str(e)) from e
+    except (LeaseStoreError, OSError) as e:
+        raise RetrainExit(EXIT_SOURCE, f"lease {st.lock_url} unusable: {e}") from e
+    if lease.took_over_from:
+        _say(f"took over the expired lease of {lease.took_over_from}")
+    try:
+        return _under_lease(cfg, st, reg, snap, key, lease, train_fn)
+    finally:
+        lease.release()
+
+
+def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot, key: str,
+                 lease: Lease, train_fn: TrainFn | None) -> str:
+    try:
+        # Re-check under the lease: a holder we waited for may have done the work.
+        champ, why = _nothing_new(reg, snap)
+        if why is not None:
+            reg.record_check("nothing-new", why, snap)
+            return f"nothing to do: {why}"
+        existing = reg.find_version(key)
+    except Exception as e:
+        raise RetrainExit(EXIT_REGISTRY, f"reading registry of {reg.name!r}: {e}") from e
+    new = snap.new_since(reg.champion_fingerprints(champ) or {}) if champ else list(snap.shards)
+    tags: dict[str, Any] = {"run_key": key, "snapshot_id": snap.id, "source": snap.source,
+                            "shards": len(snap.shards), "new_shards": len(new), "init": st.init}
+    if champ is None:
+        reason = f"no champion yet: training on {len(snap.shards)} shards"
+    elif "retrain.snapshot_id" not in champ.tags:
+        reason = (f"champion v{champ.version} has no recorded data snapshot: training on all "
+                  f"{len(snap.shards)} shards")
+    else:
+        reason = f"{len(new)} new or changed shard(s) since champion v{champ.version}"
+    if existing is not None:
+        _say(f"run {key} already registered v{existing}; finishing its bookkeeping")
+        run_id = reg.version_info(existing)[0]
+    else:
+        _say(f"{reason}; training run {key}")
+        warm = champ.uri if (st.init == "champion" and champ is not None) else None
+        tcfg = _train_config(cfg, key, snap, warm)
+        try:
+            if train_fn is None and st.nproc_per_node > 1:
+                from orchestration.retrain.torchrun import run_torchrun
+
+                result = run_torchrun(tcfg, lease, st.heartbeat_s, st.nproc_per_node,
+                                      st.torchrun_args)
+            else:
+                if train_fn is None:
+                    from orchestration.train.loop import train as train_fn
+                result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
+            if getattr(result, "status", "completed") == "preempted":
+                raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by SIGTERM after a "
+                                  "checkpoint; rerun to resume")
+        except RetrainExit as e:
+            _record_failure(reg, e, key, snap)
+            raise
+        run_id = getattr(result, "run_id", None)
+        try:
+            existing = reg.find_version(key)
+        except Exception as e:
+            raise RetrainExit(EXIT_REGISTRY, f"reading registry of {reg.name!r}: {e}") from e
+        if existing is None:
+            raise RetrainExit(EXIT_REGISTRY, f"run {key} trained but registered no version of "
+                              f"{reg.name!r} (tracking disabled or unreachable during training?)")
+    try:
+        promoted = reg.is_champion(existing)
+        vtags = reg.version_info(existing)[1]
+        decision = "promoted" if promoted else "registered-not-promoted"
+        why = vtags.get("promotion_reason", "")
+        tags.update(decision=decision, reason=f"{reason}; {why}".strip("; "))
+        reg.record(existing, run_id, tags, snap)
+        reg.record_check(decision, tags["reason"], snap)
+    except Exception as e:
+        raise RetrainExit(EXIT_REGISTRY, f"tagging v{existing} of {reg.name!r}: {e}") from e
+    verdict = "champion" if promoted else "challenger only"
+    return f"{reg.name} v{existing} ({verdict}): {tags['reason']}"

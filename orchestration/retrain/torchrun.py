@@ -1,0 +1,147 @@
+"""Multi-GPU training for `sslstream retrain`: the job stays one process, torchrun is its child.
+
+Why not run `sslstream retrain` itself under torchrun: every rank would snapshot the data,
+race for the lease and read the registry, and torchrun reports any worker failure as its
+own exit 1, which would erase the exit codes a scheduler acts on. So the decision, the lease
+and its heartbeat stay in this process, and only the training runs as
+
+    python -m torch.distributed.run --standalone --nproc-per-node N \\
+        -m orchestration.retrain.torchrun <train config.yaml> <result.json>
+
+The worker ranks call `orchestration.train.loop.train` on the exact config retrain prepared;
+rank 0 writes the outcome as JSON. The child dies with us (PR_SET_PDEATHSIG), gets our
+SIGTERM forwarded (the trainer checkpoints and stops), and is stopped when the lease is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from orchestration.retrain.lease import Lease
+
+CONFIG_NAME = "retrain-train-config.yaml"
+RESULT_NAME = "retrain-result.json"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGTERM the child when the retrain process dies (even by SIGKILL)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
+                 extra_args: tuple[str, ...] = ()) -> SimpleNamespace:
+    """Train under torchrun while holding `lease`; returns a TrainResult-like namespace.
+
+    Raises RetrainExit with the code for a lost lease, a failed training or registration.
+    """
+    from orchestration.retrain.exits import EXIT_LEASE_LOST, RetrainExit
+
+    work = Path(str(tcfg.trainer.output_dir)).expanduser() / str(tcfg.run_name)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_path, result_path = work / CONFIG_NAME, work / RESULT_NAME
+    # owner-only: the config may hold storage options with credentials for the ranks
+    cfg_path.unlink(missing_ok=True)
+    fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(OmegaConf.to_yaml(tcfg, resolve=True))
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", *extra_args,
+           "-m", "orchestration.retrain.torchrun", str(cfg_path), str(result_path)]
+    lost: list[str] = []
+    lease.start_heartbeat(lost.append, heartbeat_s)
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def forward(signum: int, _frame: Any) -> None:
+        _signal_group(proc, signum)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while proc.poll() is None:
+            if lost:
+                _signal_group(proc, signal.SIGTERM)
+                _wait_or_kill(proc, 120)
+                raise RetrainExit(EXIT_LEASE_LOST, f"{lost[0]}; training stopped; rerun to "
+                                  "resume")
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGKILL)
+    outcome = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    return outcome_of(proc.returncode, outcome)
+
+
+def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespace:
+    """The TrainResult-like answer for torchrun's exit status and rank 0's result file.
+
+    A preempted run counts as preempted whatever torchrun's status: on SIGTERM the agent
+    itself exits non-zero (SignalException) after the ranks checkpointed and stopped.
+    """
+    from orchestration.retrain.exits import EXIT_REGISTRY, EXIT_TRAIN_FAILED, RetrainExit
+
+    if outcome.get("status") == "preempted":
+        return SimpleNamespace(**outcome)
+    if outcome.get("error") == "registration":
+        raise RetrainExit(EXIT_REGISTRY, f"training finished but registration failed: "
+                          f"{outcome.get('message')}; rerun to retry")
+    if returncode != 0 or not outcome or "error" in outcome:
+        why = outcome.get("message") or f"torchrun exited with {returncode}"
+        raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {why}")
+    return SimpleNamespace(**outcome)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> None:
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def worker(cfg_path: str, result_path: str) -> int:
+    """One torchrun rank: train on the prepared config; rank 0 writes the outcome."""
+    from orchestration.errors import RegistrationError
+    from orchestration.runtime import distributed as D
+    from orchestration.train.loop import train
+
+    cfg = OmegaConf.load(cfg_path)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    outcome: dict[str, Any]
+    code = 0
+    try:
+        res = train(cfg)  # type: ignore[arg-type]
+        outcome = {"status": res.status, "run_id": res.run_id,
+                   "registered_uri": res.registered_uri, "promoted": res.promoted}
+    except RegistrationError as e:
+        outcome, code = {"error": "registration", "message": str(e)}, 6
+    except Exception as e:
+        outcome, code = {"error": "train", "message": f"{type(e).__name__}: {e}"}, 5
+    if rank0:
+        tmp = Path(result_path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(outcome), encoding="utf-8")
+        os.replace(tmp, result_path)
+    D.cleanup()
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover - launched by torchrun
+    sys.exit(worker(sys.argv[1], sys.argv[2]))

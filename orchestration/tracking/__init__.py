@@ -1,0 +1,14 @@
+"""tracking: MLflow runs, the model registry and the served model.
+
+    tracker.py        Tracker: one MLflow run per training (params, metrics, artifacts, model)
+    settings.py       TrackingSettings read from the `tracking` config group
+    null.py           NullTracker: the same interface with no MLflow import (ranks > 0, off)
+    mlflow_env.py     tracking URI resolution, HTTP limits, credential redaction
+    registry.py       register a version, aliases, promotion, load a registered encoder
+    encoder_model.py  the pyfunc model (models-from-code: logged as a file, no pickles)
+    plots.py          loss curves and the PCA plot
+
+May import: orchestration.runtime, orchestration.errors, pipelines, models.
+Imported by: orchestration.evaluate, orchestration.train, orchestration.retrain,
+orchestration.cli.
+"""

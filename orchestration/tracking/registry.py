@@ -1,0 +1,357 @@
+"""Encoders in the MLflow Model Registry: log, register, promote, read back.
+
+Public API (all take the tracking URI explicitly; the registry follows it):
+
+- ``log_encoder(uri, run_id, backbone, spec) -> str``: log the backbone as a pyfunc model
+  (models-from-code, ``orchestration/tracking/encoder_model.py``) in run ``run_id``; returns the
+  logged model's URI ``models:/m-<id>``.
+- ``register_encoder(uri, model_uri, settings, metrics=..., feature_dim=..., tags=...)``
+  -> ``PromotionDecision``: new registry version with tags, alias ``challenger`` on it, and
+  alias ``champion`` moved to it only when it beats the current champion by the margin and
+  is not collapsed. Any registry failure raises ``RegistrationError``.
+- ``read_champion(uri, name) -> ChampionInfo | None`` for the retraining job.
+- ``load_encoder_state_dict(uri, model_uri) -> (state_dict, EncoderSpec)`` for warm starts.
+
+Aliases are read with ``get_model_version_by_alias`` / ``get_registered_model().aliases``:
+``search_model_versions`` returns empty aliases (mlflow #9783).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+from orchestration.errors import RegistrationError  # re-exported: callers import it from here too
+from orchestration.tracking.encoder_model import EncoderSpec, load_weights
+from orchestration.tracking.mlflow_env import ensure_http_limits, redact, scoped_tracking_uri
+
+ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
+MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+SPEC_FILE = "encoder_spec.json"
+WEIGHTS_FILE = "encoder_weights.pt"
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """``tracking.registry`` in the config (see conf/tracking/local.yaml)."""
+
+    name: str = "sslstream-encoder"
+    metric: str = "eval/knn_acc"              # higher is better; compared with the champion
+    margin: float = 0.0                       # promote only if new > champion + margin
+    std_metric: str = "eval/embedding_std"    # collapse: std of L2-normalised embeddings
+    min_std_ratio: float | None = 0.1         # collapsed if std * sqrt(D) below (healthy ~1)
+    rank_metric: str = "eval/effective_rank"
+    min_effective_rank: float | None = 2.0    # collapsed if effective rank below
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    await_ready_s: int = 60
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    name: str
+    version: int
+    uri: str                           # models:/<name>/<version>
+    promoted: bool                     # True: alias champion now points at this version
+    reason: str
+    metric: float
+    previous_champion: int | None = None
+
+
+@dataclass(frozen=True)
+class ChampionInfo:
+    name: str
+    version: int
+    uri: str
+    metric: float | None               # the settings.metric recorded for that version
+    tags: dict[str, str]
+    run_id: str | None
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """HEAD of the source tree, best effort (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _signature(spec: EncoderSpec) -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), name="images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.feature_dim), name="embeddings")]),
+        params=ParamSchema([ParamSpec("batch_size", "long", 256), ParamSpec("device", "string", "cpu")]),
+    )
+
+
+def _requirements() -> list[str]:
+    import torchvision
+
+    def base(v: str) -> str:
+        return v.split("+")[0]
+
+    return [f"mlflow=={mlflow.__version__}", f"torch=={base(torch.__version__)}",
+            f"torchvision=={base(torchvision.__version__)}", f"numpy=={np.__version__}"]
+
+
+def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderSpec,
+                *, name: str = "encoder") -> str:
+    """Log ``backbone`` (weights + spec + the pyfunc code) in run ``run_id``.
+
+    The ``models`` package is shipped as the model's code, so a serving process rebuilds the
+    backbone with the code that trained it. Raises ``RegistrationError`` on failure.
+    """
+    ensure_http_limits(uri)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    example = np.zeros((1, spec.image_size, spec.image_size, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="sslstream-encoder-") as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / SPEC_FILE).write_text(spec.to_json(), encoding="utf-8")
+        torch.save(state, tmp_path / WEIGHTS_FILE)
+        code_dir = tmp_path / "code" / "models"
+        shutil.copytree(MODELS_PACKAGE, code_dir,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            # Created here so the model lands in the run's experiment (Model.log would use the
+            # process-global experiment) and does not copy hundreds of run params.
+            logged = client.create_logged_model(
+                experiment_id=client.get_run(run_id).info.experiment_id, name=name,
+                source_run_id=run_id)
+            with scoped_tracking_uri(uri):
+                info = Model.log(
+                    artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                    model_id=logged.model_id,
+                    python_model=str(ENCODER_CODE),
+                    artifacts={"spec": str(tmp_path / SPEC_FILE),
+                               "weights": str(tmp_path / WEIGHTS_FILE)},
+                    code_paths=[str(code_dir)],
+                    signature=_signature(spec), input_example=example,
+                    pip_requirements=_requirements(),
+                )
+        except Exception as e:  # MLflow raises many types (HTTP, IO, schema)
+            raise RegistrationError(
+                f"logging encoder {name!r} to run {run_id} at {redact(uri)} failed: "
+                f"{redact(str(e))}"
+            ) from e
+    return info.model_uri
+
+
+def collapse_reason(metrics: dict[str, float], feature_dim: int,
+                    settings: RegistrySettings) -> str | None:
+    """Why the embeddings count as collapsed (or non-finite), None when healthy."""
+    std = metrics.get(settings.std_metric)
+    if settings.min_std_ratio is not None and std is not None:
+        ratio = float(std) * math.sqrt(feature_dim)
+        if not math.isfinite(ratio) or ratio < settings.min_std_ratio:
+            return (f"collapsed: {settings.std_metric}={std:.4g} (x sqrt({feature_dim}) = "
+                    f"{ratio:.3g} < {settings.min_std_ratio})")
+    rank = metrics.get(settings.rank_metric)
+    if settings.min_effective_rank is not None and rank is not None and (
+        not math.isfinite(float(rank)) or float(rank) < settings.min_effective_rank
+    ):
+        return (f"collapsed: {settings.rank_metric}={rank:.4g} < "
+                f"{settings.min_effective_rank}")
+    return None
+
+
+def _version_metric(client: MlflowClient, version: Any, metric: str) -> float | None:
+    """The metric recorded on a version (tag), else on its source run; None if unknown."""
+    raw = (version.tags or {}).get(metric)
+    if raw is not None:
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+    if version.run_id:
+        try:
+            return client.get_run(version.run_id).data.metrics.get(metric)
+        except MlflowException:
+            return None
+    return None
+
+
+def _current_champion(client: MlflowClient, name: str, alias: str) -> Any | None:
+    if alias not in client.get_registered_model(name).aliases:
+        return None
+    return client.get_model_version_by_alias(name, alias)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
+                     metrics: dict[str, float], feature_dim: int,
+                     run_id: str | None = None,
+                     tags: dict[str, str] | None = None) -> PromotionDecision:
+    """Register ``model_uri`` as a new version of ``settings.name`` and apply the aliases.
+
+    ``metrics`` must hold ``settings.metric`` and should hold the collapse metrics
+    (``settings.std_metric``, ``settings.rank_metric``). All metrics become version tags,
+    next to ``tags`` (method, data manifest hash, ...) and the git commit.
+    """
+    name = settings.name
+    if settings.metric not in metrics:
+        raise RegistrationError(
+            f"cannot register {name!r}: metrics lack the promotion metric "
+            f"tracking.registry.metric={settings.metric!r} (got {sorted(metrics)})"
+        )
+    new_metric = float(metrics[settings.metric])
+    version_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    version_tags.update({k: repr(float(v)) for k, v in metrics.items()})
+    version_tags["feature_dim"] = str(feature_dim)
+    if (commit := git_commit()) is not None:
+        version_tags.setdefault("git_commit", commit)
+    ensure_http_limits(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version: int | None = None
+    try:
+        _ensure_registered_model(client, name)
+        mv = client.create_model_version(
+            name, source=model_uri, run_id=run_id, tags=version_tags,
+            await_creation_for=settings.await_ready_s,
+            model_id=model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None,
+        )
+        version = int(mv.version)
+        client.set_registered_model_alias(name, settings.challenger_alias, str(version))
+        promoted, reason, prev = _promote(client, version, new_metric, metrics, feature_dim,
+                                          settings)
+        client.set_model_version_tag(name, str(version), "promoted", str(promoted).lower())
+        client.set_model_version_tag(name, str(version), "promotion_reason", reason[:5000])
+    except Exception as e:  # MLflow raises MlflowException, requests and OS errors
+        done = "" if version is None else f" (version {version} was created; aliases/tags incomplete)"
+        raise RegistrationError(
+            f"registering model {name!r} from {model_uri} at {redact(uri)} failed{done}: "
+            f"{redact(str(e))}"
+        ) from e
+    return PromotionDecision(name=name, version=version, uri=f"models:/{name}/{version}",
+                             promoted=promoted, reason=reason, metric=new_metric,
+                             previous_champion=prev)
+
+
+PROMOTE_ATTEMPTS = 5  # read-compare-set rounds against concurrent promoters
+
+
+def _version_of(mv: Any | None) -> int | None:
+    return None if mv is None else int(mv.version)
+
+
+def _promote(client: MlflowClient, version: int, new_metric: float, metrics: dict[str, float],
+             feature_dim: int, settings: RegistrySettings) -> tuple[bool, str, int | None]:
+    """Move alias champion to ``version`` if the rule says so: read, compare, set, verify.
+
+    MLflow has no conditional alias update, so two registrations racing on one model could
+    each promote against the same old champion and the worse one could win. Here the rule
+    is decided against the champion read just before the write (re-decided if it changed),
+    and the alias is read back after the write: if another writer replaced it, the rule is
+    applied again against that writer's version. Two racing promoters therefore converge on
+    the better version, except when a write lands in the milliseconds between another
+    promoter's last read and its write. Bounded: PROMOTE_ATTEMPTS rounds.
+    """
+    alias = settings.champion_alias
+    champion = _current_champion(client, settings.name, alias)
+    promoted, reason, prev = False, "", _version_of(champion)
+    for _ in range(PROMOTE_ATTEMPTS):
+        if _version_of(champion) == version:
+            return True, reason or f"{alias} already points at v{version}", prev
+        promoted, reason, prev = _decide(client, champion, new_metric, metrics, feature_dim,
+                                         settings)
+        if not promoted:
+            return False, reason, prev
+        again = _current_champion(client, settings.name, alias)
+        if _version_of(again) != _version_of(champion):  # changed since we decided
+            champion = again
+            continue
+        client.set_registered_model_alias(settings.name, alias, str(version))
+        champion = _current_champion(client, settings.name, alias)
+        if _version_of(champion) == version:
+            return True, reason, prev
+    return False, (f"{alias} kept changing under concurrent registrations; v{version} not "
+                   f"promoted after {PROMOTE_ATTEMPTS} attempts (last: {reason})"), prev
+
+
+def _decide(client: MlflowClient, champion: Any | None, new_metric: float,
+            metrics: dict[str, float], feature_dim: int,
+            settings: RegistrySettings) -> tuple[bool, str, int | None]:
+    """The promotion rule: finite, not collapsed, and better than the champion + margin."""
+    prev = int(champion.version) if champion is not None else None
+    if not math.isfinite(new_metric):
+        return False, f"{settings.metric}={new_metric} is not finite", prev
+    if (collapsed := collapse_reason(metrics, feature_dim, settings)) is not None:
+        return False, collapsed, prev
+    if champion is None:
+        return True, f"no {settings.champion_alias} yet; {settings.metric}={new_metric:.4g}", prev
+    old = _version_metric(client, champion, settings.metric)
+    if old is None or not math.isfinite(old):
+        return True, (f"{settings.champion_alias} v{prev} has no finite {settings.metric}; "
+                      f"new {settings.metric}={new_metric:.4g}"), prev
+    if new_metric > old + settings.margin:
+        return True, (f"{settings.metric} {new_metric:.4g} beats {settings.champion_alias} "
+                      f"v{prev} ({old:.4g}) by more than margin {settings.margin}"), prev
+    return False, (f"{settings.metric} {new_metric:.4g} does not beat {settings.champion_alias} "
+                   f"v{prev} ({old:.4g}) by more than margin {settings.margin}"), prev
+
+
+def read_champion(uri: str, name: str, *, alias: str = "champion",
+                  metric: str = RegistrySettings.metric) -> ChampionInfo | None:
+    """The version behind ``models:/<name>@<alias>``; None if the model or alias is absent."""
+    ensure_http_limits(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        version = _current_champion(client, name, alias)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if version is None:
+        return None
+    return ChampionInfo(name=name, version=int(version.version),
+                        uri=f"models:/{name}/{version.version}",
+                        metric=_version_metric(client, version, metric),
+                        tags=dict(version.tags or {}), run_id=version.run_id)
+
+
+def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.Tensor], EncoderSpec]:
+    """Weights and spec of a logged/registered encoder (``models:/name@champion``, ...).
+
+    Reads only tensors (``weights_only=True``); use it to warm-start a backbone built from
+    the returned spec's ``backbone`` config.
+    """
+    ensure_http_limits(uri)
+    with tempfile.TemporaryDirectory(prefix="sslstream-warm-") as tmp:
+        # models:/ URIs resolve through the process-global registry URI, whatever the
+        # registry_uri argument says: scope it.
+        with scoped_tracking_uri(uri):
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri))
+        conf = Model.load(str(local)).flavors["python_function"]
+        paths = {k: local / (v["path"] if isinstance(v, dict) else v)
+                 for k, v in conf.get("artifacts", {}).items()}
+        if "spec" not in paths or "weights" not in paths:
+            raise ValueError(f"{model_uri} at {redact(uri)} is not an sslstream encoder (artifacts: "
+                             f"{json.dumps(sorted(paths))})")
+        spec = EncoderSpec.from_json(paths["spec"].read_text(encoding="utf-8"))
+        return load_weights(str(paths["weights"])), spec

@@ -1,0 +1,145 @@
+"""Tracking configuration (``cfg.tracking``) and config -> MLflow params flattening.
+
+Split from tracking.py so the settings can be read (and validated) without MLflow runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from orchestration.tracking import mlflow_env
+from orchestration.tracking.registry import RegistrySettings
+
+MAX_KEY = 250                       # MLflow's limit on param/metric key length
+KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")  # characters MLflow refuses in keys
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """``cfg.tracking`` (conf/tracking/local.yaml documents every field)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "sslstream"
+    artifact_location: str | None = None
+    http_max_retries: int = mlflow_env.DEFAULT_MAX_RETRIES
+    http_timeout_s: float = mlflow_env.DEFAULT_TIMEOUT_S
+    http_backoff_factor: int = mlflow_env.DEFAULT_BACKOFF_FACTOR
+    probe_timeout_s: float = 5.0
+    reconnect_after_s: float | None = 300.0
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
+    max_param_length: int = 500
+    plots: bool = True
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any | None) -> TrackingSettings:
+        """Build from a mapping/DictConfig; unknown keys are an error naming the key."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        raw = _to_dict(cfg)
+        http = raw.pop("http", None) or {}
+        for key, name in (("max_retries", "http_max_retries"), ("timeout_s", "http_timeout_s"),
+                          ("backoff_factor", "http_backoff_factor")):
+            if key in http:
+                raw[name] = http.pop(key)
+        if http:
+            raise ValueError(f"unknown tracking.http keys: {sorted(http)}")
+        reg = dict(raw.pop("registry", None) or {})
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(raw) - known):
+            raise ValueError(f"unknown tracking config keys: {unknown}")
+        reg_known = {f.name for f in fields(RegistrySettings)}
+        if unknown := sorted(set(reg) - reg_known):
+            raise ValueError(f"unknown tracking.registry config keys: {unknown}")
+        return cls(**raw, registry=RegistrySettings(**reg))
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return {k: (_to_dict(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()}
+
+
+_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential", re.IGNORECASE)
+
+
+def redact_config(cfg: Any) -> Any:
+    """A copy of a config safe to log: no credentials in params or the config artifact.
+
+    ``*storage_options*`` subtrees go through ``pipelines.shards.storage.redact`` (fsspec's
+    ``key`` / ``secret`` / ``token`` ...), keys that name a secret anywhere become ``***``,
+    and credentials inside URLs (``http://user:token@host``) are masked.
+    """
+    from pipelines.shards.storage import redact as redact_storage
+
+    def walk(value: Any, key: str = "") -> Any:
+        if isinstance(value, Mapping):
+            if "storage_options" in key:
+                return redact_storage(value)
+            return {k: ("***" if _SECRET_KEY.search(str(k)) and not isinstance(v, Mapping)
+                        else walk(v, str(k))) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, key) for v in value]
+        return mlflow_env.redact(value) if isinstance(value, str) else value
+
+    return walk(cfg)
+
+
+def redact_yaml(text: str) -> str:
+    """YAML config text with credentials masked (re-dumped through ``redact_config``)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:  # not ours to fix: still mask URL credentials
+        return mlflow_env.redact(text)
+    if not isinstance(data, Mapping):
+        return mlflow_env.redact(text)
+    return yaml.safe_dump(redact_config(data), sort_keys=False, default_flow_style=None)
+
+
+def flatten_params(cfg: Mapping[str, Any], max_length: int = 500) -> dict[str, str]:
+    """Nested config -> ``{"a.b.c": "value"}`` strings that MLflow accepts as params.
+
+    Lists become JSON; values longer than ``max_length`` are cut with a ``...[+N chars]``
+    marker (MLflow rejects > 6000); keys with characters MLflow refuses are sanitised and
+    over-long keys shortened with a hash, so flattening never fails on odd configs.
+    """
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            if not value and prefix:
+                out[prefix] = "{}"
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+            return
+        if isinstance(value, (list, tuple)):
+            text = json.dumps(list(value), default=str)
+        else:
+            text = "None" if value is None else str(value)
+        if len(text) > max_length:
+            marker = f"...[+{len(text) - max_length} chars]"
+            text = text[: max(0, max_length - len(marker))] + marker
+        key = KEY_BAD.sub("_", prefix)
+        if len(key) > MAX_KEY:
+            digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+            key = key[: MAX_KEY - 11] + "~" + digest
+        out[key] = text
+
+    walk("", cfg)
+    return out

@@ -1,0 +1,227 @@
+"""Building a training job: data on first use, loader, method, DDP, optimizer, schedules.
+
+`build_job(cfg)` does everything `sslstream train` needs before the first step, in the
+order the pieces depend on each other (process group -> data -> method -> loader ->
+SyncBN/compile/DDP -> optimizer -> schedules); orchestration/train/loop.py runs the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from orchestration.runtime import checkpoint as ckpt
+from orchestration.runtime import distributed as D
+from orchestration.train.step import autocast_dtype, wrap_model
+
+log = logging.getLogger("sslstream.train")
+
+
+@dataclass
+class Job:
+    """Everything the loop works on, built once by `_build_job`."""
+
+    cfg: DictConfig
+    env: D.DistEnv
+    run_dir: Path
+    method: torch.nn.Module
+    model: torch.nn.Module  # what the step calls: StepModule (+ DDP)
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+
+
+def build_job(cfg: DictConfig) -> Job:
+    """Process group, data, method (+ warm start), loader, DDP, optimizer, schedules."""
+    from models.optim import WarmupCosine, build_optimizer
+    from orchestration.train.warmstart import backbone_weights, build_method_warm
+
+    tr = cfg.trainer
+    env = D.init_distributed(str(tr.get("device", "auto")), float(tr.get("dist_timeout_s", 1800)))
+    if tr.get("num_threads"):
+        torch.set_num_threads(int(tr.num_threads))
+    if tr.get("deterministic", False):
+        torch.use_deterministic_algorithms(True)
+    elif env.device.type == "cuda":
+        # fixed input sizes: let cuDNN pick the fastest conv algorithms once; TF32 for the
+        # fp32 matmuls left outside bf16 autocast (losses, heads' norms)
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    torch.manual_seed(int(cfg.seed))  # identical initial weights on every rank
+    run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
+    prepare_data(cfg, env)
+    check_eval_splits(cfg)  # before training, not after it
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and not tr.get("resume", True):
+        raise ValueError(
+            f"trainer.resume=false but {run_dir} already holds checkpoints of run_name="
+            f"{cfg.run_name}; choose a new run_name (or trainer.output_dir), or delete them"
+        )
+    warm = None
+    if latest is None and tr.get("init_from"):  # a resumed run's checkpoint holds everything
+        warm = backbone_weights(cfg, str(tr.init_from))
+    method = build_method_warm(cfg, warm, D.process_group()).to(env.device)
+    if _channels_last(cfg, env.device):
+        method = method.to(memory_format=torch.channels_last)
+    loader = build_loader(cfg, env)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"data.train={cfg.data.train} gives no full batch of trainer.batch_size="
+            f"{tr.batch_size} per rank ({env.world_size} rank(s)); lower the batch size"
+        )
+    total_steps = int(tr.max_steps) if tr.get("max_steps") else int(tr.epochs) * steps_per_epoch
+    global_batch = int(tr.batch_size) * env.world_size
+    # SyncBN conversion (CUDA DDP) happens here, before the optimizer collects parameters
+    model = wrap_model(method, env.device, distributed=env.distributed,
+                       compile=bool(tr.get("compile", False)))
+    optimizer = build_optimizer(method.parameter_groups(), cfg.optim, global_batch)
+    warmup = int(round(_warmup_epochs(cfg) * steps_per_epoch))
+    scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps)
+    amp = autocast_dtype(str(tr.get("precision", "auto")), env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
+    return Job(cfg, env, run_dir, method, model, loader, optimizer, scheduler, scaler, amp,
+                steps_per_epoch, total_steps, global_batch)
+
+
+def describe(job: Job) -> str:
+    """One line saying what will run, printed at the start: what a user checks first when a
+    run is slow or a setting did not take (the GPU defaults are decided here, not in conf/)."""
+    cfg, tr, env = job.cfg, job.cfg.trainer, job.env
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    parts = [f"{dtype_name[job.amp]} autocast" if job.amp is not None else "fp32"]
+    if _channels_last(cfg, env.device):
+        parts.append("channels_last")
+    if tr.get("compile", False):
+        parts.append("compiled backbones")
+    backend = getattr(job.loader, "backend_name", type(job.loader).__name__)
+    threads = D.loader_threads(tr.get("loader_threads", "auto"))
+    return (f"training {cfg.method.name} ({cfg.backbone.name}) on {env.device}: "
+            f"{env.world_size} rank(s) x batch {tr.batch_size} = {job.global_batch}, "
+            f"{job.total_steps} steps ({job.steps_per_epoch}/epoch), {', '.join(parts)}; "
+            f"views from {backend} ({dtype_name[_loader_dtype(cfg, env.device)]}, "
+            f"{threads} threads)")
+
+
+def prepare_data(cfg: DictConfig, env: D.DistEnv) -> None:
+    """Generate the embedded synthetic data set on first use (local rank 0; others wait)."""
+    data = cfg.data
+    if not data.get("generate", False):
+        return
+    from pipelines.shards.synthetic import ensure_synthetic, is_complete
+
+    if env.local_rank == 0 and not is_complete(data.root):
+        log.info("generating the synthetic data set under %s (first use)", data.root)
+        ensure_synthetic(
+            data.root,
+            train_samples=int(data.generate_train_samples),
+            test_samples=int(data.generate_test_samples),
+            image_size=int(data.image_size),
+            seed=int(data.get("generate_seed", 0)),
+        )
+    D.barrier()
+
+
+def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
+    v = cfg.trainer.get("channels_last", "auto")
+    return device.type == "cuda" if str(v) == "auto" else bool(v)
+
+
+def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
+    from pipelines.shards.stream import ShardStream
+    from pipelines.views.loader import TwoViewLoader
+    from pipelines.views.recipes import TwoViewRecipe
+
+    data, tr = cfg.data, cfg.trainer
+    stream = ShardStream(
+        data.train,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=int(data.get("num_workers", 2)),
+        seed=int(cfg.seed),
+        shuffle=True,
+        shuffle_buffer=int(data.get("shuffle_buffer", 1000)),
+        exact_epoch=bool(data.get("exact_epoch", False)),
+        storage_options=dict(data.get("storage_options") or {}),
+        max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
+        validate=str(data.get("validate", "header")),
+        num_classes=int(data.num_classes) if data.get("num_classes") else None,  # label check
+    )
+    return TwoViewLoader(
+        stream,
+        TwoViewRecipe.from_config(cfg.augment),
+        batch_size=int(tr.batch_size),
+        device=env.device,
+        backend=str(tr.get("loader_backend", "auto")),
+        seed=int(cfg.seed),
+        num_threads=D.loader_threads(tr.get("loader_threads", "auto")),
+        dtype=_loader_dtype(cfg, env.device),
+        channels_last=_channels_last(cfg, env.device),
+        prefetch=int(tr.get("prefetch", 2)),
+        hw_decoder_load=float(tr.get("hw_decoder_load", 0.65)),
+    )
+
+
+def _loader_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
+    """`auto`: views in the autocast dtype on CUDA (bf16 halves the hand-off and the first
+    conv reads them as is), float32 elsewhere."""
+    v = str(cfg.trainer.get("loader_dtype", "auto"))
+    if v == "auto":
+        amp = autocast_dtype(str(cfg.trainer.get("precision", "auto")), device)
+        return amp if (device.type == "cuda" and amp is not None) else torch.float32
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if v not in names:
+        raise ValueError(f"trainer.loader_dtype={v!r}: expected auto, fp32, bf16 or fp16")
+    return names[v]
+
+
+def _warmup_epochs(cfg: DictConfig) -> float:
+    opt = cfg.optim.get("warmup_epochs", None)
+    return float(opt if opt is not None else cfg.trainer.get("warmup_epochs", 0))
+
+
+def check_eval_splits(cfg: DictConfig) -> None:
+    """Fail before training when the evaluation's labelled splits are unset or absent.
+
+    The evaluation runs periodically and at the end: a typo in `data.test` must not cost a
+    whole training run. Checks that the spec is set and that its first and last shard (or
+    its folder / manifest) exist; errors reaching the store (credentials, network) are
+    left to the stream, which reports them with retries.
+    """
+    ev = cfg.eval
+    if not (ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0)):
+        return
+    import braceexpand
+
+    from pipelines.shards.storage import ShardNotFound, get_fs
+
+    opts = dict(cfg.data.get("storage_options") or {})
+    for key in ("bank", "test"):
+        spec = cfg.data.get(key)
+        if not spec:
+            raise ValueError(
+                f"evaluation needs a labelled split: data.{key} is not set (set "
+                f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
+                "without evaluation and registration)"
+            )
+        specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
+        urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
+        for url in dict.fromkeys((urls[0], urls[-1])):  # first shard first (a set has no order)
+            try:
+                fs, path = get_fs(url, opts)
+                found = fs.exists(path)
+            except Exception:  # the stream reports store errors (with retries) itself
+                continue
+            if not found:
+                raise ShardNotFound(f"data.{key}={spec}: {url} does not exist", url)

@@ -1,0 +1,307 @@
+"""`sslstream train`: the main job, from shards to a registered encoder.
+
+One function, `train(cfg)` (built by orchestration/train/job.py: `build_job`), runs the same way under `python`, `sslstream train` and
+`torchrun` (any number of nodes):
+
+  data (generate the embedded default on first use) -> ShardStream -> TwoViewLoader
+  -> Method (+ SyncBN on CUDA when it wants it) -> DDP -> optimizer + warmup-cosine
+  -> resume from the newest checkpoint of ${run_name} -> steps (orchestration/train/step.py)
+     with monitors, periodic checkpoints and evaluations, SIGTERM -> checkpoint, exit 0
+  -> final checkpoint -> evaluation (kNN, linear probe) -> rank 0: log the encoder,
+     register it, alias challenger, promote to champion by the tracking module's rule.
+
+Every rank takes exactly `total_steps` steps (the loader gives the same number of batches
+per epoch on every rank), so collectives never wait on a rank that ran out of data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from orchestration.evaluate.run import evaluate
+from orchestration.runtime import checkpoint as ckpt
+from orchestration.runtime import distributed as D
+from orchestration.train.job import Job, build_job, describe
+from orchestration.train.monitor import Monitor
+from orchestration.train.result import TrainResult
+from orchestration.train.runlog import REGISTERED_MARKER, RunLog
+from orchestration.train.step import NonFiniteLossError, StopFlag, check_every, train_step
+
+log = logging.getLogger("sslstream.train")
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Run (or resume) the job described by `cfg`; see the module docstring."""
+    job = build_job(cfg)
+    s = _State()
+    latest = ckpt.latest_checkpoint(job.run_dir)
+    if latest is not None:
+        _resume(job, latest, s)
+    done = _registered_marker(job.run_dir)
+    if s.step >= job.total_steps and done is not None and int(done.get("step", -1)) == s.step:
+        return _already_done(job, s, done)
+    if job.env.is_main:
+        print(describe(job), flush=True)
+    runlog = RunLog(cfg, job.env, run_id=s.run_id)
+    s.run_id = runlog.run_id
+    ck = _Checkpointer(job, s)
+    tr = cfg.trainer
+    monitor = Monitor(
+        every=int(tr.get("log_every_steps", 10)), total_steps=job.total_steps, start_step=s.step,
+        global_batch=job.global_batch, is_main=job.env.is_main,
+        progress=str(tr.get("progress", "auto")), sink=runlog.log_metrics, device=job.env.device,
+    )
+    stop = StopFlag()
+    stop.install()
+    first_step, t_loop = s.step, time.perf_counter()
+    try:
+        status, t_eval = _loop(job, s, ck, monitor, runlog, stop)
+        D.sync_buffers(job.method)  # rank 0's BN statistics (the checkpoint's) on every rank
+        if not ck.save():
+            raise NonFiniteLossError(f"non-finite weights after the last step {s.step}; "
+                                     "the last good checkpoint is kept")
+    except NonFiniteLossError as e:
+        ck.save()  # refuses non-finite weights: the newest checkpoint stays the last good state
+        runlog.fail(str(e))
+        raise
+    except BaseException as e:
+        runlog.fail(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        wait_s = monitor.finish()
+        monitor.close()
+        stop.uninstall()
+        job.loader.close()
+    result = TrainResult(status, s.step, job.total_steps, s.epoch, job.run_dir, run_id=s.run_id,
+                         method=job.method)
+    train_s = max(time.perf_counter() - t_loop - t_eval, 1e-9)
+    result.metrics.update({  # this session's training throughput (periodic evaluations excluded)
+        "perf/run_img_per_s": (s.step - first_step) * job.global_batch / train_s,
+        "perf/run_data_wait_frac": min(1.0, wait_s / train_s),
+        "perf/run_train_s": train_s,
+    })
+    runlog.log_metrics(dict(result.metrics), s.step)
+    if status == "preempted":
+        if job.env.is_main:
+            print(f"stopped by SIGTERM at step {s.step}/{job.total_steps}; checkpoint in "
+                  f"{job.run_dir}; run the same command again to resume", flush=True)
+        runlog.pause()
+        return result
+    _final_eval_and_register(job, s, runlog, result)
+    return result
+
+
+def _resume(job: Job, latest: Path, s: _State) -> None:
+    """Load every state of `latest` (weights, optimizer, schedules, scaler, RNGs, cursor)."""
+    env = job.env
+    state = ckpt.load_checkpoint(latest)  # CPU; load_state_dict moves to the device
+    if int(state["total_steps"]) != job.total_steps and env.is_main:
+        log.warning("resuming %s: total steps change from %s to %s (epochs/max_steps/"
+                    "batch size/world size changed)", latest, state["total_steps"], job.total_steps)
+    job.method.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    job.scaler.load_state_dict(state["scaler"])
+    s.step, s.epoch, s.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
+    s.run_id = state.get("run_id")
+    rngs = state["rng"]
+    if int(state.get("world_size", 1)) == env.world_size:
+        ckpt.set_rng_state(rngs[env.rank])
+        if s.epoch_step:
+            job.loader.load_state_dict(state["loader"])
+    else:  # per-rank cursors and RNG streams do not map: restart the interrupted epoch
+        ckpt.set_rng_state(rngs[0])
+        if s.epoch_step and env.is_main:
+            log.warning("world size changed (%s -> %s): epoch %d restarts from its first batch",
+                        state.get("world_size"), env.world_size, s.epoch)
+        s.epoch_step = 0
+    s.saved_step = s.step
+    if env.is_main:
+        print(f"resuming {job.cfg.run_name} from {latest} (step {s.step}/{job.total_steps})", flush=True)
+
+
+def _already_done(job: Job, s: _State, done: dict[str, Any]) -> TrainResult:
+    """Finished and registered before: running the same command again changes nothing."""
+    if job.env.is_main:
+        print(f"{job.cfg.run_name} already finished at step {s.step} and was registered as "
+              f"{done['registered_uri']}; use a new run_name to train again", flush=True)
+    job.loader.close()
+    return TrainResult("completed", s.step, job.total_steps, s.epoch, job.run_dir,
+                       run_id=done.get("run_id"), registered_uri=done["registered_uri"],
+                       promoted=bool(done.get("promoted")), promotion_reason=done.get("reason"),
+                       method=job.method)
+
+
+class _Checkpointer:
+    """Writes the job's full state (rank 0 writes, every rank calls)."""
+
+    def __init__(self, job: Job, s: _State) -> None:
+        self.job, self.s = job, s
+
+    def save(self) -> bool:
+        """Checkpoint the current state; never a non-finite one (False then)."""
+        job, s = self.job, self.s
+        if s.saved_step == s.step:
+            return True
+        if not _all_finite(job.method, job.env):
+            log.error("not checkpointing step %d: the weights are not finite "
+                      "(the newest checkpoint on disk stays the last good state)", s.step)
+            return False
+        gathered = _gather_rng(ckpt.rng_state(), job.env)
+        if job.env.is_main:
+            state = {
+                "model": job.method.state_dict(),
+                "optimizer": job.optimizer.state_dict(),
+                "scheduler": job.scheduler.state_dict(),
+                "scaler": job.scaler.state_dict(),
+                "rng": gathered,
+                "loader": ckpt.to_plain(job.loader.state_dict()),
+                "step": s.step,
+                "epoch": s.epoch,
+                "epoch_step": s.epoch_step,
+                "total_steps": job.total_steps,
+                "run_id": s.run_id,
+                "run_name": str(job.cfg.run_name),
+                "world_size": job.env.world_size,
+            }
+            ckpt.save_checkpoint(state, job.run_dir, s.step,
+                                 keep_last=int(job.cfg.trainer.get("keep_last", 3)))
+        D.barrier()
+        s.saved_step = s.step
+        return True
+
+
+def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunLog,
+          stop: StopFlag) -> tuple[str, float]:
+    """Steps until total_steps or a stop: ("completed" | "preempted", seconds evaluating)."""
+    cfg, tr, loader = job.cfg, job.cfg.trainer, job.loader
+    grad_clip = float(tr.grad_clip) if tr.get("grad_clip") else None
+    every_ckpt = int(tr.get("checkpoint_every_steps", 0) or 0)
+    every_eval = int(cfg.eval.get("every_epochs", 0) or 0)
+    check = check_every(tr.get("check_every_steps", "auto"), job.env.device,
+                        int(tr.get("log_every_steps", 10)))
+    t_eval = 0.0
+    monitor.reset_clock()
+    while s.step < job.total_steps:
+        if s.epoch_step == 0:
+            loader.set_epoch(s.epoch)
+        job.method.train()
+        seen = 0
+        monitor.clock.fetching()
+        for batch in loader:
+            monitor.clock.ready()
+            seen += 1
+            out = train_step(
+                job.model, job.method, job.optimizer, job.scheduler, job.scaler,
+                batch.view1, batch.view2, step=s.step, total_steps=job.total_steps,
+                amp_dtype=job.amp, grad_clip=grad_clip, stop_requested=stop.requested,
+                check=(s.step + 1) % check == 0 or s.step + 1 == job.total_steps,
+            )
+            s.step += 1
+            s.epoch_step += 1
+            if s.epoch_step == job.steps_per_epoch:  # an epoch-end state resumes at the next epoch
+                s.epoch, s.epoch_step = s.epoch + 1, 0
+            monitor.update(s.step, s.epoch, out.loss, out.metrics, job.scheduler.get_last_lr()[0],
+                           lambda: loader.counters, out.grad_norm)
+            if out.stop:
+                ck.save()
+                return "preempted", t_eval
+            if every_ckpt and s.step % every_ckpt == 0 and not ck.save():
+                raise NonFiniteLossError(
+                    f"non-finite weights after step {s.step} (no non-finite loss seen at the "
+                    "checks); check optim.lr / the method config; the last good checkpoint is kept"
+                )
+            if s.step >= job.total_steps:
+                return "completed", t_eval
+            monitor.clock.fetching()
+        if s.epoch_step != 0 or seen == 0:  # the loader ended early: ranks would desync
+            raise RuntimeError(
+                f"the loader yielded fewer than len(loader)={job.steps_per_epoch} batches in "
+                f"epoch {s.epoch}; every rank must take the same number of steps"
+            )
+        if every_eval and s.epoch % every_eval == 0:
+            t_e = time.perf_counter()
+            D.sync_buffers(job.method)  # every rank evaluates the checkpointed (rank 0) state
+            res = evaluate(cfg, job.method, job.env)
+            dt = time.perf_counter() - t_e
+            t_eval += dt
+            monitor.exclude(dt)
+            runlog.log_metrics(res.metrics(), s.step)
+            if job.env.is_main:
+                print(f"epoch {s.epoch}: kNN accuracy {res.knn_acc:.4f}", flush=True)
+    return "completed", t_eval
+
+
+def _final_eval_and_register(job: Job, s: _State, runlog: RunLog, result: TrainResult) -> None:
+    """Evaluate the final encoder, then (rank 0) log, register and maybe promote it."""
+    if job.cfg.eval.get("at_end", True):
+        result.eval = evaluate(job.cfg, job.method, job.env)
+        result.metrics.update(result.eval.metrics())
+        runlog.log_metrics(result.eval.metrics(), s.step)
+    feats = None
+    if result.eval is not None and result.eval.test_features is not None:
+        feats = (result.eval.test_features, result.eval.test_labels)
+    runlog.finish(job.method, result, feats)
+
+
+@dataclass
+class _State:
+    """The loop's counters (mutable, shared with the save() closure)."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    run_id: str | None = None
+    saved_step: int = -1
+
+def _registered_marker(run_dir: Path) -> dict[str, Any] | None:
+    """What `runlog.finish` recorded after registering this run's final checkpoint."""
+    path = run_dir / REGISTERED_MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _all_finite(method: torch.nn.Module, env: D.DistEnv) -> bool:
+    """Whether every floating tensor of the method's state is finite, on every rank."""
+    flags = [torch.isfinite(t).all() for t in method.state_dict().values() if t.is_floating_point()]
+    ok = bool(torch.stack(flags).all().item()) if flags else True
+    return D.all_reduce_max(0.0 if ok else 1.0, env.device) == 0.0
+
+
+def _gather_rng(rng: dict[str, Any], env: D.DistEnv) -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank order), so each rank resumes its own stream."""
+    if not env.distributed:
+        return [rng]
+    out: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(out, rng)
+    return out
+
+
+def run_from_config(cfg: DictConfig) -> int:
+    """CLI entry: train, print the outcome on rank 0, leave the process group."""
+    t0 = time.perf_counter()
+    result = train(cfg)
+    if os.environ.get("RANK", "0") == "0" and result.status == "completed":
+        if result.eval is not None:
+            print(f"kNN accuracy: {result.eval.knn_acc:.4f}", flush=True)
+            if result.eval.probe_acc is not None:
+                print(f"linear probe accuracy: {result.eval.probe_acc:.4f}", flush=True)
+        if result.registered_uri:
+            role = "champion" if result.promoted else f"challenger: {result.promotion_reason}"
+            print(f"registered model: {result.registered_uri} ({role})", flush=True)
+        print(f"done in {time.perf_counter() - t0:.0f}s: {result.step} steps, run {result.run_id}", flush=True)
+    D.cleanup()  # every rank, also after SIGTERM: the others wait in its barrier
+    return 0

@@ -1,0 +1,28 @@
+"""What a training run returns: its status, where it stopped, its evaluation and its
+registry outcome (kept apart so the run log can name it without importing the loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestration.evaluate.run import EvalResult
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "preempted"
+    step: int
+    total_steps: int
+    epoch: int
+    run_dir: Path
+    run_id: str | None = None
+    eval: EvalResult | None = None
+    model_uri: str | None = None
+    registered_uri: str | None = None
+    promoted: bool | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    promotion_reason: str | None = None
+    method: Any = field(default=None, repr=False)  # the trained Method (unwrapped)

@@ -1,0 +1,127 @@
+"""The trainer's side of MLflow: one Tracker on rank 0, a NullTracker (no MLflow import)
+elsewhere and when tracking is off, and the final
+log -> register -> promote sequence.
+
+Kept out of train.py so the loop reads as training. The Tracker (orchestration/tracking/tracker.py)
+degrades when the server is unreachable (metrics are dropped with one warning); only
+`finish` may raise, with `RegistrationError`, because an encoder that was not registered
+must not look like success.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from orchestration.runtime.distributed import DistEnv
+from orchestration.tracking.null import NullTracker
+
+if TYPE_CHECKING:
+    from orchestration.train.result import TrainResult
+
+log = logging.getLogger("sslstream.train")
+REGISTERED_MARKER = "registered.json"  # also read by orchestration.train.loop
+
+
+class RunLog:
+    """MLflow run of one training job (continued across resumes via the checkpoint's run id)."""
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, run_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.tracker: Any
+        if env.is_main and bool(cfg.tracking.get("enabled", True)):
+            from orchestration.tracking.tracker import Tracker
+
+            self.tracker = Tracker.from_config(cfg.tracking, active=True)
+        else:  # no MLflow import at all on ranks > 0 or when tracking is off
+            self.tracker = NullTracker()
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        tags = {
+            "method": cfg.method.name,
+            "backbone": cfg.backbone.name,
+            "data": cfg.data.name,
+            "world_size": env.world_size,
+            "sslstream.run_name": cfg.run_name,
+        }
+        self.run_id = self.tracker.start(str(cfg.run_name), resolved, tags=tags, run_id=run_id) or run_id
+        if env.is_main and not self.tracker.resumed:
+            self.tracker.log_config(OmegaConf.to_yaml(cfg, resolve=True))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step=step)
+
+    def fail(self, reason: str) -> None:
+        self.tracker.set_tags({"sslstream.failure": reason})
+        self.tracker.end("FAILED")
+
+    def pause(self) -> None:
+        """Preempted: KILLED, so the resumed job continues the same run."""
+        self.tracker.end("KILLED")
+
+    def finish(self, method: nn.Module, result: TrainResult, eval_features: Any = None) -> None:
+        """Rank 0: log the encoder, register it (alias challenger), promote by the rule.
+
+        Fills result.model_uri / registered_uri / promoted. Raises RegistrationError (from
+        the tracking module) when logging or registration fails; the caller's final
+        checkpoint stays on disk.
+        """
+        if not self.env.is_main:
+            return
+        self.tracker.log_training_plots()
+        if eval_features is not None:
+            z, y = eval_features
+            self.tracker.log_embedding_projection(z.cpu(), y.cpu(), step=result.step)
+        if not self.tracker.active:
+            log.warning("tracking.enabled=false: the encoder is not logged or registered")
+            return
+        if result.eval is None:
+            log.warning("eval.at_end=false: the encoder is not registered (promotion needs kNN)")
+            self.tracker.end("FINISHED")
+            return
+        from orchestration.tracking.encoder_model import EncoderSpec
+        from pipelines.views.recipes import TwoViewRecipe
+
+        recipe = TwoViewRecipe.from_config(self.cfg.augment)
+        backbone_cfg = OmegaConf.to_container(self.cfg.backbone, resolve=True)
+        spec = EncoderSpec(
+            backbone=dict(backbone_cfg),  # type: ignore[arg-type]
+            feature_dim=int(method.feature_dim),
+            image_size=int(recipe.size),
+            mean=tuple(float(v) for v in recipe.view1.mean),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in recipe.view1.std),  # type: ignore[arg-type]
+        )
+        try:
+            result.model_uri = self.tracker.log_encoder(method.backbone, spec)
+            decision = self.tracker.register_encoder(
+                result.model_uri,
+                result.metrics,
+                feature_dim=int(method.feature_dim),
+                tags={
+                    "method": self.cfg.method.name,
+                    "backbone": self.cfg.backbone.name,
+                    "data": self.cfg.data.name,
+                    "run_name": self.cfg.run_name,
+                    "steps": result.step,
+                },
+            )
+        except Exception:
+            self.tracker.end("FAILED")
+            raise
+        result.registered_uri = decision.uri
+        result.promoted = decision.promoted
+        result.promotion_reason = decision.reason
+        self.tracker.set_tags({"sslstream.registered": decision.uri, "sslstream.promoted": decision.promoted})
+        self.tracker.end("FINISHED")
+        # a rerun of the same command sees this next to the final checkpoint and does nothing
+        marker = {"registered_uri": decision.uri, "promoted": decision.promoted,
+                  "reason": decision.reason, "run_id": self.run_id, "step": result.step,
+                  "model_uri": result.model_uri}
+        tmp = result.run_dir / f".{REGISTERED_MARKER}.tmp"
+        tmp.write_text(json.dumps(marker, indent=1))
+        os.replace(tmp, result.run_dir / REGISTERED_MARKER)

@@ -1,0 +1,19 @@
+"""shards: WebDataset tar shards as a stream of (key, image bytes, label) samples.
+
+    storage.py     fsspec file systems, retries, error classification, credential redaction
+    manifest.py    manifest.json, shard URL expansion (folders, braces, prefixes)
+    tario.py       tar member iteration (plain and gzip) with clear errors
+    reader.py      per-lane shard reading with checks (Good / Bad / Short samples)
+    plan.py        which segments of which shards each rank reads each epoch
+    resume.py      fast-forward to a cursor for exact mid-epoch resume
+    stream.py      ShardStream: the rank's resumable, fault-tolerant sample stream
+    validate.py    header / decode checks of image bytes
+    imagesize.py   image size from the header alone
+    snapshot.py    fingerprint of a shard set (what a model was trained on)
+    tools.py       `sslstream shards make / verify`
+    synthetic.py   the embedded default's procedural data set
+
+May import: the standard library, numpy, PIL, fsspec, webdataset; nothing from views,
+models or orchestration.
+Imported by: pipelines.views, orchestration, benchmarks, tests.
+"""

@@ -1,0 +1,233 @@
+"""manifest.json and the resolution of shard URLs (folders, manifests, brace patterns).
+
+Why a manifest: equal per-rank sample counts need every shard's sample count before the
+first byte is read; reading them from one small JSON file beats a counting pass over the
+data (which is the fallback, cached per process). sha256 and bytes make `verify` possible.
+
+Layouts read: the default `{"shards": [...], "classes": [...]}` and the split layout of
+the CIFAR-10 shards, `{"train": [...], "test": [...], "classes": [...]}`.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import braceexpand
+
+from pipelines.shards.storage import ShardNotFound, get_fs, open_reader, read_bytes
+
+__all__ = [
+    "MANIFEST_NAME",
+    "Manifest",
+    "ShardEntry",
+    "ShardRef",
+    "count_samples",
+    "join_url",
+    "load_manifest",
+    "resolve_shards",
+]
+
+MANIFEST_NAME = "manifest.json"
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+@dataclass
+class ShardEntry:
+    shard: str  # file name relative to the manifest's folder
+    samples: int
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardEntry] = field(default_factory=list)
+    classes: list[str] | None = None
+    splits: dict[str, list[ShardEntry]] = field(default_factory=dict)  # CIFAR layout
+    extra: dict[str, Any] = field(default_factory=dict)  # other top-level keys, kept
+
+    @property
+    def num_samples(self) -> int:
+        return sum(e.samples for e in self.all_entries())
+
+    def all_entries(self) -> list[ShardEntry]:
+        return list(self.shards) + [e for es in self.splits.values() for e in es]
+
+    def entries(self, split: str | None = None) -> list[ShardEntry]:
+        """The shards of `split` (CIFAR layout), or the default list; errors name the choices."""
+        if split:
+            if split in self.splits:
+                return list(self.splits[split])
+            if split == "shards" and self.shards:
+                return list(self.shards)
+            raise KeyError(f"manifest has no split {split!r} (has: {sorted(self.splits) or ['shards']})")
+        if self.shards:
+            return list(self.shards)
+        if len(self.splits) == 1:
+            return list(next(iter(self.splits.values())))
+        raise KeyError(
+            f"manifest has splits {sorted(self.splits)}: pick one with URL#split "
+            "(e.g. .../cifar10#train) or a brace pattern"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(self.extra)
+        if self.classes is not None:
+            d["classes"] = list(self.classes)
+        if self.shards or not self.splits:
+            d["shards"] = [asdict(e) for e in self.shards]
+        for name, es in self.splits.items():
+            d[name] = [asdict(e) for e in es]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "manifest") -> Manifest:
+        def entries(items: Any, where: str) -> list[ShardEntry]:
+            out = []
+            for i, it in enumerate(items):
+                try:
+                    out.append(ShardEntry(str(it["shard"]), int(it["samples"]),
+                                          it.get("sha256"), it.get("bytes")))
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"{source}: {where}[{i}] is not a shard entry ({e})") from None
+            return out
+
+        m = cls(classes=list(d["classes"]) if d.get("classes") is not None else None)
+        for k, v in d.items():
+            if k == "shards":
+                m.shards = entries(v, k)
+            elif k == "classes":
+                continue
+            elif isinstance(v, list) and v and isinstance(v[0], dict) and "shard" in v[0]:
+                m.splits[k] = entries(v, k)
+            else:
+                m.extra[k] = v
+        if not m.shards and not m.splits:
+            raise ValueError(f"{source}: no 'shards' list and no split lists of shard entries")
+        return m
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard to read: absolute URL and, when known, its sample count and checksum."""
+
+    url: str
+    samples: int | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+def join_url(base: str, name: str) -> str:
+    if "://" in name or name.startswith("/"):
+        return name
+    return posixpath.join(base.rstrip("/"), name) if "://" in base else str(posixpath.join(base, name))
+
+
+def _dirname(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    """Parse the manifest at `url` (errors name the URL)."""
+    raw = read_bytes(url, storage_options)
+    try:
+        d = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{url}: not valid JSON ({e})") from None
+    return Manifest.from_dict(d, source=url)
+
+
+def _try_manifest(url: str, storage_options: dict | None) -> Manifest | None:
+    try:
+        return load_manifest(url, storage_options)
+    except ShardNotFound:
+        return None
+
+
+def _refs(base: str, entries: list[ShardEntry]) -> list[ShardRef]:
+    return [ShardRef(join_url(base, e.shard), e.samples, e.sha256, e.bytes) for e in entries]
+
+
+def _is_shard(url: str) -> bool:
+    return url.endswith(SHARD_SUFFIXES)
+
+
+def _resolve_one(url: str, so: dict | None, cache: dict[str, Manifest | None]) -> tuple[list[ShardRef], list[str] | None]:
+    url, _, split = url.partition("#")
+    split = split or None
+    expanded = list(braceexpand.braceexpand(url))
+    if len(expanded) > 1 or _is_shard(url):
+        refs, classes = [], None
+        for u in expanded:
+            d = _dirname(u)
+            if d not in cache:
+                cache[d] = _try_manifest(join_url(d, MANIFEST_NAME), so)
+            man = cache[d]
+            known = {join_url(d, e.shard): e for e in man.all_entries()} if man else {}
+            e = known.get(u)
+            refs.append(ShardRef(u, e.samples, e.sha256, e.bytes) if e else ShardRef(u))
+            if man is not None and man.classes is not None:
+                classes = man.classes
+        return refs, classes
+    if url.endswith(".json"):
+        man = load_manifest(url, so)
+        return _refs(_dirname(url), man.entries(split)), man.classes
+    # a folder or object-store prefix
+    man = _try_manifest(join_url(url, MANIFEST_NAME), so)
+    if man is not None:
+        return _refs(url, man.entries(split)), man.classes
+    fs, path = get_fs(url, so)
+    names = sorted(p for suf in SHARD_SUFFIXES for p in fs.glob(posixpath.join(path, "*" + suf)))
+    if not names:
+        raise ShardNotFound(f"no {MANIFEST_NAME} and no *.tar/*.tar.gz shards under {url}", url)
+    return [ShardRef(join_url(url, posixpath.basename(p))) for p in names], None
+
+
+def resolve_shards(urls: str | Sequence[str], storage_options: dict | None = None) -> tuple[list[ShardRef], list[str] | None]:
+    """Expand `urls` into shard references (with counts where a manifest gives them).
+
+    Accepts a folder / prefix (its manifest.json, else its *.tar*), a manifest URL, a
+    brace pattern, a single shard, or a list of any of these; `URL#split` picks a split
+    of a CIFAR-layout manifest. Counts of shards named by pattern come from a
+    manifest.json beside them when there is one.
+    """
+    items = [urls] if isinstance(urls, str) else list(urls)
+    if not items:
+        raise ValueError("no shard URLs given")
+    cache: dict[str, Manifest | None] = {}
+    refs: list[ShardRef] = []
+    classes: list[str] | None = None
+    for u in items:
+        r, c = _resolve_one(str(u), storage_options, cache)
+        refs.extend(r)
+        classes = classes or c
+    return refs, classes
+
+
+_count_cache: dict[tuple[str, int], int] = {}
+_count_lock = threading.Lock()
+
+
+def count_samples(url: str, storage_options: dict | None = None) -> int:
+    """Number of samples (keys) in a shard: one full read, cached per (URL, size) per process."""
+    from pipelines.shards.tario import ShardEnded, iter_tar_samples
+
+    with open_reader(url, storage_options) as f:
+        size = f.raw.size  # type: ignore[attr-defined]
+        with _count_lock:
+            if (url, size) in _count_cache:
+                return _count_cache[(url, size)]
+        n = 0
+        try:
+            for _ in iter_tar_samples(f):
+                n += 1
+        except ShardEnded as e:
+            n = e.samples
+    with _count_lock:
+        _count_cache[(url, size)] = n
+    return n

@@ -1,0 +1,321 @@
+"""ShardStream: a resumable, rank-balanced stream of encoded samples from tar shards.
+
+What it guarantees (docs/data.md has the long form):
+- every rank yields exactly `len(stream)` samples per epoch, whatever the shard sizes and
+  however many corrupt samples it meets (shortfalls are topped up by wrap-around over
+  the rank's own slice, counted);
+- with `exact_epoch=True` every sample is in exactly one rank's slice each epoch (the
+  last W*L - N positions are padding that wraps around, counted);
+- the order is a pure function of (data, seed, epoch, rank, world_size, num_workers), so
+  `load_state_dict` resumes mid-epoch exactly: the cursor logs the bad samples met, the
+  epoch is fast-forwarded on indices (pipelines/shards/resume.py) and only the shuffle buffer's
+  samples and the lanes' current shards are read again. A cursor without that log falls
+  back to replaying the epoch's reads up to the cursor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from pipelines.shards.manifest import ShardRef, count_samples, resolve_shards
+from pipelines.shards.plan import Segment, mix_seed, per_rank, rank_segments, shard_order
+from pipelines.shards.reader import Bad, Good, LanePositions, LaneReader, Short
+from pipelines.shards.resume import EpochLog, FastForward, fast_forward, fetch
+from pipelines.shards.storage import plain, redact
+from pipelines.shards.validate import VALIDATE_MODES
+
+log_ = logging.getLogger(__name__)
+
+__all__ = ["BadDataError", "Sample", "ShardStream"]
+
+COUNTER_NAMES = (
+    "read", "yielded", "skipped_corrupt", "bad_image", "empty", "missing_image", "bad_label",
+    "truncated_shards", "lost", "padded", "topped_up", "retries", "shards_opened", "replayed",
+    "fast_forwarded", "refetched",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    image: bytes  # encoded image (JPEG/PNG/WebP), already header-validated
+    label: int  # -1 when the shard has no label
+    shard: str  # URL of the shard it came from
+
+
+class BadDataError(RuntimeError):
+    """Too much of the data is corrupt or missing; `shard` is where the limit was passed."""
+
+    def __init__(self, message: str, shard: str) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+class ShardStream:
+    """See the module docstring; arguments as in docs/contracts.md."""
+
+    def __init__(self, urls: str | Sequence[str], *, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 2, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1000, exact_epoch: bool = False,
+                 storage_options: dict | None = None, max_bad_fraction: float = 0.01,
+                 validate: str = "header", num_classes: int | None = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} outside world_size={world_size}")
+        if validate not in VALIDATE_MODES:
+            raise ValueError(f"validate={validate!r}: expected one of {VALIDATE_MODES}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction}: expected 0..1")
+        urls = plain(urls) if not isinstance(urls, str) else urls  # ListConfig from Hydra
+        self.urls_spec = urls
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
+        self.shuffle_buffer = max(1, int(shuffle_buffer))
+        self.exact_epoch, self.max_bad_fraction = bool(exact_epoch), float(max_bad_fraction)
+        self.storage_options = plain(storage_options) if storage_options else None
+        self.validate = validate
+        refs, classes = resolve_shards(urls, self.storage_options)
+        self.classes = classes
+        self.num_classes = num_classes if num_classes is not None else (len(classes) if classes else None)
+        self._refs: list[ShardRef] = refs
+        self._counts: list[int] | None = None
+        self._fp: str | None = None  # cursor fingerprint, computed once
+        self._log: EpochLog | None = EpochLog()  # bad samples met this epoch (for the cursor)
+        self.epoch, self.position = 0, 0
+        self._counters: Counter[str] = Counter({k: 0 for k in COUNTER_NAMES})
+        self._lock = threading.Lock()
+        log_.debug("ShardStream over %d shards, storage_options=%s", len(refs), redact(storage_options))
+
+    def __getstate__(self) -> dict:
+        """Picklable (spawned loader workers): the lock is recreated on the other side."""
+        d = dict(self.__dict__)
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def shard_urls(self) -> list[str]:
+        return [r.url for r in self._refs]
+
+    @property
+    def shard_counts(self) -> list[int]:
+        """Samples per shard: from the manifest, else one counting read (cached per process)."""
+        if self._counts is None:
+            missing = [r.url for r in self._refs if r.samples is None]
+            if missing:
+                log_.warning("no manifest counts for %d shards: counting them (one full read)", len(missing))
+                with ThreadPoolExecutor(max(1, self.num_workers)) as ex:
+                    found = dict(zip(missing, ex.map(lambda u: count_samples(u, self.storage_options), missing), strict=True))
+            self._counts = [r.samples if r.samples is not None else found[r.url] for r in self._refs]
+            if sum(self._counts) == 0:
+                raise ValueError(f"no samples in the shards of {self.urls_spec!r}")
+        return self._counts
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the data set (all ranks), as listed."""
+        return sum(self.shard_counts)
+
+    def __len__(self) -> int:
+        n = per_rank(self.num_samples, self.world_size, self.exact_epoch)
+        if n == 0:
+            raise ValueError(f"{self.num_samples} samples cannot fill {self.world_size} ranks "
+                             "without exact_epoch=True")
+        return n
+
+    def segments(self, epoch: int | None = None) -> list[Segment]:
+        """This rank's reading plan for `epoch` (default: the current one)."""
+        e = self.epoch if epoch is None else epoch
+        order = shard_order(len(self._refs), self.seed, e, self.shuffle)
+        return rank_segments(self.shard_counts, order, self.rank, self.world_size, self.exact_epoch)
+
+    # ------------------------------------------------------------------ cursor
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a restored cursor of the same epoch keeps its position."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.position, self._log = int(epoch), 0, EpochLog()
+
+    def _fingerprint(self) -> str:
+        if self._fp is not None:
+            return self._fp
+        plan = [self.shard_urls, self.shard_counts, self.seed, self.shuffle, self.exact_epoch,
+                self.rank, self.world_size, max(1, self.num_workers), self.shuffle_buffer,
+                self.validate]
+        self._fp = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+        return self._fp
+
+    def state_dict(self, position: int | None = None) -> dict:
+        """The cursor (plain Python types). A consumer that prefetches passes the number of
+        samples it has really consumed this epoch as `position`. `log` lists the bad samples
+        met so far this epoch, which lets a resume skip re-reading the epoch."""
+        pos = self.position if position is None else int(position)
+        st = {"version": 2, "epoch": self.epoch, "position": pos, "seed": self.seed,
+              "rank": self.rank, "world_size": self.world_size,
+              "fingerprint": self._fingerprint()}
+        if self._log is not None:
+            st["log"] = self._log.to_state()
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        fp = self._fingerprint()
+        if state.get("fingerprint") not in (None, fp):
+            raise ValueError(
+                "stream cursor does not match this stream (shards, counts, seed, shuffle, "
+                f"exact_epoch, rank/world_size {self.rank}/{self.world_size}, num_workers, "
+                f"shuffle_buffer or validate changed): saved {state.get('fingerprint')}, now {fp}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        # Without a log (older cursor) the epoch is replayed by reading it again.
+        self._log = EpochLog.from_state(state["log"]) if "log" in state else None
+
+    @property
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counters)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counters[name] += n
+
+    # ------------------------------------------------------------------ iteration
+
+    def _reader(self, segments: Sequence[Segment], lanes: int | None = None,
+                start: LanePositions | None = None) -> LaneReader:
+        return LaneReader(self.shard_urls, segments,
+                          lanes=self.num_workers if lanes is None else lanes,
+                          storage_options=self.storage_options, num_classes=self.num_classes,
+                          validate=self.validate, count=self._count, start=start)
+
+    def _valid(self, length: int, ff: FastForward | None = None) -> Iterator[Good]:
+        """Exactly `length` good samples: the rank's slice, then top-ups by wrap-around.
+        `ff` continues from a fast-forwarded state instead of the start of the epoch."""
+        segs = self.segments()
+        log = self._log if self._log is not None else EpochLog()
+        limit = self.max_bad_fraction * length
+        n, bad = (ff.n_good, ff.bad) if ff else (0, 0)
+        per_shard: Counter[str] = Counter()
+        if ff is None or ff.phase == "main":
+            for item in self._reader(segs, start=ff.lanes if ff else None):
+                if isinstance(item, Good):
+                    n += 1
+                    yield item
+                    continue
+                if isinstance(item, Bad):
+                    log.bad.add((item.seg, item.index))
+                    self._count("skipped_corrupt")
+                    self._count(item.reason)
+                    log_.debug("skipped %s in %s: %s", item.key, item.shard, item.detail)
+                    lost = 1
+                else:
+                    assert isinstance(item, Short)
+                    log.got[item.seg] = item.got
+                    self._count("truncated_shards")
+                    self._count("lost", item.lost)
+                    log_.warning("shard %s ended early, %d samples lost: %s", item.shard, item.lost, item.reason)
+                    lost = item.lost
+                bad += lost
+                per_shard[item.shard] += lost
+                if bad > limit:
+                    worst = ", ".join(f"{u} ({c})" for u, c in per_shard.most_common(3))
+                    raise BadDataError(
+                        f"{bad} of this rank's {length} samples are corrupt or missing, more than "
+                        f"max_bad_fraction={self.max_bad_fraction}; limit passed in shard {item.shard} "
+                        f"(worst: {worst})", item.shard)
+        resume_at = ff.topup if ff is not None and ff.phase == "topup" else None
+        passes = resume_at[0] - 1 if resume_at else 0
+        while n < length:  # top up by wrap-around over this rank's own slice
+            passes += 1
+            start = LanePositions({0: resume_at[1:]}, [0]) if resume_at else None
+            partial, resume_at = resume_at is not None, None
+            got = 0
+            # Inline (no read-ahead threads): a top-up usually needs a handful of samples.
+            for item in self._reader(segs, lanes=0, start=start):
+                if isinstance(item, Good):
+                    if n >= length:
+                        break
+                    n += 1
+                    got += 1
+                    self._count("topped_up")
+                    yield item
+            if got == 0 and not partial:
+                raise BadDataError(f"rank {self.rank} found no readable sample in its slice "
+                                   f"(pass {passes}, shards {sorted({self.shard_urls[s.shard] for s in segs})})",
+                                   self.shard_urls[segs[0].shard])
+
+    def _shuffled(self, items: Iterator[Good], ff: FastForward | None = None,
+                  buffer: list[Good] | None = None) -> Iterator[Good]:
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from items
+            return
+        rng = random.Random(self._shuffle_seed())
+        buf: list[Good] = []
+        if ff is not None:
+            rng.setstate(ff.rng_state)  # type: ignore[arg-type]
+            buf = list(buffer or [])
+            if ff.draining:
+                yield from buf
+                return
+        for it in items:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(it)
+                continue
+            j = rng.randrange(len(buf))
+            out, buf[j] = buf[j], it
+            yield out
+        rng.shuffle(buf)
+        yield from buf
+
+    def _shuffle_seed(self) -> int:
+        return mix_seed(self.seed, self.epoch, self.rank, 0xB0FF)
+
+    def _fast_forward(self, length: int) -> tuple[FastForward, list[Good]]:
+        """The epoch's state at self.position, computed from the log; reads only the shuffle
+        buffer's samples (the lanes re-read their current shards up to where they were)."""
+        assert self._log is not None
+        segs = self.segments()
+        shuffled = self.shuffle and self.shuffle_buffer > 1
+        ff = fast_forward(segs, max(1, self.num_workers), self._log, length, self.position,
+                          self.shuffle_buffer, self._shuffle_seed() if shuffled else None)
+        buffer = fetch(ff.buffer, segs, self.shard_urls, storage_options=self.storage_options,
+                       num_classes=self.num_classes, validate=self.validate, count=self._count,
+                       workers=max(1, self.num_workers))
+        return ff, buffer
+
+    def __iter__(self) -> Iterator[Sample]:
+        """One epoch (the current one) for this rank, from the cursor on."""
+        length = len(self)
+        if self.position >= length:  # the last pass finished: the same epoch again
+            self.position = 0
+        if self.position == 0:
+            self._log = EpochLog()
+        done = skip = self.position
+        if skip and self._log is not None:  # fast-forward: no re-reading of the epoch
+            ff, buffer = self._fast_forward(length)
+            items = self._shuffled(self._valid(length, ff), ff, buffer)
+            self._count("fast_forwarded", skip)
+        else:  # replay: read the epoch again up to the cursor, yielding nothing
+            self._log = EpochLog()
+            items = self._shuffled(self._valid(length))
+            done = 0
+        for g in items:
+            done += 1
+            if done <= skip:
+                self._count("replayed")
+                continue
+            self.position = done
+            self._count("yielded")
+            if g.padded:
+                self._count("padded")
+            yield Sample(g.key, g.image, g.label, g.shard)

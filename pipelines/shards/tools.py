@@ -1,0 +1,434 @@
+"""Writing and verifying WebDataset shards: `sslstream shards make|verify`.
+
+Why our own writer: the stream's per-rank balance and its resume need exact per-shard
+sample counts, and `verify` needs checksums; both go into manifest.json as the shards are
+written. Shards are byte-reproducible (fixed member metadata, gzip mtime 0), so the same
+input gives the same sha256 -- handy for caching and for spotting silent corruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import random
+import re
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pipelines.shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, join_url, load_manifest
+from pipelines.shards.storage import StorageError, get_fs, open_reader
+from pipelines.shards.tario import IMAGE_EXTS, ShardEnded, iter_tar_samples
+from pipelines.shards.validate import CorruptImage, sniff_format, validate_image
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ShardCheck", "VerifyReport", "main", "reencode_baseline_jpeg", "verify", "write_shards"]
+
+_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+_SRC_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+
+
+class _HashingWriter(io.RawIOBase):
+    """Counts and hashes what goes to the underlying file (the stored bytes)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        super().__init__()
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        self.f.write(b)
+        return len(b)
+
+
+def reencode_baseline_jpeg(data: bytes, quality: int = 95) -> bytes:
+    """Decode with PIL and re-encode as baseline (non-progressive) RGB JPEG.
+
+    Why: the GPU's hardware JPEG decoder takes baseline only, and this also normalises
+    odd inputs (PNG with alpha, CMYK, palette images) to what every decoder handles.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=quality, progressive=False, optimize=False)
+    return out.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o644, "", ""
+    tf.addfile(ti, io.BytesIO(data))
+
+
+class _ShardWriter:
+    def __init__(self, url: str, fs: Any, path: str, compress: bool) -> None:
+        self.url, self.count, self.tar_bytes, self.keys = url, 0, 0, set()
+        self._f = fs.open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._hw = _HashingWriter(self._f)
+        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._hw, mtime=0) if compress else None
+        self._tf = tarfile.open(fileobj=self._gz or self._hw, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())
+
+    def add(self, key: str, ext: str, image: bytes, label: int | None) -> None:
+        if key in self.keys:
+            raise ValueError(f"duplicate key {key!r} in shard {self.url}")
+        self.keys.add(key)
+        _add(self._tf, f"{key}.{ext}", image)
+        self.tar_bytes += 512 + -(-len(image) // 512) * 512
+        if label is not None:
+            _add(self._tf, f"{key}.cls", str(int(label)).encode())
+            self.tar_bytes += 1024
+        self.count += 1
+
+    def close(self) -> ShardEntry:
+        self._tf.close()
+        if self._gz is not None:
+            self._gz.close()
+        self._f.close()
+        return ShardEntry(posixpath.basename(self.url), self.count, self._hw.sha.hexdigest(), self._hw.n)
+
+
+def _clean_key(key: str) -> str:
+    """Keys may not contain dots (webdataset splits the member name at the first dot)."""
+    k = re.sub(r"[^A-Za-z0-9_\-/]", "_", key.strip("/"))
+    if not k:
+        raise ValueError(f"empty sample key from {key!r}")
+    return k
+
+
+def write_shards(
+    samples: Iterable[tuple[str, bytes, int | None]],
+    out_dir: str | Path,
+    *,
+    prefix: str = "shard",
+    max_count: int = 10_000,
+    max_bytes: int = 1 << 30,
+    reencode_baseline: bool = False,
+    compress: bool = False,
+    classes: list[str] | None = None,
+    quality: int = 95,
+    storage_options: dict | None = None,
+    on_shard: Callable[[ShardEntry], None] | None = None,
+) -> Manifest:
+    """Write `<prefix>-000000.tar[.gz]`... and manifest.json under `out_dir` (path or URL).
+
+    A shard closes at `max_count` samples or before it would pass `max_bytes` (tar bytes,
+    before gzip). Images that fail the header check (or re-encoding) are skipped and
+    listed in the returned manifest's `extra["skipped"]` (not written to the file).
+    `on_shard` is called with each shard's entry as soon as it is closed (progress).
+    """
+    if max_count < 1 or max_bytes < 1024:
+        raise ValueError(f"max_count={max_count}, max_bytes={max_bytes}: too small")
+    out = str(out_dir)
+    fs, root = get_fs(out, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    suffix = ".tar.gz" if compress else ".tar"
+    entries: list[ShardEntry] = []
+    skipped: list[str] = []
+    w: _ShardWriter | None = None
+    try:
+        for key, image, label in samples:
+            try:
+                if reencode_baseline:
+                    image = reencode_baseline_jpeg(image, quality)
+                validate_image(image, "header")
+            except (CorruptImage, OSError, ValueError) as e:
+                log.warning("skipping sample %s: %s", key, e)
+                skipped.append(key)
+                continue
+            ext = _EXT[sniff_format(image) or "jpeg"]
+            est = 512 + len(image) + (1024 if label is not None else 0)
+            if w is not None and (w.count >= max_count or w.tar_bytes + est > max_bytes):
+                entries.append(w.close())
+                w = None
+                if on_shard is not None:
+                    on_shard(entries[-1])
+            if w is None:
+                name = f"{prefix}-{len(entries):06d}{suffix}"
+                w = _ShardWriter(join_url(out, name), fs, posixpath.join(root, name), compress)
+            w.add(_clean_key(key), ext, image, label)
+        if w is not None:
+            entries.append(w.close())
+            w = None
+            if on_shard is not None:
+                on_shard(entries[-1])
+    finally:
+        if w is not None:
+            w.close()
+    man = Manifest(shards=entries, classes=list(classes) if classes is not None else None)
+    tmp = posixpath.join(root, f".{MANIFEST_NAME}.tmp")
+    with fs.open(tmp, "w") as f:
+        json.dump(man.to_dict(), f, indent=1)
+    fs.mv(tmp, posixpath.join(root, MANIFEST_NAME))
+    man.extra["skipped"] = skipped
+    return man
+
+
+# ---------------------------------------------------------------- verify
+
+
+@dataclass
+class ShardCheck:
+    shard: str
+    url: str
+    split: str | None
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class VerifyReport:
+    manifest: str
+    shards: list[ShardCheck]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.shards)
+
+    @property
+    def bad(self) -> list[ShardCheck]:
+        return [s for s in self.shards if not s.ok]
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, f: IO[bytes]) -> None:
+        super().__init__()
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        self.sha.update(data)
+        self.n += len(data)
+        return len(data)
+
+
+def _check_shard(entry: ShardEntry, url: str, split: str | None, so: dict | None,
+                 num_classes: int | None, validate: str) -> ShardCheck:
+    chk = ShardCheck(entry.shard, url, split)
+    try:
+        with open_reader(url, so) as raw:
+            hr = _HashingReader(raw)
+            bad: dict[str, int] = {}
+            try:
+                for key, parts in iter_tar_samples(io.BufferedReader(hr, 1 << 20)):
+                    chk.samples += 1
+                    img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+                    why = _sample_problem(img, parts.get("cls"), num_classes, validate)
+                    if why:
+                        bad[why] = bad.get(why, 0) + 1
+                        if sum(bad.values()) == 1:
+                            chk.problems.append(f"first bad sample {key}: {why}")
+            except ShardEnded as e:
+                chk.problems.append(f"unreadable after {e.samples} samples ({e.reason})")
+            while hr.read(1 << 20):  # hash the tail the tar reader did not need
+                pass
+    except StorageError as e:
+        chk.problems.append(str(e))
+        return chk
+    if bad:
+        chk.problems.append("bad samples: " + ", ".join(f"{k} x{v}" for k, v in sorted(bad.items())))
+    if entry.sha256 and hr.sha.hexdigest() != entry.sha256:
+        chk.problems.append(f"sha256 {hr.sha.hexdigest()[:12]}... != manifest {entry.sha256[:12]}...")
+    if entry.bytes is not None and hr.n != entry.bytes:
+        chk.problems.append(f"{hr.n} bytes != manifest {entry.bytes}")
+    if chk.samples != entry.samples:
+        chk.problems.append(f"{chk.samples} samples != manifest {entry.samples}")
+    return chk
+
+
+def _sample_problem(img: bytes | None, cls: bytes | None, num_classes: int | None,
+                    validate: str) -> str | None:
+    if img is None:
+        return "missing image"
+    try:
+        validate_image(img, validate)
+    except CorruptImage as e:
+        return e.reason.split(":")[0] if e.reason != "empty" else "empty image"
+    if cls is not None:
+        try:
+            label = int(cls.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return "bad label"
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            return "bad label"
+    return None
+
+
+def verify(source: str, storage_options: dict | None = None, *, workers: int = 4,
+           validate: str = "header",
+           on_check: Callable[[ShardCheck, int, int], None] | None = None) -> VerifyReport:
+    """Check every shard of the manifest at/under `source`: present, sha256, bytes, count,
+    every member readable and every image passing `validate`. `source#split` restricts
+    the check to one split of a CIFAR-layout manifest. `on_check(check, done, total)` is
+    called as each shard's check completes (progress); the report keeps manifest order."""
+    src, _, split = str(source).partition("#")
+    murl = src if src.endswith(".json") else join_url(src, MANIFEST_NAME)
+    man = load_manifest(murl, storage_options)
+    base = murl.rsplit("/", 1)[0] if "/" in murl else "."
+    ncls = len(man.classes) if man.classes else None
+    jobs = [(e, None) for e in man.shards] + [(e, s) for s, es in man.splits.items() for e in es]
+    if split:  # SOURCE#split: only that split of a CIFAR-layout manifest
+        jobs = [(e, s) for e, s in jobs if s == split or (s is None and split == "shards")]
+        if not jobs:
+            raise KeyError(f"{murl} has no split {split!r}")
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        futures = [ex.submit(_check_shard, e, join_url(base, e.shard), s, storage_options, ncls,
+                             validate) for e, s in jobs]
+        for done, fut in enumerate(as_completed(futures), 1):
+            if on_check is not None:
+                on_check(fut.result(), done, len(futures))
+        checks = [f.result() for f in futures]
+    return VerifyReport(murl, checks)
+
+
+class _Progress:
+    """Progress lines on stderr for the shard commands: count, rate, time left."""
+
+    def __init__(self, total: int, unit: str) -> None:
+        self.total, self.unit, self.t0 = total, unit, time.perf_counter()
+
+    def line(self, done: int, what: str) -> None:
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else 0.0
+        left = f", ~{(self.total - done) / rate:.0f}s left" if rate > 0 and done < self.total else ""
+        print(f"  {what} -- {done}/{self.total} {self.unit} ({rate:.0f}/s{left})",
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _scan_folder(src: Path) -> tuple[list[tuple[str, Path, int | None]], list[str] | None]:
+    dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in _SRC_EXTS)
+    if dirs and files:
+        raise ValueError(f"{src}: has both class sub-folders and loose images; use one layout")
+    if not dirs:
+        return [(p.stem, p, None) for p in files], None
+    items = []
+    for label, d in enumerate(dirs):
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and p.suffix.lower() in _SRC_EXTS:
+                rel = p.relative_to(d).with_suffix("").as_posix()
+                items.append((f"{d.name}/{rel}", p, label))
+    return items, [d.name for d in dirs]
+
+
+def _unique_keys(items: list[tuple[str, Path, int | None]]) -> Iterator[tuple[str, bytes, int | None]]:
+    seen: set[str] = set()
+    for key, path, label in items:
+        k = _clean_key(key).replace("/", "_")
+        base, i = k, 1
+        while k in seen:
+            k, i = f"{base}_{i}", i + 1
+        seen.add(k)
+        yield k, path.read_bytes(), label
+
+
+def _cmd_make(a: argparse.Namespace) -> int:
+    src = Path(a.src)
+    if not src.is_dir():
+        print(f"shards make: {src} is not a folder", file=sys.stderr)
+        return 2
+    items, classes = _scan_folder(src)
+    if not items:
+        print(f"shards make: no images under {src}", file=sys.stderr)
+        return 2
+    if a.shuffle:
+        random.Random(a.seed).shuffle(items)
+    progress, written = _Progress(len(items), "images"), [0]
+
+    def on_shard(e: ShardEntry) -> None:
+        written[0] += e.samples
+        progress.line(written[0], f"{e.shard}: {e.samples} samples, {(e.bytes or 0) / 1e6:.1f} MB")
+
+    man = write_shards(_unique_keys(items), a.out, prefix=a.prefix, max_count=a.max_count,
+                       max_bytes=a.max_bytes, reencode_baseline=a.reencode, compress=a.gzip,
+                       classes=classes, quality=a.quality, on_shard=on_shard)
+    skipped = man.extra.get("skipped", [])
+    print(f"wrote {len(man.shards)} shards, {man.num_samples} samples"
+          f"{f', {len(classes)} classes' if classes else ' (unlabelled)'} to {a.out}")
+    if skipped:
+        hint = "" if a.reencode else " (not JPEG/PNG/WebP or corrupt; --reencode converts other formats)"
+        print(f"skipped {len(skipped)} images{hint}: {', '.join(skipped[:5])}"
+              f"{' ...' if len(skipped) > 5 else ''}")
+    return 0
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    progress: _Progress | None = None
+
+    def on_check(c: ShardCheck, done: int, total: int) -> None:
+        nonlocal progress
+        progress = progress or _Progress(total, "shards")
+        progress.line(done, f"{'ok ' if c.ok else 'BAD'} {c.shard}")
+
+    try:
+        rep = verify(a.source, json.loads(a.storage_options) if a.storage_options else None,
+                     workers=a.workers, validate=a.validate, on_check=on_check)
+    except (StorageError, ValueError, KeyError) as e:
+        print(f"shards verify: {e}", file=sys.stderr)
+        return 2
+    for c in rep.shards:
+        tag = f"{c.split}/" if c.split else ""
+        print(f"{'ok ' if c.ok else 'BAD'} {tag}{c.shard}: {c.samples} samples"
+              + ("" if c.ok else " -- " + "; ".join(c.problems)))
+    if rep.ok:
+        print(f"all {len(rep.shards)} shards of {rep.manifest} verified")
+        return 0
+    print(f"{len(rep.bad)} of {len(rep.shards)} shards bad: {', '.join(c.shard for c in rep.bad)}",
+          file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sslstream shards", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make", help="image folder (one sub-folder per class, or flat) -> shards")
+    m.add_argument("src")
+    m.add_argument("out", help="output folder or URL (s3://bucket/prefix)")
+    m.add_argument("--prefix", default="shard")
+    m.add_argument("--max-count", type=int, default=10_000)
+    m.add_argument("--max-bytes", type=int, default=1 << 30)
+    m.add_argument("--reencode", action="store_true", help="re-encode as baseline JPEG (PIL)")
+    m.add_argument("--quality", type=int, default=95)
+    m.add_argument("--gzip", action="store_true", help="write .tar.gz shards")
+    m.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                   help="keep folder order (default: shuffle so classes mix across shards)")
+    m.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser("verify", help="check shards against their manifest.json")
+    v.add_argument("source", help="folder, object-store prefix, or manifest.json URL")
+    v.add_argument("--workers", type=int, default=4)
+    v.add_argument("--validate", choices=("header", "decode"), default="header")
+    v.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return _cmd_make(a) if a.cmd == "make" else _cmd_verify(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Which augmentation backend runs, and how much image checking the host does: shared by
+the two-view loader and the eval loader.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from pipelines.shards.imagesize import image_hw as read_hw
+from pipelines.shards.validate import validate_image
+from pipelines.views import dali as dali_mod
+
+BACKENDS = ("auto", "dali", "torchvision")
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'dali' where nvidia-dali imports, else 'torchvision' with a warning."""
+    if backend not in BACKENDS:
+        raise ValueError(f"loader backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        if dali_mod.DALI_AVAILABLE:
+            return "dali"
+        warnings.warn(f"nvidia-dali is not importable ({dali_mod.DALI_IMPORT_ERROR}); "
+                      "augmenting with the torchvision reference backend (slower)", stacklevel=3)
+        return "torchvision"
+    if backend == "dali" and not dali_mod.DALI_AVAILABLE:
+        raise RuntimeError(f"backend='dali' but nvidia-dali is not importable "
+                           f"({dali_mod.DALI_IMPORT_ERROR}); use backend='auto' or 'torchvision'")
+    return backend
+
+
+def image_hw(data: bytes, validate: str) -> tuple[int, int]:
+    """(H, W) after the check `validate` asks for ("none": the size only); CorruptImage if bad."""
+    if validate != "none":
+        info = validate_image(data, validate)
+        if info is not None and info.width and info.height:
+            return info.height, info.width
+    return read_hw(data)
+
+
+def effective_validation(validate: str, stream) -> str:
+    """'auto': skip the header check when the stream already ran one (ShardStream does), so
+    the host thread only reads sizes; otherwise check headers here."""
+    if validate != "auto":
+        return validate
+    return "none" if getattr(stream, "validate", None) in ("header", "decode") else "header"

@@ -1,0 +1,357 @@
+"""Stream -> two augmented views -> torch batches, resumable, with the data-wait measured.
+
+Batch k of an epoch is made of stream samples [k*B, (k+1)*B) of this rank, and its random
+augmentation parameters come from the key (seed, epoch, rank, k, view) (see recipes.py). So the
+loader's whole state is the epoch, the number of batches consumed and the stream's cursor at
+that point; resuming from it yields the same next batches as never stopping (bit-for-bit on
+CPU). Two background threads overlap the work with the training step: a host thread pulls
+samples, validates them and draws the parameters; a device thread runs the backend (DALI
+releases the GIL while it works). Bounded queues (`prefetch`) keep memory flat.
+
+On a GPU the device thread works on a side stream of the loader's device and the batch
+reaches the trainer's stream by an event (pipelines/views/handoff.py): no per-batch host sync.
+
+A sample that fails validation, or that makes the backend fail, is replaced in its batch by a
+copy of a good neighbour of the same batch (and counted), so every rank still takes exactly
+len(stream) // batch_size steps and DDP never waits on a missing batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.shards.validate import VALIDATE_MODES, CorruptImage, validate_image
+from pipelines.views import dali as dali_mod
+from pipelines.views.backend import effective_validation, image_hw, resolve_backend
+from pipelines.views.handoff import POLL_S, DeviceWork, Failure, hand_to_current_stream, put
+from pipelines.views.recipes import TwoViewRecipe, ViewParams, batch_rng, sample_view_params
+
+
+@dataclass
+class Batch:
+    view1: torch.Tensor   # (B, 3, H, W) on the trainer's device, normalised, dtype per config
+    view2: torch.Tensor
+    labels: torch.Tensor  # (B,) int64
+    keys: list[str]
+
+
+@dataclass
+class _HostBatch:
+    index: int
+    images: list[bytes]
+    hw: np.ndarray
+    labels: list[int]
+    keys: list[str]
+    shards: list[str]
+    stream_state: dict
+    params: tuple[ViewParams, ViewParams] | None = None  # drawn on the host thread
+
+
+class TwoViewLoader:
+    """Iterate two-view batches of a ShardStream-like stream (see docs/contracts.md)."""
+
+    def __init__(self, stream, recipe: TwoViewRecipe, *, batch_size: int, device: torch.device | str,
+                 backend: str = "auto", seed: int = 0, num_threads: int = 2,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, prefetch: int = 2,
+                 validate: str = "auto", hw_decoder_load: float = 0.65,
+                 rank: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"loader dtype={dtype}: expected float32, float16 or bfloat16")
+        self.stream, self.recipe, self.batch_size = stream, recipe, batch_size
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N"
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.seed, self.prefetch = int(seed), max(1, prefetch)
+        self.rank = int(rank if rank is not None else getattr(stream, "rank", 0))
+        self.backend_name = resolve_backend(backend)
+        if validate != "auto" and validate not in VALIDATE_MODES:
+            raise ValueError(f"loader validate={validate!r}: expected 'auto' or one of "
+                             f"{VALIDATE_MODES}")
+        self.validate = effective_validation(validate, stream)
+        self._backend = self._build_backend(num_threads, dtype, channels_last, hw_decoder_load)
+        self.data_wait_s = 0.0
+        self.last_wait_s = 0.0
+        self._aug = {"aug_skipped_corrupt": 0, "aug_backend_errors": 0, "aug_padded": 0,
+                     "batches": 0}
+        self._epoch = 0
+        self._position = 0            # batches of self._epoch already handed out
+        self._stream_state: dict | None = None  # stream cursor right after those batches
+        self._restored = False        # a state was loaded and not yet iterated
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ construction
+    def _build_backend(self, num_threads, dtype, channels_last, hw_decoder_load):
+        if self.backend_name == "dali":
+            device_id = self.device.index if self.device.type == "cuda" else None
+            spec = dali_mod.GraphSpec(recipe=self.recipe, batch_size=self.batch_size,
+                                      device_id=device_id, num_threads=num_threads, dtype=dtype,
+                                      channels_last=channels_last, hw_decoder_load=hw_decoder_load)
+            return dali_mod.DaliTwoView(spec)
+        from pipelines.views.reference import TorchvisionTwoView
+
+        return TorchvisionTwoView(self.recipe, num_threads=num_threads, dtype=dtype,
+                                  channels_last=channels_last)
+
+    # ------------------------------------------------------------------ public API
+    def __len__(self) -> int:
+        return len(self.stream) // self.batch_size
+
+    @property
+    def counters(self) -> dict[str, int]:
+        base = dict(getattr(self.stream, "counters", {}) or {})
+        with self._lock:
+            base.update(self._aug)
+        return base
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select `epoch`, from its first batch -- unless the cursor is already inside it
+        (a loaded state, or an iteration left with `break`): then it is kept."""
+        inside = 0 < self._position < len(self) or (self._restored and self._position > 0)
+        if int(epoch) == self._epoch and inside:
+            return
+        self._epoch, self._position, self._stream_state = int(epoch), 0, None
+        self._restored = False
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batch": self._position, "seed": self.seed,
+                "batch_size": self.batch_size, "recipe": self.recipe.name,
+                "stream": self._stream_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise ValueError(f"loader state has batch_size={state['batch_size']}, this loader "
+                             f"{self.batch_size}: batch k would not be the same samples")
+        self.close_epoch()
+        self._epoch, self._position = int(state["epoch"]), int(state["batch"])
+        self.seed = int(state.get("seed", self.seed))
+        self._stream_state = state.get("stream")
+        self._restored = True
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch. A finished epoch iterates again from its start,
+        except right after loading a state saved at its end (then: nothing left)."""
+        self.close_epoch()
+        total = len(self)
+        restored, self._restored = self._restored, False
+        if self._position >= total:
+            if restored:
+                return iter(())
+            self._position, self._stream_state = 0, None
+        if self._position > 0 and self._stream_state is not None:
+            self.stream.load_state_dict(self._stream_state)
+        elif self._position > 0:
+            raise RuntimeError("loader resumed at batch > 0 without a stream cursor")
+        else:
+            self._rewind_stream()
+        return self._run_epoch(self._position, total)
+
+    def _rewind_stream(self) -> None:
+        """Put the stream at the start of self._epoch (set_epoch keeps a same-epoch cursor)."""
+        self.stream.set_epoch(self._epoch)
+        try:
+            start = self.stream.state_dict(position=0)
+        except TypeError:  # a stream without the prefetching-consumer hook: set_epoch is all
+            return
+        self.stream.load_state_dict(start)
+
+    def close(self) -> None:
+        """Stop the background threads and free the backend (DALI pipeline, thread pool)."""
+        self.close_epoch()
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+
+    # ------------------------------------------------------------------ the epoch
+    def close_epoch(self) -> None:
+        """Stop the current epoch's threads (an abandoned iterator, a `break`)."""
+        self._stop_threads(self._stop, self._threads)
+        self._stop = threading.Event()
+
+    def _stop_threads(self, stop: threading.Event, threads: list[threading.Thread]) -> None:
+        stop.set()
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout=30)
+        alive = [t.name for t in threads if t.is_alive()]
+        if self._threads is threads:
+            self._threads = []
+        if alive:
+            raise RuntimeError(f"loader threads did not stop within 30 s: {alive}")
+
+    def _run_epoch(self, start: int, total: int) -> Iterator[Batch]:
+        if self._backend is None:
+            raise RuntimeError("TwoViewLoader was closed")
+        stop, epoch = self._stop, self._epoch
+        host_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        out_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._threads = [
+            threading.Thread(target=self._host_loop, args=(epoch, start, total, host_q, stop),
+                             name=f"sslstream-host-e{epoch}", daemon=True),
+            threading.Thread(target=self._device_loop, args=(epoch, host_q, out_q, stop),
+                             name=f"sslstream-device-e{epoch}", daemon=True),
+        ]
+        threads = self._threads
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(start, total):
+                t0 = time.perf_counter()
+                item = self._get(out_q, threads)
+                self.last_wait_s = time.perf_counter() - t0
+                self.data_wait_s += self.last_wait_s
+                if isinstance(item, Failure):
+                    raise item.exc
+                batch, index, stream_state, ready = item
+                if ready is not None:
+                    hand_to_current_stream((batch.view1, batch.view2, batch.labels), ready,
+                                           self.device)
+                self._position, self._stream_state = index + 1, stream_state
+                with self._lock:
+                    self._aug["batches"] += 1
+                yield batch
+        finally:
+            self._stop_threads(stop, threads)
+
+    def _get(self, q: queue.Queue, threads: list[threading.Thread]):
+        while True:
+            try:
+                return q.get(timeout=POLL_S)
+            except queue.Empty:
+                if not any(t.is_alive() for t in threads):
+                    try:
+                        return q.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError("loader threads exited without a batch") from None
+
+    def _host_loop(self, epoch: int, start: int, total: int, host_q: queue.Queue,
+                   stop: threading.Event) -> None:
+        it = iter(self.stream)
+        try:
+            for index in range(start, total):
+                samples = []
+                for sample in it:
+                    samples.append(sample)
+                    if len(samples) == self.batch_size or stop.is_set():
+                        break
+                if stop.is_set():
+                    return
+                if not samples:
+                    raise RuntimeError(
+                        f"stream ended after {index} of {total} batches (len(stream)="
+                        f"{len(self.stream)}, batch_size={self.batch_size}): it yielded fewer "
+                        "samples than its len() promised")
+                host = self._prepare(index, samples, self.stream.state_dict())
+                host.params = self._params(epoch, host)
+                if not put(host_q, host, stop):
+                    return
+        except BaseException as e:  # hand the error to the consumer instead of dying silently
+            put(host_q, Failure(e), stop)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _prepare(self, index: int, samples: list, state: dict) -> _HostBatch:
+        """Validate, read sizes, replace bad samples by good neighbours, pad a short batch."""
+        hw: list[tuple[int, int] | None] = []
+        for s in samples:
+            try:
+                hw.append(image_hw(s.image, self.validate))
+            except CorruptImage:
+                hw.append(None)
+        good = [i for i, v in enumerate(hw) if v is not None]
+        if not good:
+            raise RuntimeError(f"every sample of batch {index} is corrupt (shards "
+                               f"{sorted({s.shard for s in samples})}); is the data readable?")
+        n_bad = len(samples) - len(good)
+        order = [i if hw[i] is not None else _nearest(good, i) for i in range(len(samples))]
+        n_pad = self.batch_size - len(samples)
+        order += [good[j % len(good)] for j in range(n_pad)]
+        with self._lock:
+            self._aug["aug_skipped_corrupt"] += n_bad
+            self._aug["aug_padded"] += n_pad
+        return _HostBatch(index=index, images=[samples[i].image for i in order],
+                          hw=np.array([hw[i] for i in order], dtype=np.int64),
+                          labels=[int(samples[i].label) for i in order],
+                          keys=[samples[i].key for i in order],
+                          shards=[samples[i].shard for i in order], stream_state=state)
+
+    def _params(self, epoch: int, host: _HostBatch) -> tuple[ViewParams, ViewParams]:
+        v1, v2 = (sample_view_params(view, host.hw,
+                                     batch_rng(self.seed, epoch, self.rank, host.index, i))
+                  for i, view in enumerate(self.recipe.views))
+        return v1, v2
+
+    def _device_loop(self, epoch: int, host_q: queue.Queue, out_q: queue.Queue,
+                     stop: threading.Event) -> None:
+        try:
+            with DeviceWork(self.device) as work:
+                while not stop.is_set():
+                    try:
+                        host = host_q.get(timeout=POLL_S)
+                    except queue.Empty:
+                        continue
+                    if isinstance(host, Failure):
+                        put(out_q, host, stop)
+                        return
+                    batch = self._augment(epoch, host)
+                    ready = work.done()
+                    if not put(out_q, (batch, host.index, host.stream_state, ready), stop):
+                        return
+        except BaseException as e:
+            put(out_q, Failure(e), stop)
+
+    def _augment(self, epoch: int, host: _HostBatch) -> Batch:
+        try:
+            v1, v2 = self._backend.run(host.images, host.params)
+        except Exception as first:
+            v1, v2 = self._recover(epoch, host, first)
+        labels = torch.tensor(host.labels, dtype=torch.int64)
+        if self.device.type == "cuda":  # non_blocking uploads need pinned sources
+            labels = labels.pin_memory().to(self.device, non_blocking=True)
+            if v1.device.type == "cpu":  # the torchvision backend works on the host
+                v1 = v1.pin_memory().to(self.device, non_blocking=True)
+                v2 = v2.pin_memory().to(self.device, non_blocking=True)
+        elif v1.device != self.device:
+            v1, v2, labels = v1.to(self.device), v2.to(self.device), labels.to(self.device)
+        return Batch(view1=v1, view2=v2, labels=labels, keys=host.keys)
+
+    def _recover(self, epoch: int, host: _HostBatch, error: Exception):
+        """The backend failed on this batch: find the culprits with a full decode, replace them."""
+        with self._lock:
+            self._aug["aug_backend_errors"] += 1
+        self._backend.reset()
+        bad = []
+        for i, data in enumerate(host.images):
+            try:
+                validate_image(data, "decode")
+            except CorruptImage:
+                bad.append(i)
+        good = [i for i in range(len(host.images)) if i not in set(bad)]
+        if not bad or not good:
+            raise RuntimeError(f"{self.backend_name} failed on batch {host.index} of epoch {epoch} "
+                               f"(shards {sorted(set(host.shards))}) and a full decode found "
+                               f"{len(bad)} bad image(s): {error}") from error
+        order = [i if i in good else _nearest(good, i) for i in range(len(host.images))]
+        with self._lock:
+            self._aug["aug_skipped_corrupt"] += len(bad)
+        host.images = [host.images[i] for i in order]
+        host.hw, host.labels = host.hw[order], [host.labels[i] for i in order]
+        host.keys = [host.keys[i] for i in order]
+        return self._backend.run(host.images, self._params(epoch, host))
+
+
+def _nearest(good: list[int], i: int) -> int:
+    """The good index closest to i (ties: the earlier one) -- deterministic replacement."""
+    return min(good, key=lambda g: (abs(g - i), g))
