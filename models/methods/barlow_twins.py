@@ -41,7 +41,7 @@ class BarlowTwins(Method):
     def __init__(self, backbone: nn.Module, config: BarlowTwinsConfig, *,
                  process_group: Any = None) -> None:
         c = config
-        super().__init__(backbone, c, sync_bn=c.sync_bn, process_group=process_group)
+        super().__init__(backbone, c, process_group=process_group)
         self.projector = barlow_projector(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim,
                                           c.proj_layers)
         self.lambd = c.lambd

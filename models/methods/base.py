@@ -242,7 +242,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
 
-    def __init__(self, backbone: nn.Module, config: MethodConfig, *, sync_bn: bool = True,
+    def __init__(self, backbone: nn.Module, config: MethodConfig, *,
                  process_group: Any = None) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(
@@ -255,7 +255,6 @@ class Method(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim_of(backbone)
         self.process_group = process_group
-        self._sync_bn = bool(sync_bn)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any, backbone: nn.Module,
@@ -266,8 +265,9 @@ class Method(nn.Module):
     @property
     def wants_sync_bn(self) -> bool:
         """Whether BN should become SyncBatchNorm under multi-GPU DDP (the papers use
-        cross-replica BN); SyncBN does not run on CPU, so gloo runs keep per-rank BN."""
-        return self._sync_bn
+        cross-replica BN): ``method.sync_bn`` where the config has it. SyncBN does not run
+        on CPU, so gloo runs keep per-rank BN."""
+        return bool(getattr(self.config, "sync_bn", False))
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         return self.training_step(view1, view2)

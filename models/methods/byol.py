@@ -42,7 +42,7 @@ class BYOL(Method):
 
     def __init__(self, backbone: nn.Module, config: BYOLConfig, *,
                  process_group: Any = None) -> None:
-        super().__init__(backbone, config, sync_bn=config.sync_bn, process_group=process_group)
+        super().__init__(backbone, config, process_group=process_group)
         c = config
         self.projector = byol_mlp(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim)
         self.predictor = byol_mlp(c.proj_output_dim, c.pred_hidden_dim, c.proj_output_dim)

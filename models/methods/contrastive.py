@@ -41,7 +41,7 @@ class Contrastive(Method):
     def __init__(self, backbone: nn.Module, config: ContrastiveConfig, *,
                  process_group: Any = None) -> None:
         c = config
-        super().__init__(backbone, c, sync_bn=c.sync_bn, process_group=process_group)
+        super().__init__(backbone, c, process_group=process_group)
         self.projector = simclr_projector(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim)
         self.margin = c.margin
         self.normalize = c.normalize

@@ -62,7 +62,7 @@ class MoCoV2(Method):
     def __init__(self, backbone: nn.Module, config: MoCoV2Config, *,
                  process_group: Any = None) -> None:
         c = config
-        super().__init__(backbone, c, sync_bn=c.bn == "sync", process_group=process_group)
+        super().__init__(backbone, c, process_group=process_group)
         self.projector = moco_projector(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim)
         self.momentum = MomentumEncoder(nn.Sequential(self.backbone, self.projector),
                                         tau_base=c.tau_base, tau_final=c.tau_final)
@@ -73,6 +73,10 @@ class MoCoV2(Method):
         self.temperature = c.temperature
         self.bn = c.bn
         self.symmetric = c.symmetric
+
+    @property
+    def wants_sync_bn(self) -> bool:
+        return self.bn == "sync"
 
     @property
     def momentum_pairs(self) -> list[MomentumPair]:

@@ -36,7 +36,7 @@ class SimCLR(Method):
     def __init__(self, backbone: nn.Module, config: SimCLRConfig, *,
                  process_group: Any = None) -> None:
         c = config
-        super().__init__(backbone, c, sync_bn=c.sync_bn, process_group=process_group)
+        super().__init__(backbone, c, process_group=process_group)
         self.projector = simclr_projector(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim)
         self.temperature = c.temperature
         self.gather = c.gather

@@ -44,7 +44,7 @@ class SimSiam(Method):
     def __init__(self, backbone: nn.Module, config: SimSiamConfig, *,
                  process_group: Any = None) -> None:
         c = config
-        super().__init__(backbone, c, sync_bn=c.sync_bn, process_group=process_group)
+        super().__init__(backbone, c, process_group=process_group)
         self.projector = simsiam_projector(self.feature_dim, c.proj_hidden_dim,
                                            c.proj_output_dim, c.proj_layers,
                                            last_bn=c.proj_last_bn)

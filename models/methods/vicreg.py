@@ -40,7 +40,7 @@ class VICReg(Method):
     def __init__(self, backbone: nn.Module, config: VICRegConfig, *,
                  process_group: Any = None) -> None:
         c = config
-        super().__init__(backbone, c, sync_bn=c.sync_bn, process_group=process_group)
+        super().__init__(backbone, c, process_group=process_group)
         self.projector = vicreg_expander(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim,
                                          c.proj_layers)
         self.coeffs = (c.sim_coeff, c.std_coeff, c.cov_coeff)
