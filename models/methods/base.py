@@ -5,12 +5,17 @@ EMA step, queue and pointer) is in ``state_dict()``. The trainer only needs:
 
 * ``training_step(view1, view2) -> (loss, metrics)``: ``metrics`` holds detached scalars
   and ``"embeddings"``, a detached (B, D) batch for the collapse monitors;
-* ``after_optimizer_step(step, total_steps)``: called once per *real* optimizer step;
+* ``after_optimizer_step(step, total_steps)``: called once per *real* optimizer step; it
+  moves the EMA targets a method declares in ``momentum_pairs`` (BYOL, MoCo), in one place;
 * ``parameter_groups()``: optimiser groups carrying ``lars_exclude`` / ``fixed_lr`` flags;
 * ``embed(x)``: backbone features for evaluation;
 * ``wants_sync_bn``: convert BN to SyncBatchNorm (CUDA + DDP only; the trainer does it).
 
 ``forward`` is ``training_step``, so the method can be wrapped in DDP directly.
+
+Each method's hyper-parameters are one frozen dataclass (a :class:`MethodConfig` subclass:
+typed fields, built from ``cfg.method`` by ``from_mapping``) that ``__init__`` takes whole;
+configuration mistakes raise :class:`MethodConfigError`.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
 def build_method_warm(cfg: DictConfig, weights: dict[str, torch.Tensor] | None, process_group: Any) -> nn.Module:
     """build_method(cfg.method, cfg.backbone), with the backbone loaded before the method
     (and so its momentum target) is built around it."""
-    from models.methods import build_method, method_class
+    from models.methods import METHODS, build_method
 
     if weights is None:
         return build_method(cfg.method, cfg.backbone, process_group=process_group)
@@ -63,6 +63,8 @@ def build_method_warm(cfg: DictConfig, weights: dict[str, torch.Tensor] | None, 
         backbone.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"trainer.init_from does not fit backbone {cfg.backbone.name!r}: {e}") from e
-    method_class(cfg.method)  # an unknown method.name fails before the log line
+    name = str(cfg.method.name)
+    if name not in METHODS:
+        raise ValueError(f"method.name={name!r} is not one of {', '.join(sorted(METHODS))}")
     log.info("warm start: backbone weights from %s", cfg.trainer.init_from)
     return build_method(cfg.method, cfg.backbone, process_group=process_group, backbone=backbone)
