@@ -84,7 +84,7 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     if origin is typing.Literal:
         if isinstance(value, str) and value.lower() in args:
             return value.lower()
-        hint_ = did_you_mean(value, args) if isinstance(value, str) else ""
+        hint_ = did_you_mean(value.lower(), args) if isinstance(value, str) else ""
         raise MethodConfigError(f"method.{key} must be one of {', '.join(args)}, got "
                                 f"{value!r}{hint_} ({where})")
     ok = (
@@ -161,6 +161,7 @@ class MethodConfig:
             verb = "is" if len(missing) == 1 else "are"
             raise MethodConfigError(f"{', '.join(missing)} {verb} missing ({where})")
         return cls(**values)
+
 
 def split_param_groups(named: Iterable[tuple[str, nn.Parameter]], name: str,
                        **flags: Any) -> list[dict[str, Any]]:
@@ -249,13 +250,13 @@ class Method(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: MethodConfig, *,
                  process_group: Any = None) -> None:
+        super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(
                 f"{type(self).__name__} takes a {self.config_class.__name__} (build one with "
                 f"{self.config_class.__name__}.from_mapping(cfg.method)), got "
                 f"{type(config).__name__}"
             )
-        super().__init__()
         self.config = config
         self.backbone = backbone
         self.feature_dim = feature_dim_of(backbone)
