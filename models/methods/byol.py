@@ -11,39 +11,47 @@ motivating experiment (a frozen random target still teaches the online network s
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from models.heads import byol_mlp
-from models.methods.base import Method, MethodConfig, Metrics
+from models.methods.base import Method, MethodConfig, Metrics, MomentumPair
 from models.objectives import byol_loss
 from models.state import MomentumEncoder
 
 
+@dataclass(frozen=True, kw_only=True)
+class BYOLConfig(MethodConfig):
+    """``conf/method/byol.yaml``: the heads' widths and the target's tau schedule."""
+
+    method_name = "byol"
+    proj_hidden_dim: int
+    proj_output_dim: int
+    pred_hidden_dim: int
+    tau_base: float          # tau at k = 0; 1 freezes the target at its random init
+    tau_final: float = 1.0   # tau at k = K
+    sync_bn: bool = True     # cross-replica BN under multi-GPU DDP (CUDA only)
+
+
 class BYOL(Method):
     name = "byol"
+    config_class = BYOLConfig
 
-    def __init__(self, backbone: nn.Module, *, proj_hidden_dim: int = 4096,
-                 proj_output_dim: int = 256, pred_hidden_dim: int = 4096,
-                 tau_base: float = 0.99, tau_final: float = 1.0, sync_bn: bool = True,
+    def __init__(self, backbone: nn.Module, config: BYOLConfig, *,
                  process_group: Any = None) -> None:
-        super().__init__(backbone, sync_bn=sync_bn, process_group=process_group)
-        self.projector = byol_mlp(self.feature_dim, proj_hidden_dim, proj_output_dim)
-        self.predictor = byol_mlp(proj_output_dim, pred_hidden_dim, proj_output_dim)
+        super().__init__(backbone, config, process_group=process_group)
+        c = config
+        self.projector = byol_mlp(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim)
+        self.predictor = byol_mlp(c.proj_output_dim, c.pred_hidden_dim, c.proj_output_dim)
         self.momentum = MomentumEncoder(nn.Sequential(self.backbone, self.projector),
-                                        tau_base=tau_base, tau_final=tau_final)
+                                        tau_base=c.tau_base, tau_final=c.tau_final)
 
-    @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
-                    process_group: Any = None) -> BYOL:
-        return cls(backbone, proj_hidden_dim=cfg.int("proj_hidden_dim"),
-                   proj_output_dim=cfg.int("proj_output_dim"),
-                   pred_hidden_dim=cfg.int("pred_hidden_dim"),
-                   tau_base=cfg.float("tau_base"), tau_final=float(cfg.opt("tau_final", 1.0)),
-                   sync_bn=bool(cfg.opt("sync_bn", True)), process_group=process_group)
+    @property
+    def momentum_pairs(self) -> list[MomentumPair]:
+        return [MomentumPair((self.backbone, self.projector), self.momentum)]
 
     def training_step(self, view1: torch.Tensor,
                       view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -51,11 +59,7 @@ class BYOL(Method):
         z2 = self.projector(self.backbone(view2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         t1, t2 = self.momentum(view1), self.momentum(view2)  # no grad; target in train mode
-        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+        loss = byol_loss(p1, t2).loss + byol_loss(p2, t1).loss
         metrics = {"loss": loss.detach(), "tau": self.momentum.last_tau.clone(),
                    "embeddings": z1.detach()}
         return loss, metrics
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        online = itertools.chain(self.backbone.parameters(), self.projector.parameters())
-        self.momentum.update(online, total_steps)

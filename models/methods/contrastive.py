@@ -11,6 +11,7 @@ no queue, no momentum.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,31 +22,35 @@ from models.methods.base import Method, MethodConfig, Metrics
 from models.objectives import contrastive_margin
 
 
+@dataclass(frozen=True, kw_only=True)
+class ContrastiveConfig(MethodConfig):
+    """``conf/method/contrastive.yaml``."""
+
+    method_name = "contrastive"
+    proj_hidden_dim: int
+    proj_output_dim: int
+    margin: float
+    normalize: bool = True   # L2-normalise before measuring distances
+    gather: bool = True      # negatives from every rank (with gradient)
+    sync_bn: bool = True
+
 class Contrastive(Method):
     name = "contrastive"
+    config_class = ContrastiveConfig
 
-    def __init__(self, backbone: nn.Module, *, proj_hidden_dim: int = 2048,
-                 proj_output_dim: int = 128, margin: float = 1.0, normalize: bool = True,
-                 gather: bool = True, sync_bn: bool = True, process_group: Any = None) -> None:
-        super().__init__(backbone, sync_bn=sync_bn, process_group=process_group)
-        self.projector = simclr_projector(self.feature_dim, proj_hidden_dim, proj_output_dim)
-        self.margin = float(margin)
-        self.normalize = bool(normalize)
-        self.gather = bool(gather)
-
-    @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
-                    process_group: Any = None) -> Contrastive:
-        return cls(backbone, proj_hidden_dim=cfg.int("proj_hidden_dim"),
-                   proj_output_dim=cfg.int("proj_output_dim"), margin=cfg.float("margin"),
-                   normalize=bool(cfg.opt("normalize", True)),
-                   gather=bool(cfg.opt("gather", True)),
-                   sync_bn=bool(cfg.opt("sync_bn", True)), process_group=process_group)
+    def __init__(self, backbone: nn.Module, config: ContrastiveConfig, *,
+                 process_group: Any = None) -> None:
+        c = config
+        super().__init__(backbone, c, process_group=process_group)
+        self.projector = simclr_projector(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim)
+        self.margin = c.margin
+        self.normalize = c.normalize
+        self.gather = c.gather
 
     def training_step(self, view1: torch.Tensor,
                       view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         z1 = self.projector(self.backbone(view1))
         z2 = self.projector(self.backbone(view2))
-        loss = contrastive_margin(z1, z2, self.margin, normalize=self.normalize,
-                                  group=self.process_group, gather=self.gather)
+        loss, _ = contrastive_margin(z1, z2, self.margin, normalize=self.normalize,
+                                     group=self.process_group, gather=self.gather)
         return loss, {"loss": loss.detach(), "embeddings": z1.detach()}

@@ -21,8 +21,8 @@ statistics (on one process it is a no-op); ``sync`` asks the trainer for SyncBat
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -30,42 +30,57 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.heads import moco_projector
-from models.methods.base import Method, MethodConfig, Metrics
+from models.methods.base import Method, MethodConfig, Metrics, MomentumPair
 from models.objectives import gather_no_grad, get_rank, get_world_size, info_nce
 from models.state import MomentumEncoder, Queue
 
 
+@dataclass(frozen=True, kw_only=True)
+class MoCoV2Config(MethodConfig):
+    """``conf/method/mocov2.yaml``: heads, temperature, queue, key-encoder momentum, BN mode."""
+
+    method_name = "mocov2"
+    proj_hidden_dim: int
+    proj_output_dim: int
+    temperature: float
+    queue_size: int                  # keys per queue (>= the global batch)
+    tau_base: float
+    tau_final: float | None = None   # None: tau_base (MoCo's constant m)
+    bn: Literal["shuffle", "sync", "none"] = "shuffle"
+    symmetric: bool = False          # MoCo v2+: both directions, one queue per view
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tau_final is None:
+            object.__setattr__(self, "tau_final", self.tau_base)
+
+
 class MoCoV2(Method):
     name = "mocov2"
+    config_class = MoCoV2Config
 
-    def __init__(self, backbone: nn.Module, *, proj_hidden_dim: int = 2048,
-                 proj_output_dim: int = 128, temperature: float = 0.2, queue_size: int = 65536,
-                 tau_base: float = 0.999, tau_final: float = 0.999, bn: str = "shuffle",
-                 symmetric: bool = False, process_group: Any = None) -> None:
-        if bn not in ("shuffle", "sync", "none"):
-            raise ValueError(f"method.bn must be shuffle, sync or none, got {bn!r}")
-        super().__init__(backbone, sync_bn=bn == "sync", process_group=process_group)
-        self.projector = moco_projector(self.feature_dim, proj_hidden_dim, proj_output_dim)
+    def __init__(self, backbone: nn.Module, config: MoCoV2Config, *,
+                 process_group: Any = None) -> None:
+        c = config
+        super().__init__(backbone, c, process_group=process_group)
+        self.projector = moco_projector(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim)
         self.momentum = MomentumEncoder(nn.Sequential(self.backbone, self.projector),
-                                        tau_base=tau_base, tau_final=tau_final)
-        self.queue = Queue(queue_size, proj_output_dim, process_group=process_group)
+                                        tau_base=c.tau_base, tau_final=c.tau_final)
+        self.queue = Queue(c.queue_size, c.proj_output_dim, process_group=process_group)
         # symmetric only: the view-1 keys (negatives for q2); another seed, another init
-        self.queue_view1 = (Queue(queue_size, proj_output_dim, process_group=process_group,
-                                  seed=1) if symmetric else None)
-        self.temperature = float(temperature)
-        self.bn = bn
-        self.symmetric = bool(symmetric)
+        self.queue_view1 = (Queue(c.queue_size, c.proj_output_dim, process_group=process_group,
+                                  seed=1) if c.symmetric else None)
+        self.temperature = c.temperature
+        self.bn = c.bn
+        self.symmetric = c.symmetric
 
-    @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
-                    process_group: Any = None) -> MoCoV2:
-        return cls(backbone, proj_hidden_dim=cfg.int("proj_hidden_dim"),
-                   proj_output_dim=cfg.int("proj_output_dim"),
-                   temperature=cfg.float("temperature"), queue_size=cfg.int("queue_size"),
-                   tau_base=cfg.float("tau_base"),
-                   tau_final=float(cfg.opt("tau_final", cfg.float("tau_base"))),
-                   bn=cfg.choice("bn", ("shuffle", "sync", "none"), "shuffle"),
-                   symmetric=bool(cfg.opt("symmetric", False)), process_group=process_group)
+    @property
+    def wants_sync_bn(self) -> bool:
+        return self.bn == "sync"
+
+    @property
+    def momentum_pairs(self) -> list[MomentumPair]:
+        return [MomentumPair((self.backbone, self.projector), self.momentum)]
 
     # -- shuffle-BN (moco/builder.py's _batch_shuffle_ddp / _batch_unshuffle_ddp) -------------
 
@@ -102,21 +117,17 @@ class MoCoV2(Method):
         q1 = F.normalize(z1, dim=1)
         k2 = self.keys(view2)
         # A copy: the enqueue below writes in place into the buffer autograd would save.
-        loss = info_nce(q1, k2, self.queue.keys.clone(), self.temperature)
+        loss, _ = info_nce(q1, k2, self.queue.keys.clone(), self.temperature)
         if self.queue_view1 is not None:
             q2 = F.normalize(self.projector(self.backbone(view2)), dim=1)
             k1 = self.keys(view1)
             loss = 0.5 * (loss + info_nce(q2, k1, self.queue_view1.keys.clone(),
-                                          self.temperature))
+                                          self.temperature).loss)
             self.queue_view1.enqueue(k1)
         self.queue.enqueue(k2)
         metrics = {"loss": loss.detach(), "tau": self.momentum.last_tau.clone(),
                    "embeddings": z1.detach()}
         return loss, metrics
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        online = itertools.chain(self.backbone.parameters(), self.projector.parameters())
-        self.momentum.update(online, total_steps)
 
     @property
     def ddp_static_buffers(self) -> list[str]:

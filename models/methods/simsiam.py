@@ -12,6 +12,7 @@ flags the predictor's optimiser groups ``fixed_lr`` (no lr decay), as the paper 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,31 +23,35 @@ from models.methods.base import Method, MethodConfig, Metrics, split_param_group
 from models.objectives import simsiam_loss
 
 
+@dataclass(frozen=True, kw_only=True)
+class SimSiamConfig(MethodConfig):
+    """``conf/method/simsiam.yaml``."""
+
+    method_name = "simsiam"
+    proj_hidden_dim: int
+    proj_output_dim: int
+    pred_hidden_dim: int
+    proj_layers: int = 3
+    proj_last_bn: bool = True    # BN (no affine) on the projector output, as the paper
+    stop_gradient: bool = True   # false: the paper's collapse experiment (Fig. 2)
+    fix_pred_lr: bool = True     # the predictor keeps its initial lr
+    sync_bn: bool = True
+
 class SimSiam(Method):
     name = "simsiam"
+    config_class = SimSiamConfig
 
-    def __init__(self, backbone: nn.Module, *, proj_hidden_dim: int = 2048,
-                 proj_output_dim: int = 2048, proj_layers: int = 3, proj_last_bn: bool = True,
-                 pred_hidden_dim: int = 512, stop_gradient: bool = True, fix_pred_lr: bool = True, sync_bn: bool = True,
+    def __init__(self, backbone: nn.Module, config: SimSiamConfig, *,
                  process_group: Any = None) -> None:
-        super().__init__(backbone, sync_bn=sync_bn, process_group=process_group)
-        self.projector = simsiam_projector(self.feature_dim, proj_hidden_dim, proj_output_dim,
-                                           proj_layers, last_bn=proj_last_bn)
-        self.predictor = simsiam_predictor(proj_output_dim, pred_hidden_dim, proj_output_dim)
-        self.stop_gradient = bool(stop_gradient)
-        self.fix_pred_lr = bool(fix_pred_lr)
-
-    @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
-                    process_group: Any = None) -> SimSiam:
-        return cls(backbone, proj_hidden_dim=cfg.int("proj_hidden_dim"),
-                   proj_output_dim=cfg.int("proj_output_dim"),
-                   proj_layers=int(cfg.opt("proj_layers", 3)),
-                   proj_last_bn=bool(cfg.opt("proj_last_bn", True)),
-                   pred_hidden_dim=cfg.int("pred_hidden_dim"),
-                   stop_gradient=bool(cfg.opt("stop_gradient", True)),
-                   fix_pred_lr=bool(cfg.opt("fix_pred_lr", True)),
-                   sync_bn=bool(cfg.opt("sync_bn", True)), process_group=process_group)
+        c = config
+        super().__init__(backbone, c, process_group=process_group)
+        self.projector = simsiam_projector(self.feature_dim, c.proj_hidden_dim,
+                                           c.proj_output_dim, c.proj_layers,
+                                           last_bn=c.proj_last_bn)
+        self.predictor = simsiam_predictor(c.proj_output_dim, c.pred_hidden_dim,
+                                           c.proj_output_dim)
+        self.stop_gradient = c.stop_gradient
+        self.fix_pred_lr = c.fix_pred_lr
 
     def training_step(self, view1: torch.Tensor,
                       view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -54,8 +59,8 @@ class SimSiam(Method):
         z2 = self.projector(self.backbone(view2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         sg = self.stop_gradient
-        loss = 0.5 * (simsiam_loss(p1, z2, stop_gradient=sg)
-                      + simsiam_loss(p2, z1, stop_gradient=sg))
+        loss = 0.5 * (simsiam_loss(p1, z2, stop_gradient=sg).loss
+                      + simsiam_loss(p2, z1, stop_gradient=sg).loss)
         return loss, {"loss": loss.detach(), "embeddings": z1.detach()}
 
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ loss:   sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,28 +19,32 @@ from models.methods.base import Method, MethodConfig, Metrics
 from models.objectives import vicreg_loss
 
 
+@dataclass(frozen=True, kw_only=True)
+class VICRegConfig(MethodConfig):
+    """``conf/method/vicreg.yaml``: expander and the loss weights (lambda, mu, nu)."""
+
+    method_name = "vicreg"
+    proj_hidden_dim: int
+    proj_output_dim: int
+    sim_coeff: float
+    std_coeff: float         # for the official (halved) variance term
+    cov_coeff: float
+    proj_layers: int = 3
+    gather: bool = True      # variance/covariance over the global batch (with gradient)
+    sync_bn: bool = True
+
 class VICReg(Method):
     name = "vicreg"
+    config_class = VICRegConfig
 
-    def __init__(self, backbone: nn.Module, *, proj_hidden_dim: int = 8192,
-                 proj_output_dim: int = 8192, proj_layers: int = 3, sim_coeff: float = 25.0,
-                 std_coeff: float = 25.0, cov_coeff: float = 1.0, gather: bool = True,
-                 sync_bn: bool = True, process_group: Any = None) -> None:
-        super().__init__(backbone, sync_bn=sync_bn, process_group=process_group)
-        self.projector = vicreg_expander(self.feature_dim, proj_hidden_dim, proj_output_dim,
-                                         proj_layers)
-        self.coeffs = (float(sim_coeff), float(std_coeff), float(cov_coeff))
-        self.gather = bool(gather)
-
-    @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: nn.Module,
-                    process_group: Any = None) -> VICReg:
-        return cls(backbone, proj_hidden_dim=cfg.int("proj_hidden_dim"),
-                   proj_output_dim=cfg.int("proj_output_dim"),
-                   proj_layers=int(cfg.opt("proj_layers", 3)),
-                   sim_coeff=cfg.float("sim_coeff"), std_coeff=cfg.float("std_coeff"),
-                   cov_coeff=cfg.float("cov_coeff"), gather=bool(cfg.opt("gather", True)),
-                   sync_bn=bool(cfg.opt("sync_bn", True)), process_group=process_group)
+    def __init__(self, backbone: nn.Module, config: VICRegConfig, *,
+                 process_group: Any = None) -> None:
+        c = config
+        super().__init__(backbone, c, process_group=process_group)
+        self.projector = vicreg_expander(self.feature_dim, c.proj_hidden_dim, c.proj_output_dim,
+                                         c.proj_layers)
+        self.coeffs = (c.sim_coeff, c.std_coeff, c.cov_coeff)
+        self.gather = c.gather
 
     def training_step(self, view1: torch.Tensor,
                       view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -47,5 +52,5 @@ class VICReg(Method):
         z2 = self.projector(self.backbone(view2))
         sim, std, cov = self.coeffs
         loss, parts = vicreg_loss(z1, z2, sim, std, cov, group=self.process_group,
-                                  gather=self.gather, return_parts=True)
+                                  gather=self.gather)
         return loss, {"loss": loss.detach(), **parts, "embeddings": z1.detach()}

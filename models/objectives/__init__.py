@@ -1,14 +1,16 @@
 """SSL objectives: pure functions of embeddings (plus an explicit process group).
 
-Every loss returns a scalar tensor; ``vicreg_loss`` and ``barlow_twins_loss`` also return
-their unweighted terms with ``return_parts=True``. Gathered losses (``nt_xent``,
-``contrastive_margin``, ``vicreg_loss``, ``barlow_twins_loss``) take ``group`` and ``gather``
-and are exact under DDP: see docs/objectives.md.
+Every loss returns ``LossParts(loss, parts)`` (a NamedTuple): the scalar loss and a dict of
+its unweighted terms, detached (``vicreg_loss``, ``barlow_twins_loss``; ``{}`` for the
+others). Gathered losses (``nt_xent``, ``contrastive_margin``, ``vicreg_loss``,
+``barlow_twins_loss``) take ``group`` and ``gather`` and are exact under DDP: see
+docs/objectives.md.
 
 May import: torch and torch.distributed only.
 Imported by: models.methods, tests.
 """
 
+from models.objectives._common import LossParts
 from models.objectives.barlow_twins import barlow_twins_loss
 from models.objectives.byol import byol_loss
 from models.objectives.contrastive_margin import contrastive_margin
@@ -25,6 +27,7 @@ from models.objectives.simsiam import simsiam_loss
 from models.objectives.vicreg import vicreg_loss
 
 __all__ = [
+    "LossParts",
     "barlow_twins_loss",
     "byol_loss",
     "contrastive_margin",

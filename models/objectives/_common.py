@@ -1,19 +1,32 @@
 """Validation, precision and global-batch plumbing shared by the objectives.
 
-Kept private: the public surface is the loss functions and :mod:`.gather`.
+Kept private: the public surface is the loss functions, :class:`LossParts` (re-exported by
+the package) and :mod:`.gather`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from models.objectives import gather as _gather
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class LossParts(NamedTuple):
+    """What every objective returns: ``loss, parts = objective(...)``.
+
+    ``loss`` is the scalar to back-propagate; ``parts`` holds the unweighted terms, detached,
+    for logging (``{}`` for the losses that have none). One shape for all objectives, so a
+    caller never needs a flag to ask for the parts.
+    """
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
 
 
 def check_pair(name: str, a: torch.Tensor, b: torch.Tensor, *, min_rows: int = 1) -> None:

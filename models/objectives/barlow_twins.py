@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import Any
 
 import torch
 
 from models.objectives._common import (
+    LossParts,
     check_pair,
     check_positive,
     full_precision,
@@ -25,32 +26,6 @@ def _standardise(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + eps)
 
 
-@overload
-def barlow_twins_loss(
-    z1: torch.Tensor,
-    z2: torch.Tensor,
-    lambd: float = ...,
-    *,
-    eps: float = ...,
-    group: Any = ...,
-    gather: bool = ...,
-    return_parts: Literal[False] = ...,
-) -> torch.Tensor: ...
-
-
-@overload
-def barlow_twins_loss(
-    z1: torch.Tensor,
-    z2: torch.Tensor,
-    lambd: float = ...,
-    *,
-    eps: float = ...,
-    group: Any = ...,
-    gather: bool = ...,
-    return_parts: Literal[True],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-
 def barlow_twins_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -59,8 +34,7 @@ def barlow_twins_loss(
     eps: float = 1e-5,
     group: Any = None,
     gather: bool = True,
-    return_parts: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossParts:
     """Drive the cross-correlation of the two views' embeddings to the identity.
 
     With A, B the gathered global batch (N rows, D dims) standardised per dimension with the
@@ -85,10 +59,10 @@ def barlow_twins_loss(
         eps: BatchNorm's epsilon (1e-5).
         group: process group to gather over (default: the world).
         gather: standardise and correlate over the global batch (``False``: this rank only).
-        return_parts: also return the unweighted ``on_diag`` and ``off_diag`` sums, detached.
 
     Returns:
-        the scalar loss, or ``(loss, {"on_diag", "off_diag"})`` when ``return_parts=True``.
+        ``LossParts(loss, parts)``: the scalar loss and the unweighted sums
+        ``{"on_diag", "off_diag"}``, detached, for logging.
     """
     check_pair("barlow_twins_loss", z1, z2)
     check_positive("barlow_twins_loss", "eps", eps)
@@ -104,6 +78,4 @@ def barlow_twins_loss(
         on_diag = (1 - torch.diagonal(c)).pow(2).sum()
         off_diag = off_diagonal(c).pow(2).sum()
         loss = on_diag + lambd * off_diag
-    if not return_parts:
-        return loss
-    return loss, {"on_diag": on_diag.detach(), "off_diag": off_diag.detach()}
+    return LossParts(loss, {"on_diag": on_diag.detach(), "off_diag": off_diag.detach()})

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.objectives._common import (
+    LossParts,
     anchors_and_candidates,
     check_pair,
     check_positive,
@@ -26,7 +27,7 @@ def contrastive_margin(
     normalize: bool = True,
     group: Any = None,
     gather: bool = True,
-) -> torch.Tensor:
+) -> LossParts:
     """Pull the two views of an image together, push other images beyond ``margin``.
 
     Hadsell et al. score a pair at Euclidean distance d with ``1/2 d^2`` when similar and
@@ -55,7 +56,8 @@ def contrastive_margin(
         gather: gather candidates across ranks (``False``: negatives from this rank only).
 
     Returns:
-        scalar tensor. The negative term is 0 when the global batch has a single image.
+        ``LossParts(loss, {})`` with the scalar loss. The negative term is 0 when the global
+        batch has a single image.
     """
     check_pair("contrastive_margin", z1, z2)
     check_positive("contrastive_margin", "margin", margin)
@@ -78,11 +80,11 @@ def contrastive_margin(
 
         negatives_per_anchor = candidates.shape[0] - 2
         if negatives_per_anchor == 0:
-            return positive
+            return LossParts(positive, {})
         negative_mask = torch.ones_like(d2)
         rows = torch.arange(anchors.shape[0], device=anchors.device)
         negative_mask[rows, self_idx] = 0.0
         negative_mask[rows, pos_idx] = 0.0
         push = (F.relu(margin - d).pow(2) * negative_mask).sum()
         negative = 0.5 * push / (anchors.shape[0] * negatives_per_anchor)
-        return positive + negative
+        return LossParts(positive + negative, {})

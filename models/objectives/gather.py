@@ -2,8 +2,9 @@
 
 Why a custom autograd function: ``torch.distributed.all_gather`` is not differentiable, so a
 loss built on its output sends no gradient to the other ranks' samples. With DDP averaging
-parameter gradients over ranks, that silently changes the objective (SimCLR off by 0.27,
-VICReg by 1.56 in NOTES.md; lightly and vissl shipped the bug). :class:`_GatherLayer`
+parameter gradients over ranks, that silently changes the objective (measured on 2 gloo
+ranks: SimCLR off by 0.27, VICReg by 1.56; lightly and vissl shipped the bug;
+tests/models/test_objectives_ddp.py shows it). :class:`_GatherLayer`
 all-gathers in forward and, in backward, all-reduces (SUM) the incoming gradients of the whole
 gathered tensor and keeps this rank's slice: the slice then holds the gradient of *every*
 rank's loss w.r.t. this rank's samples, which is what DDP's average needs (docs/objectives.md).

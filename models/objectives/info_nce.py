@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.objectives._common import check_pair, check_positive, full_precision, upcast
+from models.objectives._common import (
+    LossParts,
+    check_pair,
+    check_positive,
+    full_precision,
+    upcast,
+)
 
 __all__ = ["info_nce"]
 
@@ -15,7 +21,7 @@ def info_nce(
     k: torch.Tensor,
     queue: torch.Tensor,
     temperature: float = 0.2,
-) -> torch.Tensor:
+) -> LossParts:
     """Cross-entropy of each query against its key (positive) and the queue (negatives).
 
     With q, k and the queue rows L2-normalised::
@@ -37,7 +43,7 @@ def info_nce(
         temperature: T > 0; MoCo v1 0.07, v2 0.2.
 
     Returns:
-        scalar tensor.
+        ``LossParts(loss, {})`` with the scalar loss.
     """
     check_pair("info_nce", q, k)
     check_positive("info_nce", "temperature", temperature)
@@ -54,4 +60,4 @@ def info_nce(
         negative = q @ queue.T
         logits = torch.cat([positive, negative], dim=1) / temperature
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return F.cross_entropy(logits, labels)
+        return LossParts(F.cross_entropy(logits, labels), {})

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.objectives._common import (
+    LossParts,
     anchors_and_candidates,
     check_pair,
     check_positive,
@@ -25,7 +26,7 @@ def nt_xent(
     *,
     group: Any = None,
     gather: bool = True,
-) -> torch.Tensor:
+) -> LossParts:
     """Normalised-temperature cross-entropy over the two views of a batch.
 
     With u = z / ||z|| and sim(a, b) = u_a . u_b, each anchor a (every view of every sample)
@@ -48,7 +49,7 @@ def nt_xent(
         gather: gather candidates across ranks.
 
     Returns:
-        scalar tensor (fp32 when the inputs are fp16/bf16).
+        ``LossParts(loss, {})`` with the scalar loss (fp32 when the inputs are fp16/bf16).
     """
     check_pair("nt_xent", z1, z2)
     check_positive("nt_xent", "temperature", temperature)
@@ -59,4 +60,4 @@ def nt_xent(
         logits = anchors @ candidates.T / temperature
         rows = torch.arange(anchors.shape[0], device=anchors.device)
         logits[rows, self_idx] = float("-inf")
-        return F.cross_entropy(logits, pos_idx)
+        return LossParts(F.cross_entropy(logits, pos_idx), {})

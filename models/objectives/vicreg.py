@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from models.objectives._common import (
+    LossParts,
     check_pair,
     check_positive,
     full_precision,
@@ -17,36 +18,6 @@ from models.objectives._common import (
 )
 
 __all__ = ["vicreg_loss"]
-
-
-@overload
-def vicreg_loss(
-    z1: torch.Tensor,
-    z2: torch.Tensor,
-    sim_coeff: float = ...,
-    std_coeff: float = ...,
-    cov_coeff: float = ...,
-    eps: float = ...,
-    *,
-    group: Any = ...,
-    gather: bool = ...,
-    return_parts: Literal[False] = ...,
-) -> torch.Tensor: ...
-
-
-@overload
-def vicreg_loss(
-    z1: torch.Tensor,
-    z2: torch.Tensor,
-    sim_coeff: float = ...,
-    std_coeff: float = ...,
-    cov_coeff: float = ...,
-    eps: float = ...,
-    *,
-    group: Any = ...,
-    gather: bool = ...,
-    return_parts: Literal[True],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 def vicreg_loss(
@@ -59,8 +30,7 @@ def vicreg_loss(
     *,
     group: Any = None,
     gather: bool = True,
-    return_parts: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> LossParts:
     """Variance-Invariance-Covariance regularisation.
 
     With x, y the (B, D) embeddings of this rank and X, Y the gathered global batch
@@ -85,11 +55,10 @@ def vicreg_loss(
         eps: added to the variance inside the square root (official 1e-4).
         group: process group to gather over (default: the world).
         gather: compute variance/covariance on the global batch (``False``: this rank only).
-        return_parts: also return the unweighted terms, detached, for logging.
 
     Returns:
-        the scalar loss, or ``(loss, {"invariance", "variance", "covariance"})`` when
-        ``return_parts=True``.
+        ``LossParts(loss, parts)``: the scalar loss and its unweighted terms
+        ``{"invariance", "variance", "covariance"}``, detached, for logging.
     """
     check_pair("vicreg_loss", z1, z2)
     check_positive("vicreg_loss", "eps", eps)
@@ -109,11 +78,9 @@ def vicreg_loss(
         cov_y = y.T @ y / (n - 1)
         covariance = off_diagonal(cov_x).pow(2).sum() / dim + off_diagonal(cov_y).pow(2).sum() / dim
         loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
-    if not return_parts:
-        return loss
     parts = {
         "invariance": invariance.detach(),
         "variance": variance.detach(),
         "covariance": covariance.detach(),
     }
-    return loss, parts
+    return LossParts(loss, parts)

@@ -79,7 +79,8 @@ def wrap_model(
 ) -> nn.Module:
     """StepModule (+ SyncBN when the method wants it, on CUDA) (+ torch.compile) (+ DDP).
 
-    SyncBatchNorm does not run on CPU (NOTES.md), so CPU/gloo runs keep per-rank BN. The
+    SyncBatchNorm does not run on CPU (in training mode it raises "expected input on GPU"),
+    so CPU/gloo runs keep per-rank BN. The
     method's modules are converted in place (before DDP, which must see the final modules,
     and before the optimizer collects parameters: convert_sync_batchnorm keeps the same
     Parameter objects anyway), so the caller's `method` reference stays valid.

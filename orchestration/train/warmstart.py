@@ -52,7 +52,7 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
 def build_method_warm(cfg: DictConfig, weights: dict[str, torch.Tensor] | None, process_group: Any) -> nn.Module:
     """build_method(cfg.method, cfg.backbone), with the backbone loaded before the method
     (and so its momentum target) is built around it."""
-    from models.methods import METHODS, MethodConfig, build_method
+    from models.methods import METHODS, build_method
 
     if weights is None:
         return build_method(cfg.method, cfg.backbone, process_group=process_group)
@@ -67,4 +67,4 @@ def build_method_warm(cfg: DictConfig, weights: dict[str, torch.Tensor] | None, 
     if name not in METHODS:
         raise ValueError(f"method.name={name!r} is not one of {', '.join(sorted(METHODS))}")
     log.info("warm start: backbone weights from %s", cfg.trainer.init_from)
-    return METHODS[name].from_config(MethodConfig(cfg.method, name), backbone, process_group=process_group)
+    return build_method(cfg.method, cfg.backbone, process_group=process_group, backbone=backbone)

@@ -1,7 +1,7 @@
 """The epoch plan: which samples each rank reads, as a pure function of the shard counts.
 
 Why this shape: DDP hangs when ranks take different step counts (webdataset's
-split_by_node over uneven shards gave 33 vs 24 samples, NOTES.md). Here the shards, in a
+split_by_node over uneven shards gave two ranks 33 and 24 samples). Here the shards, in a
 (seed, epoch) permutation, are laid end to end into one global index space of N samples;
 rank r reads the contiguous slice [r*L, (r+1)*L). With `exact_epoch` L = ceil(N/W) and
 the last W*L - N positions wrap around to the start (padding, counted); without it

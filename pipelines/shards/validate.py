@@ -1,6 +1,6 @@
 """Cheap checks that a byte string is an image a decoder will accept.
 
-Why: DALI aborts the whole pipeline on one undecodable JPEG (NOTES.md), and a full decode
+Why: DALI aborts the whole pipeline on one undecodable JPEG, and a full decode
 per sample on the reading side would cost as much as the augmentation itself. Parsing the
 container structure (JPEG markers, PNG chunks, RIFF header) catches what breaks pipelines
 in practice -- empty members, text or HTML saved as .jpg, truncated files -- in

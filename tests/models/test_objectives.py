@@ -174,7 +174,7 @@ def ref_barlow(
 @pytest.mark.parametrize("temperature", [0.1, 0.5, 2.0])
 def test_nt_xent_matches_reference(temperature: float) -> None:
     z1, z2 = _randn(5, 4, seed=1), _randn(5, 4, seed=2)
-    got = nt_xent(z1, z2, temperature)
+    got, _ = nt_xent(z1, z2, temperature)
     assert got.dtype == F64 and got.ndim == 0
     assert float(got) == pytest.approx(ref_nt_xent(z1, z2, temperature), rel=1e-12, abs=1e-12)
 
@@ -183,18 +183,18 @@ def test_nt_xent_invariances_and_edge_cases() -> None:
     z1, z2 = _randn(6, 5, seed=3), _randn(6, 5, seed=4)
     # cosine similarity: per-row positive rescaling changes nothing
     scale = torch.rand(6, 1, dtype=F64) * 5 + 0.1
-    assert float(nt_xent(z1 * scale, z2, 0.3)) == pytest.approx(
-        float(nt_xent(z1, z2, 0.3)), rel=1e-12
+    assert float(nt_xent(z1 * scale, z2, 0.3).loss) == pytest.approx(
+        float(nt_xent(z1, z2, 0.3).loss), rel=1e-12
     )
     # collapse: all similarities equal, loss = log(2N - 1) whatever the temperature
     same = torch.ones(6, 5, dtype=F64)
     for t in (0.05, 0.5, 5.0):
-        assert float(nt_xent(same, same, t)) == pytest.approx(math.log(11), rel=1e-12)
+        assert float(nt_xent(same, same, t).loss) == pytest.approx(math.log(11), rel=1e-12)
     # a single image has no negatives: the positive is the only candidate
-    assert float(nt_xent(z1[:1], z2[:1])) == pytest.approx(0.0, abs=1e-12)
+    assert float(nt_xent(z1[:1], z2[:1]).loss) == pytest.approx(0.0, abs=1e-12)
     # perfectly separated (one-hot views identical, images orthogonal): lower T, lower loss
     eye = torch.eye(4, dtype=F64)
-    losses = [float(nt_xent(eye, eye, t)) for t in (1.0, 0.5, 0.1)]
+    losses = [float(nt_xent(eye, eye, t).loss) for t in (1.0, 0.5, 0.1)]
     assert losses[0] > losses[1] > losses[2] > 0
     assert losses[2] == pytest.approx(-math.log(math.exp(10) / (math.exp(10) + 6)), rel=1e-12)
 
@@ -202,13 +202,13 @@ def test_nt_xent_invariances_and_edge_cases() -> None:
 @pytest.mark.parametrize("margin", [0.5, 1.0, 1.7])
 def test_contrastive_margin_matches_reference(margin: float) -> None:
     z1, z2 = _randn(5, 4, seed=5), _randn(5, 4, seed=6)
-    got = contrastive_margin(z1, z2, margin)
+    got, _ = contrastive_margin(z1, z2, margin)
     assert float(got) == pytest.approx(ref_contrastive(z1, z2, margin), rel=1e-12, abs=1e-14)
 
 
 def test_contrastive_margin_unnormalised_matches_reference() -> None:
     z1, z2 = _randn(4, 3, seed=7, scale=0.5), _randn(4, 3, seed=8, scale=0.5)
-    got = contrastive_margin(z1, z2, 2.0, normalize=False)
+    got, _ = contrastive_margin(z1, z2, 2.0, normalize=False)
     assert float(got) == pytest.approx(ref_contrastive(z1, z2, 2.0, normalize=False), rel=1e-12)
 
 
@@ -216,32 +216,32 @@ def test_contrastive_margin_edge_cases() -> None:
     z = _randn(5, 4, seed=9)
     # identical views: positive term 0, the loss is the negative term alone
     ref_neg_only = ref_contrastive(z, z, 1.5)
-    assert float(contrastive_margin(z, z, 1.5)) == pytest.approx(ref_neg_only, rel=1e-12)
+    assert float(contrastive_margin(z, z, 1.5).loss) == pytest.approx(ref_neg_only, rel=1e-12)
     # orthogonal images (distance sqrt 2): beyond a margin of 1 nothing is pushed
     eye = torch.eye(4, dtype=F64)
-    assert float(contrastive_margin(eye, eye, 1.0)) == 0.0
+    assert float(contrastive_margin(eye, eye, 1.0).loss) == 0.0
     # ... within a margin of 2 every negative pays 1/2 (2 - sqrt 2)^2
-    assert float(contrastive_margin(eye, eye, 2.0)) == pytest.approx(
+    assert float(contrastive_margin(eye, eye, 2.0).loss) == pytest.approx(
         0.5 * (2 - math.sqrt(2)) ** 2, rel=1e-12
     )
     # larger margin never lowers the loss
     z1, z2 = _randn(5, 4, seed=10), _randn(5, 4, seed=11)
-    values = [float(contrastive_margin(z1, z2, m)) for m in (0.25, 0.5, 1.0, 2.0)]
+    values = [float(contrastive_margin(z1, z2, m).loss) for m in (0.25, 0.5, 1.0, 2.0)]
     assert values == sorted(values)
     # one image: no negatives, positive term only
-    assert float(contrastive_margin(z1[:1], z2[:1])) == pytest.approx(
+    assert float(contrastive_margin(z1[:1], z2[:1]).loss) == pytest.approx(
         ref_contrastive(z1[:1], z2[:1], 1.0), rel=1e-12
     )
     # coincident negatives (collapse) give a finite gradient
     same = torch.ones(3, 4, dtype=F64, requires_grad=True)
-    contrastive_margin(same, same.detach().clone(), 1.0, normalize=False).backward()
+    contrastive_margin(same, same.detach().clone(), 1.0, normalize=False).loss.backward()
     assert torch.isfinite(same.grad).all()
 
 
 @pytest.mark.parametrize("temperature", [0.07, 0.2, 1.0])
 def test_info_nce_matches_reference(temperature: float) -> None:
     q, k, queue = _randn(4, 5, seed=12), _randn(4, 5, seed=13), _randn(7, 5, seed=14)
-    got = info_nce(q, k, queue, temperature)
+    got, _ = info_nce(q, k, queue, temperature)
     assert float(got) == pytest.approx(ref_info_nce(q, k, queue, temperature), rel=1e-12)
 
 
@@ -251,14 +251,14 @@ def test_info_nce_edge_cases() -> None:
     # positive aligned, queue orthogonal: loss = log(1 + K e^{-1/T})
     for t in (0.1, 0.2, 1.0):
         want = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 4))
-        assert float(info_nce(q, q.clone(), queue, t)) == pytest.approx(want, rel=1e-12)
+        assert float(info_nce(q, q.clone(), queue, t).loss) == pytest.approx(want, rel=1e-12)
     # everything orthogonal: all logits 0, loss = log(K + 1) for any temperature
-    assert float(info_nce(q, eye[4:6], eye[2:4], 0.07)) == pytest.approx(math.log(3), rel=1e-12)
+    assert float(info_nce(q, eye[4:6], eye[2:4], 0.07).loss) == pytest.approx(math.log(3), rel=1e-12)
     # empty queue: only the positive
-    assert float(info_nce(q, eye[4:6], eye[:0], 0.2)) == pytest.approx(0.0, abs=1e-12)
+    assert float(info_nce(q, eye[4:6], eye[:0], 0.2).loss) == pytest.approx(0.0, abs=1e-12)
     # keys and queue get no gradient
     qg, kg, qu = (_randn(3, 5, seed=s).requires_grad_() for s in (15, 16, 17))
-    info_nce(qg, kg, qu).backward()
+    info_nce(qg, kg, qu).loss.backward()
     assert qg.grad is not None and kg.grad is None and qu.grad is None
     with pytest.raises(ValueError, match=r"queue must be \(K, 5\)"):
         info_nce(qg, kg, torch.zeros(5, 7, dtype=F64))
@@ -266,38 +266,38 @@ def test_info_nce_edge_cases() -> None:
 
 def test_byol_and_simsiam_match_reference_and_edge_cases() -> None:
     p, z = _randn(6, 4, seed=18), _randn(6, 4, seed=19)
-    assert float(byol_loss(p, z)) == pytest.approx(ref_byol(p, z), rel=1e-12)
-    assert float(simsiam_loss(p, z)) == pytest.approx(ref_simsiam(p, z), rel=1e-12)
+    assert float(byol_loss(p, z).loss) == pytest.approx(ref_byol(p, z), rel=1e-12)
+    assert float(simsiam_loss(p, z).loss) == pytest.approx(ref_simsiam(p, z), rel=1e-12)
     # identical direction / orthogonal / opposite
-    assert float(byol_loss(p, 3 * p)) == pytest.approx(0.0, abs=1e-12)
-    assert float(simsiam_loss(p, 3 * p)) == pytest.approx(-1.0, rel=1e-12)
+    assert float(byol_loss(p, 3 * p).loss) == pytest.approx(0.0, abs=1e-12)
+    assert float(simsiam_loss(p, 3 * p).loss) == pytest.approx(-1.0, rel=1e-12)
     eye = torch.eye(4, dtype=F64)
-    assert float(byol_loss(eye, eye.roll(1, dims=1))) == pytest.approx(2.0, rel=1e-12)
-    assert float(simsiam_loss(eye, eye.roll(1, dims=1))) == pytest.approx(0.0, abs=1e-12)
-    assert float(byol_loss(p, -p)) == pytest.approx(4.0, rel=1e-12)
+    assert float(byol_loss(eye, eye.roll(1, dims=1)).loss) == pytest.approx(2.0, rel=1e-12)
+    assert float(simsiam_loss(eye, eye.roll(1, dims=1)).loss) == pytest.approx(0.0, abs=1e-12)
+    assert float(byol_loss(p, -p).loss) == pytest.approx(4.0, rel=1e-12)
 
 
 def test_stop_gradients() -> None:
     p, z = _randn(4, 3, seed=20).requires_grad_(), _randn(4, 3, seed=21).requires_grad_()
-    byol_loss(p, z).backward()
+    byol_loss(p, z).loss.backward()
     assert p.grad is not None and z.grad is None
     p.grad = None
-    simsiam_loss(p, z).backward()
+    simsiam_loss(p, z).loss.backward()
     assert p.grad is not None and z.grad is None
-    simsiam_loss(p, z, stop_gradient=False).backward()
+    simsiam_loss(p, z, stop_gradient=False).loss.backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
 def test_vicreg_matches_official_form() -> None:
     x, y = _randn(6, 4, seed=22, scale=0.7), _randn(6, 4, seed=23, scale=1.3)
-    loss, parts = vicreg_loss(x, y, 25.0, 25.0, 1.0, return_parts=True)
+    loss, parts = vicreg_loss(x, y, 25.0, 25.0, 1.0)
     want, inv, var, cov = ref_vicreg(x, y, 25.0, 25.0, 1.0)
     assert float(loss) == pytest.approx(want, rel=1e-12)
     assert float(parts["invariance"]) == pytest.approx(inv, rel=1e-12)
     assert float(parts["variance"]) == pytest.approx(var, rel=1e-12)
     assert float(parts["covariance"]) == pytest.approx(cov, rel=1e-12)
     assert var > 0  # the hinge is active for the 0.7-scaled branch: the term is exercised
-    assert float(vicreg_loss(x, y, 2.0, 3.0, 0.5)) == pytest.approx(
+    assert float(vicreg_loss(x, y, 2.0, 3.0, 0.5).loss) == pytest.approx(
         ref_vicreg(x, y, 2.0, 3.0, 0.5)[0], rel=1e-12
     )
     assert not parts["variance"].requires_grad
@@ -305,17 +305,17 @@ def test_vicreg_matches_official_form() -> None:
 
 def test_vicreg_edge_cases() -> None:
     x = _randn(8, 3, seed=24)
-    _, parts = vicreg_loss(x, x.clone(), return_parts=True)
+    _, parts = vicreg_loss(x, x.clone())
     assert float(parts["invariance"]) == 0.0
     # collapse: zero variance, the hinge pays 1 - sqrt(eps) per branch (halved, summed)
     const = torch.ones(8, 3, dtype=F64)
-    _, parts = vicreg_loss(const, const, return_parts=True)
+    _, parts = vicreg_loss(const, const)
     assert float(parts["variance"]) == pytest.approx(1 - math.sqrt(1e-4), rel=1e-12)
     assert float(parts["covariance"]) == 0.0
     # whitened, decorrelated, unit-variance batch: variance and covariance terms vanish
     eye = torch.eye(4, dtype=F64)
     white = torch.cat([eye, -eye]) * math.sqrt(7 / 2)  # unbiased var = 1, off-diag cov = 0
-    _, parts = vicreg_loss(white, white, return_parts=True)
+    _, parts = vicreg_loss(white, white)
     assert float(parts["covariance"]) == pytest.approx(0.0, abs=1e-24)
     assert float(parts["variance"]) == 0.0
     with pytest.raises(ValueError, match="at least 2 samples"):
@@ -325,7 +325,7 @@ def test_vicreg_edge_cases() -> None:
 def test_barlow_twins_matches_reference() -> None:
     x, y = _randn(7, 4, seed=25), _randn(7, 4, seed=26, scale=3.0)
     for lambd in (0.0051, 0.5):
-        loss, parts = barlow_twins_loss(x, y, lambd, return_parts=True)
+        loss, parts = barlow_twins_loss(x, y, lambd)
         want, on, off = ref_barlow(x, y, lambd)
         assert float(loss) == pytest.approx(want, rel=1e-12)
         assert float(parts["on_diag"]) == pytest.approx(on, rel=1e-12)
@@ -335,10 +335,10 @@ def test_barlow_twins_matches_reference() -> None:
 def test_barlow_twins_edge_cases() -> None:
     x = _randn(16, 5, seed=27)
     # identical views: C_ii = var / (var + eps), so the diagonal term is ~0
-    _, parts = barlow_twins_loss(x, 2 * x + 1, return_parts=True)
+    _, parts = barlow_twins_loss(x, 2 * x + 1)
     assert float(parts["on_diag"]) < 1e-8
     # independent views: the diagonal is far from 1
-    _, parts = barlow_twins_loss(x, _randn(16, 5, seed=28), return_parts=True)
+    _, parts = barlow_twins_loss(x, _randn(16, 5, seed=28))
     assert float(parts["on_diag"]) > 1.0
     with pytest.raises(ValueError, match="at least 2 samples"):
         barlow_twins_loss(x[:1], x[:1])
@@ -349,15 +349,16 @@ def test_barlow_twins_edge_cases() -> None:
 
 # name -> (loss of (a, b), whether b gets gradient: stop-gradient inputs are held constant)
 GRADCHECK_CASES = {
-    "nt_xent": (lambda a, b: nt_xent(a, b, 0.3), True),
-    "contrastive_margin": (lambda a, b: contrastive_margin(a, b, 1.5), True),
-    "contrastive_margin_raw": (lambda a, b: contrastive_margin(a, b, 3.0, normalize=False), True),
-    "vicreg": (lambda a, b: vicreg_loss(a * 0.7, b), True),
-    "barlow": (lambda a, b: barlow_twins_loss(a, b, 0.1), True),
-    "simsiam_no_stop": (lambda a, b: simsiam_loss(a, b, stop_gradient=False), True),
-    "byol": (byol_loss, False),
-    "simsiam": (simsiam_loss, False),
-    "info_nce": (lambda a, b: info_nce(a, b, torch.eye(4, 3, dtype=F64) + 0.1, 0.2), False),
+    "nt_xent": (lambda a, b: nt_xent(a, b, 0.3).loss, True),
+    "contrastive_margin": (lambda a, b: contrastive_margin(a, b, 1.5).loss, True),
+    "contrastive_margin_raw": (
+        lambda a, b: contrastive_margin(a, b, 3.0, normalize=False).loss, True),
+    "vicreg": (lambda a, b: vicreg_loss(a * 0.7, b).loss, True),
+    "barlow": (lambda a, b: barlow_twins_loss(a, b, 0.1).loss, True),
+    "simsiam_no_stop": (lambda a, b: simsiam_loss(a, b, stop_gradient=False).loss, True),
+    "byol": (lambda a, b: byol_loss(a, b).loss, False),
+    "simsiam": (lambda a, b: simsiam_loss(a, b).loss, False),
+    "info_nce": (lambda a, b: info_nce(a, b, torch.eye(4, 3, dtype=F64) + 0.1, 0.2).loss, False),
 }
 
 
@@ -382,22 +383,22 @@ def test_low_precision_inputs_are_computed_in_float32() -> None:
         byol_loss,
         simsiam_loss,
     ):
-        low = fn(z1.bfloat16(), z2.bfloat16())
+        low, _ = fn(z1.bfloat16(), z2.bfloat16())
         assert low.dtype == torch.float32, fn.__name__
-        full = fn(z1.bfloat16().float(), z2.bfloat16().float())  # same rounded inputs
+        full, _ = fn(z1.bfloat16().float(), z2.bfloat16().float())  # same rounded inputs
         assert float(low) == pytest.approx(float(full), rel=1e-6), fn.__name__
     queue = _randn(5, 6, seed=34).float()
-    low = info_nce(z1.bfloat16(), z2.bfloat16(), queue.bfloat16())
+    low, _ = info_nce(z1.bfloat16(), z2.bfloat16(), queue.bfloat16())
     assert low.dtype == torch.float32
-    full = info_nce(z1.bfloat16().float(), z2.bfloat16().float(), queue.bfloat16().float())
+    full, _ = info_nce(z1.bfloat16().float(), z2.bfloat16().float(), queue.bfloat16().float())
     assert float(low) == pytest.approx(float(full), rel=1e-6)
     # under autocast float32 inputs would go through bf16 matmuls: every loss must switch
     # autocast off and give its float32 value
     fns = (nt_xent, contrastive_margin, vicreg_loss, barlow_twins_loss, byol_loss,
            simsiam_loss)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = [fn(z1, z2) for fn in fns] + [info_nce(z1, z2, queue)]
-    refs = [fn(z1, z2) for fn in fns] + [info_nce(z1, z2, queue)]  # autocast off
+        outs = [fn(z1, z2).loss for fn in fns] + [info_nce(z1, z2, queue).loss]
+    refs = [fn(z1, z2).loss for fn in fns] + [info_nce(z1, z2, queue).loss]  # autocast off
     for fn, out, ref in zip([*fns, info_nce], outs, refs, strict=True):
         assert out.dtype == torch.float32, fn.__name__
         assert float(out) == pytest.approx(float(ref), rel=1e-6), fn.__name__

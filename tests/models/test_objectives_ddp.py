@@ -65,7 +65,7 @@ def _detached_gather(x: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 def _loss_and_grads(fn: Any, z1: torch.Tensor, z2: torch.Tensor, **kw: Any) -> dict[str, Any]:
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    loss = fn(a, b, **kw)
+    loss, _ = fn(a, b, **kw)
     loss.backward()
     return {"loss": loss.detach(), "g1": a.grad, "g2": b.grad}
 
