@@ -138,14 +138,15 @@ def detect_label_key(samples: Sequence[Mapping[str, bytes]],
     return LabelKey("none")
 
 
-def first_samples(url: str, storage_options: dict | None = None,
-                  n: int = DETECT_SAMPLES) -> list[tuple[str, dict[str, bytes]]]:
-    """Up to `n` samples from the start of one shard (a short read; a broken tail is fine)."""
+def first_samples(url: str, storage_options: dict | None = None, n: int = DETECT_SAMPLES,
+                  **open_kw: object) -> list[tuple[str, dict[str, bytes]]]:
+    """Up to `n` samples from the start of one shard (a short read; a broken tail is fine).
+    `open_kw` goes to storage.open_reader (e.g. on_retry)."""
     from pipelines.shards.storage import open_reader
     from pipelines.shards.tario import ShardEnded, iter_tar_samples
 
     out: list[tuple[str, dict[str, bytes]]] = []
-    with open_reader(url, storage_options) as f:
+    with open_reader(url, storage_options, **open_kw) as f:  # type: ignore[arg-type]
         try:
             for key, parts in iter_tar_samples(f):
                 out.append((key, parts))

@@ -186,7 +186,8 @@ class ShardStream:
         if self._spec is None:
             key = self._label_key
             if key.kind == "auto":
-                first = first_samples(self._refs[0].url, self.storage_options)
+                first = first_samples(self._refs[0].url, self.storage_options,
+                                      on_retry=lambda e: self._count("retries", 1))
                 key = detect_label_key([p for _, p in first], self.classes)
                 log_.info("label_key=auto: %s (from the first %d samples of %s)", key,
                           len(first), self._refs[0].url)
