@@ -116,7 +116,10 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = ()
         return opts, None
     cfg = compose_config(overrides)
     if opts.get("--cfg"):
-        print(OmegaConf.to_yaml(cfg), end="")
+        from orchestration.tracking.settings import redact_config  # no credential is printed
+
+        print(OmegaConf.to_yaml(OmegaConf.create(redact_config(
+            OmegaConf.to_container(cfg, resolve=True)))), end="")
         return opts, None
     return opts, cfg
 
