@@ -61,6 +61,11 @@ def build_job(cfg: DictConfig) -> Job:
     run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
     prepare_data(cfg, env)
     check_eval_splits(cfg)  # before training, not after it
+    if env.rank == 0:
+        stale, size = ckpt.remove_stale_temp(run_dir)
+        if stale:
+            log.info("removed %d stale .tmp-*.pt file(s) (%.1f MB) of an interrupted checkpoint "
+                     "write in %s", stale, size / 1e6, run_dir)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not tr.get("resume", True):
         raise ValueError(
