@@ -31,8 +31,9 @@ def _no_secret(text: str, where: str) -> None:
 
 
 def test_uri_credentials_move_to_mlflow_auth_variables(monkeypatch):
-    monkeypatch.delenv(mlflow_env.ENV_USER, raising=False)
-    monkeypatch.delenv(mlflow_env.ENV_PASSWORD, raising=False)
+    for name in (mlflow_env.ENV_USER, mlflow_env.ENV_PASSWORD):  # undo removes what we set
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv(mlflow_env.ENV_URI, "https://bob:p%40ss@mlflow.example:5000/x")
     assert mlflow_env.resolve_tracking_uri(None) == "https://mlflow.example:5000/x"
     assert os.environ[mlflow_env.ENV_URI] == "https://mlflow.example:5000/x"
