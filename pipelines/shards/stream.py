@@ -50,6 +50,10 @@ COUNTER_NAMES = (
 )
 
 
+_REASONS = ("bad_image", "too_many_pixels", "undecodable", "empty", "missing_image",
+            "bad_label", "missing_label", "lost")
+
+
 @dataclass(frozen=True)
 class Sample:
     key: str
@@ -300,10 +304,13 @@ class ShardStream:
                 per_shard[item.shard] += lost
                 if bad + self._late_bad > limit:
                     worst = ", ".join(f"{u} ({c})" for u, c in per_shard.most_common(3))
+                    why = ", ".join(f"{k} {v}" for k in _REASONS if (v := self.counters[k]))
                     raise BadDataError(
-                        f"{bad} of this rank's {length} samples are corrupt or missing, more than "
-                        f"max_bad_fraction={self.max_bad_fraction}; limit passed in shard {item.shard} "
-                        f"(worst: {worst})", item.shard)
+                        f"{bad} of this rank's {length} samples are corrupt or missing ({why}), more "
+                        f"than max_bad_fraction={self.max_bad_fraction}; limit passed in shard "
+                        f"{item.shard} (worst: {worst}). `sslstream shards verify` names the "
+                        "cause per shard (e.g. a tar whose members are not grouped by key)",
+                        item.shard)
         resume_at = ff.topup if ff is not None and ff.phase == "topup" else None
         passes = resume_at[0] - 1 if resume_at else 0
         while n < length:  # top up by wrap-around over this rank's own slice

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from pipelines.shards.indexer import index_shards
-from pipelines.shards.stream import ShardStream
+from pipelines.shards.stream import BadDataError, ShardStream
 from pipelines.shards.tools import main, verify
 from tests.fixtures.shards import make_jpeg
 
@@ -86,6 +86,8 @@ def test_non_adjacent_members_are_named_as_member_order(tmp_path, capsys):
         index_shards(str(out))
     assert main(["index", str(out)]) == 2
     assert not (out / "manifest.json").exists()
+    with pytest.raises(BadDataError, match=r"missing_image \d+.*shards verify"):
+        list(ShardStream(str(out), shuffle=False, num_workers=0))
     # the fix the message names works
     fixed = tmp_path / "fixed"
     fixed.mkdir()
