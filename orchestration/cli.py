@@ -3,7 +3,7 @@
     sslstream train [--cfg] [key=value ...]      the main job (Hydra overrides)
     sslstream eval  (--checkpoint PATH | --model URI) [key=value ...]
     sslstream retrain [key=value ...]            the scheduled retraining job
-    sslstream shards {make,verify} ...           write / check WebDataset shards
+    sslstream shards {make,verify,index} ...     write / check / index WebDataset shards
 
 The config is composed with Hydra's compose API over the installed `conf` package, so the
 command works from any directory and never changes the working directory (relative paths
@@ -27,7 +27,7 @@ USAGE = """usage: sslstream {train,eval,retrain,shards} ...
   sslstream eval (--checkpoint PATH | --model URI) [key=value ...]
                                               kNN / linear-probe evaluation of an encoder
   sslstream retrain [key=value ...]           scheduled retraining (new shards -> promote)
-  sslstream shards {make,verify} ...          write or verify WebDataset shards
+  sslstream shards {make,verify,index} ...    write, verify or index WebDataset shards
 
 Overrides use Hydra syntax, e.g. `sslstream train method=simclr trainer.epochs=100`
 or `sslstream train data=shards data.train=s3://bucket/train-{000000..000127}.tar`.
@@ -116,7 +116,10 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = ()
         return opts, None
     cfg = compose_config(overrides)
     if opts.get("--cfg"):
-        print(OmegaConf.to_yaml(cfg), end="")
+        from orchestration.tracking.settings import redact_config  # no credential is printed
+
+        print(OmegaConf.to_yaml(OmegaConf.create(redact_config(
+            OmegaConf.to_container(cfg, resolve=True)))), end="")
         return opts, None
     return opts, cfg
 

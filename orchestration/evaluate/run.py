@@ -71,6 +71,7 @@ def evaluate(
     replaces the augment recipe's (a registered encoder carries its own).
     """
     from models.collapse import effective_rank, embedding_std
+    from pipelines.shards.stream import sample_options
     from pipelines.views.eval_loader import build_eval_loader
 
     data, ev = cfg.data, cfg.eval
@@ -102,6 +103,7 @@ def evaluate(
             mean=tuple(mean),
             std=tuple(std),
             num_threads=loader_threads(cfg.trainer.get("loader_threads", "auto")),
+            stream_options=sample_options(data, labelled=True),
         )
         t_split, last = time.perf_counter(), [time.perf_counter()]
         stream = getattr(loader, "stream", None)

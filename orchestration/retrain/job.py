@@ -266,6 +266,8 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
     except (OSError, ValueError, KeyError) as e:
         raise RetrainExit(EXIT_SOURCE, f"data source {st.source} unusable: {e}") from e
     _say(f"source {snap.source}: {len(snap.shards)} shards, snapshot {snap.id[:12]}")
+    if snap.note():
+        _say(snap.note())
     try:
         reg = registry if registry is not None else _registry(cfg)
     except ValueError as e:  # unknown tracking.* keys and the like

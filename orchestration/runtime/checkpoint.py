@@ -65,6 +65,30 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep_
     return final
 
 
+TEMP_RE = re.compile(r"^\.tmp-.*\.pt$")
+
+
+def remove_stale_temp(run_dir: str | Path) -> tuple[int, int]:
+    """Delete the `.tmp-*.pt` files a killed writer left (SIGKILL mid-save skips the
+    cleanup in save_checkpoint); returns (files, bytes). Called once when a run starts,
+    on rank 0, before its first save: one run writes a run directory at a time (a second
+    `sslstream train` of the same run_name resumes it; the retraining job holds a lease),
+    so no temp file there belongs to a live writer."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return 0, 0
+    n = size = 0
+    for p in d.iterdir():
+        if TEMP_RE.match(p.name) and p.is_file():
+            try:
+                size += p.stat().st_size
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                continue
+    return n, size
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with weights_only=True (no pickled code); a clear error names the file."""
     try:

@@ -35,9 +35,43 @@ def default_tracking_uri(cwd: str | Path | None = None) -> str:
     return f"sqlite:///{path}"  # path is absolute: 'sqlite:///' + '/abs' gives the 4 slashes
 
 
+ENV_USER = "MLFLOW_TRACKING_USERNAME"
+ENV_PASSWORD = "MLFLOW_TRACKING_PASSWORD"  # noqa: S105 (a variable's name, not a secret)
+
+
 def resolve_tracking_uri(configured: str | None) -> str:
-    """``$MLFLOW_TRACKING_URI`` wins, then the config's ``tracking.uri``, then local sqlite."""
-    return os.environ.get(ENV_URI) or configured or default_tracking_uri()
+    """``$MLFLOW_TRACKING_URI`` wins, then the config's ``tracking.uri``, then local sqlite.
+
+    Credentials in the URI (``http://user:password@host``) are moved out of it, into
+    MLflow's own ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (HTTP basic
+    auth, the same header the URL form sends): MLflow then never holds them in a URI, so
+    none of its own lines (``View run ... at: <uri>``), errors or logged tags can print
+    them. The environment's URI is rewritten too (child processes inherit it clean).
+    """
+    env = os.environ.get(ENV_URI)
+    uri = env or configured or default_tracking_uri()
+    clean = move_credentials(uri)
+    if env and clean != env:
+        os.environ[ENV_URI] = clean
+    return clean
+
+
+_HTTP_USERINFO = re.compile(r"^(https?://)([^/@\s]*)@")
+
+
+def move_credentials(uri: str) -> str:
+    """``uri`` without its ``user:password@``; those go to the MLflow auth variables."""
+    m = _HTTP_USERINFO.match(uri)
+    if not m:
+        return uri
+    from urllib.parse import unquote
+
+    user, _, password = m.group(2).partition(":")
+    if user:
+        os.environ[ENV_USER] = unquote(user)
+    if password:
+        os.environ[ENV_PASSWORD] = unquote(password)
+    return m.group(1) + uri[m.end():]
 
 
 def is_http(uri: str) -> bool:

@@ -61,6 +61,11 @@ def build_job(cfg: DictConfig) -> Job:
     run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
     prepare_data(cfg, env)
     check_eval_splits(cfg)  # before training, not after it
+    if env.rank == 0:
+        stale, size = ckpt.remove_stale_temp(run_dir)
+        if stale:
+            log.info("removed %d stale .tmp-*.pt file(s) (%.1f MB) of an interrupted checkpoint "
+                     "write in %s", stale, size / 1e6, run_dir)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not tr.get("resume", True):
         raise ValueError(
@@ -138,7 +143,7 @@ def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
 
 
 def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
-    from pipelines.shards.stream import ShardStream
+    from pipelines.shards.stream import ShardStream, sample_options
     from pipelines.views.loader import TwoViewLoader
     from pipelines.views.recipes import TwoViewRecipe
 
@@ -156,6 +161,7 @@ def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
         max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
         validate=str(data.get("validate", "header")),
         num_classes=int(data.num_classes) if data.get("num_classes") else None,  # label check
+        **sample_options(data),
     )
     return TwoViewLoader(
         stream,
@@ -204,6 +210,7 @@ def check_eval_splits(cfg: DictConfig) -> None:
         return
     import braceexpand
 
+    from pipelines.shards.labels import require_labels
     from pipelines.shards.storage import ShardNotFound, get_fs
 
     opts = dict(cfg.data.get("storage_options") or {})
@@ -225,3 +232,5 @@ def check_eval_splits(cfg: DictConfig) -> None:
                 continue
             if not found:
                 raise ShardNotFound(f"data.{key}={spec}: {url} does not exist", url)
+        require_labels(f"data.{key}", specs[0] if len(specs) == 1 else specs,
+                       str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts)

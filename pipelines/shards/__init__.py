@@ -3,14 +3,19 @@
     storage.py     fsspec file systems, retries, error classification, credential redaction
     manifest.py    manifest.json, shard URL expansion (folders, braces, prefixes)
     tario.py       tar member iteration (plain and gzip) with clear errors
+    labels.py      which members hold the image and the label (label_key, image_keys, auto),
+                   the before-training check that a labelled split has labels
     reader.py      per-lane shard reading with checks (Good / Bad / Short samples)
+    badsamples.py  consumers (the loader's decoder) report unusable samples toward the limit
     plan.py        which segments of which shards each rank reads each epoch
     resume.py      fast-forward to a cursor for exact mid-epoch resume
     stream.py      ShardStream: the rank's resumable, fault-tolerant sample stream
     validate.py    header / decode checks of image bytes
     imagesize.py   image size from the header alone
     snapshot.py    fingerprint of a shard set (what a model was trained on)
-    tools.py       `sslstream shards make / verify`
+    tools.py       `sslstream shards make / verify / index` (the CLI, the writer)
+    verify.py      `shards verify`: folder, prefix, manifest, brace pattern or one shard
+    indexer.py     `shards index`: manifest.json for shards made by any tool
     synthetic.py   the embedded default's procedural data set
 
 May import: the standard library, numpy, PIL, fsspec, webdataset; nothing from views,

@@ -12,33 +12,8 @@ from __future__ import annotations
 import io
 import struct
 
-from pipelines.shards.validate import CorruptImage
-
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_hw(data: bytes) -> tuple[int, int]:
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            raise CorruptImage(f"jpeg: expected a marker at byte {i}")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):
-            break
-        (length,) = struct.unpack_from(">H", data, i + 2)
-        if marker in _SOF and i + 9 <= n:
-            height, width = struct.unpack_from(">HH", data, i + 5)
-            if height and width:
-                return height, width
-            break
-        i += 2 + length
-    raise CorruptImage("jpeg: no usable frame header")
+from pipelines.shards.validate import CorruptImage, webp_size
+from pipelines.shards.validate import jpeg_hw as _jpeg_hw
 
 
 def image_hw(data: bytes) -> tuple[int, int]:
@@ -50,6 +25,10 @@ def image_hw(data: bytes) -> tuple[int, int]:
         if width and height:
             return height, width
         raise CorruptImage("png: zero size in IHDR")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        w, h = webp_size(data)
+        if w and h:
+            return h, w
     from PIL import Image
 
     try:

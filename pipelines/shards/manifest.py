@@ -11,6 +11,7 @@ the CIFAR-10 shards, `{"train": [...], "test": [...], "classes": [...]}`.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import threading
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from typing import Any
 import braceexpand
 
 from pipelines.shards.storage import ShardNotFound, get_fs, open_reader, read_bytes
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -120,6 +123,7 @@ class ShardRef:
     samples: int | None = None
     sha256: str | None = None
     bytes: int | None = None
+    listed: bool = True  # False: found beside a manifest that does not list it
 
 
 def join_url(base: str, name: str) -> str:
@@ -179,13 +183,54 @@ def _resolve_one(url: str, so: dict | None, cache: dict[str, Manifest | None]) -
         return _refs(_dirname(url), man.entries(split)), man.classes
     # a folder or object-store prefix
     man = _try_manifest(join_url(url, MANIFEST_NAME), so)
+    names = _folder_shards(url, so)
     if man is not None:
-        return _refs(url, man.entries(split)), man.classes
-    fs, path = get_fs(url, so)
-    names = sorted(p for suf in SHARD_SUFFIXES for p in fs.glob(posixpath.join(path, "*" + suf)))
+        return _reconcile(url, man, split, names), man.classes
     if not names:
         raise ShardNotFound(f"no {MANIFEST_NAME} and no *.tar/*.tar.gz shards under {url}", url)
-    return [ShardRef(join_url(url, posixpath.basename(p))) for p in names], None
+    return [ShardRef(u) for u in names], None
+
+
+def _folder_shards(url: str, so: dict | None) -> list[str]:
+    """URLs of the *.tar / *.tar.gz / *.tgz directly under a folder or prefix, sorted."""
+    fs, path = get_fs(url, so)
+    found = {p for suf in SHARD_SUFFIXES for p in fs.glob(posixpath.join(path, "*" + suf))}
+    return [join_url(url, posixpath.basename(p)) for p in sorted(found)]
+
+
+def _reconcile(url: str, man: Manifest, split: str | None, present: list[str]) -> list[ShardRef]:
+    """The rule for a watched folder whose shards and manifest disagree (docs/data.md):
+
+    - a shard the manifest lists that is not there: ShardNotFound naming it and the fix;
+    - shards there that the manifest does not list: taken in (after the listed ones,
+      counted by one read, fingerprinted by the store in a snapshot) with a warning on
+      every call -- unless the manifest has splits (which split would they be?): then
+      left out, with a warning on every call. Either way the warning names the count and
+      the fix, `sslstream shards index`.
+    """
+    refs = _refs(url, man.entries(split))
+    here = set(present)
+    top = [r.url for r in refs if join_url(url, posixpath.basename(r.url)) == r.url]
+    missing = [u for u in top if u not in here]
+    if missing:
+        raise ShardNotFound(
+            f"{missing[0]} does not exist: {join_url(url, MANIFEST_NAME)} lists {len(missing)} "
+            f"shard(s) that are not under {url}; restore them, or rewrite the manifest from "
+            f"what is there: sslstream shards index {url}", missing[0])
+    known = {join_url(url, e.shard) for e in man.all_entries()}
+    extra = [u for u in present if u not in known]
+    if not extra:
+        return refs
+    names = ", ".join(posixpath.basename(u) for u in extra[:3]) + (" ..." if len(extra) > 3 else "")
+    if man.splits and not man.shards:
+        log.warning("%d shard(s) under %s are not in its split manifest and are LEFT OUT (%s); "
+                    "list them: sslstream shards index %s --output ... or edit %s", len(extra),
+                    url, names, url, MANIFEST_NAME)
+        return refs
+    log.warning("%d shard(s) under %s are not in its %s: taken in, counted by reading them "
+                "(%s); to list them with counts and checksums: sslstream shards index %s",
+                len(extra), url, MANIFEST_NAME, names, url)
+    return refs + [ShardRef(u, listed=False) for u in extra]
 
 
 def resolve_shards(urls: str | Sequence[str], storage_options: dict | None = None) -> tuple[list[ShardRef], list[str] | None]:

@@ -18,14 +18,32 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from pipelines.shards.labels import DEFAULT_IMAGE_KEYS, BadLabel, LabelKey, read_label
 from pipelines.shards.plan import Segment
 from pipelines.shards.storage import open_reader
-from pipelines.shards.tario import IMAGE_EXTS, ShardEnded, iter_tar_samples
+from pipelines.shards.tario import ShardEnded, iter_tar_samples
 from pipelines.shards.validate import CorruptImage, validate_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bad", "Good", "Item", "LanePositions", "LaneReader", "Short", "check_sample"]
+__all__ = ["Bad", "Good", "Item", "LanePositions", "LaneReader", "SampleSpec", "Short",
+           "check_sample"]
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How a sample's members are read: image extensions tried in order, the label key
+    (resolved: never "auto"), the manifest's class names (for string labels), whether a
+    sample without a label is bad (evaluation splits), and the pixel limit."""
+
+    image_keys: tuple[str, ...] = DEFAULT_IMAGE_KEYS
+    label_key: LabelKey = LabelKey("cls")
+    classes: tuple[str, ...] | None = None
+    require_label: bool = False
+    max_pixels: int | None = None
+
+
+DEFAULT_SPEC = SampleSpec()
 
 
 @dataclass(frozen=True)
@@ -66,27 +84,33 @@ Item = Good | Bad | Short
 
 
 def check_sample(key: str, parts: dict[str, bytes], shard: str, padded: bool,
-                 num_classes: int | None, validate: str, seg: int = -1, index: int = -1) -> Good | Bad:
-    """Turn a tar sample into Good or Bad (empty member, missing image, bad image/label)."""
-    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+                 num_classes: int | None, validate: str, seg: int = -1, index: int = -1,
+                 spec: SampleSpec = DEFAULT_SPEC) -> Good | Bad:
+    """Turn a tar sample into Good or Bad (empty member, missing image, an image past the
+    pixel limit or failing the check, bad or -- where required -- missing label)."""
+    ext = next((e for e in spec.image_keys if e in parts), None)
     if ext is None:
-        return Bad(key, shard, "missing_image", f"members: {sorted(parts)}", seg, index)
+        return Bad(key, shard, "missing_image",
+                   f"members: {sorted(parts)}, image_keys: {list(spec.image_keys)}", seg, index)
     img = parts[ext]
     if not img:
         return Bad(key, shard, "empty", f"{key}.{ext} is empty", seg, index)
     try:
-        validate_image(img, validate)
+        validate_image(img, validate, spec.max_pixels)
     except CorruptImage as e:
-        return Bad(key, shard, "bad_image", e.reason, seg, index)
-    label = -1
-    if "cls" in parts:
-        try:
-            label = int(parts["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            return Bad(key, shard, "bad_label", f"{key}.cls = {parts['cls'][:20]!r}", seg, index)
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            return Bad(key, shard, "bad_label", f"{key}.cls = {label} outside [0, {num_classes})",
-                       seg, index)
+        return Bad(key, shard, e.kind, e.reason, seg, index)
+    try:
+        label = read_label(parts, spec.label_key, spec.classes)
+    except BadLabel as e:
+        return Bad(key, shard, "bad_label", f"{key}{e}", seg, index)
+    if label is None:
+        if spec.require_label:
+            return Bad(key, shard, "missing_label",
+                       f"{key}: no label under label_key={spec.label_key}", seg, index)
+        label = -1
+    elif label < 0 or (num_classes is not None and label >= num_classes):
+        return Bad(key, shard, "bad_label", f"{key} label {label} outside [0, {num_classes})",
+                   seg, index)
     return Good(key, img, label, shard, padded, seg, index)
 
 
@@ -105,7 +129,7 @@ class LaneReader:
     def __init__(self, urls: Sequence[str], segments: Sequence[Segment], *, lanes: int,
                  storage_options: dict | None, num_classes: int | None, validate: str,
                  count: Callable[[str, int], None], queue_size: int = 8,
-                 start: LanePositions | None = None) -> None:
+                 start: LanePositions | None = None, spec: SampleSpec = DEFAULT_SPEC) -> None:
         self.urls, self.segments = urls, list(segments)
         self.threaded = lanes > 0
         self.k = max(1, lanes)
@@ -114,6 +138,7 @@ class LaneReader:
         self.so, self.num_classes, self.validate = storage_options, num_classes, validate
         self.count = count
         self.queue_size = queue_size
+        self.spec = spec
 
     def _segment_items(self, si: int, first: int) -> Iterator[Item]:
         """Items of segment `si` from sample index `first` (>= its start) on."""
@@ -130,7 +155,7 @@ class LaneReader:
                         return  # leave the rest of the shard unread
                     self.count("read", 1)
                     yield check_sample(key, parts, url, seg.padded, self.num_classes,
-                                       self.validate, si, i)
+                                       self.validate, si, i, self.spec)
             except ShardEnded as e:
                 got = max(0, min(e.samples, seg.stop) - seg.start)
                 yield Short(url, len(seg) - got, e.reason, si, got)

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipelines.shards.plan import Segment
-from pipelines.shards.reader import Good, LanePositions, check_sample
+from pipelines.shards.reader import DEFAULT_SPEC, Good, LanePositions, SampleSpec, check_sample
 from pipelines.shards.storage import open_reader
 from pipelines.shards.tario import ShardEnded, iter_tar_samples
 
@@ -160,7 +160,8 @@ def fast_forward(segs: Sequence[Segment], k: int, log: EpochLog, length: int, po
 
 def fetch(refs: Sequence[Ref], segs: Sequence[Segment], urls: Sequence[str], *,
           storage_options: dict | None, num_classes: int | None, validate: str,
-          count: Callable[[str, int], None], workers: int) -> list[Good]:
+          count: Callable[[str, int], None], workers: int,
+          spec: SampleSpec = DEFAULT_SPEC) -> list[Good]:
     """Read the samples `refs` point at (one pass per shard, up to the last one needed)."""
     need: dict[str, set[int]] = collections.defaultdict(set)
     for si, i in refs:
@@ -189,7 +190,7 @@ def fetch(refs: Sequence[Ref], segs: Sequence[Segment], urls: Sequence[str], *,
     for si, i in refs:
         url = urls[segs[si].shard]
         key, parts = data[url][i]
-        g = check_sample(key, parts, url, segs[si].padded, num_classes, validate, si, i)
+        g = check_sample(key, parts, url, segs[si].padded, num_classes, validate, si, i, spec)
         if not isinstance(g, Good):
             raise RuntimeError(f"cannot resume: sample {key} of {url} was good when the cursor "
                                f"was saved and is now {g.reason} (the shards changed)")

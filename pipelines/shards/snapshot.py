@@ -22,11 +22,11 @@ import hashlib
 import json
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines.shards.manifest import SHARD_SUFFIXES, ShardRef, resolve_shards
-from pipelines.shards.storage import get_fs
+from pipelines.shards.storage import get_fs, open_reader
 
 SNAPSHOT_VERSION = 1
 
@@ -43,6 +43,16 @@ class ShardFingerprint:
 class Snapshot:
     source: str
     shards: tuple[ShardFingerprint, ...]  # sorted by name
+    # shards found beside a manifest that does not list them (taken in; not part of the id
+    # beyond their fingerprints): reported on every call with the fix, `shards index`
+    unlisted: tuple[str, ...] = field(default=(), compare=False)
+
+    def note(self) -> str:
+        """'' or the line saying that shards were taken in from outside the manifest."""
+        if not self.unlisted:
+            return ""
+        return (f"{len(self.unlisted)} shard(s) not in the manifest were taken in (counted by "
+                f"reading them); list them: sslstream shards index {source_base(self.source)}")
 
     @property
     def id(self) -> str:
@@ -122,7 +132,7 @@ def _fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
 
 def _listing_infos(refs: list[ShardRef], storage_options: dict | None) -> dict[str, dict]:
     """fs info of every shard without a sha256: one listing per folder, not one call each."""
-    todo = [r for r in refs if not r.sha256]
+    todo = [r for r in refs if not r.sha256 and r.listed]
     if not todo:
         return {}
     fs, _ = get_fs(todo[0].url, storage_options)
@@ -140,6 +150,14 @@ def _listing_infos(refs: list[ShardRef], storage_options: dict | None) -> dict[s
     return out
 
 
+def _sha256_of(url: str, storage_options: dict | None) -> str:
+    h = hashlib.sha256()
+    with open_reader(url, storage_options) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def take_snapshot(source: str | Sequence[str], storage_options: dict | None = None) -> Snapshot:
     """List and fingerprint the shards of `source`. Storage errors propagate (they name the URL)."""
     if not isinstance(source, str):
@@ -149,7 +167,13 @@ def take_snapshot(source: str | Sequence[str], storage_options: dict | None = No
     base = source_base(source)
     shards = []
     for r in refs:
-        fp = f"sha256:{r.sha256}" if r.sha256 else _fingerprint_from_info(infos.get(r.url, {}))
+        if not r.listed:  # beside a manifest that does not list it: by content, so that
+            # `shards index` (which records this same sha256) leaves the snapshot id alone
+            fp = f"sha256:{_sha256_of(r.url, storage_options)}"
+        elif r.sha256:
+            fp = f"sha256:{r.sha256}"
+        else:
+            fp = _fingerprint_from_info(infos.get(r.url, {}))
         if fp is None:
             raise ValueError(f"cannot fingerprint shard {r.url}: its store reports no "
                              "checksum, ETag, size or mtime; add a manifest.json with sha256")
@@ -159,7 +183,8 @@ def take_snapshot(source: str | Sequence[str], storage_options: dict | None = No
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"retrain.source={source!r} names the same shard twice: {dup[:5]}")
     label = source if isinstance(source, str) else ",".join(source)
-    return Snapshot(label, tuple(sorted(shards, key=lambda s: s.name)))
+    return Snapshot(label, tuple(sorted(shards, key=lambda s: s.name)),
+                    tuple(r.url for r in refs if not r.listed))
 
 
 def data_tags(train: str | Sequence[str], storage_options: dict | None = None

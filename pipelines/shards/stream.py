@@ -25,22 +25,33 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pipelines.shards.labels import (
+    DEFAULT_IMAGE_KEYS,
+    detect_label_key,
+    first_samples,
+    parse_label_key,
+)
 from pipelines.shards.manifest import ShardRef, count_samples, resolve_shards
 from pipelines.shards.plan import Segment, mix_seed, per_rank, rank_segments, shard_order
-from pipelines.shards.reader import Bad, Good, LanePositions, LaneReader, Short
+from pipelines.shards.reader import Bad, Good, LanePositions, LaneReader, SampleSpec, Short
 from pipelines.shards.resume import EpochLog, FastForward, fast_forward, fetch
 from pipelines.shards.storage import plain, redact
-from pipelines.shards.validate import VALIDATE_MODES
+from pipelines.shards.validate import DEFAULT_MAX_PIXELS, VALIDATE_MODES
 
 log_ = logging.getLogger(__name__)
 
-__all__ = ["BadDataError", "Sample", "ShardStream"]
+__all__ = ["BadDataError", "Sample", "ShardStream", "sample_options"]
 
 COUNTER_NAMES = (
     "read", "yielded", "skipped_corrupt", "bad_image", "empty", "missing_image", "bad_label",
+    "missing_label", "too_many_pixels", "undecodable",
     "truncated_shards", "lost", "padded", "topped_up", "retries", "shards_opened", "replayed",
     "fast_forwarded", "refetched",
 )
+
+
+_REASONS = ("bad_image", "too_many_pixels", "undecodable", "empty", "missing_image",
+            "bad_label", "missing_label", "lost")
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,17 @@ class Sample:
     image: bytes  # encoded image (JPEG/PNG/WebP), already header-validated
     label: int  # -1 when the shard has no label
     shard: str  # URL of the shard it came from
+
+
+def sample_options(data: object, *, labelled: bool = False) -> dict:
+    """ShardStream keyword arguments from a `data` config (label_key, image_keys,
+    max_pixels); `labelled`: an evaluation split, whose samples must carry a label."""
+    get = data.get  # type: ignore[attr-defined]
+    keys = get("image_keys", None)
+    mp = get("max_pixels", DEFAULT_MAX_PIXELS)
+    return {"label_key": str(get("label_key", "auto") or "auto"),
+            "image_keys": [str(k) for k in keys] if keys else None,
+            "max_pixels": int(mp) if mp else None, "require_label": labelled}
 
 
 class BadDataError(RuntimeError):
@@ -66,7 +88,9 @@ class ShardStream:
                  num_workers: int = 2, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1000, exact_epoch: bool = False,
                  storage_options: dict | None = None, max_bad_fraction: float = 0.01,
-                 validate: str = "header", num_classes: int | None = None) -> None:
+                 validate: str = "header", num_classes: int | None = None,
+                 label_key: str = "auto", image_keys: Sequence[str] | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, require_label: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} outside world_size={world_size}")
         if validate not in VALIDATE_MODES:
@@ -91,6 +115,14 @@ class ShardStream:
         self.epoch, self.position = 0, 0
         self._counters: Counter[str] = Counter({k: 0 for k in COUNTER_NAMES})
         self._lock = threading.Lock()
+        self._label_key = parse_label_key(label_key)
+        self.image_keys = tuple(str(k).lower().lstrip(".") for k in (image_keys or DEFAULT_IMAGE_KEYS))
+        self.max_pixels = int(max_pixels) if max_pixels else None
+        self.require_label = bool(require_label)
+        self._spec: SampleSpec | None = None
+        # bad samples of this epoch: met by the reader / reported by a consumer (the loader's
+        # decoder); both count toward max_bad_fraction
+        self._stream_bad = self._late_bad = 0
         log_.debug("ShardStream over %d shards, storage_options=%s", len(refs), redact(storage_options))
 
     def __getstate__(self) -> dict:
@@ -147,6 +179,46 @@ class ShardStream:
         """Select the epoch; a restored cursor of the same epoch keeps its position."""
         if int(epoch) != self.epoch:
             self.epoch, self.position, self._log = int(epoch), 0, EpochLog()
+            self._late_bad = 0
+
+    # ------------------------------------------------------------------ samples
+
+    @property
+    def spec(self) -> SampleSpec:
+        """How samples are read; `label_key=auto` is resolved here, once, from the first
+        samples of the first shard (pipelines/shards/labels.py)."""
+        if self._spec is None:
+            key = self._label_key
+            if key.kind == "auto":
+                first = first_samples(self._refs[0].url, self.storage_options,
+                                      on_retry=lambda e: self._count("retries", 1))
+                key = detect_label_key([p for _, p in first], self.classes)
+                log_.info("label_key=auto: %s (from the first %d samples of %s)", key,
+                          len(first), self._refs[0].url)
+            self._spec = SampleSpec(self.image_keys, key,
+                                    tuple(self.classes) if self.classes else None,
+                                    self.require_label, self.max_pixels)
+        return self._spec
+
+    @property
+    def label_key(self) -> str:
+        return str(self.spec.label_key)
+
+    def count_bad(self, reason: str, shard: str, n: int = 1) -> None:
+        """`n` samples a consumer found unusable after the stream yielded them (the loader's
+        decoder failed on them): counted under `reason` and toward max_bad_fraction like
+        those the reader skipped; raises BadDataError past the limit."""
+        with self._lock:
+            self._counters["skipped_corrupt"] += n
+            self._counters[reason] += n
+            self._late_bad += n
+            total = self._stream_bad + self._late_bad
+        length = len(self)
+        if total > self.max_bad_fraction * length:
+            raise BadDataError(
+                f"{total} of this rank's {length} samples are corrupt or missing ({self._late_bad} "
+                f"undecodable after the header check, last: {reason}), more than "
+                f"max_bad_fraction={self.max_bad_fraction}; limit passed in shard {shard}", shard)
 
     def _fingerprint(self) -> str:
         if self._fp is not None:
@@ -196,7 +268,8 @@ class ShardStream:
         return LaneReader(self.shard_urls, segments,
                           lanes=self.num_workers if lanes is None else lanes,
                           storage_options=self.storage_options, num_classes=self.num_classes,
-                          validate=self.validate, count=self._count, start=start)
+                          validate=self.validate, count=self._count, start=start,
+                          spec=self.spec)
 
     def _valid(self, length: int, ff: FastForward | None = None) -> Iterator[Good]:
         """Exactly `length` good samples: the rank's slice, then top-ups by wrap-around.
@@ -205,6 +278,7 @@ class ShardStream:
         log = self._log if self._log is not None else EpochLog()
         limit = self.max_bad_fraction * length
         n, bad = (ff.n_good, ff.bad) if ff else (0, 0)
+        self._stream_bad = bad
         per_shard: Counter[str] = Counter()
         if ff is None or ff.phase == "main":
             for item in self._reader(segs, start=ff.lanes if ff else None):
@@ -226,13 +300,17 @@ class ShardStream:
                     log_.warning("shard %s ended early, %d samples lost: %s", item.shard, item.lost, item.reason)
                     lost = item.lost
                 bad += lost
+                self._stream_bad = bad
                 per_shard[item.shard] += lost
-                if bad > limit:
+                if bad + self._late_bad > limit:
                     worst = ", ".join(f"{u} ({c})" for u, c in per_shard.most_common(3))
+                    why = ", ".join(f"{k} {v}" for k in _REASONS if (v := self.counters[k]))
                     raise BadDataError(
-                        f"{bad} of this rank's {length} samples are corrupt or missing, more than "
-                        f"max_bad_fraction={self.max_bad_fraction}; limit passed in shard {item.shard} "
-                        f"(worst: {worst})", item.shard)
+                        f"{bad} of this rank's {length} samples are corrupt or missing ({why}), more "
+                        f"than max_bad_fraction={self.max_bad_fraction}; limit passed in shard "
+                        f"{item.shard} (worst: {worst}). `sslstream shards verify` names the "
+                        "cause per shard (e.g. a tar whose members are not grouped by key)",
+                        item.shard)
         resume_at = ff.topup if ff is not None and ff.phase == "topup" else None
         passes = resume_at[0] - 1 if resume_at else 0
         while n < length:  # top up by wrap-around over this rank's own slice
@@ -290,7 +368,7 @@ class ShardStream:
                           self.shuffle_buffer, self._shuffle_seed() if shuffled else None)
         buffer = fetch(ff.buffer, segs, self.shard_urls, storage_options=self.storage_options,
                        num_classes=self.num_classes, validate=self.validate, count=self._count,
-                       workers=max(1, self.num_workers))
+                       workers=max(1, self.num_workers), spec=self.spec)
         return ff, buffer
 
     def __iter__(self) -> Iterator[Sample]:
@@ -300,6 +378,7 @@ class ShardStream:
             self.position = 0
         if self.position == 0:
             self._log = EpochLog()
+            self._late_bad = 0
         done = skip = self.position
         if skip and self._log is not None:  # fast-forward: no re-reading of the epoch
             ff, buffer = self._fast_forward(length)

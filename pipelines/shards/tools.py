@@ -1,4 +1,4 @@
-"""Writing and verifying WebDataset shards: `sslstream shards make|verify`.
+"""Writing, verifying and indexing WebDataset shards: `sslstream shards make|verify|index`.
 
 Why our own writer: the stream's per-rank balance and its resume need exact per-shard
 sample counts, and `verify` needs checksums; both go into manifest.json as the shards are
@@ -21,15 +21,22 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pipelines.shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, join_url, load_manifest
-from pipelines.shards.storage import StorageError, get_fs, open_reader
-from pipelines.shards.tario import IMAGE_EXTS, ShardEnded, iter_tar_samples
+from pipelines.shards.indexer import (
+    IndexedShard,
+    index_shards,
+)
+from pipelines.shards.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardEntry,
+    join_url,
+)
+from pipelines.shards.storage import StorageError, get_fs
 from pipelines.shards.validate import CorruptImage, sniff_format, validate_image
+from pipelines.shards.verify import ShardCheck, VerifyReport, verify
 
 log = logging.getLogger(__name__)
 
@@ -180,131 +187,6 @@ def write_shards(
     return man
 
 
-# ---------------------------------------------------------------- verify
-
-
-@dataclass
-class ShardCheck:
-    shard: str
-    url: str
-    split: str | None
-    samples: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass
-class VerifyReport:
-    manifest: str
-    shards: list[ShardCheck]
-
-    @property
-    def ok(self) -> bool:
-        return all(s.ok for s in self.shards)
-
-    @property
-    def bad(self) -> list[ShardCheck]:
-        return [s for s in self.shards if not s.ok]
-
-
-class _HashingReader(io.RawIOBase):
-    def __init__(self, f: IO[bytes]) -> None:
-        super().__init__()
-        self.f, self.sha, self.n = f, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self.f.read(len(b))
-        b[: len(data)] = data
-        self.sha.update(data)
-        self.n += len(data)
-        return len(data)
-
-
-def _check_shard(entry: ShardEntry, url: str, split: str | None, so: dict | None,
-                 num_classes: int | None, validate: str) -> ShardCheck:
-    chk = ShardCheck(entry.shard, url, split)
-    try:
-        with open_reader(url, so) as raw:
-            hr = _HashingReader(raw)
-            bad: dict[str, int] = {}
-            try:
-                for key, parts in iter_tar_samples(io.BufferedReader(hr, 1 << 20)):
-                    chk.samples += 1
-                    img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-                    why = _sample_problem(img, parts.get("cls"), num_classes, validate)
-                    if why:
-                        bad[why] = bad.get(why, 0) + 1
-                        if sum(bad.values()) == 1:
-                            chk.problems.append(f"first bad sample {key}: {why}")
-            except ShardEnded as e:
-                chk.problems.append(f"unreadable after {e.samples} samples ({e.reason})")
-            while hr.read(1 << 20):  # hash the tail the tar reader did not need
-                pass
-    except StorageError as e:
-        chk.problems.append(str(e))
-        return chk
-    if bad:
-        chk.problems.append("bad samples: " + ", ".join(f"{k} x{v}" for k, v in sorted(bad.items())))
-    if entry.sha256 and hr.sha.hexdigest() != entry.sha256:
-        chk.problems.append(f"sha256 {hr.sha.hexdigest()[:12]}... != manifest {entry.sha256[:12]}...")
-    if entry.bytes is not None and hr.n != entry.bytes:
-        chk.problems.append(f"{hr.n} bytes != manifest {entry.bytes}")
-    if chk.samples != entry.samples:
-        chk.problems.append(f"{chk.samples} samples != manifest {entry.samples}")
-    return chk
-
-
-def _sample_problem(img: bytes | None, cls: bytes | None, num_classes: int | None,
-                    validate: str) -> str | None:
-    if img is None:
-        return "missing image"
-    try:
-        validate_image(img, validate)
-    except CorruptImage as e:
-        return e.reason.split(":")[0] if e.reason != "empty" else "empty image"
-    if cls is not None:
-        try:
-            label = int(cls.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            return "bad label"
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            return "bad label"
-    return None
-
-
-def verify(source: str, storage_options: dict | None = None, *, workers: int = 4,
-           validate: str = "header",
-           on_check: Callable[[ShardCheck, int, int], None] | None = None) -> VerifyReport:
-    """Check every shard of the manifest at/under `source`: present, sha256, bytes, count,
-    every member readable and every image passing `validate`. `source#split` restricts
-    the check to one split of a CIFAR-layout manifest. `on_check(check, done, total)` is
-    called as each shard's check completes (progress); the report keeps manifest order."""
-    src, _, split = str(source).partition("#")
-    murl = src if src.endswith(".json") else join_url(src, MANIFEST_NAME)
-    man = load_manifest(murl, storage_options)
-    base = murl.rsplit("/", 1)[0] if "/" in murl else "."
-    ncls = len(man.classes) if man.classes else None
-    jobs = [(e, None) for e in man.shards] + [(e, s) for s, es in man.splits.items() for e in es]
-    if split:  # SOURCE#split: only that split of a CIFAR-layout manifest
-        jobs = [(e, s) for e, s in jobs if s == split or (s is None and split == "shards")]
-        if not jobs:
-            raise KeyError(f"{murl} has no split {split!r}")
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        futures = [ex.submit(_check_shard, e, join_url(base, e.shard), s, storage_options, ncls,
-                             validate) for e, s in jobs]
-        for done, fut in enumerate(as_completed(futures), 1):
-            if on_check is not None:
-                on_check(fut.result(), done, len(futures))
-        checks = [f.result() for f in futures]
-    return VerifyReport(murl, checks)
-
-
 class _Progress:
     """Progress lines on stderr for the shard commands: count, rate, time left."""
 
@@ -397,12 +279,37 @@ def _cmd_verify(a: argparse.Namespace) -> int:
         tag = f"{c.split}/" if c.split else ""
         print(f"{'ok ' if c.ok else 'BAD'} {tag}{c.shard}: {c.samples} samples"
               + ("" if c.ok else " -- " + "; ".join(c.problems)))
+    if rep.manifest.endswith(f"(no {MANIFEST_NAME})"):
+        print(f"no {MANIFEST_NAME}: checked that each shard reads, not its counts or checksums; "
+              "`sslstream shards index SOURCE` writes one")
     if rep.ok:
         print(f"all {len(rep.shards)} shards of {rep.manifest} verified")
         return 0
     print(f"{len(rep.bad)} of {len(rep.shards)} shards bad: {', '.join(c.shard for c in rep.bad)}",
           file=sys.stderr)
     return 1
+
+
+def _cmd_index(a: argparse.Namespace) -> int:
+    progress: _Progress | None = None
+
+    def on_shard(r: IndexedShard, done: int, total: int) -> None:
+        nonlocal progress
+        progress = progress or _Progress(total, "shards")
+        progress.line(done, f"{'ok ' if not r.problem else 'BAD'} {r.url.rsplit('/', 1)[-1]}: "
+                      f"{r.samples} samples, {r.bytes / 1e6:.1f} MB")
+
+    try:
+        murl, man, _ = index_shards(a.source, json.loads(a.storage_options) if a.storage_options
+                                    else None, workers=a.workers, label_key=a.label_key,
+                                    output=a.output, on_shard=on_shard)
+    except (StorageError, ValueError, KeyError) as e:
+        print(f"shards index: {e}", file=sys.stderr)
+        return 2
+    cls = f", {len(man.classes)} classes" if man.classes else " (unlabelled)"
+    print(f"wrote {murl}: {len(man.shards)} shards, {man.num_samples} samples{cls}, "
+          f"label_key={man.extra.get('label_key')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,14 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="keep folder order (default: shuffle so classes mix across shards)")
     m.add_argument("--seed", type=int, default=0)
-    v = sub.add_parser("verify", help="check shards against their manifest.json")
-    v.add_argument("source", help="folder, object-store prefix, or manifest.json URL")
+    v = sub.add_parser("verify", help="check shards (against their manifest.json if any)")
+    v.add_argument("source", help="folder, object-store prefix, manifest.json URL, brace "
+                   "pattern or one shard")
     v.add_argument("--workers", type=int, default=4)
     v.add_argument("--validate", choices=("header", "decode"), default="header")
     v.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    x = sub.add_parser("index", help="write manifest.json for shards made by any tool")
+    x.add_argument("source", help="folder, object-store prefix, brace pattern or one shard")
+    x.add_argument("--output", default=None, help="manifest URL (default: beside the shards)")
+    x.add_argument("--label-key", default="auto", help="cls | json:<field> | txt | none | auto")
+    x.add_argument("--workers", type=int, default=4)
+    x.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return _cmd_make(a) if a.cmd == "make" else _cmd_verify(a)
+    return {"make": _cmd_make, "verify": _cmd_verify, "index": _cmd_index}[a.cmd](a)
 
 
 if __name__ == "__main__":

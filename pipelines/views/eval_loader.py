@@ -115,18 +115,20 @@ def build_eval_loader(urls, *, image_size: int, batch_size: int, device: torch.d
                       storage_options: dict | None = None, rank: int = 0, world_size: int = 1,
                       num_workers: int = 2, backend: str = "auto", mean=IMAGENET_MEAN,
                       std=IMAGENET_STD, stream=None, num_threads: int = 2,
-                      validate: str = "auto") -> EvalLoader:
+                      validate: str = "auto", stream_options: dict | None = None) -> EvalLoader:
     """Eval loader over `urls`: unshuffled, unpadded, each sample on exactly one rank.
 
     `stream` replaces the ShardStream built from `urls` (tests, custom sources); it must
-    yield the whole split (it is strided by rank here).
+    yield the whole split (it is strided by rank here). `stream_options`: more ShardStream
+    arguments (label_key, image_keys, max_pixels, require_label: see sample_options).
     """
     if stream is None:
         from pipelines.shards.stream import ShardStream
 
         stream = ShardStream(urls, rank=0, world_size=1, num_workers=num_workers,
                              shuffle=False, exact_epoch=False, storage_options=storage_options,
-                             validate="header" if validate == "auto" else validate)
+                             validate="header" if validate == "auto" else validate,
+                             **(stream_options or {}))
     return EvalLoader(stream, image_size=image_size, batch_size=batch_size, device=device,
                       backend=backend, num_threads=num_threads, mean=mean, std=std,
                       validate=validate, rank=rank, world_size=world_size)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipelines.shards.badsamples import reason_of, report_bad
 from pipelines.shards.validate import VALIDATE_MODES, CorruptImage, validate_image
 from pipelines.views import dali as dali_mod
 from pipelines.views.backend import effective_validation, image_hw, resolve_backend
@@ -265,11 +266,14 @@ class TwoViewLoader:
     def _prepare(self, index: int, samples: list, state: dict) -> _HostBatch:
         """Validate, read sizes, replace bad samples by good neighbours, pad a short batch."""
         hw: list[tuple[int, int] | None] = []
+        rejected: list[tuple[str, str]] = []  # (reason, shard): toward max_bad_fraction
         for s in samples:
             try:
                 hw.append(image_hw(s.image, self.validate))
-            except CorruptImage:
+            except CorruptImage as e:
                 hw.append(None)
+                rejected.append((reason_of(e), s.shard))
+        report_bad(self.stream, rejected)
         good = [i for i, v in enumerate(hw) if v is not None]
         if not good:
             raise RuntimeError(f"every sample of batch {index} is corrupt (shards "
@@ -332,12 +336,13 @@ class TwoViewLoader:
         with self._lock:
             self._aug["aug_backend_errors"] += 1
         self._backend.reset()
-        bad = []
+        bad, rejected = [], []
         for i, data in enumerate(host.images):
             try:
                 validate_image(data, "decode")
-            except CorruptImage:
+            except CorruptImage as e:
                 bad.append(i)
+                rejected.append((reason_of(e), host.shards[i]))
         good = [i for i in range(len(host.images)) if i not in set(bad)]
         if not bad or not good:
             raise RuntimeError(f"{self.backend_name} failed on batch {host.index} of epoch {epoch} "
@@ -346,6 +351,7 @@ class TwoViewLoader:
         order = [i if i in good else _nearest(good, i) for i in range(len(host.images))]
         with self._lock:
             self._aug["aug_skipped_corrupt"] += len(bad)
+        report_bad(self.stream, rejected)
         host.images = [host.images[i] for i in order]
         host.hw, host.labels = host.hw[order], [host.labels[i] for i in order]
         host.keys = [host.keys[i] for i in order]

@@ -74,3 +74,52 @@ def test_to_plain_converts_numpy_for_weights_only(tmp_path):
     assert back["epoch"] == 3 and type(back["epoch"]) is int
     assert torch.equal(back["order"], torch.arange(4))
     assert back["pos"] == (1, 2) and back["name"] == "x"
+
+
+_KILLED_WRITER = """
+import os, sys, time, torch
+from orchestration.runtime import checkpoint as ckpt
+def stall(fd):  # the data is written; the process dies before the rename
+    print("writing", flush=True)
+    time.sleep(600)
+os.fsync = stall
+ckpt.save_checkpoint({"w": torch.zeros(250_000)}, sys.argv[1], step=7)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path, capsys, caplog):
+    import logging
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from orchestration.cli import main
+    from tests.orchestration.test_train import tiny
+
+    repo = Path(__file__).resolve().parents[2]
+    run_dir = tmp_path / "out" / "byol-synthetic"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(run_dir)], cwd=repo,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    litter = [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert len(litter) == 1 and litter[0].stat().st_size > 1_000_000
+    assert ckpt.latest_checkpoint(run_dir) is None
+
+    caplog.set_level(logging.INFO, logger="sslstream.train")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["train", *tiny(tmp_path, "eval.at_end=false", "tracking.enabled=false",
+                                    steps=2)]) == 0
+    finally:
+        os.chdir(cwd)
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert ckpt.latest_checkpoint(run_dir).name == "step-00000002.pt"
+    assert "removed 1 stale .tmp-*.pt file(s)" in caplog.text

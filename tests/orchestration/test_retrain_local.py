@@ -28,3 +28,44 @@ def test_embedded_default_trains_once_then_waits_for_new_data(in_tmp_cwd, capsys
     assert "nothing to do" in capsys.readouterr().out
     assert [int(v.version) for v in client.search_model_versions(
         "name = 'sslstream-encoder'")] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_cron_a_shard_dropped_beside_the_manifest_is_trained_on(in_tmp_cwd, capsys) -> None:
+    """The cron scenario: retrain, nothing to do, a shard lands in the watched folder (which
+    holds a manifest.json that does not list it), retrain again: it is taken in, said so
+    with the fix, and trained on; after `shards index` nothing is new (same content)."""
+    from pipelines.shards import synthetic
+    from pipelines.shards.tools import main as shards_main
+    from pipelines.shards.tools import write_shards
+
+    args = ["retrain", f"data.root={in_tmp_cwd / 'data'}", "data.generate_train_samples=96",
+            "data.generate_test_samples=64", *tiny(in_tmp_cwd, 3)]
+    assert main(args) == R.EXIT_OK
+    assert "sslstream-encoder v1" in capsys.readouterr().out
+    assert main(args) == R.EXIT_OK
+    assert "nothing to do" in capsys.readouterr().out
+
+    drop = in_tmp_cwd / "incoming"
+    write_shards(((f"new{k}", img, lbl) for k, (_, img, lbl) in
+                  enumerate(synthetic.samples(40, size=16, seed=9))), drop, prefix="late")
+    train = in_tmp_cwd / "data" / "train"
+    (train / "late-000000.tar").write_bytes((drop / "late-000000.tar").read_bytes())
+
+    assert main(args) == R.EXIT_OK
+    out = capsys.readouterr().out
+    assert "1 shard(s) not in the manifest were taken in" in out
+    assert f"sslstream shards index {train}" in out
+    assert "1 new or changed shard(s) since champion v1" in out
+    client = MlflowClient(f"sqlite:///{in_tmp_cwd / 'mlflow.db'}")
+    v2 = client.get_model_version("sslstream-encoder", "2")
+    assert v2.tags["retrain.new_shards"] == "1"
+
+    assert main(args) == R.EXIT_OK  # still unlisted: said again, but nothing new
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "not in the manifest were taken in" in out
+    assert shards_main(["index", str(train)]) == 0
+    assert main(args) == R.EXIT_OK  # listed now, same bytes: same snapshot, no warning
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "taken in" not in out

@@ -82,10 +82,15 @@ def test_too_many_bad_samples_stop_with_an_error_naming_the_shard(shard_factory)
 def test_missing_shard_is_an_error_naming_the_url(shard_factory) -> None:
     ss = shard_factory([5, 5, 5])
     Path(ss.urls[1]).unlink()
-    s = ShardStream(str(ss.root), num_workers=2)
+    with pytest.raises(ShardNotFound) as e:  # the folder's manifest lists it: found at once
+        list(ShardStream(str(ss.root), num_workers=2))
+    assert ss.urls[1] in str(e.value) and e.value.url == ss.urls[1]
+    assert "sslstream shards index" in str(e.value)
+    pattern = str(ss.root / "shard-{000000..000002}.tar")  # named one by one: found on read
+    s = ShardStream(pattern, num_workers=2)
     with pytest.raises(ShardNotFound) as e:
         list(s)
-    assert ss.urls[1] in str(e.value) and e.value.url == ss.urls[1]
+    assert e.value.url == ss.urls[1]
     with pytest.raises(ShardNotFound, match="no manifest.json and no"):
         ShardStream(str(ss.root / "nothing-here"))
 

@@ -1,0 +1,184 @@
+"""`sslstream shards verify`: every shard read through and checked, against its manifest
+entry where there is one.
+
+Why a full read: sha256 and byte counts find silent corruption and partial uploads; the
+member walk finds what the stream would skip (bad images, labels) and the one layout
+mistake of foreign tars that otherwise reads as corruption (members of a key not adjacent).
+Sources: a folder or prefix (its manifest.json, else its shards), a manifest URL, a brace
+pattern or a single shard.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+from pipelines.shards.indexer import NON_ADJACENT_FIX, HashingReader, list_shards
+from pipelines.shards.manifest import (
+    MANIFEST_NAME,
+    SHARD_SUFFIXES,
+    Manifest,
+    ShardEntry,
+    join_url,
+    load_manifest,
+)
+from pipelines.shards.storage import ShardNotFound, StorageError, open_reader
+from pipelines.shards.tario import IMAGE_EXTS, ShardEnded, iter_tar_samples
+from pipelines.shards.validate import DEFAULT_MAX_PIXELS, CorruptImage, validate_image
+
+__all__ = ["ShardCheck", "VerifyReport", "verify"]
+
+
+@dataclass
+class ShardCheck:
+    shard: str
+    url: str
+    split: str | None
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class VerifyReport:
+    manifest: str
+    shards: list[ShardCheck]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.shards)
+
+    @property
+    def bad(self) -> list[ShardCheck]:
+        return [s for s in self.shards if not s.ok]
+
+
+def _check_shard(entry: ShardEntry, url: str, split: str | None, so: dict | None,
+                 num_classes: int | None, validate: str) -> ShardCheck:
+    """Read one shard through; compare with its manifest entry (`entry.samples < 0`: no
+    manifest lists it, so only readability, images and labels are checked)."""
+    chk = ShardCheck(entry.shard, url, split)
+    seen: set[str] = set()
+    repeated: list[str] = []
+    try:
+        with open_reader(url, so) as raw:
+            hr = HashingReader(raw)
+            bad: dict[str, int] = {}
+            try:
+                for key, parts in iter_tar_samples(io.BufferedReader(hr, 1 << 20)):
+                    if key in seen:  # half a sample again: members not adjacent
+                        repeated.append(key)
+                        continue
+                    seen.add(key)
+                    chk.samples += 1
+                    img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+                    why = _sample_problem(img, parts.get("cls"), num_classes, validate)
+                    if why:
+                        bad[why] = bad.get(why, 0) + 1
+                        if sum(bad.values()) == 1:
+                            chk.problems.append(f"first bad sample {key}: {why}")
+            except ShardEnded as e:
+                chk.problems.append(f"unreadable after {e.samples} samples ({e.reason})")
+            while hr.read(1 << 20):  # hash the tail the tar reader did not need
+                pass
+    except StorageError as e:
+        chk.problems.append(str(e))
+        return chk
+    if repeated:  # the cause, not its symptoms (missing images, a doubled count)
+        chk.problems[:] = [f"{len(repeated)} keys (first: {repeated[0]}) appear again after "
+                           f"other keys: {NON_ADJACENT_FIX}"]
+        return chk
+    if bad:
+        chk.problems.append("bad samples: " + ", ".join(f"{k} x{v}" for k, v in sorted(bad.items())))
+    if entry.samples < 0:
+        return chk
+    if entry.sha256 and hr.sha.hexdigest() != entry.sha256:
+        chk.problems.append(f"sha256 {hr.sha.hexdigest()[:12]}... != manifest {entry.sha256[:12]}...")
+    if entry.bytes is not None and hr.n != entry.bytes:
+        chk.problems.append(f"{hr.n} bytes != manifest {entry.bytes}")
+    if chk.samples != entry.samples:
+        chk.problems.append(f"{chk.samples} samples != manifest {entry.samples}")
+    return chk
+
+
+def _sample_problem(img: bytes | None, cls: bytes | None, num_classes: int | None,
+                    validate: str) -> str | None:
+    if img is None:
+        return "missing image"
+    try:
+        validate_image(img, validate, DEFAULT_MAX_PIXELS)
+    except CorruptImage as e:
+        return e.reason.split(":")[0] if e.reason != "empty" else "empty image"
+    if cls is not None:
+        try:
+            label = int(cls.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return "bad label"
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            return "bad label"
+    return None
+
+
+def _verify_jobs(src: str, so: dict | None) -> tuple[str, str, list[tuple[ShardEntry, str | None]]]:
+    """(label, base, jobs) for a manifest URL, a folder / prefix (its manifest.json, else
+    its shards), a brace pattern or a single shard (with the manifest beside it, if any)."""
+    if src.endswith(".json"):
+        man = load_manifest(src, so)
+        base = src.rsplit("/", 1)[0] if "/" in src else "."
+        return src, base, [(e, None) for e in man.shards] + \
+            [(e, s) for s, es in man.splits.items() for e in es]
+    if not (src.endswith(SHARD_SUFFIXES) or "{" in src):
+        murl = join_url(src, MANIFEST_NAME)
+        try:
+            return _verify_jobs(murl, so)
+        except ShardNotFound:
+            pass
+        try:
+            base, urls = list_shards(src, so)
+        except ShardNotFound:
+            raise ShardNotFound(f"{murl} does not exist and there are no *.tar / *.tar.gz / "
+                                f"*.tgz shards under {src}", src) from None
+    else:
+        base, urls = list_shards(src, so)
+    try:
+        man: Manifest | None = load_manifest(join_url(base, MANIFEST_NAME), so)
+    except ShardNotFound:
+        man = None
+    known = {join_url(base, e.shard): e for e in man.all_entries()} if man else {}
+    jobs = [(known.get(u) or ShardEntry(u.rsplit("/", 1)[-1], -1), None) for u in urls]
+    label = join_url(base, MANIFEST_NAME) if man else f"{src} (no {MANIFEST_NAME})"
+    return label, base, jobs
+
+
+def verify(source: str, storage_options: dict | None = None, *, workers: int = 4,
+           validate: str = "header",
+           on_check: Callable[[ShardCheck, int, int], None] | None = None) -> VerifyReport:
+    """Check every shard of `source` (a folder or prefix, a manifest.json URL, a brace
+    pattern or one shard): present, sha256, bytes and count against the manifest where one
+    lists the shard, every member readable and grouped by key, every image passing
+    `validate`. `source#split` restricts the check to one split of a CIFAR-layout
+    manifest. `on_check(check, done, total)` is called as each shard's check completes
+    (progress); the report keeps the listing order."""
+    src, _, split = str(source).partition("#")
+    label, base, jobs = _verify_jobs(src, storage_options)
+    ncls = None
+    if not label.endswith(f"(no {MANIFEST_NAME})"):
+        man = load_manifest(label, storage_options)
+        ncls = len(man.classes) if man.classes else None
+    if split:  # SOURCE#split: only that split of a CIFAR-layout manifest
+        jobs = [(e, s) for e, s in jobs if s == split or (s is None and split == "shards")]
+        if not jobs:
+            raise KeyError(f"{label} has no split {split!r}")
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        futures = [ex.submit(_check_shard, e, join_url(base, e.shard), s, storage_options, ncls,
+                             validate) for e, s in jobs]
+        for done, fut in enumerate(as_completed(futures), 1):
+            if on_check is not None:
+                on_check(fut.result(), done, len(futures))
+        checks = [f.result() for f in futures]
+    return VerifyReport(label, checks)

@@ -1,0 +1,64 @@
+"""Unlabelled training data (pure SSL, img2dataset-style shards) end to end.
+
+The documented rule (docs/data.md, "Unlabelled data"): evaluation and registration need a
+labelled split. A labelled split that is not labelled is refused *before* training, with
+the fix; with `data.test=null data.bank=null eval.at_end=false eval.every_epochs=0` the run
+trains to the end, checkpoints, logs its training metrics and finishes its MLflow run,
+and registers nothing (there is no kNN to promote on) -- never a crash after training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from mlflow.tracking import MlflowClient
+
+from orchestration.cli import main
+from orchestration.runtime import checkpoint as ckpt
+from tests.fixtures.shards import make_jpeg
+from tests.orchestration.test_train import sqlite_uri, tiny
+
+
+def _img2dataset_like(root: Path, n: int = 48) -> str:
+    root.mkdir(parents=True)
+    with wds.ShardWriter(str(root / "%05d.tar"), maxcount=20) as sink:
+        for i in range(n):
+            sink.write({"__key__": f"{i:09d}", "jpg": make_jpeg(i, 16),
+                        "txt": f"a photo number {i}",
+                        "json": {"caption": f"a photo number {i}", "url": f"http://e/{i}",
+                                 "width": 16, "height": 16}})
+    return str(root)
+
+
+def _args(tmp: Path, *extra: str, steps: int = 4) -> list[str]:
+    keep = [a for a in tiny(tmp, steps=steps) if not a.startswith(("data.root", "data.generate"))]
+    return ["data=shards", *keep, *extra]
+
+
+@pytest.mark.timeout(180)
+def test_unlabelled_training_runs_to_the_end_and_registers_nothing(in_tmp_cwd, capsys, caplog):
+    train = _img2dataset_like(in_tmp_cwd / "crawl")
+    # 1. the default config wants labels for evaluation: refused before any step
+    rc = main(["train", *_args(in_tmp_cwd, f"data.train={train}", f"data.test={train}")])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "data.bank=" in err and "must be labelled" in err and "json{caption" in err
+    assert "eval.at_end=false" in err
+    assert ckpt.latest_checkpoint(in_tmp_cwd / "out" / "byol-shards") is None
+
+    # 2. the documented unlabelled setup: trains, checkpoints, finishes, registers nothing
+    rc = main(["train", *_args(in_tmp_cwd, f"data.train={train}", "data.test=null",
+                               "data.bank=null", "eval.at_end=false", "eval.every_epochs=0")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    assert "not registered" in caplog.text
+    last = ckpt.latest_checkpoint(in_tmp_cwd / "out" / "byol-shards")
+    assert last is not None and last.name == "step-00000004.pt"
+    client = MlflowClient(tracking_uri=sqlite_uri(in_tmp_cwd))
+    assert client.search_registered_models() == []
+    runs = client.search_runs([client.get_experiment_by_name("sslstream").experiment_id])
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(done) == 1 and "train/loss" in done[0].data.metrics
+    assert done[0].data.params.get("data.label_key") == "auto"
