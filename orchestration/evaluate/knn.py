@@ -31,6 +31,7 @@ copies and a q x b similarity block -- never q x M.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -178,6 +179,7 @@ def sharded_knn_predict(
     query_chunk: int = 1024,
     bank_chunk: int = 16384,
     distributed: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Predicted labels of all of `query` against the bank held in shards over the ranks.
 
@@ -185,6 +187,7 @@ def sharded_knn_predict(
     quantised shard, `bank_labels` / `bank_index` (M_r,) its labels and global indices
     (unique over ranks; ties go to the lower index). Every rank returns the same (N,)
     predictions. `distributed=False` (or no process group): this process holds the bank.
+    `progress(queries done, queries)` is called after every query chunk.
     """
     if query.dtype != bank.dtype or query.dtype not in (torch.float16, torch.float32):
         raise TypeError("sharded_knn_predict takes quantize()d features of one dtype")
@@ -215,6 +218,8 @@ def sharded_knn_predict(
                              torch.cat([e[1] for e in every], 1).long(),
                              torch.cat([e[2] for e in every], 1).long(), k)
         preds.append(_vote(v, y, num_classes, t))
+        if progress is not None:
+            progress(min(s + query_chunk, query.shape[0]), query.shape[0])
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=dev)
 
 
