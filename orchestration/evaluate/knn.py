@@ -80,7 +80,7 @@ def knn_memory_bytes(bank_rows: int, queries: int, dim: int, world_size: int = 1
 
     With s = storage bytes (2 for float16, 4 for float32), c = compute bytes (4, 8):
     bank shard ceil(M/W) x (s D + 16: label, index) + queries N x s D
-    + per chunk: (q + b) x D x c (compute copies) + q x b x (c + 3) (similarities, masks)
+    + per chunk: (q + b) x D x c (compute copies) + q x b x c (similarities)
     + q x k x 24 x (W + 4) (candidate lists: value, index, label; running, block, merged,
     gathered) + q x k x 8 (votes, C <= k).
     """
@@ -89,29 +89,38 @@ def knn_memory_bytes(bank_rows: int, queries: int, dim: int, world_size: int = 1
     m = -(-bank_rows // world_size)
     b = min(bank_chunk, max(m, 1))
     q = min(query_chunk, max(queries, 1))
-    return (m * (sb * dim + 16) + queries * sb * dim + (q + b) * dim * cb + q * b * (cb + 3)
+    return (m * (sb * dim + 16) + queries * sb * dim + (q + b) * dim * cb + q * b * cb
             + q * k * 24 * (world_size + 4) + q * k * 8)
 
 
 def _block_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, positions) of each row's k best columns, best first, equal values in
-    column order (the caller's columns are in bank index order)."""
-    n = sims.shape[0]
-    kk = min(k, sims.shape[1])
-    thr = sims.topk(kk, dim=1).values[:, -1:]
-    take = sims > thr
-    eq = sims == thr
-    need = kk - take.sum(1, keepdim=True)
-    surplus = (eq.sum(1, keepdim=True) > need).flatten()
-    take |= eq
-    if bool(surplus.any()):  # more rows equal the k-th value than fit: lowest index first
-        rows = surplus.nonzero().flatten()
-        sub = eq[rows]
-        take[rows] = (sims[rows] > thr[rows]) | (sub & (sub.cumsum(1) <= need[rows]))
-    pos = take.nonzero()[:, 1].view(n, kk)  # ascending column per row
-    vals = sims.gather(1, pos)
-    order = vals.sort(dim=1, descending=True, stable=True).indices
-    return vals.gather(1, order), pos.gather(1, order)
+    column order (the caller's columns are in bank index order).
+
+    One top-(k+1) pass: where the (k+1)-th value is below the k-th, the k best are
+    determined whatever top-k's order among equals; only rows with more columns equal to
+    the k-th value than fit (rare) are resolved by column order on their own.
+    """
+    n, b = sims.shape
+    kk = min(k, b)
+    if kk < b:
+        vals, pos = sims.topk(kk + 1, dim=1)
+        surplus = vals[:, kk] == vals[:, kk - 1]
+        vals, pos = vals[:, :kk].contiguous(), pos[:, :kk].contiguous()
+        if bool(surplus.any()):
+            rows = surplus.nonzero().flatten()
+            sub, thr = sims[rows], vals[rows, kk - 1 :]
+            gt, eq = sub > thr, sub == thr
+            need = kk - gt.sum(1, keepdim=True)
+            take = gt | (eq & (eq.cumsum(1) <= need))
+            pos[rows] = take.nonzero()[:, 1].view(-1, kk)
+            vals[rows] = sub.gather(1, pos[rows])
+    else:
+        vals, pos = sims.topk(kk, dim=1)  # every column: nothing to choose
+    o = pos.sort(dim=1).indices
+    vals, pos = vals.gather(1, o), pos.gather(1, o)
+    o = vals.sort(dim=1, descending=True, stable=True).indices
+    return vals.gather(1, o), pos.gather(1, o)
 
 
 def _merge(vals: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, k: int):
