@@ -93,58 +93,59 @@ def knn_memory_bytes(bank_rows: int, queries: int, dim: int, world_size: int = 1
             + q * k * 24 * (world_size + 4) + q * k * 8)
 
 
-def _block_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, positions) of each row's k best columns, best first, equal values in
-    column order (the caller's columns are in bank index order).
+def _select(vals: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns (n, min(k, L)) of each row's k best by (value desc, index asc), in no order.
 
     One top-(k+1) pass: where the (k+1)-th value is below the k-th, the k best are
-    determined whatever top-k's order among equals; only rows with more columns equal to
-    the k-th value than fit (rare) are resolved by column order on their own.
+    determined whatever order top-k returns equal values in; only rows with more entries
+    equal to the k-th value than fit (rare) are sorted by (value, index) on their own.
+    `index` (n, L) or (1, L): the entries' global indices.
     """
-    n, b = sims.shape
-    kk = min(k, b)
-    if kk < b:
-        vals, pos = sims.topk(kk + 1, dim=1)
-        surplus = vals[:, kk] == vals[:, kk - 1]
-        vals, pos = vals[:, :kk].contiguous(), pos[:, :kk].contiguous()
-        if bool(surplus.any()):
-            rows = surplus.nonzero().flatten()
-            sub, thr = sims[rows], vals[rows, kk - 1 :]
-            gt, eq = sub > thr, sub == thr
-            need = kk - gt.sum(1, keepdim=True)
-            take = gt | (eq & (eq.cumsum(1) <= need))
-            pos[rows] = take.nonzero()[:, 1].view(-1, kk)
-            vals[rows] = sub.gather(1, pos[rows])
-    else:
-        vals, pos = sims.topk(kk, dim=1)  # every column: nothing to choose
-    o = pos.sort(dim=1).indices
-    vals, pos = vals.gather(1, o), pos.gather(1, o)
+    n, width = vals.shape
+    kk = min(k, width)
+    if kk == width:
+        return torch.arange(width, device=vals.device).expand(n, width)
+    top, pos = vals.topk(kk + 1, dim=1)
+    surplus = top[:, kk] == top[:, kk - 1]
+    pos = pos[:, :kk].contiguous()
+    if bool(surplus.any()):
+        rows = surplus.nonzero().flatten()
+        ix = index.expand(n, width)[rows]
+        o = ix.sort(dim=1, stable=True).indices
+        best = vals[rows].gather(1, o).sort(dim=1, descending=True, stable=True).indices
+        pos[rows] = o.gather(1, best[:, :kk])
+    return pos
+
+
+def _canonical(vals: torch.Tensor, index: torch.Tensor, labels: torch.Tensor):
+    """Candidates ordered by (value desc, index asc): the vote's order of additions."""
+    o = index.sort(dim=1, stable=True).indices
+    vals, index, labels = vals.gather(1, o), index.gather(1, o), labels.gather(1, o)
     o = vals.sort(dim=1, descending=True, stable=True).indices
-    return vals.gather(1, o), pos.gather(1, o)
+    return vals.gather(1, o), index.gather(1, o), labels.gather(1, o)
 
 
 def _merge(vals: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, k: int):
-    """The k best of candidate lists by (value desc, index asc)."""
-    o = index.sort(dim=1, stable=True).indices
-    vals, index, labels = vals.gather(1, o), index.gather(1, o), labels.gather(1, o)
-    o = vals.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return vals.gather(1, o), index.gather(1, o), labels.gather(1, o)
+    """The k best of candidate lists by (value desc, index asc), in no order."""
+    p = _select(vals, index, k)
+    return vals.gather(1, p), index.gather(1, p), labels.gather(1, p)
 
 
 def _local_topk(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                 k: int, bank_chunk: int, comp: torch.dtype):
-    """(values, global indices, labels), each (n, k), of this shard's best rows per query;
-    padded with (-inf, _NO_INDEX, 0) when the shard has fewer than k rows."""
+    """(values, global indices, labels), each (n, k), of this shard's best rows per query,
+    in no order; padded with (-inf, _NO_INDEX, 0) when the shard has fewer than k rows."""
     n = q.shape[0]
     best_v = torch.full((n, k), -math.inf, dtype=comp, device=q.device)
     best_i = torch.full((n, k), int(_NO_INDEX), dtype=torch.int64, device=q.device)
     best_y = torch.zeros((n, k), dtype=torch.int64, device=q.device)
     for s in range(0, bank.shape[0], bank_chunk):
+        ix = index[s : s + bank_chunk]
         sims = q @ bank[s : s + bank_chunk].to(comp).T
-        v, p = _block_topk(sims, k)
+        p = _select(sims, ix[None], k)
+        v = sims.gather(1, p)
         del sims
-        best_v, best_i, best_y = _merge(torch.cat([best_v, v], 1),
-                                        torch.cat([best_i, index[s : s + bank_chunk][p]], 1),
+        best_v, best_i, best_y = _merge(torch.cat([best_v, v], 1), torch.cat([best_i, ix[p]], 1),
                                         torch.cat([best_y, labels[s : s + bank_chunk][p]], 1), k)
     return best_v, best_i, best_y
 
@@ -226,6 +227,7 @@ def sharded_knn_predict(
             v, i, y = _merge(torch.cat([e[0] for e in every], 1),
                              torch.cat([e[1] for e in every], 1).long(),
                              torch.cat([e[2] for e in every], 1).long(), k)
+        v, i, y = _canonical(v, i, y)
         preds.append(_vote(v, y, num_classes, t))
         if progress is not None:
             progress(min(s + query_chunk, query.shape[0]), query.shape[0])
