@@ -6,9 +6,14 @@ the k=200 nearest neighbours vote with weight exp(sim / t), t=0.1. The linear pr
 the papers' protocol at small scale: backbone in eval() mode, features computed once,
 a linear head initialised N(0, 0.01), SGD + cross-entropy for a few epochs.
 
-Under DDP each rank embeds its own part of the split (the eval loader yields every sample
-exactly once over all ranks) and the features are gathered, so every rank holds the same
-bank and computes the same numbers.
+Under DDP the work is split, not repeated (docs/training.md, "Evaluation at scale"):
+each rank reads and embeds only its share of each split (the eval loader's partition);
+the bank's features stay on the rank that made them (optionally cut to a class-balanced
+budget, bank.py), and the sharded kNN scores every query against every shard and merges
+the candidates, bitwise the 1-rank result (knn.py); the linear probe trains once over the
+sharded bank (probe.linear_probe_sharded). Only the test split's features are gathered
+(queries, probe test set, collapse metrics, the PCA plot). Every rank returns the same
+result.
 """
 
 from __future__ import annotations
@@ -21,12 +26,28 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from orchestration.evaluate.features import PROGRESS_EVERY_S, extract_features
-from orchestration.evaluate.knn import knn_accuracy
-from orchestration.evaluate.probe import linear_probe
-from orchestration.runtime.distributed import DistEnv, loader_threads
+from orchestration.evaluate.bank import select_local
+from orchestration.evaluate.features import (
+    PROGRESS_EVERY_S,
+    Features,
+    extract_local,
+    gather_features,
+)
+from orchestration.evaluate.knn import accuracy, quantize, sharded_knn_predict
+from orchestration.evaluate.probe import linear_probe_sharded
+from orchestration.runtime.distributed import (
+    DistEnv,
+    all_reduce_max,
+    all_reduce_sum,
+    loader_threads,
+)
 
 log = logging.getLogger("sslstream.eval")
+# phase times and scoring progress: a child logger, so the feature-progress lines above
+# stay what they were (tests and log scrapers read them)
+log_phase = logging.getLogger("sslstream.eval.phase")
+
+PHASES = ("read", "extract", "select", "score", "probe")
 
 
 @dataclass
@@ -38,9 +59,12 @@ class EvalResult:
     bank_size: int
     test_size: int
     seconds: float
-    # the test split's features and labels (for the PCA plot); not metrics
+    # seconds per phase (read, extract, select, score, probe), the slowest rank's
+    phases: dict[str, float] = field(default_factory=dict)
+    # the test split's features, labels and kNN predictions, in split order; not metrics
     test_features: torch.Tensor | None = field(default=None, repr=False)
     test_labels: torch.Tensor | None = field(default=None, repr=False)
+    knn_predictions: torch.Tensor | None = field(default=None, repr=False)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         out = {
@@ -52,6 +76,7 @@ class EvalResult:
             f"{prefix}test_size": float(self.test_size),
             f"{prefix}seconds": float(self.seconds),
         }
+        out.update({f"{prefix}time_{k}": float(v) for k, v in self.phases.items()})
         if self.probe_acc is not None:
             out[f"{prefix}probe_acc"] = self.probe_acc
         return out
@@ -88,8 +113,9 @@ def evaluate(
         recipe = TwoViewRecipe.from_config(cfg.augment)
         inputs = (recipe.size, tuple(recipe.view1.mean), tuple(recipe.view1.std))
     size, mean, std = inputs
+    phases = dict.fromkeys(PHASES, 0.0)
 
-    def features(split: str, urls: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(split: str, urls: str, max_samples: int = 0) -> Features:
         loader = build_eval_loader(
             urls,
             image_size=int(size),
@@ -104,10 +130,15 @@ def evaluate(
             std=tuple(std),
             num_threads=loader_threads(cfg.trainer.get("loader_threads", "auto")),
             stream_options=sample_options(data, labelled=True),
+            max_samples=int(max_samples),
+            with_index=True,
+            max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
         )
         t_split, last = time.perf_counter(), [time.perf_counter()]
         stream = getattr(loader, "stream", None)
-        per_rank = len(range(0, len(stream), env.world_size)) if stream is not None else None
+        per_rank = None
+        if stream is not None:
+            per_rank = len(stream) if loader.presplit else len(range(0, len(stream), env.world_size))
 
         def progress(n: int) -> None:  # rank 0 speaks for all: ranks run in step
             now = time.perf_counter()
@@ -118,46 +149,84 @@ def evaluate(
                          n / (now - t_split))
 
         try:
-            out = extract_features(method.embed, loader, env.device, progress=progress)
+            out = extract_local(method.embed, loader, env.device, progress=progress)
         finally:
             loader.close()
+        phases["read"] += all_reduce_max(out.read_s, env.device)
+        phases["extract"] += all_reduce_max(out.embed_s, env.device)
+        total = int(all_reduce_sum(float(out.x.shape[0]), env.device))
         if env.is_main:
-            log.info("eval: %s features of %d samples in %.1fs", split, out[0].shape[0],
+            log.info("eval: %s features of %d samples in %.1fs", split, total,
                      time.perf_counter() - t_split)
         return out
 
     was_training = method.training
     method.eval()
     try:
-        bank_x, bank_y = features("bank", data.bank)
-        test_x, test_y = features("test", data.test)
+        bank = features("bank", data.bank, int(ev.get("bank_samples", 0) or 0)).sorted()
+        test = gather_features(features("test", data.test))
     finally:
         method.train(was_training)
+
+    t = time.perf_counter()
+    lowest = -all_reduce_max(-float(bank.y.min()) if bank.y.numel() else 0.0, env.device)
+    if lowest < 0 or (test.y.numel() and int(test.y.min()) < 0):
+        raise ValueError("evaluation needs labelled shards: data.bank / data.test have "
+                         "samples without a label")
+    keep = select_local(bank.y, bank.index, max_per_class=int(ev.get("bank_max_per_class", 0) or 0),
+                        samples=int(ev.get("bank_samples", 0) or 0), seed=int(cfg.get("seed", 0)))
+    if not bool(keep.all()):
+        bank = Features(bank.x[keep], bank.y[keep], bank.index[keep], bank.read_s, bank.embed_s)
+    bank_size = int(all_reduce_sum(float(bank.x.shape[0]), env.device))
+    if bank_size == 0 or test.x.shape[0] == 0:
+        raise ValueError("kNN needs a non-empty bank and query set (check data.bank / data.test)")
     num_classes = data.get("num_classes") or None
-    knn = knn_accuracy(bank_x, bank_y, test_x, test_y, num_classes, k=int(ev.knn_k), t=float(ev.knn_t))
+    if num_classes is None:
+        top = float(bank.y.max()) if bank.y.numel() else 0.0
+        num_classes = int(max(all_reduce_max(top, env.device), float(test.y.max()))) + 1
+    phases["select"] = all_reduce_max(time.perf_counter() - t, env.device)
+
+    t, last = time.perf_counter(), [time.perf_counter()]
+
+    def scored(done: int, of: int) -> None:
+        now = time.perf_counter()
+        if env.is_main and (now - last[0] >= PROGRESS_EVERY_S or done == of):
+            last[0] = now
+            log_phase.info("eval: kNN scored %d/%d queries against %d bank rows (%.1fs)",
+                           done, of, bank_size, now - t)
+
+    dtype = str(ev.get("knn_dtype", "float16"))
+    preds = sharded_knn_predict(
+        quantize(test.x, dtype), quantize(bank.x, dtype), bank.y, bank.index, int(num_classes),
+        int(ev.knn_k), float(ev.knn_t), query_chunk=int(ev.get("knn_query_chunk", 1024)),
+        bank_chunk=int(ev.get("knn_bank_chunk", 16384)), progress=scored)
+    knn = accuracy(preds, test.y)
+    phases["score"] = all_reduce_max(time.perf_counter() - t, env.device)
     probe = None
     if ev.get("probe", True):
-        probe = linear_probe(
-            bank_x,
-            bank_y,
-            test_x,
-            test_y,
-            num_classes,
-            epochs=int(ev.probe_epochs),
-            lr=float(ev.probe_lr),
-            batch_size=int(ev.probe_batch_size),
-            seed=int(cfg.get("seed", 0)),
-        )
+        t = time.perf_counter()
+        probe = linear_probe_sharded(
+            bank.x, bank.y, bank.index, test.x, test.y, int(num_classes),
+            epochs=int(ev.probe_epochs), lr=float(ev.probe_lr),
+            batch_size=int(ev.probe_batch_size), seed=int(cfg.get("seed", 0)))
+        phases["probe"] = all_reduce_max(time.perf_counter() - t, env.device)
+    seconds = time.perf_counter() - t0
+    if env.is_main:
+        log_phase.info("eval: %.1fs: %s (slowest rank); bank %d, test %d, world %d", seconds,
+                       ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), bank_size,
+                       test.x.shape[0], env.world_size)
     return EvalResult(
         knn_acc=knn,
         probe_acc=probe,
-        embedding_std=float(embedding_std(test_x)),
-        effective_rank=float(effective_rank(test_x)),
-        bank_size=int(bank_x.shape[0]),
-        test_size=int(test_x.shape[0]),
-        seconds=time.perf_counter() - t0,
-        test_features=test_x,
-        test_labels=test_y,
+        embedding_std=float(embedding_std(test.x)),
+        effective_rank=float(effective_rank(test.x)),
+        bank_size=bank_size,
+        test_size=int(test.x.shape[0]),
+        seconds=seconds,
+        phases=phases,
+        test_features=test.x,
+        test_labels=test.y,
+        knn_predictions=preds,
     )
 
 

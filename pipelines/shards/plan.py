@@ -17,7 +17,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Segment", "mix_seed", "per_rank", "rank_segments", "shard_order"]
+__all__ = ["Segment", "mix_seed", "partition_bounds", "partition_segments", "per_rank",
+           "rank_segments", "shard_order", "spread_shards"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +79,43 @@ def rank_segments(
         out.append(Segment(s, off, off + take, padded))
         g += take
     return out
+
+
+def partition_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s share [lo, hi) of `total` positions when every position goes to
+    exactly one rank: contiguous, sizes differ by at most one (evaluation, where ranks need
+    not take equal step counts, so nothing is padded or dropped)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} outside world_size={world_size}")
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+def partition_segments(counts: Sequence[int], rank: int, world_size: int) -> list[Segment]:
+    """The segments of rank `rank`'s share of the shards in their listed order: a
+    contiguous run of positions, so a rank opens only the shards its share touches (at
+    most two of them partly) and the W shares together cover every sample exactly once."""
+    lo, hi = partition_bounds(sum(counts), rank, world_size)
+    out: list[Segment] = []
+    start = 0
+    for s, n in enumerate(counts):
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            out.append(Segment(s, a - start, b - start))
+        start += n
+    return out
+
+
+def spread_shards(counts: Sequence[int], want: int) -> list[int]:
+    """As few shards as hold `want` samples, spread evenly over the list (deterministic).
+
+    Why spread and not the first ones: shards written in class order would otherwise give a
+    bank of a few classes. Returns every shard when they hold fewer than `want` samples.
+    """
+    n = len(counts)
+    if want <= 0 or want >= sum(counts):
+        return list(range(n))
+    for pick in range(1, n + 1):
+        chosen = sorted({(i * n) // pick for i in range(pick)})
+        if sum(counts[s] for s in chosen) >= want:
+            return chosen
+    return list(range(n))

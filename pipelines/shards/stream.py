@@ -32,7 +32,15 @@ from pipelines.shards.labels import (
     parse_label_key,
 )
 from pipelines.shards.manifest import ShardRef, count_samples, resolve_shards
-from pipelines.shards.plan import Segment, mix_seed, per_rank, rank_segments, shard_order
+from pipelines.shards.plan import (
+    Segment,
+    mix_seed,
+    partition_bounds,
+    partition_segments,
+    per_rank,
+    rank_segments,
+    shard_order,
+)
 from pipelines.shards.reader import Bad, Good, LanePositions, LaneReader, SampleSpec, Short
 from pipelines.shards.resume import EpochLog, FastForward, fast_forward, fetch
 from pipelines.shards.storage import plain, redact
@@ -60,6 +68,9 @@ class Sample:
     image: bytes  # encoded image (JPEG/PNG/WebP), already header-validated
     label: int  # -1 when the shard has no label
     shard: str  # URL of the shard it came from
+    # position in the listed shard order (shard's start + index inside it): a sample's
+    # identity whatever the rank split (evaluation breaks kNN ties by it); -1 if unknown
+    index: int = -1
 
 
 def sample_options(data: object, *, labelled: bool = False) -> dict:
@@ -90,7 +101,8 @@ class ShardStream:
                  storage_options: dict | None = None, max_bad_fraction: float = 0.01,
                  validate: str = "header", num_classes: int | None = None,
                  label_key: str = "auto", image_keys: Sequence[str] | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, require_label: bool = False) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, require_label: bool = False,
+                 partition: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} outside world_size={world_size}")
         if validate not in VALIDATE_MODES:
@@ -105,6 +117,11 @@ class ShardStream:
         self.exact_epoch, self.max_bad_fraction = bool(exact_epoch), float(max_bad_fraction)
         self.storage_options = plain(storage_options) if storage_options else None
         self.validate = validate
+        # partition: ranks read disjoint contiguous shares of the listed order that together
+        # hold every sample once (sizes differ by <= 1; evaluation), instead of equal lengths
+        if partition and shuffle:
+            raise ValueError("partition=True reads the shards in their listed order: shuffle=False")
+        self.partition = bool(partition)
         refs, classes = resolve_shards(urls, self.storage_options)
         self.classes = classes
         self.num_classes = num_classes if num_classes is not None else (len(classes) if classes else None)
@@ -161,6 +178,9 @@ class ShardStream:
         return sum(self.shard_counts)
 
     def __len__(self) -> int:
+        if self.partition:
+            lo, hi = partition_bounds(self.num_samples, self.rank, self.world_size)
+            return hi - lo
         n = per_rank(self.num_samples, self.world_size, self.exact_epoch)
         if n == 0:
             raise ValueError(f"{self.num_samples} samples cannot fill {self.world_size} ranks "
@@ -169,6 +189,8 @@ class ShardStream:
 
     def segments(self, epoch: int | None = None) -> list[Segment]:
         """This rank's reading plan for `epoch` (default: the current one)."""
+        if self.partition:
+            return partition_segments(self.shard_counts, self.rank, self.world_size)
         e = self.epoch if epoch is None else epoch
         order = shard_order(len(self._refs), self.seed, e, self.shuffle)
         return rank_segments(self.shard_counts, order, self.rank, self.world_size, self.exact_epoch)
@@ -225,7 +247,7 @@ class ShardStream:
             return self._fp
         plan = [self.shard_urls, self.shard_counts, self.seed, self.shuffle, self.exact_epoch,
                 self.rank, self.world_size, max(1, self.num_workers), self.shuffle_buffer,
-                self.validate]
+                self.validate] + (["partition"] if self.partition else [])
         self._fp = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
         return self._fp
 
@@ -311,6 +333,8 @@ class ShardStream:
                         f"{item.shard} (worst: {worst}). `sslstream shards verify` names the "
                         "cause per shard (e.g. a tar whose members are not grouped by key)",
                         item.shard)
+        if self.partition:  # each sample once: a corrupt one is missing, not replaced
+            return
         resume_at = ff.topup if ff is not None and ff.phase == "topup" else None
         passes = resume_at[0] - 1 if resume_at else 0
         while n < length:  # top up by wrap-around over this rank's own slice
@@ -374,7 +398,8 @@ class ShardStream:
     def __iter__(self) -> Iterator[Sample]:
         """One epoch (the current one) for this rank, from the cursor on."""
         length = len(self)
-        if self.position >= length:  # the last pass finished: the same epoch again
+        # the last pass finished (or a partition, which never resumes): the same epoch again
+        if self.position >= length or self.partition:
             self.position = 0
         if self.position == 0:
             self._log = EpochLog()
@@ -388,6 +413,10 @@ class ShardStream:
             self._log = EpochLog()
             items = self._shuffled(self._valid(length))
             done = 0
+        segs, starts, pos = self.segments(), [], 0
+        for n in self.shard_counts:
+            starts.append(pos)
+            pos += n
         for g in items:
             done += 1
             if done <= skip:
@@ -397,4 +426,5 @@ class ShardStream:
             self._count("yielded")
             if g.padded:
                 self._count("padded")
-            yield Sample(g.key, g.image, g.label, g.shard)
+            index = starts[segs[g.seg].shard] + g.index if g.seg >= 0 and g.index >= 0 else -1
+            yield Sample(g.key, g.image, g.label, g.shard, index)

@@ -25,23 +25,30 @@ def eval_resize(size: int) -> int:
 class EvalLoader:
     """Deterministic single view of this rank's share of the samples, each exactly once.
 
-    The stream is read whole (unshuffled, world_size=1) and rank r keeps the samples at
-    positions r, r + W, r + 2W, ...: every sample lands on exactly one rank even when the
-    count does not divide by W (ShardStream's rank split either drops or pads that
-    remainder). Keys already seen are skipped, so the stream's wrap-around top-ups after a
-    corrupt sample never count twice. Cost: every rank reads the whole split (eval splits
-    are small). Runs in the caller's thread; corrupt samples are skipped and counted.
+    A partitioned ShardStream (`partition=True`, what build_eval_loader makes) already
+    yields only this rank's contiguous share of the split, so each rank reads ~1/W of the
+    bytes. Any other stream is read whole and rank r keeps the samples at positions
+    r, r + W, ... (custom sources, tests). Either way every sample lands on exactly one
+    rank even when the count does not divide by W. Keys already seen are skipped, so the
+    stream's wrap-around top-ups after a corrupt sample never count twice. Runs in the
+    caller's thread; corrupt samples are skipped and counted. `with_index=True` yields
+    (x, labels, index) with each sample's position in the split (Sample.index; for other
+    streams the position in the whole stream), which identifies it across rank counts.
     """
 
     def __init__(self, stream, *, image_size: int, batch_size: int, device: torch.device | str,
                  backend: str = "auto", num_threads: int = 2, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD, validate: str = "auto", rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, with_index: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"eval loader rank={rank} outside world_size={world_size}")
         self.stream, self.batch_size = stream, batch_size
         self.validate = effective_validation(validate, stream)
         self.rank, self.world_size = rank, world_size
+        self.with_index = with_index
+        # the stream already holds only this rank's share: no striding here
+        self.presplit = bool(getattr(stream, "partition", False)) and \
+            (stream.rank, stream.world_size) == (rank, world_size)
         self.device = torch.device(device)
         self.backend_name = resolve_backend(backend)
         resize = eval_resize(image_size)
@@ -60,18 +67,22 @@ class EvalLoader:
 
     def __len__(self) -> int:
         """Batches of this rank (an upper bound when corrupt samples get skipped)."""
-        mine = len(range(self.rank, len(self.stream), self.world_size))
+        mine = len(self.stream) if self.presplit else \
+            len(range(self.rank, len(self.stream), self.world_size))
         return -(-mine // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         images: list[bytes] = []
         labels: list[int] = []
+        index: list[int] = []
         seen: set[str] = set()
         for sample in self.stream:
-            if sample.key in seen:
+            ident = (sample.shard, sample.key) if self.presplit else sample.key
+            if ident in seen:
                 continue
-            seen.add(sample.key)
-            if (len(seen) - 1) % self.world_size != self.rank:
+            seen.add(ident)
+            pos = len(seen) - 1
+            if not self.presplit and pos % self.world_size != self.rank:
                 continue
             try:
                 image_hw(sample.image, self.validate)
@@ -80,13 +91,22 @@ class EvalLoader:
                 continue
             images.append(sample.image)
             labels.append(int(sample.label))
+            at = getattr(sample, "index", -1)
+            index.append(at if at >= 0 else pos)
             if len(images) == self.batch_size:
-                yield self._run(images, labels)
-                images, labels = [], []
+                yield self._emit(images, labels, index)
+                images, labels, index = [], [], []
         if images:
-            yield self._run(images, labels)
+            yield self._emit(images, labels, index)
 
-    def _run(self, images: list[bytes], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _emit(self, images: list[bytes], labels: list[int], index: list[int]) -> tuple[torch.Tensor, ...]:
+        x, y, keep = self._run(images, labels)
+        if not self.with_index:
+            return x, y
+        return x, y, torch.tensor([index[i] for i in keep], dtype=torch.int64, device=self.device)
+
+    def _run(self, images: list[bytes], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        keep = list(range(len(images)))
         try:
             x = self._backend.run(images)
         except Exception as error:  # a header-valid but undecodable image: drop it, count it
@@ -105,7 +125,8 @@ class EvalLoader:
                 reset()
             images, labels = [images[i] for i in keep], [labels[i] for i in keep]
             x = self._backend.run(images)
-        return x.to(self.device), torch.tensor(labels, dtype=torch.int64, device=self.device)
+        return (x.to(self.device), torch.tensor(labels, dtype=torch.int64, device=self.device),
+                keep)
 
     def close(self) -> None:
         self._backend.close()
@@ -115,20 +136,37 @@ def build_eval_loader(urls, *, image_size: int, batch_size: int, device: torch.d
                       storage_options: dict | None = None, rank: int = 0, world_size: int = 1,
                       num_workers: int = 2, backend: str = "auto", mean=IMAGENET_MEAN,
                       std=IMAGENET_STD, stream=None, num_threads: int = 2,
-                      validate: str = "auto", stream_options: dict | None = None) -> EvalLoader:
-    """Eval loader over `urls`: unshuffled, unpadded, each sample on exactly one rank.
+                      validate: str = "auto", stream_options: dict | None = None,
+                      max_samples: int = 0, with_index: bool = False,
+                      max_bad_fraction: float = 0.01) -> EvalLoader:
+    """Eval loader over `urls`: unshuffled, unpadded, each sample on exactly one rank,
+    each rank reading only its contiguous share of the split (ShardStream partition=True).
 
-    `stream` replaces the ShardStream built from `urls` (tests, custom sources); it must
-    yield the whole split (it is strided by rank here). `stream_options`: more ShardStream
-    arguments (label_key, image_keys, max_pixels, require_label: see sample_options).
+    `max_samples` > 0 reads only as few whole shards as hold that many samples, spread
+    evenly over the list (plan.spread_shards; a budget for periodic evaluation of a large
+    split), the same shards for any rank count. `stream` replaces the ShardStream built
+    from `urls` (tests, custom sources); it must yield the whole split (it is strided by
+    rank here). `stream_options`: more ShardStream arguments (label_key, image_keys,
+    max_pixels, require_label: see sample_options).
     """
     if stream is None:
+        from pipelines.shards.plan import spread_shards
         from pipelines.shards.stream import ShardStream
 
-        stream = ShardStream(urls, rank=0, world_size=1, num_workers=num_workers,
-                             shuffle=False, exact_epoch=False, storage_options=storage_options,
-                             validate="header" if validate == "auto" else validate,
-                             **(stream_options or {}))
+        def make(spec) -> ShardStream:
+            return ShardStream(spec, rank=rank, world_size=world_size, num_workers=num_workers,
+                               shuffle=False, exact_epoch=False, partition=True,
+                               storage_options=storage_options,
+                               max_bad_fraction=max_bad_fraction,
+                               validate="header" if validate == "auto" else validate,
+                               **(stream_options or {}))
+
+        stream = make(urls)
+        if max_samples > 0:
+            chosen = spread_shards(stream.shard_counts, int(max_samples))
+            if len(chosen) < len(stream.shard_urls):
+                stream = make([stream.shard_urls[i] for i in chosen])
     return EvalLoader(stream, image_size=image_size, batch_size=batch_size, device=device,
                       backend=backend, num_threads=num_threads, mean=mean, std=std,
-                      validate=validate, rank=rank, world_size=world_size)
+                      validate=validate, rank=rank, world_size=world_size,
+                      with_index=with_index)
