@@ -68,7 +68,9 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
     def forward(signum: int, _frame: Any) -> None:
         _signal_group(proc, signum)
 
-    old = signal.signal(signal.SIGTERM, forward)
+    # SIGINT too: the child runs in its own session (a Ctrl-C reaches only us) and must
+    # checkpoint rather than be killed by the cleanup below
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while proc.poll() is None:
             if lost:
@@ -78,7 +80,8 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
                                   "resume")
             time.sleep(0.5)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if proc.poll() is None:
             _signal_group(proc, signal.SIGKILL)
     outcome = json.loads(result_path.read_text()) if result_path.is_file() else {}
@@ -121,6 +124,7 @@ def worker(cfg_path: str, result_path: str) -> int:
     """One torchrun rank: train on the prepared config; rank 0 writes the outcome."""
     from orchestration.errors import RegistrationError
     from orchestration.runtime import distributed as D
+    from orchestration.runtime.interrupt import Interrupted
     from orchestration.train.loop import train
 
     cfg = OmegaConf.load(cfg_path)
@@ -129,8 +133,10 @@ def worker(cfg_path: str, result_path: str) -> int:
     code = 0
     try:
         res = train(cfg)  # type: ignore[arg-type]
-        outcome = {"status": res.status, "run_id": res.run_id,
+        outcome = {"status": res.status, "run_id": res.run_id, "stopped_by": res.stopped_by,
                    "registered_uri": res.registered_uri, "promoted": res.promoted}
+    except Interrupted as e:  # evaluating / registering: the state was kept, run KILLED
+        outcome, code = {"status": "preempted", "stopped_by": e.signal_name}, e.exit_code
     except RegistrationError as e:
         outcome, code = {"error": "registration", "message": str(e)}, 6
     except Exception as e:

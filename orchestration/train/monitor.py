@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from orchestration.errors import ConfigError
+
 log = logging.getLogger("sslstream.train")
 
 
@@ -36,7 +38,7 @@ def use_bar(progress: str, is_main: bool) -> bool:
     if p == "bar":
         return True
     if p != "auto":
-        raise ValueError(f"trainer.progress must be auto, bar or log, got {progress!r}")
+        raise ConfigError(f"trainer.progress must be auto, bar or log, got {progress!r}")
     return sys.stderr.isatty()
 
 

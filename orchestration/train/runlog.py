@@ -60,8 +60,10 @@ class RunLog:
         self.tracker.set_tags({"sslstream.failure": reason})
         self.tracker.end("FAILED")
 
-    def pause(self) -> None:
-        """Preempted: KILLED, so the resumed job continues the same run."""
+    def pause(self, reason: str = "") -> None:
+        """Stopped by a signal: KILLED (not FAILED), so the resumed job continues the run."""
+        if reason:
+            self.tracker.set_tags({"sslstream.stopped": reason})
         self.tracker.end("KILLED")
 
     def finish(self, method: nn.Module, result: TrainResult, eval_features: Any = None) -> None:
@@ -73,6 +75,8 @@ class RunLog:
         """
         if not self.env.is_main:
             return
+        if self.tracker.active:
+            result.tracking_uri = self.tracker.shown_uri
         self.tracker.log_training_plots()
         if eval_features is not None:
             z, y = eval_features
@@ -121,7 +125,7 @@ class RunLog:
         # a rerun of the same command sees this next to the final checkpoint and does nothing
         marker = {"registered_uri": decision.uri, "promoted": decision.promoted,
                   "reason": decision.reason, "run_id": self.run_id, "step": result.step,
-                  "model_uri": result.model_uri}
+                  "model_uri": result.model_uri, "tracking_uri": result.tracking_uri}
         tmp = result.run_dir / f".{REGISTERED_MARKER}.tmp"
         tmp.write_text(json.dumps(marker, indent=1))
         os.replace(tmp, result.run_dir / REGISTERED_MARKER)

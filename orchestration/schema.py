@@ -1,0 +1,450 @@
+"""The config, composed and checked before anything is touched: unknown keys, types, ranges.
+
+Hydra composes conf/ (every default lives there). A typo must fail at once, naming the key,
+not after the data was generated or a model trained. So every command composes through
+`compose_checked`, which
+
+1. checks each command-line override against the *tree of defaults*: the config composed
+   with the same group choices (`method=simclr`, `data=cifar10`, ...) but no value
+   overrides. A key that is not in that tree is unknown, also when written `+key=value`
+   (Hydra's own hint for a typo, which would run with the key silently ignored); the message
+   offers the nearest known keys ("did you mean"). Keys below a node whose default is empty
+   (`{}` or null, e.g. `data.storage_options`) are free-form and pass.
+2. checks every value of the composed config: against the type of its default (a bool stays
+   a bool, an int an int, a float any number), then against `RULES` (allowed values,
+   ranges, null, `auto`), and that no mandatory `???` value is left.
+
+Nothing here lists the keys themselves: the tree of defaults does, so a key that another
+branch adds to conf/ is known without editing this module. `RULES` only narrows values
+(and a rule for a key that is not in the tree is ignored). Errors are `ConfigError` (exit 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from orchestration.errors import ConfigError
+
+__all__ = ["RULES", "Rule", "check_config", "check_overrides", "compose_checked", "compose_config"]
+
+_BRACE = re.compile(r"\{[^{}$]*\.\.[^{}$]*\}")
+_FREE = object()  # marker: below this node anything goes
+
+
+def quote_brace_patterns(overrides: Sequence[str]) -> list[str]:
+    """`data.train=s3://b/train-{000000..000127}.tar` -> `data.train='s3://b/...'`.
+
+    Hydra's override grammar reserves `{`, so a WebDataset brace pattern would need quoting
+    inside shell quoting; values holding a `{a..b}` range are quoted here instead.
+    """
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and _BRACE.search(value) and not value.startswith(("'", '"')):
+            o = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+        out.append(o)
+    return out
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved config: conf/config.yaml + its groups + `overrides` (Hydra syntax).
+
+    Unchecked (tests and tools that want Hydra's plain behaviour); commands use
+    `compose_checked`.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def compose_checked(overrides: Sequence[str] = (), *, allow_missing: bool = False) -> DictConfig:
+    """`compose_config` after `check_overrides`, then `check_config` on the result."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    quoted = quote_brace_patterns(overrides)
+    groups, values = _split_overrides(quoted)
+    _check_group_choices(groups)
+    try:
+        reference = compose_config(groups)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"config error: {e}") from e
+    check_overrides(values, reference)
+    try:
+        cfg = compose_config(quoted)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"config error: {_strip_plus_hint(str(e))}") from e
+    check_config(cfg, reference, allow_missing=allow_missing)
+    return cfg
+
+
+# --- 1. keys ------------------------------------------------------------------------------
+
+
+def _conf_dir() -> Any:
+    return resources.files("conf")
+
+
+def _is_group(key: str) -> bool:
+    node = _conf_dir()
+    for part in key.split("/") if "/" in key else key.split("."):
+        node = node / part
+    return node.is_dir()
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[Any]]:
+    """(group choices as typed, parsed value overrides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise ConfigError(f"cannot parse the overrides: {e}") from e
+    groups, values = [], []
+    for o in parsed:
+        (groups if _is_group(o.key_or_group) else values).append(o)
+    return [o.input_line for o in groups], values
+
+
+def _check_group_choices(groups: Sequence[str]) -> None:
+    """`method=simcrl`: name the group's options and the nearest one."""
+    for line in groups:
+        key, _, value = line.lstrip("+~").partition("=")
+        key = key.split("@")[0]
+        if not value or value.startswith(("${", "null")):
+            continue
+        folder = _conf_dir()
+        for part in key.replace(".", "/").split("/"):
+            folder = folder / part
+        options = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+        if value not in options:
+            raise ConfigError(f"{key}={value} is not a config option; {key} is one of: "
+                              f"{', '.join(options)}{_did_you_mean(value, options)}", key)
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every node and leaf below `node` (raw, not resolved)."""
+    if isinstance(node, DictConfig):
+        for k in node:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig | ListConfig):
+                yield key, child
+                yield from _walk(child, key)
+            else:
+                yield key, child._value() if child is not None else None
+
+
+def _lookup(reference: DictConfig, key: str) -> Any:
+    """The default at `key`, `_FREE` below a free-form node, or KeyError."""
+    node: Any = reference
+    for part in key.split("."):
+        if isinstance(node, DictConfig):
+            if len(node) == 0:
+                return _FREE
+            if part not in list(node.keys()):  # `in node` is False for a `???` value
+                raise KeyError(key)
+            child = node._get_node(part)
+            node = child if isinstance(child, DictConfig | ListConfig) else child._value()
+        elif node is None or isinstance(node, ListConfig) and part.isdigit():
+            return _FREE
+        else:
+            raise KeyError(key)
+    return node
+
+
+def check_overrides(values: Sequence[Any], reference: DictConfig) -> None:
+    """Every value override names a key of the tree of defaults (or one below a free node)."""
+    for o in values:
+        if o.is_delete():
+            continue
+        key = o.key_or_group
+        try:
+            _lookup(reference, key)
+        except KeyError:
+            raise ConfigError(_unknown_key_message(key, reference, o.input_line), key) from None
+
+
+def _unknown_key_message(key: str, reference: DictConfig, line: str) -> str:
+    parent, _, leaf = key.rpartition(".")
+    siblings: list[str] = []
+    try:
+        node = _lookup(reference, parent) if parent else reference
+        if isinstance(node, DictConfig):
+            siblings = [str(k) for k in node]
+    except KeyError:
+        pass
+    keys = [k for k, _ in _walk(reference)]
+    near = [f"{parent}.{s}" if parent else s
+            for s in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)]
+    near += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.75) if k not in near]
+    msg = f"unknown config key {key} (in `{line}`)"
+    if near:
+        msg += f"; did you mean {' or '.join(near[:3])}?"
+    elif siblings:
+        shown = ", ".join(siblings[:40]) + (", ..." if len(siblings) > 40 else "")
+        msg += f" Keys of {parent or 'the config'}: {shown}."
+    msg += " (`sslstream train --cfg` prints the whole config)"
+    return msg
+
+
+def _strip_plus_hint(text: str) -> str:
+    """Hydra suggests `+key=value` for an unknown key; that would run with the key ignored."""
+    return re.sub(r"\s*To append to your config use \+\S+", "", text)
+
+
+def _did_you_mean(word: str, options: Sequence[str]) -> str:
+    near = difflib.get_close_matches(word, list(options), n=2, cutoff=0.5)
+    return f"; did you mean {' or '.join(near)}?" if near else ""
+
+
+# --- 2. values ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key accepts beyond the type of its default.
+
+    kind: "int" | "float" | "bool" | "str" | "any"; choices: allowed strings (compared as
+    written); ge/gt/le: bounds for numbers; null: null allowed; auto: the string "auto"
+    allowed besides the numbers / bools.
+    """
+
+    kind: str = "any"
+    choices: tuple[str, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    null: bool = False
+    auto: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.choices:
+            parts.append(" | ".join(self.choices))
+        elif self.kind in ("int", "float"):
+            rng = [f">= {_num(self.ge)}" if self.ge is not None else "",
+                   f"> {_num(self.gt)}" if self.gt is not None else "",
+                   f"<= {_num(self.le)}" if self.le is not None else ""]
+            parts.append(f"{'an integer' if self.kind == 'int' else 'a number'} "
+                         f"{' and '.join(r for r in rng if r)}".strip())
+        elif self.kind == "bool":
+            parts.append("true | false")
+        if self.auto:
+            parts.append("auto")
+        if self.null:
+            parts.append("null")
+        return " or ".join(parts)
+
+    def accepts(self, v: Any) -> bool:
+        if v is None:
+            return self.null
+        if self.auto and v == "auto":
+            return True
+        if self.choices:
+            return isinstance(v, str | bool | int) and str(v).lower() in self.choices
+        if self.kind == "bool":
+            return isinstance(v, bool)
+        if self.kind in ("int", "float"):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                return False
+            if self.kind == "int" and not isinstance(v, int):
+                return False
+            if isinstance(v, float) and not math.isfinite(v):
+                return False
+            return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                    and (self.le is None or v <= self.le))
+        if self.kind == "str":
+            return isinstance(v, str)
+        return True
+
+
+def _num(x: float | None) -> str:
+    return f"{x:g}" if x is not None else ""
+
+
+def Int(ge: float | None = None, *, gt: float | None = None, le: float | None = None,
+        null: bool = False, auto: bool = False) -> Rule:
+    return Rule("int", ge=ge, gt=gt, le=le, null=null, auto=auto)
+
+
+def Num(ge: float | None = None, *, gt: float | None = None, le: float | None = None,
+        null: bool = False) -> Rule:
+    return Rule("float", ge=ge, gt=gt, le=le, null=null)
+
+
+def One(*choices: str, null: bool = False) -> Rule:
+    return Rule("str", choices=tuple(choices), null=null)
+
+
+PRECISIONS = ("auto", "bf16", "bfloat16", "fp16", "float16", "16", "fp32", "float32", "32")
+DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+
+# Narrowing rules (dotted key -> Rule). `*` matches one key level (e.g. augment.*.flip_p).
+RULES: dict[str, Rule] = {
+    "seed": Int(0),
+    "trainer.epochs": Int(1),
+    "trainer.max_steps": Int(1, null=True),
+    "trainer.batch_size": Int(1),
+    "trainer.device": One("auto", "cpu", "cuda"),
+    "trainer.precision": One(*PRECISIONS),
+    "trainer.channels_last": One("auto", "true", "false"),
+    "trainer.compile": Rule("bool"),
+    "trainer.grad_clip": Num(gt=0, null=True),
+    "trainer.warmup_epochs": Num(0),
+    "trainer.loader_backend": One("auto", "dali", "torchvision"),
+    "trainer.loader_threads": Int(1, auto=True),
+    "trainer.loader_dtype": One(*DTYPES),
+    "trainer.hw_decoder_load": Num(0, le=1),
+    "trainer.prefetch": Int(1),
+    "trainer.num_threads": Int(1, null=True),
+    "trainer.checkpoint_every_steps": Int(0),
+    "trainer.keep_last": Int(1),
+    "trainer.resume": Rule("bool"),
+    "trainer.log_every_steps": Int(1),
+    "trainer.check_every_steps": Int(1, auto=True),
+    "trainer.progress": One("auto", "bar", "log"),
+    "trainer.deterministic": Rule("bool"),
+    "trainer.dist_timeout_s": Num(gt=0),
+    "eval.every_epochs": Int(0),
+    "eval.at_end": Rule("bool"),
+    "eval.batch_size": Int(1),
+    "eval.knn_k": Int(1),
+    "eval.knn_t": Num(gt=0),
+    "eval.probe": Rule("bool"),
+    "eval.probe_epochs": Int(1),
+    "eval.probe_lr": Num(gt=0),
+    "eval.probe_batch_size": Int(1),
+    "data.num_classes": Int(2, null=True),
+    "data.image_size": Int(1),
+    "data.shuffle_buffer": Int(0),
+    "data.exact_epoch": Rule("bool"),
+    "data.num_workers": Int(1),
+    "data.max_bad_fraction": Num(0, le=1),
+    "data.validate": One("header", "decode"),
+    "data.generate": Rule("bool"),
+    "data.generate_train_samples": Int(1),
+    "data.generate_test_samples": Int(1),
+    "optim.lr": Num(gt=0),
+    "optim.base_batch": Int(1),
+    "optim.scaling": One("linear", "sqrt", "none"),
+    "optim.weight_decay": Num(0),
+    "optim.momentum": Num(0, le=1),
+    "optim.warmup_epochs": Num(0, null=True),
+    "augment.*.size": Int(1),
+    "augment.*.flip_p": Num(0, le=1),
+    "augment.*.jitter_p": Num(0, le=1),
+    "augment.*.grayscale_p": Num(0, le=1),
+    "augment.*.blur_p": Num(0, le=1),
+    "augment.*.solarize_p": Num(0, le=1),
+    "augment.*.hue": Num(0, le=0.5),
+    "tracking.enabled": Rule("bool"),
+    "tracking.registry.margin": Num(0),
+    "tracking.http.max_retries": Int(0),
+    "tracking.http.timeout_s": Num(gt=0),
+    "tracking.probe_timeout_s": Num(gt=0),
+    "tracking.reconnect_after_s": Num(gt=0, null=True),
+    "tracking.system_metrics_interval_s": Num(gt=0),
+    "retrain.enabled": Rule("bool"),
+    "retrain.init": One("scratch", "champion"),
+    "retrain.nproc_per_node": Int(1),
+    "retrain.lock.ttl_s": Num(gt=0),
+    "retrain.lock.heartbeat_s": Num(gt=0, null=True),
+    "retrain.lock.wait_s": Num(0),
+    "retrain.lock.grace_s": Num(0),
+    "retrain.lock.held_exit_code": One("0", "3"),
+}
+
+
+def _rule_for(key: str) -> Rule | None:
+    if key in RULES:
+        return RULES[key]
+    parts = key.split(".")
+    for pattern, rule in RULES.items():
+        p = pattern.split(".")
+        if "*" in p and len(p) == len(parts) and all(a in ("*", b) for a, b in zip(p, parts, strict=True)):
+            return rule
+    return None
+
+
+def _type_rule(default: Any) -> Rule | None:
+    """The rule implied by the default's type (None: no constraint)."""
+    if isinstance(default, bool):
+        return Rule("bool")
+    if isinstance(default, int):
+        return Rule("int")
+    if isinstance(default, float):
+        return Rule("float")
+    return None
+
+
+def check_config(cfg: DictConfig, reference: DictConfig | None = None, *,
+                 allow_missing: bool = False) -> None:
+    """Types against the defaults, `RULES`, and no `???` left (unless `allow_missing`)."""
+    for key, node in _walk(cfg):
+        if isinstance(node, DictConfig | ListConfig):
+            continue
+        if node == "???":
+            if allow_missing:
+                continue
+            raise ConfigError(f"{key} must be set (it has no default for this config: "
+                              f"add {key}=<value> to the command)", key)
+        value = node
+        rule = _rule_for(key)
+        default: Any = None
+        if reference is not None:
+            try:
+                default = _lookup(reference, key)
+            except KeyError:
+                default = _FREE
+        if rule is None:
+            if default is _FREE or default is None or default == "???":
+                continue
+            rule = _type_rule(default)
+            if rule is None:
+                continue
+            if value is None:
+                continue  # null for a typed default: the consumer decides (no rule says)
+        if not rule.accepts(value):
+            raise ConfigError(f"{key}={_show(value)} is not allowed: expected {rule.describe()}"
+                              f"{_did_you_mean(str(value), rule.choices) if rule.choices else ''}",
+                              key)
+    if not allow_missing:
+        _cross_checks(cfg)
+
+
+def _cross_checks(cfg: DictConfig) -> None:
+    """Rules between keys, checked before any data is touched."""
+    ev, data = cfg.get("eval") or {}, cfg.get("data") or {}
+    if ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0):
+        for key in ("bank", "test"):
+            if key in data and not data.get(key):
+                raise ConfigError(
+                    f"evaluation needs a labelled split: data.{key} is not set (set "
+                    f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
+                    "without evaluation and registration)", f"data.{key}")
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return repr(v) if isinstance(v, str) and v == "" else str(v)
