@@ -37,7 +37,13 @@ from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from orchestration.errors import RegistrationError  # re-exported: callers import it from here too
 from orchestration.tracking.encoder_model import EncoderSpec, load_weights
-from orchestration.tracking.mlflow_env import ensure_http_limits, redact, scoped_tracking_uri
+from orchestration.tracking.mlflow_env import (
+    ensure_http_limits,
+    quiet_downloads,
+    redact,
+    require_store,
+    scoped_tracking_uri,
+)
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
@@ -338,13 +344,15 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
     """Weights and spec of a logged/registered encoder (``models:/name@champion``, ...).
 
     Reads only tensors (``weights_only=True``); use it to warm-start a backbone built from
-    the returned spec's ``backbone`` config.
+    the returned spec's ``backbone`` config. A local store that does not exist is an error
+    (``StoreNotFound``), never created.
     """
+    require_store(uri, model_uri)
     ensure_http_limits(uri)
     with tempfile.TemporaryDirectory(prefix="sslstream-warm-") as tmp:
         # models:/ URIs resolve through the process-global registry URI, whatever the
         # registry_uri argument says: scope it.
-        with scoped_tracking_uri(uri):
+        with scoped_tracking_uri(uri), quiet_downloads():
             local = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri))
         conf = Model.load(str(local)).flavors["python_function"]

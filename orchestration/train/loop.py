@@ -408,7 +408,8 @@ def end_of_run_lines(result: TrainResult, seconds: float) -> list[str]:
             q_store, q_model = shlex.quote(store), shlex.quote(result.registered_uri)
             lines.append(f"  tracking store: {store}")
             lines.append(f"  load it from any folder: MLFLOW_TRACKING_URI={q_store} "
-                         f"sslstream eval --model {q_model}")
+                         f"sslstream eval --model {q_model}"
+                         + ("  (*** = your credentials)" if "***" in store else ""))
             lines.append(f"  in Python: mlflow.set_tracking_uri({store!r}); "
                          f"mlflow.pyfunc.load_model({result.registered_uri!r})")
     where = (f"MLflow run {result.run_id} in {store}" if result.run_id and store

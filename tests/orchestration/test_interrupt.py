@@ -127,6 +127,21 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
     assert _status(uri, run_id) == "FINISHED"
     assert (run_dir / REGISTERED_MARKER).is_file()
 
+    # 6) the printed load command works from another folder (and creates nothing there)
+    line = next(x for x in out.splitlines() if "load it from any folder:" in x)
+    env, _, rest = line.split("load it from any folder: ")[1].partition(" sslstream eval --model ")
+    assert env == f"MLFLOW_TRACKING_URI={uri}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env.partition("=")[2])
+    keep = ("data.", "eval.", "trainer.num_threads")
+    assert main(["eval", "--model", rest.strip(), *[o for o in argv if o.startswith(keep)]]) == 0
+    captured = capsys.readouterr()
+    assert "kNN accuracy:" in captured.out
+    assert "Downloading artifacts" not in captured.err  # no per-file bar (issue 16, item 5)
+    assert list(elsewhere.iterdir()) == []
+
 
 def _retrain_cfg(tmp: Path):
     from orchestration.cli import compose_config
