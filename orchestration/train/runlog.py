@@ -66,6 +66,19 @@ class RunLog:
             self.tracker.set_tags({"sslstream.stopped": reason})
         self.tracker.end("KILLED")
 
+    def _class_names(self) -> list[str] | None:
+        """The test split's class names from its manifest (best effort: None when absent)."""
+        if not self.tracker.active or not bool(self.cfg.tracking.get("plots", True)):
+            return None
+        try:
+            from pipelines.shards.manifest import resolve_shards
+
+            data = self.cfg.data
+            return resolve_shards(data.test, dict(data.get("storage_options") or {}))[1]
+        except Exception as e:  # a plot legend is not worth failing a run for
+            log.debug("no class names for the PCA legend: %s", e)
+            return None
+
     def finish(self, method: nn.Module, result: TrainResult, eval_features: Any = None) -> None:
         """Rank 0: log the encoder, register it (alias challenger), promote by the rule.
 
@@ -80,7 +93,8 @@ class RunLog:
         self.tracker.log_training_plots()
         if eval_features is not None:
             z, y = eval_features
-            self.tracker.log_embedding_projection(z.cpu(), y.cpu(), step=result.step)
+            self.tracker.log_embedding_projection(z.cpu(), y.cpu(), step=result.step,
+                                                  class_names=self._class_names())
         if not self.tracker.active:
             log.warning("tracking.enabled=false: the encoder is not logged or registered")
             return
@@ -89,6 +103,7 @@ class RunLog:
             self.tracker.end("FINISHED")
             return
         from orchestration.tracking.encoder_model import EncoderSpec
+        from orchestration.train.evalid import eval_identity
         from pipelines.views.recipes import TwoViewRecipe
 
         recipe = TwoViewRecipe.from_config(self.cfg.augment)
@@ -112,6 +127,7 @@ class RunLog:
                     "data": self.cfg.data.name,
                     "run_name": self.cfg.run_name,
                     "steps": result.step,
+                    **eval_identity(self.cfg),  # promotion compares like with like only
                 },
             )
         except Exception:

@@ -315,7 +315,10 @@ class _Progress:
         dt = time.perf_counter() - self.t0
         rate = done / dt if dt > 0 else 0.0
         left = f", ~{(self.total - done) / rate:.0f}s left" if rate > 0 and done < self.total else ""
-        print(f"  {what} -- {done}/{self.total} {self.unit} ({rate:.0f}/s{left})",
+        # a rate over a fraction of a second (the first shard, a cached read) is noise
+        speed = (f"{rate:,.1f} {self.unit}/s" if rate < 10 else f"{rate:,.0f} {self.unit}/s"
+                 ) if dt >= 1.0 else f"{dt:.1f}s"
+        print(f"  {what} -- {done}/{self.total} {self.unit} ({speed}{left if dt >= 1.0 else ''})",
               file=sys.stderr, flush=True)
 
 
