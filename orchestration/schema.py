@@ -342,7 +342,7 @@ RULES: dict[str, Rule] = {
     "data.generate": Rule("bool"),
     "data.generate_train_samples": Int(1),
     "data.generate_test_samples": Int(1),
-    "optim.lr": Num(gt=0),
+    "optim.lr": Num(0),  # 0: frozen weights (a warm-start check)
     "optim.base_batch": Int(1),
     "optim.scaling": One("linear", "sqrt", "none"),
     "optim.weight_decay": Num(0),
