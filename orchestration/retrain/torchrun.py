@@ -94,10 +94,12 @@ def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespa
     A preempted run counts as preempted whatever torchrun's status: on SIGTERM the agent
     itself exits non-zero (SignalException) after the ranks checkpointed and stopped.
     """
-    from orchestration.retrain.exits import EXIT_REGISTRY, EXIT_TRAIN_FAILED, RetrainExit
+    from orchestration.retrain.exits import EXIT_CONFIG, EXIT_REGISTRY, EXIT_TRAIN_FAILED, RetrainExit
 
     if outcome.get("status") == "preempted":
         return SimpleNamespace(**outcome)
+    if outcome.get("error") == "config":
+        raise RetrainExit(EXIT_CONFIG, f"config error: {outcome.get('message')}")
     if outcome.get("error") == "registration":
         raise RetrainExit(EXIT_REGISTRY, f"training finished but registration failed: "
                           f"{outcome.get('message')}; rerun to retry")
@@ -122,7 +124,7 @@ def _wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> None:
 
 def worker(cfg_path: str, result_path: str) -> int:
     """One torchrun rank: train on the prepared config; rank 0 writes the outcome."""
-    from orchestration.errors import RegistrationError
+    from orchestration.errors import ConfigError, RegistrationError
     from orchestration.runtime import distributed as D
     from orchestration.runtime.interrupt import Interrupted
     from orchestration.train.loop import train
@@ -139,6 +141,8 @@ def worker(cfg_path: str, result_path: str) -> int:
         outcome, code = {"status": "preempted", "stopped_by": e.signal_name}, e.exit_code
     except RegistrationError as e:
         outcome, code = {"error": "registration", "message": str(e)}, 6
+    except ConfigError as e:
+        outcome, code = {"error": "config", "message": str(e)}, 2
     except Exception as e:
         outcome, code = {"error": "train", "message": f"{type(e).__name__}: {e}"}, 5
     if rank0:

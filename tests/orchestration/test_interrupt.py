@@ -53,7 +53,8 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
                                                                     capsys):
     """One run, stopped in every phase in turn, each rerun resuming where the last stopped:
     loading (SIGINT) -> training (SIGINT at step 2: checkpoint at the next boundary) ->
-    final evaluation (SIGTERM) -> registration (SIGINT) -> completes and registers."""
+    periodic evaluation (SIGTERM: checkpoint of the finished epoch) -> final evaluation
+    (SIGTERM) -> registration (SIGINT) -> completes and registers."""
     import orchestration.tracking.tracker as tracker_mod
     import orchestration.train.job as job_mod
     import orchestration.train.loop as loop_mod
@@ -62,7 +63,7 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     argv = ["train", *tiny(tmp_path, f"tracking.uri={uri}", "trainer.checkpoint_every_steps=100",
-                           "eval.probe=false", steps=6)]
+                           "eval.probe=false", "eval.every_epochs=1", steps=12)]  # 10 steps/epoch
     run_dir = tmp_path / "out" / "byol-synthetic"
     armed: dict[str, int] = {}
 
@@ -96,30 +97,39 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
     arm("training", signal.SIGINT)
     assert main(argv) == 130
     out = capsys.readouterr().out
-    assert "stopped by SIGINT at step 4/6" in out and "run the same command again" in out
+    assert "stopped by SIGINT at step 4/12" in out and "run the same command again" in out
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert state["step"] == 4
     run_id = state["run_id"]
     assert _status(uri, run_id) == "KILLED"
 
-    # 3) final evaluation: the final checkpoint is kept, the run is KILLED
+    # 3) the periodic evaluation at the end of epoch 0: that step is checkpointed
     arm("evaluating", signal.SIGTERM)
     assert main(argv) == 143
     captured = capsys.readouterr()
-    assert "resuming byol-synthetic from" in captured.out and "(step 4/6)" in captured.out
-    assert "stopped by SIGTERM: while evaluating after the last step 6" in captured.err
-    assert ckpt.latest_checkpoint(run_dir).name == "step-00000006.pt"
+    assert "resuming byol-synthetic from" in captured.out and "(step 4/12)" in captured.out
+    assert "stopped by SIGTERM: while evaluating at step 10/12" in captured.err
+    assert ckpt.latest_checkpoint(run_dir).name == "step-00000010.pt"
+    assert _status(uri, run_id) == "KILLED"
+
+    # 4) final evaluation: the final checkpoint is kept, the run is KILLED
+    arm("evaluating", signal.SIGTERM)
+    assert main(argv) == 143
+    captured = capsys.readouterr()
+    assert "(step 10/12)" in captured.out
+    assert "stopped by SIGTERM: while evaluating after the last step 12" in captured.err
+    assert ckpt.latest_checkpoint(run_dir).name == "step-00000012.pt"
     assert _status(uri, run_id) == "KILLED"
     assert not (run_dir / REGISTERED_MARKER).exists()
 
-    # 4) registration
+    # 5) registration
     arm("registering", signal.SIGINT)
     assert main(argv) == 130
     assert "while registering" in capsys.readouterr().err
     assert _status(uri, run_id) == "KILLED"
     assert not (run_dir / REGISTERED_MARKER).exists()
 
-    # 5) the same command finishes the same run
+    # 6) the same command finishes the same run
     armed.clear()
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -127,7 +137,7 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
     assert _status(uri, run_id) == "FINISHED"
     assert (run_dir / REGISTERED_MARKER).is_file()
 
-    # 6) the printed load command works from another folder (and creates nothing there)
+    # 7) the printed load command works from another folder (and creates nothing there)
     line = next(x for x in out.splitlines() if "load it from any folder:" in x)
     env, _, rest = line.split("load it from any folder: ")[1].partition(" sslstream eval --model ")
     assert env == f"MLFLOW_TRACKING_URI={uri}"
