@@ -94,7 +94,12 @@ def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespa
     A preempted run counts as preempted whatever torchrun's status: on SIGTERM the agent
     itself exits non-zero (SignalException) after the ranks checkpointed and stopped.
     """
-    from orchestration.retrain.exits import EXIT_CONFIG, EXIT_REGISTRY, EXIT_TRAIN_FAILED, RetrainExit
+    from orchestration.retrain.exits import (
+        EXIT_CONFIG,
+        EXIT_REGISTRY,
+        EXIT_TRAIN_FAILED,
+        RetrainExit,
+    )
 
     if outcome.get("status") == "preempted":
         return SimpleNamespace(**outcome)
