@@ -252,9 +252,15 @@ def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot,
 
 def retrain(cfg: DictConfig, *, train_fn: TrainFn | None = None, registry: Any = None) -> int:
     """Run one retraining check; returns the exit code (see module docstring)."""
+    from orchestration.runtime.interrupt import Interrupted
+
     try:
         _say(_retrain(cfg, train_fn=train_fn, registry=registry))
         return EXIT_OK
+    except Interrupted as e:  # outside the training (snapshot, lease, bookkeeping)
+        print(f"sslstream retrain: {e}; the lease is released; rerun to resume "
+              f"(exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except RetrainExit as e:
         print(f"sslstream retrain: {'FAILED: ' if e.code else ''}{e} (exit {e.code})",
               file=sys.stderr if e.code else sys.stdout, flush=True)

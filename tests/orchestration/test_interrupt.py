@@ -190,3 +190,14 @@ def test_retrain_maps_a_signal_in_training_to_exit_preempted(monkeypatch):
     with pytest.raises(RetrainExit) as ei:
         _run_training(lambda cfg: Preempted(), tcfg, FakeLease(True), 1.0)
     assert ei.value.code == EXIT_LEASE_LOST
+
+
+def test_retrain_stopped_outside_training_exits_preempted(monkeypatch, capsys):
+    from orchestration.retrain import job as R
+
+    def stopped(cfg, **kw):
+        raise Interrupted(signal.SIGINT, "while taking the snapshot")
+
+    monkeypatch.setattr(R, "_retrain", stopped)
+    assert R.retrain(None) == R.EXIT_PREEMPTED
+    assert "stopped by SIGINT: while taking the snapshot" in capsys.readouterr().err
