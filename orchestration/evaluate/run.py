@@ -112,8 +112,10 @@ def evaluate(
             if env.is_main and now - last[0] >= PROGRESS_EVERY_S:
                 last[0] = now
                 of = f"/{per_rank}" if per_rank else ""
-                log.info("eval: %s features %d%s samples on rank 0 (%.0f/s)", split, n, of,
-                         n / (now - t_split))
+                rate = n / (now - t_split)
+                left = f", ~{(per_rank - n) / rate:.0f}s left" if per_rank and rate > 0 else ""
+                log.info("eval: %s features %d%s samples on rank 0 (%.0f/s%s)", split, n, of,
+                         rate, left)
 
         try:
             out = extract_features(method.embed, loader, env.device, progress=progress)

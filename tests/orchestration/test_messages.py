@@ -112,3 +112,26 @@ def test_the_run_log_reads_class_names_from_the_test_manifest(tmp_path):
     assert log._class_names() == list(CLASSES)
     log.cfg.data.test = str(tmp_path / "missing")
     assert log._class_names() is None  # a legend is never worth failing a run for
+
+
+def test_feature_extraction_progress_has_an_eta(tmp_path, monkeypatch, caplog):
+    """A long final evaluation says how long it has left (issue 16, item 5)."""
+    import logging
+
+    import orchestration.evaluate.run as run_mod
+    from models.methods import build_method
+    from orchestration.cli import compose_config
+    from orchestration.runtime.distributed import DistEnv
+    from pipelines.shards.synthetic import ensure_synthetic
+
+    ensure_synthetic(tmp_path / "d", train_samples=64, test_samples=32, image_size=8, seed=0)
+    cfg = compose_config([f"data.root={tmp_path / 'd'}", "data.num_workers=1", "eval.batch_size=16",
+                          "eval.probe=false", "eval.knn_k=5", "augment.view1.size=8",
+                          "augment.view2.size=8", "backbone.widths=[8,8,8,8]",
+                          "trainer.loader_backend=torchvision"])
+    method = build_method(cfg.method, cfg.backbone)
+    monkeypatch.setattr(run_mod, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="sslstream.eval"):
+        run_mod.evaluate(cfg, method, DistEnv(0, 1, 0, torch.device("cpu")))
+    lines = [r.getMessage() for r in caplog.records if "features 16/64 samples" in r.getMessage()]
+    assert lines and "s left)" in lines[0], [r.getMessage() for r in caplog.records]
