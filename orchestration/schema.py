@@ -428,6 +428,25 @@ def check_config(cfg: DictConfig, reference: DictConfig | None = None, *,
                               key)
     if not allow_missing:
         _cross_checks(cfg)
+        _check_method(cfg)
+
+
+def _check_method(cfg: DictConfig) -> None:
+    """`method.*` against the method's typed config (models/methods: `config_class`), so a bad
+    method key also fails before any data is touched. Skipped where the methods have no typed
+    config (the check then happens when the method is built)."""
+    try:
+        from models.methods import method_class  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    if "method" not in cfg:
+        return
+    try:
+        config_class = getattr(method_class(cfg.method), "config_class", None)
+        if config_class is not None and hasattr(config_class, "from_mapping"):
+            config_class.from_mapping(cfg.method)
+    except ValueError as e:  # MethodConfigError is one
+        raise ConfigError(str(e), "method") from e
 
 
 def _cross_checks(cfg: DictConfig) -> None:
