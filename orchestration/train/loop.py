@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import signal
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from orchestration.runtime import distributed as D
 from orchestration.runtime.interrupt import Interrupted, interrupts
 from orchestration.train.job import Job, build_job, describe
 from orchestration.train.monitor import Monitor
+from orchestration.train.report import end_of_run_lines
 from orchestration.train.result import TrainResult
 from orchestration.train.runlog import REGISTERED_MARKER, RunLog
 from orchestration.train.step import NonFiniteLossError, check_every, train_step
@@ -64,8 +64,11 @@ def _train(cfg: DictConfig) -> TrainResult:
     try:
         job = build_job(cfg)
     except Interrupted as e:
-        raise e.with_detail("while loading (nothing to keep yet); run the same command "
-                            "again to start over") from None
+        run_dir = Path(str(cfg.trainer.output_dir)).expanduser() / str(cfg.run_name)
+        last = ckpt.latest_checkpoint(run_dir)
+        kept = (f"newest checkpoint {last}; run the same command again to resume" if last
+                else "nothing to keep yet; run the same command again to start")
+        raise e.with_detail(f"while loading; {kept}") from None
     try:
         latest = ckpt.latest_checkpoint(job.run_dir)
         if latest is not None:
@@ -386,33 +389,3 @@ def run_from_config(cfg: DictConfig) -> int:
         for line in end_of_run_lines(result, time.perf_counter() - t0):
             print(line, flush=True)
     return 0
-
-
-def end_of_run_lines(result: TrainResult, seconds: float) -> list[str]:
-    """What a user needs after a run: accuracy, the model URI and how to load it anywhere.
-
-    A `models:/` URI means nothing without its tracking store (a relative default store
-    would be another one in another folder), so the store's URI (credentials masked) goes
-    with it, in a command that works from any folder.
-    """
-    lines = []
-    if result.eval is not None:
-        lines.append(f"kNN accuracy: {result.eval.knn_acc:.4f}")
-        if result.eval.probe_acc is not None:
-            lines.append(f"linear probe accuracy: {result.eval.probe_acc:.4f}")
-    store = result.tracking_uri
-    if result.registered_uri:
-        role = "champion" if result.promoted else f"challenger: {result.promotion_reason}"
-        lines.append(f"registered model: {result.registered_uri} ({role})")
-        if store:
-            q_store, q_model = shlex.quote(store), shlex.quote(result.registered_uri)
-            lines.append(f"  tracking store: {store}")
-            lines.append(f"  load it from any folder: MLFLOW_TRACKING_URI={q_store} "
-                         f"sslstream eval --model {q_model}"
-                         + ("  (*** = your credentials)" if "***" in store else ""))
-            lines.append(f"  in Python: mlflow.set_tracking_uri({store!r}); "
-                         f"mlflow.pyfunc.load_model({result.registered_uri!r})")
-    where = (f"MLflow run {result.run_id} in {store}" if result.run_id and store
-             else f"MLflow run {result.run_id}" if result.run_id else "tracking off")
-    lines.append(f"done in {seconds:.0f}s: {result.step} steps, {where}")
-    return lines

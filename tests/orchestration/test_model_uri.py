@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from orchestration.cli import main
 from orchestration.tracking.mlflow_env import StoreNotFound, local_store_path
 from orchestration.tracking.registry import load_encoder_state_dict
-from orchestration.train.loop import end_of_run_lines
+from orchestration.train.report import end_of_run_lines
 from orchestration.train.result import TrainResult
 
 
