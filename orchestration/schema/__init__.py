@@ -19,7 +19,8 @@ branch adds to conf/ is known without editing this module. `RULES` only narrows 
 (and a rule for a key that is not in the tree is ignored). Errors are `ConfigError` (exit 2).
 
 Map: `__init__` (compose, keys, values), `rules.py` (`Rule`, `RULES`). May import
-orchestration.errors and models (the methods' typed configs).
+orchestration.errors, pipelines.views (the recipe's checks) and models (the methods' typed
+configs).
 Imported by: orchestration.cli, tests.
 """
 
@@ -255,6 +256,20 @@ def check_config(cfg: DictConfig, reference: DictConfig | None = None, *,
     if not allow_missing:
         _cross_checks(cfg)
         _check_method(cfg)
+        _check_augment(cfg)
+
+
+def _check_augment(cfg: DictConfig) -> None:
+    """`augment.*` through the recipe's own validation (ranges that need two keys, e.g.
+    crop_scale lo <= hi, equal view sizes), before any data is touched."""
+    if "augment" not in cfg:
+        return
+    from pipelines.views.recipes import TwoViewRecipe
+
+    try:
+        TwoViewRecipe.from_config(cfg.augment)
+    except ValueError as e:
+        raise ConfigError(str(e), "augment") from e
 
 
 def _check_method(cfg: DictConfig) -> None:
