@@ -35,7 +35,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from orchestration.errors import RegistrationError  # re-exported: callers import it from here too
+from orchestration.errors import RegistrationError, UserError  # re-exported: callers import it
 from orchestration.tracking.encoder_model import EncoderSpec, load_weights
 from orchestration.tracking.mlflow_env import (
     ensure_http_limits,
@@ -377,6 +377,10 @@ def read_champion(uri: str, name: str, *, alias: str = "champion",
                         tags=dict(version.tags or {}), run_id=version.run_id)
 
 
+class ModelNotFound(UserError, LookupError):
+    """A models:/ URI that the tracking store does not hold (a typo, or another store)."""
+
+
 def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.Tensor], EncoderSpec]:
     """Weights and spec of a logged/registered encoder (``models:/name@champion``, ...).
 
@@ -389,9 +393,17 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
     with tempfile.TemporaryDirectory(prefix="sslstream-warm-") as tmp:
         # models:/ URIs resolve through the process-global registry URI, whatever the
         # registry_uri argument says: scope it.
-        with scoped_tracking_uri(uri), quiet_downloads():
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri))
+        try:
+            with scoped_tracking_uri(uri), quiet_downloads():
+                local = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri))
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
+            raise ModelNotFound(
+                f"{model_uri} is not in the MLflow store at {redact(uri)} ({redact(str(e))}); "
+                "if it was registered elsewhere, set MLFLOW_TRACKING_URI to the store its "
+                "training printed") from e
         conf = Model.load(str(local)).flavors["python_function"]
         paths = {k: local / (v["path"] if isinstance(v, dict) else v)
                  for k, v in conf.get("artifacts", {}).items()}

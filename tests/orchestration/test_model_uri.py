@@ -53,3 +53,16 @@ def test_end_of_run_lines_name_the_store_masked_with_a_load_command():
     assert "done in 12s: 6 steps, MLflow run abc in http://***@mlflow.example:5000" in text
     off = TrainResult("completed", 2, 2, 0, Path("/x"))
     assert end_of_run_lines(off, 36.0) == ["done in 36s: 2 steps, tracking off"]
+
+
+def test_a_model_the_store_does_not_hold_is_one_line_naming_the_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.errors import UserError
+    from orchestration.tracking.registry import ModelNotFound
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(tracking_uri=uri).search_experiments()  # an existing, empty store
+    with pytest.raises(ModelNotFound, match=f"models:/nope/1 is not in the MLflow store at {uri}"):
+        load_encoder_state_dict(uri, "models:/nope/1")
+    assert issubclass(ModelNotFound, UserError)  # the CLI prints it as one line, exit 1
