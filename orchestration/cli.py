@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 
@@ -35,37 +34,19 @@ or `sslstream train data=shards data.train=s3://bucket/train-{000000..000127}.ta
 """
 
 EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-_BRACE = re.compile(r"\{[^{}$]*\.\.[^{}$]*\}")
-
-
-def quote_brace_patterns(overrides: Sequence[str]) -> list[str]:
-    """`data.train=s3://b/train-{000000..000127}.tar` -> `data.train='s3://b/...'`.
-
-    Hydra's override grammar reserves `{`, so a WebDataset brace pattern would need quoting
-    inside shell quoting; values holding a `{a..b}` range are quoted here instead.
-    """
-    out = []
-    for o in overrides:
-        key, eq, value = o.partition("=")
-        if eq and _BRACE.search(value) and not value.startswith(("'", '"')):
-            o = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
-        out.append(o)
-    return out
+EXIT_USAGE = 2  # also every configuration error (orchestration/errors.py: ConfigError)
+# Stopped by a signal after keeping a resumable state (128 + signal number, the shell's
+# convention): rerun the same command to resume. `sslstream retrain` exits 8 instead.
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved config: conf/config.yaml + its groups + `overrides` (Hydra syntax)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    """The resolved config, unchecked (see orchestration/schema.py: `compose_checked`)."""
+    from orchestration.schema import compose_config as compose
+    from orchestration.schema import quote_brace_patterns
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=quote_brace_patterns(overrides))
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose(quote_brace_patterns(overrides))
 
 
 def _split_flags(args: list[str], flags_with_value: Sequence[str], bool_flags: Sequence[str]) -> tuple[dict[str, str | bool], list[str]]:
@@ -114,7 +95,10 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = ()
     if opts.get("-h") or opts.get("--help"):
         print(USAGE)
         return opts, None
-    cfg = compose_config(overrides)
+    from orchestration.schema import compose_checked
+
+    # every key, type and range is checked here, before any data is touched
+    cfg = compose_checked(overrides, allow_missing=bool(opts.get("--cfg")))
     if opts.get("--cfg"):
         from orchestration.tracking.settings import redact_config  # no credential is printed
 
@@ -190,35 +174,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd not in COMMANDS:
         return _usage_error(f"unknown command {cmd!r}")
     _setup_logging()
+    from orchestration.runtime.interrupt import Interrupted, interrupts
+
+    interrupts.install()  # SIGINT / SIGTERM -> Interrupted (train keeps a resumable state)
     try:
         return COMMANDS[cmd](rest)
     except SystemExit as e:  # usage errors here and argparse in `shards` exit with a code
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except Interrupted as e:
+        print(f"sslstream {cmd}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("sslstream: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # config errors, missing shards, ...: one clear line
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
+        print(f"sslstream {cmd}: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except Exception as e:
+        return _report(cmd, e)
+    finally:
+        interrupts.uninstall()
 
-        if isinstance(e, HydraException | OmegaConfBaseException):
-            print(f"sslstream {cmd}: config error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(e, _user_errors()) and not os.environ.get("SSLSTREAM_TRACEBACK"):
-            # a bad value, a missing shard / file / split, refused credentials, corrupt data:
-            # the message names the input; a traceback would bury it (our frames, not theirs)
-            print(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the traceback)",
-                  file=sys.stderr)
-            return EXIT_FAILED
-        raise
+
+def _report(cmd: str, e: Exception) -> int:
+    """A configuration error: exit 2; bad input: exit 1; both as one line. Anything else is
+    a bug or an outage: re-raised, so Python prints its traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from orchestration.errors import ConfigError
+
+    if isinstance(e, ConfigError | HydraException | OmegaConfBaseException) or _is_config_error(e):
+        msg = str(e)
+        print(f"sslstream {cmd}: {msg if msg.startswith('config error') else 'config error: ' + msg}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(e, _user_errors()) and not os.environ.get("SSLSTREAM_TRACEBACK"):
+        # a missing shard / file / split, refused credentials, corrupt data: the message
+        # names the input; a traceback would bury it (our frames, not theirs)
+        print(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    raise e
+
+
+def _is_config_error(e: BaseException) -> bool:
+    """A bad `method.*` key: models cannot import orchestration, so its error is its own
+    class (models.methods.base.MethodConfigError), mapped to the same exit code here."""
+    from models.methods.base import MethodConfigError
+
+    return isinstance(e, MethodConfigError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input (their messages name it), not a bug."""
+    from orchestration.errors import UserError
+    from pipelines.shards.errors import DataError
     from pipelines.shards.storage import StorageError
     from pipelines.shards.stream import BadDataError
 
-    return (StorageError, BadDataError, FileNotFoundError, PermissionError, ValueError)
+    return (UserError, DataError, StorageError, BadDataError, FileNotFoundError, PermissionError,
+            NotADirectoryError)
 
 
 if __name__ == "__main__":

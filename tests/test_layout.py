@@ -27,7 +27,8 @@ ROOMS: list[tuple[str, int]] = [
     ("orchestration.evaluate", 60),
     ("orchestration.tracking", 50),
     ("orchestration.runtime", 40),
-    ("orchestration.errors", 40),
+    ("orchestration.errors", 35),  # imports nothing; every orchestration room may raise these
+    ("orchestration.schema", 45),  # the config check: above errors, below tracking
     ("orchestration", 40),  # the package's own __init__
     ("pipelines.views", 30),
     ("pipelines.shards", 20),

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from orchestration.errors import ConfigError, UserError
 from orchestration.evaluate.bank import select_local
 from orchestration.evaluate.features import (
     PROGRESS_EVERY_S,
@@ -102,7 +103,7 @@ def evaluate(
     data, ev = cfg.data, cfg.eval
     for key in ("bank", "test"):
         if not data.get(key):
-            raise ValueError(f"evaluation needs labelled shards: data.{key} is not set")
+            raise ConfigError(f"evaluation needs labelled shards: data.{key} is not set", f"data.{key}")
     t0 = time.perf_counter()
 
     from pipelines.views.recipes import TwoViewRecipe
@@ -145,8 +146,10 @@ def evaluate(
             if env.is_main and now - last[0] >= PROGRESS_EVERY_S:
                 last[0] = now
                 of = f"/{per_rank}" if per_rank else ""
-                log.info("eval: %s features %d%s samples on rank 0 (%.0f/s)", split, n, of,
-                         n / (now - t_split))
+                rate = n / (now - t_split)
+                left = f", ~{(per_rank - n) / rate:.0f}s left" if per_rank and rate > 0 else ""
+                log.info("eval: %s features %d%s samples on rank 0 (%.0f/s%s)", split, n, of,
+                         rate, left)
 
         try:
             out = extract_local(method.embed, loader, env.device, progress=progress)
@@ -171,7 +174,7 @@ def evaluate(
     t = time.perf_counter()
     lowest = -all_reduce_max(-float(bank.y.min()) if bank.y.numel() else 0.0, env.device)
     if lowest < 0 or (test.y.numel() and int(test.y.min()) < 0):
-        raise ValueError("evaluation needs labelled shards: data.bank / data.test have "
+        raise UserError("evaluation needs labelled shards: data.bank / data.test have "
                          "samples without a label")
     keep = select_local(bank.y, bank.index, max_per_class=int(ev.get("bank_max_per_class", 0) or 0),
                         samples=int(ev.get("bank_samples", 0) or 0), seed=int(cfg.get("seed", 0)))
@@ -179,7 +182,7 @@ def evaluate(
         bank = Features(bank.x[keep], bank.y[keep], bank.index[keep], bank.read_s, bank.embed_s)
     bank_size = int(all_reduce_sum(float(bank.x.shape[0]), env.device))
     if bank_size == 0 or test.x.shape[0] == 0:
-        raise ValueError("kNN needs a non-empty bank and query set (check data.bank / data.test)")
+        raise UserError("kNN needs a non-empty bank and query set (check data.bank / data.test)")
     num_classes = data.get("num_classes") or None
     if num_classes is None:
         top = float(bank.y.max()) if bank.y.numel() else 0.0
@@ -261,7 +264,7 @@ def evaluate_saved(cfg: DictConfig, *, checkpoint: str | None = None, model_uri:
         try:
             module.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {checkpoint} does not fit method={cfg.method.name} "
                 f"backbone={cfg.backbone.name}: pass the overrides it was trained with ({e})"
             ) from e

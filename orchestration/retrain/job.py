@@ -181,8 +181,14 @@ def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | No
 
 
 def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s: float) -> Any:
-    """train_fn under the lease's heartbeat; a lost lease interrupts the training."""
-    from orchestration.errors import RegistrationError
+    """train_fn under the lease's heartbeat; a lost lease interrupts the training.
+
+    SIGINT / SIGTERM (orchestration/runtime/interrupt.py) stop the training with a resumable
+    state in any phase: EXIT_PREEMPTED. A configuration error found by the trainer (e.g. an
+    unset data.test) is EXIT_CONFIG, not a training failure a scheduler would retry.
+    """
+    from orchestration.errors import ConfigError, RegistrationError
+    from orchestration.runtime.interrupt import Interrupted
 
     lost_reason: list[str] = []
     training = threading.Event()
@@ -195,14 +201,18 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
     training.set()
     lease.start_heartbeat(on_lost, heartbeat_s)
     try:
-        return train_fn(tcfg)
-    except KeyboardInterrupt:
+        result = train_fn(tcfg)
+    except KeyboardInterrupt as e:
         if lost_reason:
             raise RetrainExit(EXIT_LEASE_LOST, f"{lost_reason[0]}; training stopped (another "
                               "holder may be running it); rerun to resume") from None
+        if isinstance(e, Interrupted):
+            raise RetrainExit(EXIT_PREEMPTED, f"run {tcfg.run_name} {e}") from None
         raise
     except RetrainExit:
         raise
+    except ConfigError as e:
+        raise RetrainExit(EXIT_CONFIG, f"config error: {e}") from e
     except RegistrationError as e:
         raise RetrainExit(EXIT_REGISTRY, f"training finished but registration failed: {e}; "
                           "rerun to retry (the final checkpoint is kept)") from e
@@ -211,6 +221,11 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
         raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {type(e).__name__}: {e}") from e
     finally:
         training.clear()  # a loss during the bookkeeping after training interrupts nothing
+    if lost_reason and getattr(result, "status", "completed") == "preempted":
+        # the lease's interrupt reached the trainer as a signal: it checkpointed and stopped
+        raise RetrainExit(EXIT_LEASE_LOST, f"{lost_reason[0]}; training stopped after a "
+                          "checkpoint (another holder may be running it); rerun to resume")
+    return result
 
 
 def _generate_embedded_data(cfg: DictConfig) -> None:
@@ -237,9 +252,15 @@ def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot,
 
 def retrain(cfg: DictConfig, *, train_fn: TrainFn | None = None, registry: Any = None) -> int:
     """Run one retraining check; returns the exit code (see module docstring)."""
+    from orchestration.runtime.interrupt import Interrupted
+
     try:
         _say(_retrain(cfg, train_fn=train_fn, registry=registry))
         return EXIT_OK
+    except Interrupted as e:  # outside the training (snapshot, lease, bookkeeping)
+        print(f"sslstream retrain: {e}; the lease is released; rerun to resume "
+              f"(exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except RetrainExit as e:
         print(f"sslstream retrain: {'FAILED: ' if e.code else ''}{e} (exit {e.code})",
               file=sys.stderr if e.code else sys.stdout, flush=True)
@@ -344,7 +365,8 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
                     from orchestration.train.loop import train as train_fn
                 result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
             if getattr(result, "status", "completed") == "preempted":
-                raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by SIGTERM after a "
+                by = getattr(result, "stopped_by", None) or "a signal"
+                raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by {by} after a "
                                   "checkpoint; rerun to resume")
         except RetrainExit as e:
             _record_failure(reg, e, key, snap)
@@ -362,6 +384,8 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
         vtags = reg.version_info(existing)[1]
         decision = "promoted" if promoted else "registered-not-promoted"
         why = vtags.get("promotion_reason", "")
+        if champ is None and why.startswith("no champion yet"):  # said once, in `reason`
+            why = why.partition("; ")[2]
         tags.update(decision=decision, reason=f"{reason}; {why}".strip("; "))
         reg.record(existing, run_id, tags, snap)
         reg.record_check(decision, tags["reason"], snap)

@@ -68,7 +68,9 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
     def forward(signum: int, _frame: Any) -> None:
         _signal_group(proc, signum)
 
-    old = signal.signal(signal.SIGTERM, forward)
+    # SIGINT too: the child runs in its own session (a Ctrl-C reaches only us) and must
+    # checkpoint rather than be killed by the cleanup below
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while proc.poll() is None:
             if lost:
@@ -78,7 +80,8 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
                                   "resume")
             time.sleep(0.5)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if proc.poll() is None:
             _signal_group(proc, signal.SIGKILL)
     outcome = json.loads(result_path.read_text()) if result_path.is_file() else {}
@@ -91,10 +94,17 @@ def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespa
     A preempted run counts as preempted whatever torchrun's status: on SIGTERM the agent
     itself exits non-zero (SignalException) after the ranks checkpointed and stopped.
     """
-    from orchestration.retrain.exits import EXIT_REGISTRY, EXIT_TRAIN_FAILED, RetrainExit
+    from orchestration.retrain.exits import (
+        EXIT_CONFIG,
+        EXIT_REGISTRY,
+        EXIT_TRAIN_FAILED,
+        RetrainExit,
+    )
 
     if outcome.get("status") == "preempted":
         return SimpleNamespace(**outcome)
+    if outcome.get("error") == "config":
+        raise RetrainExit(EXIT_CONFIG, f"config error: {outcome.get('message')}")
     if outcome.get("error") == "registration":
         raise RetrainExit(EXIT_REGISTRY, f"training finished but registration failed: "
                           f"{outcome.get('message')}; rerun to retry")
@@ -119,8 +129,9 @@ def _wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> None:
 
 def worker(cfg_path: str, result_path: str) -> int:
     """One torchrun rank: train on the prepared config; rank 0 writes the outcome."""
-    from orchestration.errors import RegistrationError
+    from orchestration.errors import ConfigError, RegistrationError
     from orchestration.runtime import distributed as D
+    from orchestration.runtime.interrupt import Interrupted
     from orchestration.train.loop import train
 
     cfg = OmegaConf.load(cfg_path)
@@ -129,10 +140,14 @@ def worker(cfg_path: str, result_path: str) -> int:
     code = 0
     try:
         res = train(cfg)  # type: ignore[arg-type]
-        outcome = {"status": res.status, "run_id": res.run_id,
+        outcome = {"status": res.status, "run_id": res.run_id, "stopped_by": res.stopped_by,
                    "registered_uri": res.registered_uri, "promoted": res.promoted}
+    except Interrupted as e:  # evaluating / registering: the state was kept, run KILLED
+        outcome, code = {"status": "preempted", "stopped_by": e.signal_name}, e.exit_code
     except RegistrationError as e:
         outcome, code = {"error": "registration", "message": str(e)}, 6
+    except ConfigError as e:
+        outcome, code = {"error": "config", "message": str(e)}, 2
     except Exception as e:
         outcome, code = {"error": "train", "message": f"{type(e).__name__}: {e}"}, 5
     if rank0:

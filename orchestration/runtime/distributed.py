@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from orchestration.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -55,7 +57,7 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     if spec == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"trainer.device must be auto, cpu or cuda, got {spec!r}")
+    raise ConfigError(f"trainer.device must be auto, cpu or cuda, got {spec!r}")
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import mlflow
 
+from orchestration.errors import UserError
+
 ENV_URI = "MLFLOW_TRACKING_URI"
 # MLflow's own knobs; its defaults make a client wait ~250 s on a dead server.
 ENV_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
@@ -120,6 +122,48 @@ def redact(text: str) -> str:
     Applied to every message that names the server, and to error texts that may quote it.
     """
     return _USERINFO.sub(r"\1***@", str(text))
+
+
+class StoreNotFound(UserError, FileNotFoundError):
+    """A tracking store to read from does not exist (and must not be created by reading)."""
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file (sqlite) or folder (file store) behind a local tracking URI; None otherwise."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if uri.startswith(("/", "./", "../")):  # a plain path is a file store to MLflow
+        return Path(uri)
+    return None
+
+
+def require_store(uri: str, what: str) -> None:
+    """Raise StoreNotFound when the local store `uri` is absent: reading `what` from it would
+    make MLflow create an empty store there (a stray mlflow.db) and then fail to find it."""
+    path = local_store_path(uri)
+    if path is None or path.exists():
+        return
+    raise StoreNotFound(
+        f"cannot load {what}: there is no MLflow store at {redact(uri)} (nothing was created). "
+        f"A models:/ URI lives in the store of the run that registered it, which the run "
+        f"printed: set MLFLOW_TRACKING_URI=<that store> (or tracking.uri=<that store>)")
+
+
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """No per-file progress bar while MLflow downloads a model's artifacts (dozens of files
+    for one encoder: noise in a log); the variable set by the user wins."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def probe(uri: str, timeout_s: float) -> str | None:

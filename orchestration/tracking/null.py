@@ -67,7 +67,7 @@ class NullTracker:
         return None
 
     def log_embedding_projection(self, embeddings: Any, labels: Any, step: int | None = None,
-                                 max_points: int = 5000) -> None:
+                                 max_points: int = 5000, class_names: Any = None) -> None:
         return None
 
     def log_encoder(self, backbone: Any, spec: Any, name: str = "encoder") -> NoReturn:

@@ -50,9 +50,16 @@ def plot_curves(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], *,
     return fig
 
 
+def is_curve(steps: Sequence[int]) -> bool:
+    """Whether a metric history makes a curve: a single point (kNN evaluated only at the end)
+    is a number, not a plot; it is in the run's metrics."""
+    return len(set(steps)) >= 2
+
+
 def plot_projection(points: np.ndarray, labels: Sequence[int] | np.ndarray | torch.Tensor, *,
-                    title: str) -> Figure:
-    """Scatter (N, 2) points coloured by integer label (-1: unlabelled, grey)."""
+                    title: str, class_names: Sequence[str] | None = None) -> Figure:
+    """Scatter (N, 2) points coloured by integer label (-1: unlabelled, grey); the legend
+    names each label by `class_names` (the manifest's classes) when given."""
     labels = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
     if len(labels) != len(points):
         raise ValueError(f"{len(points)} points but {len(labels)} labels")
@@ -62,11 +69,14 @@ def plot_projection(points: np.ndarray, labels: Sequence[int] | np.ndarray | tor
     for lab in np.unique(labels):
         sel = labels == lab
         color = "0.6" if lab < 0 else cmap(int(lab) % cmap.N)
-        ax.scatter(points[sel, 0], points[sel, 1], s=6, alpha=0.7, color=color, label=str(lab))
+        name = (str(class_names[int(lab)]) if class_names is not None
+                and 0 <= int(lab) < len(class_names) else str(lab))
+        ax.scatter(points[sel, 0], points[sel, 1], s=6, alpha=0.7, color=color, label=name)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(title)
     if len(np.unique(labels)) <= 20:
-        ax.legend(fontsize=7, markerscale=2, loc="best", title="label")
+        ax.legend(fontsize=7, markerscale=2, loc="best",
+                  title="class" if class_names is not None else "label")
     fig.tight_layout()
     return fig

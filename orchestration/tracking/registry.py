@@ -35,13 +35,22 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from orchestration.errors import RegistrationError  # re-exported: callers import it from here too
+from orchestration.errors import RegistrationError, UserError  # re-exported: callers import it
 from orchestration.tracking.encoder_model import EncoderSpec, load_weights
-from orchestration.tracking.mlflow_env import ensure_http_limits, redact, scoped_tracking_uri
+from orchestration.tracking.mlflow_env import (
+    ensure_http_limits,
+    quiet_downloads,
+    redact,
+    require_store,
+    scoped_tracking_uri,
+)
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
 SPEC_FILE = "encoder_spec.json"
+# Version tags that say what an evaluation measured (orchestration/train/evalid.py): two kNN
+# accuracies are compared only when both are equal (the same labelled split, the same protocol)
+COMPARABLE_TAGS = ("eval.split_fingerprint", "eval.protocol")
 WEIGHTS_FILE = "encoder_weights.pt"
 
 
@@ -59,6 +68,7 @@ class RegistrySettings:
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
     await_ready_s: int = 60
+    require_comparable: bool = True           # compare only evaluations with equal COMPARABLE_TAGS
 
 
 @dataclass(frozen=True)
@@ -237,8 +247,9 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
         )
         version = int(mv.version)
         client.set_registered_model_alias(name, settings.challenger_alias, str(version))
+        identity = {k: version_tags[k] for k in COMPARABLE_TAGS if k in version_tags}
         promoted, reason, prev = _promote(client, version, new_metric, metrics, feature_dim,
-                                          settings)
+                                          settings, identity)
         client.set_model_version_tag(name, str(version), "promoted", str(promoted).lower())
         client.set_model_version_tag(name, str(version), "promotion_reason", reason[:5000])
     except Exception as e:  # MLflow raises MlflowException, requests and OS errors
@@ -260,7 +271,8 @@ def _version_of(mv: Any | None) -> int | None:
 
 
 def _promote(client: MlflowClient, version: int, new_metric: float, metrics: dict[str, float],
-             feature_dim: int, settings: RegistrySettings) -> tuple[bool, str, int | None]:
+             feature_dim: int, settings: RegistrySettings,
+             identity: dict[str, str] | None = None) -> tuple[bool, str, int | None]:
     """Move alias champion to ``version`` if the rule says so: read, compare, set, verify.
 
     MLflow has no conditional alias update, so two registrations racing on one model could
@@ -278,7 +290,7 @@ def _promote(client: MlflowClient, version: int, new_metric: float, metrics: dic
         if _version_of(champion) == version:
             return True, reason or f"{alias} already points at v{version}", prev
         promoted, reason, prev = _decide(client, champion, new_metric, metrics, feature_dim,
-                                         settings)
+                                         settings, identity)
         if not promoted:
             return False, reason, prev
         again = _current_champion(client, settings.name, alias)
@@ -295,8 +307,10 @@ def _promote(client: MlflowClient, version: int, new_metric: float, metrics: dic
 
 def _decide(client: MlflowClient, champion: Any | None, new_metric: float,
             metrics: dict[str, float], feature_dim: int,
-            settings: RegistrySettings) -> tuple[bool, str, int | None]:
-    """The promotion rule: finite, not collapsed, and better than the champion + margin."""
+            settings: RegistrySettings, identity: dict[str, str] | None = None
+            ) -> tuple[bool, str, int | None]:
+    """The promotion rule: finite, not collapsed, comparable with the champion's evaluation,
+    and better than the champion + margin."""
     prev = int(champion.version) if champion is not None else None
     if not math.isfinite(new_metric):
         return False, f"{settings.metric}={new_metric} is not finite", prev
@@ -304,6 +318,10 @@ def _decide(client: MlflowClient, champion: Any | None, new_metric: float,
         return False, collapsed, prev
     if champion is None:
         return True, f"no {settings.champion_alias} yet; {settings.metric}={new_metric:.4g}", prev
+    if (why := incomparable(identity, champion.tags or {}, settings)) is not None:
+        return False, (f"not comparable with {settings.champion_alias} v{prev}: {why}; "
+                       f"registered as {settings.challenger_alias} only "
+                       f"({settings.metric}={new_metric:.4g})"), prev
     old = _version_metric(client, champion, settings.metric)
     if old is None or not math.isfinite(old):
         return True, (f"{settings.champion_alias} v{prev} has no finite {settings.metric}; "
@@ -313,6 +331,31 @@ def _decide(client: MlflowClient, champion: Any | None, new_metric: float,
                       f"v{prev} ({old:.4g}) by more than margin {settings.margin}"), prev
     return False, (f"{settings.metric} {new_metric:.4g} does not beat {settings.champion_alias} "
                    f"v{prev} ({old:.4g}) by more than margin {settings.margin}"), prev
+
+
+def incomparable(new: dict[str, str] | None, champion_tags: dict[str, str],
+                 settings: RegistrySettings) -> str | None:
+    """Why the new evaluation cannot be compared with the champion's; None when it can.
+
+    Only applies when the new version records what it measured (`COMPARABLE_TAGS`): a
+    caller that records nothing keeps the plain metric comparison.
+    """
+    if not settings.require_comparable or not new:
+        return None
+    names = {"eval.split_fingerprint": "labelled split (data.bank / data.test)",
+             "eval.protocol": "evaluation protocol"}
+    for tag in COMPARABLE_TAGS:
+        mine, theirs = new.get(tag), champion_tags.get(tag)
+        if theirs is None:
+            return f"its evaluation recorded no {names[tag]}"
+        if mine != theirs:
+            return (f"evaluated on another {names[tag]} ({tag} {_short(mine)} vs "
+                    f"{_short(theirs)})")
+    return None
+
+
+def _short(v: str | None) -> str:
+    return "none" if v is None else (v if len(v) <= 24 else v[:21] + "...")
 
 
 def read_champion(uri: str, name: str, *, alias: str = "champion",
@@ -334,19 +377,33 @@ def read_champion(uri: str, name: str, *, alias: str = "champion",
                         tags=dict(version.tags or {}), run_id=version.run_id)
 
 
+class ModelNotFound(UserError, LookupError):
+    """A models:/ URI that the tracking store does not hold (a typo, or another store)."""
+
+
 def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.Tensor], EncoderSpec]:
     """Weights and spec of a logged/registered encoder (``models:/name@champion``, ...).
 
     Reads only tensors (``weights_only=True``); use it to warm-start a backbone built from
-    the returned spec's ``backbone`` config.
+    the returned spec's ``backbone`` config. A local store that does not exist is an error
+    (``StoreNotFound``), never created.
     """
+    require_store(uri, model_uri)
     ensure_http_limits(uri)
     with tempfile.TemporaryDirectory(prefix="sslstream-warm-") as tmp:
         # models:/ URIs resolve through the process-global registry URI, whatever the
         # registry_uri argument says: scope it.
-        with scoped_tracking_uri(uri):
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri))
+        try:
+            with scoped_tracking_uri(uri), quiet_downloads():
+                local = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri))
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
+            raise ModelNotFound(
+                f"{model_uri} is not in the MLflow store at {redact(uri)} ({redact(str(e))}); "
+                "if it was registered elsewhere, set MLFLOW_TRACKING_URI to the store its "
+                "training printed") from e
         conf = Model.load(str(local)).flavors["python_function"]
         paths = {k: local / (v["path"] if isinstance(v, dict) else v)
                  for k, v in conf.get("artifacts", {}).items()}

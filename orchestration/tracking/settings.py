@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from orchestration.errors import ConfigError
 from orchestration.tracking import mlflow_env
 from orchestration.tracking.registry import RegistrySettings
 
@@ -52,14 +53,14 @@ class TrackingSettings:
             if key in http:
                 raw[name] = http.pop(key)
         if http:
-            raise ValueError(f"unknown tracking.http keys: {sorted(http)}")
+            raise ConfigError(f"unknown tracking.http keys: {sorted(http)}")
         reg = dict(raw.pop("registry", None) or {})
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(raw) - known):
-            raise ValueError(f"unknown tracking config keys: {unknown}")
+            raise ConfigError(f"unknown tracking config keys: {unknown}")
         reg_known = {f.name for f in fields(RegistrySettings)}
         if unknown := sorted(set(reg) - reg_known):
-            raise ValueError(f"unknown tracking.registry config keys: {unknown}")
+            raise ConfigError(f"unknown tracking.registry config keys: {unknown}")
         return cls(**raw, registry=RegistrySettings(**reg))
 
 

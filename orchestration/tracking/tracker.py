@@ -268,22 +268,23 @@ class Tracker:
         (so a resumed run's curves include the steps logged before the restart)."""
         if not (self.settings.plots and self._ready()):
             return
-        from orchestration.tracking.plots import plot_curves
+        from orchestration.tracking.plots import is_curve, plot_curves
 
         knn_key = knn_key or self.settings.registry.metric
         for key, file, ylabel in ((loss_key, "plots/loss.png", "loss"),
                                   (knn_key, "plots/knn_accuracy.png", "kNN accuracy")):
             hist = self._guarded("metric_history",
                                  lambda k=key: self._client.get_metric_history(self.run_id, k))
-            if not hist:
+            if not hist or not is_curve([m.step for m in hist]):
                 continue
             hist = sorted(hist, key=lambda m: (m.step, m.timestamp))
             self.log_figure(plot_curves({key: ([m.step for m in hist], [m.value for m in hist])},
                                         title=key, ylabel=ylabel), file)
 
     def log_embedding_projection(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                                 step: int | None = None, max_points: int = 5000) -> None:
-        """2-D PCA of (test) embeddings coloured by label.
+                                 step: int | None = None, max_points: int = 5000,
+                                 class_names: list[str] | None = None) -> None:
+        """2-D PCA of (test) embeddings coloured by label (named by `class_names`).
 
         Written to ``plots/embeddings_pca_<step>.png`` (``plots/embeddings_pca.png`` without a step).
         """
@@ -294,7 +295,7 @@ class Tracker:
         z, y = embeddings[:max_points], labels[:max_points]
         suffix = "" if step is None else f"_{int(step):08d}"
         title = "embeddings, PCA" + ("" if step is None else f" (step {step})")
-        self.log_figure(plot_projection(pca_2d(z), y, title=title),
+        self.log_figure(plot_projection(pca_2d(z), y, title=title, class_names=class_names),
                         f"plots/embeddings_pca{suffix}.png")
 
     # -- model ------------------------------------------------------------------------------

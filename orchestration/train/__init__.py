@@ -8,6 +8,8 @@
     monitor.py     collapse/throughput monitors logged while training
     runlog.py      the trainer's side of MLflow (Tracker on rank 0, NullTracker elsewhere)
     warmstart.py   initialise from a checkpoint or a registered encoder
+    evalid.py      what an evaluation measured (split fingerprint, protocol) for promotion
+    report.py      the end-of-run lines (model URI, its store, how to load it anywhere)
 
 May import: orchestration.evaluate, orchestration.tracking, orchestration.runtime,
 orchestration.errors, pipelines, models.

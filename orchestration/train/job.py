@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from orchestration.errors import ConfigError, UserError
 from orchestration.runtime import checkpoint as ckpt
 from orchestration.runtime import distributed as D
 from orchestration.train.step import autocast_dtype, wrap_model
@@ -68,7 +69,7 @@ def build_job(cfg: DictConfig) -> Job:
                      "write in %s", stale, size / 1e6, run_dir)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None and not tr.get("resume", True):
-        raise ValueError(
+        raise UserError(
             f"trainer.resume=false but {run_dir} already holds checkpoints of run_name="
             f"{cfg.run_name}; choose a new run_name (or trainer.output_dir), or delete them"
         )
@@ -81,7 +82,7 @@ def build_job(cfg: DictConfig) -> Job:
     loader = build_loader(cfg, env)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"data.train={cfg.data.train} gives no full batch of trainer.batch_size="
             f"{tr.batch_size} per rank ({env.world_size} rank(s)); lower the batch size"
         )
@@ -188,7 +189,8 @@ def _loader_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if v not in names:
-        raise ValueError(f"trainer.loader_dtype={v!r}: expected auto, fp32, bf16 or fp16")
+        raise ConfigError(f"trainer.loader_dtype={v!r}: expected auto, fp32, bf16 or fp16",
+                          "trainer.loader_dtype")
     return names[v]
 
 
@@ -197,30 +199,39 @@ def _warmup_epochs(cfg: DictConfig) -> float:
     return float(opt if opt is not None else cfg.trainer.get("warmup_epochs", 0))
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
 def check_eval_splits(cfg: DictConfig) -> None:
-    """Fail before training when the evaluation's labelled splits are unset or absent.
+    """Fail before training when a split is unset or absent, naming the key the user typed.
 
     The evaluation runs periodically and at the end: a typo in `data.test` must not cost a
-    whole training run. Checks that the spec is set and that its first and last shard (or
-    its folder / manifest) exist; errors reaching the store (credentials, network) are
-    left to the stream, which reports them with retries.
+    whole training run. Checks data.train, then the evaluation's labelled splits (data.bank,
+    data.test; data.bank is skipped when it is data.train, its default, so a bad data.train
+    is reported as data.train). For each: that the spec is set and that its first and last
+    shard (or its folder / manifest) exist; errors reaching the store (credentials, network)
+    are left to the stream, which reports them with retries. A folder of plain images is
+    not shards: the message says how to make them.
     """
     ev = cfg.eval
-    if not (ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0)):
-        return
+    keys = ["train"]
+    evaluating = bool(ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0))
+    bank_is_train = cfg.data.get("bank") == cfg.data.get("train")
+    if evaluating:
+        keys += ["test"] if bank_is_train else ["bank", "test"]
     import braceexpand
 
     from pipelines.shards.labels import require_labels
     from pipelines.shards.storage import ShardNotFound, get_fs
 
     opts = dict(cfg.data.get("storage_options") or {})
-    for key in ("bank", "test"):
+    for key in keys:
         spec = cfg.data.get(key)
         if not spec:
-            raise ValueError(
+            raise ConfigError(
                 f"evaluation needs a labelled split: data.{key} is not set (set "
                 f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
-                "without evaluation and registration)"
+                "without evaluation and registration)", f"data.{key}"
             )
         specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
         urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
@@ -228,9 +239,55 @@ def check_eval_splits(cfg: DictConfig) -> None:
             try:
                 fs, path = get_fs(url, opts)
                 found = fs.exists(path)
+                images = found and fs.isdir(path) and _holds_only_images(fs, path)
             except Exception:  # the stream reports store errors (with retries) itself
                 continue
+            if images:
+                raise UserError(
+                    f"data.{key}={spec}: {url} is a folder of images, not WebDataset shards; "
+                    f"make shards from it with `sslstream shards make {url} <out>` and set "
+                    f"data.{key}=<out> (docs/data.md)")
             if not found:
-                raise ShardNotFound(f"data.{key}={spec}: {url} does not exist", url)
-        require_labels(f"data.{key}", specs[0] if len(specs) == 1 else specs,
-                       str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts)
+                raise ShardNotFound(f"data.{key}={spec}: {url} does not exist"
+                                    f"{_root_hint(cfg, url)}", url)
+        if key != "train" or (evaluating and bank_is_train):  # unlabelled training is fine
+            name = f"data.{key}" if key != "train" else "data.bank"  # the bank defaults to train
+            require_labels(name, specs[0] if len(specs) == 1 else specs,
+                           str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts)
+
+
+def _holds_only_images(fs: Any, path: str) -> bool:
+    """A folder with image files (or class sub-folders of them) and no shards/manifest."""
+    names = [str(p).rstrip("/").rsplit("/", 1)[-1].lower() for p in fs.ls(path, detail=False)]
+    if any(n.endswith((".tar", ".tar.gz", ".tgz", ".json")) for n in names):
+        return False
+    if any(n.endswith(IMAGE_SUFFIXES) for n in names):
+        return True
+    for sub in fs.ls(path, detail=False)[:3]:  # class sub-folders
+        if fs.isdir(sub) and any(str(p).lower().endswith(IMAGE_SUFFIXES)
+                                 for p in fs.ls(sub, detail=False)[:50]):
+            return True
+    return False
+
+
+def _root_hint(cfg: DictConfig, url: str) -> str:
+    """`data=cifar10` without its files: name data.root and the variable that sets it."""
+    root = cfg.data.get("root")
+    if not root or not str(url).startswith(str(root).rstrip("/")):
+        return ""
+    var = _root_env_var(str(cfg.data.get("name", "")))
+    how = f"set {var}=<folder> or data.root=<folder>" if var else "set data.root=<folder>"
+    return f" (data.root={root}: {how} to where the {cfg.data.get('name')} shards are)"
+
+
+def _root_env_var(data_name: str) -> str | None:
+    """The variable conf/data/<name>.yaml reads data.root from (`${oc.env:VAR,...}`)."""
+    import re
+    from importlib import resources
+
+    try:
+        text = (resources.files("conf") / "data" / f"{data_name}.yaml").read_text()
+    except (OSError, ValueError):
+        return None
+    m = re.search(r"^root:\s*\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", text, re.M)
+    return m.group(1) if m else None

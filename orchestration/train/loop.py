@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,31 +28,60 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from orchestration.errors import RegistrationError
 from orchestration.evaluate.run import evaluate
 from orchestration.runtime import checkpoint as ckpt
 from orchestration.runtime import distributed as D
+from orchestration.runtime.interrupt import Interrupted, interrupts
 from orchestration.train.job import Job, build_job, describe
 from orchestration.train.monitor import Monitor
+from orchestration.train.report import end_of_run_lines
 from orchestration.train.result import TrainResult
 from orchestration.train.runlog import REGISTERED_MARKER, RunLog
-from orchestration.train.step import NonFiniteLossError, StopFlag, check_every, train_step
+from orchestration.train.step import NonFiniteLossError, check_every, train_step
 
 log = logging.getLogger("sslstream.train")
 
 
 def train(cfg: DictConfig) -> TrainResult:
-    """Run (or resume) the job described by `cfg`; see the module docstring."""
-    job = build_job(cfg)
+    """Run (or resume) the job described by `cfg`; see the module docstring.
+
+    SIGINT / SIGTERM (orchestration/runtime/interrupt.py): during the steps the run stops at
+    the next step boundary after a checkpoint and returns status "preempted"; in any other
+    phase `Interrupted` is raised after keeping what can be kept (a checkpoint when the state
+    is that of a finished step), with the MLflow run marked KILLED. Rerunning resumes.
+    """
+    installed = interrupts.install()
+    try:
+        return _train(cfg)
+    finally:
+        if installed:
+            interrupts.uninstall()
+
+
+def _train(cfg: DictConfig) -> TrainResult:
     s = _State()
-    latest = ckpt.latest_checkpoint(job.run_dir)
-    if latest is not None:
-        _resume(job, latest, s)
-    done = _registered_marker(job.run_dir)
-    if s.step >= job.total_steps and done is not None and int(done.get("step", -1)) == s.step:
-        return _already_done(job, s, done)
-    if job.env.is_main:
-        print(describe(job), flush=True)
-    runlog = RunLog(cfg, job.env, run_id=s.run_id)
+    try:
+        job = build_job(cfg)
+    except Interrupted as e:
+        run_dir = Path(str(cfg.trainer.output_dir)).expanduser() / str(cfg.run_name)
+        last = ckpt.latest_checkpoint(run_dir)
+        kept = (f"newest checkpoint {last}; run the same command again to resume" if last
+                else "nothing to keep yet; run the same command again to start")
+        raise e.with_detail(f"while loading; {kept}") from None
+    try:
+        latest = ckpt.latest_checkpoint(job.run_dir)
+        if latest is not None:
+            _resume(job, latest, s)
+        done = _registered_marker(job.run_dir)
+        if s.step >= job.total_steps and done is not None and int(done.get("step", -1)) == s.step:
+            return _already_done(job, s, done)
+        if job.env.is_main:
+            print(describe(job), flush=True)
+        runlog = RunLog(cfg, job.env, run_id=s.run_id)
+    except Interrupted as e:
+        job.loader.close()
+        raise e.with_detail(f"while loading; {_kept(job, s)}") from None
     s.run_id = runlog.run_id
     ck = _Checkpointer(job, s)
     tr = cfg.trainer
@@ -60,11 +90,9 @@ def train(cfg: DictConfig) -> TrainResult:
         global_batch=job.global_batch, is_main=job.env.is_main,
         progress=str(tr.get("progress", "auto")), sink=runlog.log_metrics, device=job.env.device,
     )
-    stop = StopFlag()
-    stop.install()
     first_step, t_loop = s.step, time.perf_counter()
     try:
-        status, t_eval = _loop(job, s, ck, monitor, runlog, stop)
+        status, t_eval = _loop(job, s, ck, monitor, runlog)
         D.sync_buffers(job.method)  # rank 0's BN statistics (the checkpoint's) on every rank
         if not ck.save():
             raise NonFiniteLossError(f"non-finite weights after the last step {s.step}; "
@@ -73,13 +101,18 @@ def train(cfg: DictConfig) -> TrainResult:
         ck.save()  # refuses non-finite weights: the newest checkpoint stays the last good state
         runlog.fail(str(e))
         raise
+    except Interrupted as e:
+        if s.consistent:  # a periodic evaluation: the weights are those of a finished step
+            ck.save()
+        runlog.pause(e.message())
+        raise e.with_detail(f"while {s.phase} at step {s.step}/{job.total_steps}; "
+                            f"{_kept(job, s)}; MLflow run {s.run_id} marked KILLED") from None
     except BaseException as e:
         runlog.fail(f"{type(e).__name__}: {e}")
         raise
     finally:
         wait_s = monitor.finish()
         monitor.close()
-        stop.uninstall()
         job.loader.close()
     result = TrainResult(status, s.step, job.total_steps, s.epoch, job.run_dir, run_id=s.run_id,
                          method=job.method)
@@ -91,13 +124,39 @@ def train(cfg: DictConfig) -> TrainResult:
     })
     runlog.log_metrics(dict(result.metrics), s.step)
     if status == "preempted":
+        result.stopped_by = _signal_name(interrupts.signum)
         if job.env.is_main:
-            print(f"stopped by SIGTERM at step {s.step}/{job.total_steps}; checkpoint in "
-                  f"{job.run_dir}; run the same command again to resume", flush=True)
-        runlog.pause()
+            print(f"stopped by {result.stopped_by} at step {s.step}/{job.total_steps}; "
+                  f"checkpoint in {job.run_dir}; MLflow run {s.run_id} marked KILLED; run the "
+                  "same command again to resume", flush=True)
+        runlog.pause(f"stopped by {result.stopped_by}")
         return result
-    _final_eval_and_register(job, s, runlog, result)
+    try:
+        _final_eval_and_register(job, s, runlog, result)
+    except Interrupted as e:
+        runlog.pause(e.message())
+        raise e.with_detail(f"while {s.phase} after the last step {s.step}; the final "
+                            f"checkpoint is in {job.run_dir}; MLflow run {s.run_id} marked "
+                            "KILLED; run the same command again to evaluate and register"
+                            ) from None
+    except BaseException as e:
+        if not isinstance(e, RegistrationError):  # finish() marked the run FAILED already
+            runlog.fail(f"{type(e).__name__}: {e}")
+        raise
     return result
+
+
+def _kept(job: Job, s: _State) -> str:
+    last = ckpt.latest_checkpoint(job.run_dir)
+    if last is None:
+        return "no checkpoint yet; run the same command again to start over"
+    return f"newest checkpoint {last}; run the same command again to resume"
+
+
+def _signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum else "a signal"
 
 
 def _resume(job: Job, latest: Path, s: _State) -> None:
@@ -138,7 +197,7 @@ def _already_done(job: Job, s: _State, done: dict[str, Any]) -> TrainResult:
     return TrainResult("completed", s.step, job.total_steps, s.epoch, job.run_dir,
                        run_id=done.get("run_id"), registered_uri=done["registered_uri"],
                        promoted=bool(done.get("promoted")), promotion_reason=done.get("reason"),
-                       method=job.method)
+                       method=job.method, tracking_uri=done.get("tracking_uri"))
 
 
 class _Checkpointer:
@@ -180,8 +239,8 @@ class _Checkpointer:
         return True
 
 
-def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunLog,
-          stop: StopFlag) -> tuple[str, float]:
+def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunLog
+          ) -> tuple[str, float]:
     """Steps until total_steps or a stop: ("completed" | "preempted", seconds evaluating)."""
     cfg, tr, loader = job.cfg, job.cfg.trainer, job.loader
     grad_clip = float(tr.grad_clip) if tr.get("grad_clip") else None
@@ -195,40 +254,20 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
         if s.epoch_step == 0:
             loader.set_epoch(s.epoch)
         job.method.train()
-        seen = 0
-        monitor.clock.fetching()
-        for batch in loader:
-            monitor.clock.ready()
-            seen += 1
-            out = train_step(
-                job.model, job.method, job.optimizer, job.scheduler, job.scaler,
-                batch.view1, batch.view2, step=s.step, total_steps=job.total_steps,
-                amp_dtype=job.amp, grad_clip=grad_clip, stop_requested=stop.requested,
-                check=(s.step + 1) % check == 0 or s.step + 1 == job.total_steps,
-            )
-            s.step += 1
-            s.epoch_step += 1
-            if s.epoch_step == job.steps_per_epoch:  # an epoch-end state resumes at the next epoch
-                s.epoch, s.epoch_step = s.epoch + 1, 0
-            monitor.update(s.step, s.epoch, out.loss, out.metrics, job.scheduler.get_last_lr()[0],
-                           lambda: loader.counters, out.grad_norm)
-            if out.stop:
-                ck.save()
-                return "preempted", t_eval
-            if every_ckpt and s.step % every_ckpt == 0 and not ck.save():
-                raise NonFiniteLossError(
-                    f"non-finite weights after step {s.step} (no non-finite loss seen at the "
-                    "checks); check optim.lr / the method config; the last good checkpoint is kept"
-                )
-            if s.step >= job.total_steps:
-                return "completed", t_eval
-            monitor.clock.fetching()
+        s.phase, s.consistent = "training", False
+        with interrupts.deferred():  # a signal stops the run at the next step boundary
+            seen = _epoch(job, s, ck, monitor, loader, grad_clip, every_ckpt, check)
+        if seen < 0:
+            return ("preempted" if seen == -1 else "completed"), t_eval
         if s.epoch_step != 0 or seen == 0:  # the loader ended early: ranks would desync
             raise RuntimeError(
                 f"the loader yielded fewer than len(loader)={job.steps_per_epoch} batches in "
                 f"epoch {s.epoch}; every rank must take the same number of steps"
             )
         if every_eval and s.epoch % every_eval == 0:
+            s.phase, s.consistent = "evaluating", True
+            if interrupts.signum is not None:  # asked during the last steps (a CUDA check gap)
+                raise Interrupted(interrupts.signum)
             t_e = time.perf_counter()
             D.sync_buffers(job.method)  # every rank evaluates the checkpointed (rank 0) state
             res = evaluate(cfg, job.method, job.env)
@@ -238,11 +277,49 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
             runlog.log_metrics(res.metrics(), s.step)
             if job.env.is_main:
                 print(f"epoch {s.epoch}: kNN accuracy {res.knn_acc:.4f}", flush=True)
+            s.consistent = False
     return "completed", t_eval
+
+
+def _epoch(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, loader: Any,
+           grad_clip: float | None, every_ckpt: int, check: int) -> int:
+    """The steps of one epoch: batches seen, or -1 (stopped by a signal), -2 (last step)."""
+    seen = 0
+    monitor.clock.fetching()
+    for batch in loader:
+        monitor.clock.ready()
+        seen += 1
+        out = train_step(
+            job.model, job.method, job.optimizer, job.scheduler, job.scaler,
+            batch.view1, batch.view2, step=s.step, total_steps=job.total_steps,
+            amp_dtype=job.amp, grad_clip=grad_clip, stop_requested=interrupts.requested,
+            check=(s.step + 1) % check == 0 or s.step + 1 == job.total_steps,
+        )
+        s.step += 1
+        s.epoch_step += 1
+        if s.epoch_step == job.steps_per_epoch:  # an epoch-end state resumes at the next epoch
+            s.epoch, s.epoch_step = s.epoch + 1, 0
+        monitor.update(s.step, s.epoch, out.loss, out.metrics, job.scheduler.get_last_lr()[0],
+                       lambda: loader.counters, out.grad_norm)
+        if out.stop:
+            ck.save()
+            return -1
+        if every_ckpt and s.step % every_ckpt == 0 and not ck.save():
+            raise NonFiniteLossError(
+                f"non-finite weights after step {s.step} (no non-finite loss seen at the "
+                "checks); check optim.lr / the method config; the last good checkpoint is kept"
+            )
+        if s.step >= job.total_steps:
+            return -2
+        monitor.clock.fetching()
+    return seen
 
 
 def _final_eval_and_register(job: Job, s: _State, runlog: RunLog, result: TrainResult) -> None:
     """Evaluate the final encoder, then (rank 0) log, register and maybe promote it."""
+    s.phase = "evaluating"
+    if interrupts.signum is not None:  # asked between the last step and here
+        raise Interrupted(interrupts.signum)
     if job.cfg.eval.get("at_end", True):
         result.eval = evaluate(job.cfg, job.method, job.env)
         result.metrics.update(result.eval.metrics())
@@ -250,6 +327,7 @@ def _final_eval_and_register(job: Job, s: _State, runlog: RunLog, result: TrainR
     feats = None
     if result.eval is not None and result.eval.test_features is not None:
         feats = (result.eval.test_features, result.eval.test_labels)
+    s.phase = "registering"
     runlog.finish(job.method, result, feats)
 
 
@@ -262,6 +340,9 @@ class _State:
     epoch_step: int = 0
     run_id: str | None = None
     saved_step: int = -1
+    phase: str = "loading"  # loading | training | evaluating | registering (for messages)
+    consistent: bool = False  # the weights are those of a finished step (safe to checkpoint)
+
 
 def _registered_marker(run_dir: Path) -> dict[str, Any] | None:
     """What `runlog.finish` recorded after registering this run's final checkpoint."""
@@ -291,17 +372,20 @@ def _gather_rng(rng: dict[str, Any], env: D.DistEnv) -> list[dict[str, Any]]:
 
 
 def run_from_config(cfg: DictConfig) -> int:
-    """CLI entry: train, print the outcome on rank 0, leave the process group."""
+    """CLI entry: train, print the outcome on rank 0, leave the process group.
+
+    Returns 0, or 128 + the signal number when a signal stopped the steps after a checkpoint
+    (130 SIGINT, 143 SIGTERM: rerun to resume); `Interrupted` from the other phases reaches
+    the CLI, which exits with the same codes.
+    """
     t0 = time.perf_counter()
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    finally:
+        D.cleanup()  # every rank, also after a signal: the others wait in its barrier
+    if result.status == "preempted":
+        return 128 + int(getattr(signal.Signals, result.stopped_by or "SIGTERM", signal.SIGTERM))
     if os.environ.get("RANK", "0") == "0" and result.status == "completed":
-        if result.eval is not None:
-            print(f"kNN accuracy: {result.eval.knn_acc:.4f}", flush=True)
-            if result.eval.probe_acc is not None:
-                print(f"linear probe accuracy: {result.eval.probe_acc:.4f}", flush=True)
-        if result.registered_uri:
-            role = "champion" if result.promoted else f"challenger: {result.promotion_reason}"
-            print(f"registered model: {result.registered_uri} ({role})", flush=True)
-        print(f"done in {time.perf_counter() - t0:.0f}s: {result.step} steps, run {result.run_id}", flush=True)
-    D.cleanup()  # every rank, also after SIGTERM: the others wait in its barrier
+        for line in end_of_run_lines(result, time.perf_counter() - t0):
+            print(line, flush=True)
     return 0

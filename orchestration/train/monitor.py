@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from orchestration.errors import ConfigError
+
 log = logging.getLogger("sslstream.train")
 
 
@@ -36,7 +38,7 @@ def use_bar(progress: str, is_main: bool) -> bool:
     if p == "bar":
         return True
     if p != "auto":
-        raise ValueError(f"trainer.progress must be auto, bar or log, got {progress!r}")
+        raise ConfigError(f"trainer.progress must be auto, bar or log, got {progress!r}")
     return sys.stderr.isatty()
 
 
@@ -110,6 +112,7 @@ class Monitor:
         self._n = 0
         self._t0 = time.perf_counter()
         self._excluded_s = 0.0
+        self._greeted = False  # the first-step line was printed (or a report made it moot)
         self._bar = None
         if use_bar(progress, is_main):
             from tqdm import tqdm
@@ -153,7 +156,15 @@ class Monitor:
         if self._bar is not None:
             self._bar.update(1)
         if step % self.every and step != self.total:
+            if not self._greeted and self.is_main and self._bar is None:
+                self._greeted = True
+                # a sign of life before the first report (which may be minutes away); no
+                # device value is read here
+                print(f"step {step}/{self.total}: first step done in "
+                      f"{time.perf_counter() - self._t0:.1f}s; reports every {self.every} "
+                      "steps (trainer.log_every_steps)", flush=True)
             return None
+        self._greeted = True
         loss_mean = float(self._loss_sum) / self._n  # the window's one device sync
         self._sync()  # then every queued kernel is done: the clock readings are exact
         now = time.perf_counter()

@@ -13,7 +13,7 @@ from orchestration.evaluate.run import EvalResult
 
 @dataclass
 class TrainResult:
-    status: str  # "completed" | "preempted"
+    status: str  # "completed" | "preempted" (stopped by a signal after a checkpoint)
     step: int
     total_steps: int
     epoch: int
@@ -26,3 +26,5 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     promotion_reason: str | None = None
     method: Any = field(default=None, repr=False)  # the trained Method (unwrapped)
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when preempted
+    tracking_uri: str | None = None  # the MLflow store of run_id (credentials masked)

@@ -60,9 +60,24 @@ class RunLog:
         self.tracker.set_tags({"sslstream.failure": reason})
         self.tracker.end("FAILED")
 
-    def pause(self) -> None:
-        """Preempted: KILLED, so the resumed job continues the same run."""
+    def pause(self, reason: str = "") -> None:
+        """Stopped by a signal: KILLED (not FAILED), so the resumed job continues the run."""
+        if reason:
+            self.tracker.set_tags({"sslstream.stopped": reason})
         self.tracker.end("KILLED")
+
+    def _class_names(self) -> list[str] | None:
+        """The test split's class names from its manifest (best effort: None when absent)."""
+        if not self.tracker.active or not bool(self.cfg.tracking.get("plots", True)):
+            return None
+        try:
+            from pipelines.shards.manifest import resolve_shards
+
+            data = self.cfg.data
+            return resolve_shards(data.test, dict(data.get("storage_options") or {}))[1]
+        except Exception as e:  # a plot legend is not worth failing a run for
+            log.debug("no class names for the PCA legend: %s", e)
+            return None
 
     def finish(self, method: nn.Module, result: TrainResult, eval_features: Any = None) -> None:
         """Rank 0: log the encoder, register it (alias challenger), promote by the rule.
@@ -73,10 +88,13 @@ class RunLog:
         """
         if not self.env.is_main:
             return
+        if self.tracker.active:
+            result.tracking_uri = self.tracker.shown_uri
         self.tracker.log_training_plots()
         if eval_features is not None:
             z, y = eval_features
-            self.tracker.log_embedding_projection(z.cpu(), y.cpu(), step=result.step)
+            self.tracker.log_embedding_projection(z.cpu(), y.cpu(), step=result.step,
+                                                  class_names=self._class_names())
         if not self.tracker.active:
             log.warning("tracking.enabled=false: the encoder is not logged or registered")
             return
@@ -85,6 +103,7 @@ class RunLog:
             self.tracker.end("FINISHED")
             return
         from orchestration.tracking.encoder_model import EncoderSpec
+        from orchestration.train.evalid import eval_identity
         from pipelines.views.recipes import TwoViewRecipe
 
         recipe = TwoViewRecipe.from_config(self.cfg.augment)
@@ -108,6 +127,7 @@ class RunLog:
                     "data": self.cfg.data.name,
                     "run_name": self.cfg.run_name,
                     "steps": result.step,
+                    **eval_identity(self.cfg),  # promotion compares like with like only
                 },
             )
         except Exception:
@@ -121,7 +141,7 @@ class RunLog:
         # a rerun of the same command sees this next to the final checkpoint and does nothing
         marker = {"registered_uri": decision.uri, "promoted": decision.promoted,
                   "reason": decision.reason, "run_id": self.run_id, "step": result.step,
-                  "model_uri": result.model_uri}
+                  "model_uri": result.model_uri, "tracking_uri": result.tracking_uri}
         tmp = result.run_dir / f".{REGISTERED_MARKER}.tmp"
         tmp.write_text(json.dumps(marker, indent=1))
         os.replace(tmp, result.run_dir / REGISTERED_MARKER)

@@ -23,16 +23,16 @@ bf16 needs none) reads its scale every step, which is one more sync.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from orchestration.errors import ConfigError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,7 +61,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if p in ("fp32", "float32", "32"):
         return None
-    raise ValueError(f"trainer.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    raise ConfigError(f"trainer.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
 
 
 def wants_sync_bn(method: nn.Module) -> bool:
@@ -121,7 +121,7 @@ def compile_backbones(method: nn.Module, **kwargs: Any) -> list[nn.Module]:
     """`nn.Module.compile` (in place) every submodule of the backbone's class."""
     backbone = getattr(method, "backbone", None)
     if not isinstance(backbone, nn.Module):
-        raise ValueError(f"trainer.compile=true: {type(method).__name__} has no .backbone to compile")
+        raise ConfigError(f"trainer.compile=true: {type(method).__name__} has no .backbone to compile")
     done = [m for m in method.modules() if type(m) is type(backbone)]
     for m in done:
         m.compile(**kwargs)
@@ -129,33 +129,11 @@ def compile_backbones(method: nn.Module, **kwargs: Any) -> list[nn.Module]:
 
 
 @dataclass
-class StopFlag:
-    """Set by SIGTERM (preemption); acted on at the next step boundary on every rank."""
-
-    requested: bool = False
-    _previous: dict[int, Any] = field(default_factory=dict)
-
-    def install(self) -> None:
-        def handler(signum: int, frame: object) -> None:
-            self.requested = True
-
-        for sig in (signal.SIGTERM,):
-            # ValueError: not the main thread (train() called from a worker thread)
-            with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, handler)
-
-    def uninstall(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-        self._previous.clear()
-
-
-@dataclass
 class StepOutput:
     loss: torch.Tensor  # detached scalar
     metrics: dict[str, Any]
     stepped: bool  # False when the grad scaler skipped the optimizer step
-    stop: bool  # some rank asked to stop (SIGTERM): finish here
+    stop: bool  # some rank asked to stop (SIGINT / SIGTERM): finish here
     grad_norm: torch.Tensor | None = None  # device scalar (read it at log points only)
 
 
@@ -165,7 +143,7 @@ def check_every(spec: Any, device: torch.device, log_every: int) -> int:
         return 1 if device.type != "cuda" else max(1, int(log_every))
     n = int(spec)
     if n < 1:
-        raise ValueError(f"trainer.check_every_steps must be auto or >= 1, got {spec!r}")
+        raise ConfigError(f"trainer.check_every_steps must be auto or >= 1, got {spec!r}")
     return n
 
 

@@ -21,6 +21,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from orchestration.errors import ConfigError, UserError
+
 log = logging.getLogger("sslstream.train")
 
 
@@ -32,7 +34,7 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
 
         weights, spec = load_encoder_state_dict(resolve_tracking_uri(cfg.tracking.get("uri")), source)
         if spec.backbone.get("name") != cfg.backbone.name:
-            raise ValueError(
+            raise UserError(
                 f"trainer.init_from={source} holds a {spec.backbone.get('name')!r} backbone, "
                 f"but backbone.name={cfg.backbone.name!r}"
             )
@@ -45,7 +47,7 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
     model = load_checkpoint(path).get("model", {})
     weights = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
     if not weights:
-        raise ValueError(f"trainer.init_from={source}: the checkpoint has no backbone.* weights")
+        raise UserError(f"trainer.init_from={source}: the checkpoint has no backbone.* weights")
     return weights
 
 
@@ -62,9 +64,9 @@ def build_method_warm(cfg: DictConfig, weights: dict[str, torch.Tensor] | None, 
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as e:
-        raise ValueError(f"trainer.init_from does not fit backbone {cfg.backbone.name!r}: {e}") from e
+        raise UserError(f"trainer.init_from does not fit backbone {cfg.backbone.name!r}: {e}") from e
     name = str(cfg.method.name)
     if name not in METHODS:
-        raise ValueError(f"method.name={name!r} is not one of {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"method.name={name!r} is not one of {', '.join(sorted(METHODS))}")
     log.info("warm start: backbone weights from %s", cfg.trainer.init_from)
     return build_method(cfg.method, cfg.backbone, process_group=process_group, backbone=backbone)

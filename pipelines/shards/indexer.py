@@ -26,6 +26,7 @@ from typing import IO, Any
 
 import braceexpand
 
+from pipelines.shards.errors import DataError
 from pipelines.shards.labels import (
     BadLabel,
     LabelKey,
@@ -193,7 +194,7 @@ def index_shards(source: str, storage_options: dict | None = None, *, workers: i
     shards = [results[u] for u in urls]
     bad = [s for s in shards if s.problem]
     if bad:
-        raise ValueError("cannot index " + "; ".join(f"{s.url}: {s.problem}" for s in bad[:5])
+        raise DataError("cannot index " + "; ".join(f"{s.url}: {s.problem}" for s in bad[:5])
                          + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""))
     mbase = murl.rsplit("/", 1)[0] if "/" in murl else "."
     entries = [ShardEntry(_relative(s.url, mbase), s.samples, s.sha256, s.bytes) for s in shards]

@@ -21,6 +21,8 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pipelines.shards.errors import DataError
+
 __all__ = [
     "DEFAULT_IMAGE_KEYS",
     "JSON_FIELDS",
@@ -40,11 +42,11 @@ JSON_FIELDS = ("label", "cls", "class", "target")  # tried in this order by `aut
 DETECT_SAMPLES = 16
 
 
-class BadLabel(ValueError):
+class BadLabel(DataError):
     """The label member is there but is not a usable class index."""
 
 
-class MissingLabels(ValueError):
+class MissingLabels(DataError):
     """A split that evaluation needs labels from yields none (raised before training)."""
 
 
@@ -68,7 +70,7 @@ def parse_label_key(spec: str | LabelKey | None) -> LabelKey:
         return LabelKey("json", s[5:])
     if s == "json":
         return LabelKey("json", "label")
-    raise ValueError(f"data.label_key={spec!r}: expected cls, json:<field>, txt, none or auto")
+    raise DataError(f"data.label_key={spec!r}: expected cls, json:<field>, txt, none or auto")
 
 
 def _to_index(value: object, classes: Sequence[str] | None, where: str) -> int:

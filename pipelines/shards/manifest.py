@@ -20,6 +20,7 @@ from typing import Any
 
 import braceexpand
 
+from pipelines.shards.errors import DataError
 from pipelines.shards.storage import ShardNotFound, get_fs, open_reader, read_bytes
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Manifest:
                     out.append(ShardEntry(str(it["shard"]), int(it["samples"]),
                                           it.get("sha256"), it.get("bytes")))
                 except (KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"{source}: {where}[{i}] is not a shard entry ({e})") from None
+                    raise DataError(f"{source}: {where}[{i}] is not a shard entry ({e})") from None
             return out
 
         m = cls(classes=list(d["classes"]) if d.get("classes") is not None else None)
@@ -111,7 +112,7 @@ class Manifest:
             else:
                 m.extra[k] = v
         if not m.shards and not m.splits:
-            raise ValueError(f"{source}: no 'shards' list and no split lists of shard entries")
+            raise DataError(f"{source}: no 'shards' list and no split lists of shard entries")
         return m
 
 
@@ -142,7 +143,7 @@ def load_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     try:
         d = json.loads(raw)
     except ValueError as e:
-        raise ValueError(f"{url}: not valid JSON ({e})") from None
+        raise DataError(f"{url}: not valid JSON ({e})") from None
     return Manifest.from_dict(d, source=url)
 
 
@@ -243,7 +244,7 @@ def resolve_shards(urls: str | Sequence[str], storage_options: dict | None = Non
     """
     items = [urls] if isinstance(urls, str) else list(urls)
     if not items:
-        raise ValueError("no shard URLs given")
+        raise DataError("no shard URLs given")
     cache: dict[str, Manifest | None] = {}
     refs: list[ShardRef] = []
     classes: list[str] | None = None

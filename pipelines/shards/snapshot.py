@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipelines.shards.errors import DataError
 from pipelines.shards.manifest import SHARD_SUFFIXES, ShardRef, resolve_shards
 from pipelines.shards.storage import get_fs, open_reader
 
@@ -81,7 +82,7 @@ class Snapshot:
         shards = tuple(ShardFingerprint(**s) for s in d["shards"])
         snap = cls(str(d["source"]), shards)
         if d.get("id") and d["id"] != snap.id:
-            raise ValueError(f"snapshot listing of {d['source']} is inconsistent: recorded id "
+            raise DataError(f"snapshot listing of {d['source']} is inconsistent: recorded id "
                              f"{d['id']} != recomputed {snap.id}")
         return snap
 
@@ -175,13 +176,13 @@ def take_snapshot(source: str | Sequence[str], storage_options: dict | None = No
         else:
             fp = _fingerprint_from_info(infos.get(r.url, {}))
         if fp is None:
-            raise ValueError(f"cannot fingerprint shard {r.url}: its store reports no "
+            raise DataError(f"cannot fingerprint shard {r.url}: its store reports no "
                              "checksum, ETag, size or mtime; add a manifest.json with sha256")
         shards.append(ShardFingerprint(_relative(r.url, base), r.url, fp, r.samples))
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"retrain.source={source!r} names the same shard twice: {dup[:5]}")
+        raise DataError(f"retrain.source={source!r} names the same shard twice: {dup[:5]}")
     label = source if isinstance(source, str) else ",".join(source)
     return Snapshot(label, tuple(sorted(shards, key=lambda s: s.name)),
                     tuple(r.url for r in refs if not r.listed))

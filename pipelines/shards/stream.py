@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pipelines.shards.errors import DataError
 from pipelines.shards.labels import (
     DEFAULT_IMAGE_KEYS,
     detect_label_key,
@@ -169,7 +170,7 @@ class ShardStream:
                     found = dict(zip(missing, ex.map(lambda u: count_samples(u, self.storage_options), missing), strict=True))
             self._counts = [r.samples if r.samples is not None else found[r.url] for r in self._refs]
             if sum(self._counts) == 0:
-                raise ValueError(f"no samples in the shards of {self.urls_spec!r}")
+                raise DataError(f"no samples in the shards of {self.urls_spec!r}")
         return self._counts
 
     @property
@@ -183,7 +184,7 @@ class ShardStream:
             return hi - lo
         n = per_rank(self.num_samples, self.world_size, self.exact_epoch)
         if n == 0:
-            raise ValueError(f"{self.num_samples} samples cannot fill {self.world_size} ranks "
+            raise DataError(f"{self.num_samples} samples cannot fill {self.world_size} ranks "
                              "without exact_epoch=True")
         return n
 
@@ -266,7 +267,7 @@ class ShardStream:
     def load_state_dict(self, state: dict) -> None:
         fp = self._fingerprint()
         if state.get("fingerprint") not in (None, fp):
-            raise ValueError(
+            raise DataError(
                 "stream cursor does not match this stream (shards, counts, seed, shuffle, "
                 f"exact_epoch, rank/world_size {self.rank}/{self.world_size}, num_workers, "
                 f"shuffle_buffer or validate changed): saved {state.get('fingerprint')}, now {fp}")

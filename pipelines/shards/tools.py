@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from pipelines.shards.errors import DataError
 from pipelines.shards.indexer import (
     IndexedShard,
     index_shards,
@@ -94,7 +95,7 @@ class _ShardWriter:
 
     def add(self, key: str, ext: str, image: bytes, label: int | None) -> None:
         if key in self.keys:
-            raise ValueError(f"duplicate key {key!r} in shard {self.url}")
+            raise DataError(f"duplicate key {key!r} in shard {self.url}")
         self.keys.add(key)
         _add(self._tf, f"{key}.{ext}", image)
         self.tar_bytes += 512 + -(-len(image) // 512) * 512
@@ -115,7 +116,7 @@ def _clean_key(key: str) -> str:
     """Keys may not contain dots (webdataset splits the member name at the first dot)."""
     k = re.sub(r"[^A-Za-z0-9_\-/]", "_", key.strip("/"))
     if not k:
-        raise ValueError(f"empty sample key from {key!r}")
+        raise DataError(f"empty sample key from {key!r}")
     return k
 
 
@@ -141,7 +142,7 @@ def write_shards(
     `on_shard` is called with each shard's entry as soon as it is closed (progress).
     """
     if max_count < 1 or max_bytes < 1024:
-        raise ValueError(f"max_count={max_count}, max_bytes={max_bytes}: too small")
+        raise DataError(f"max_count={max_count}, max_bytes={max_bytes}: too small")
     out = str(out_dir)
     fs, root = get_fs(out, storage_options)
     fs.makedirs(root, exist_ok=True)
@@ -197,7 +198,10 @@ class _Progress:
         dt = time.perf_counter() - self.t0
         rate = done / dt if dt > 0 else 0.0
         left = f", ~{(self.total - done) / rate:.0f}s left" if rate > 0 and done < self.total else ""
-        print(f"  {what} -- {done}/{self.total} {self.unit} ({rate:.0f}/s{left})",
+        # a rate over a fraction of a second (the first shard, a cached read) is noise
+        speed = (f"{rate:,.1f} {self.unit}/s" if rate < 10 else f"{rate:,.0f} {self.unit}/s"
+                 ) if dt >= 1.0 else f"{dt:.1f}s"
+        print(f"  {what} -- {done}/{self.total} {self.unit} ({speed}{left if dt >= 1.0 else ''})",
               file=sys.stderr, flush=True)
 
 
@@ -208,7 +212,7 @@ def _scan_folder(src: Path) -> tuple[list[tuple[str, Path, int | None]], list[st
     dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in _SRC_EXTS)
     if dirs and files:
-        raise ValueError(f"{src}: has both class sub-folders and loose images; use one layout")
+        raise DataError(f"{src}: has both class sub-folders and loose images; use one layout")
     if not dirs:
         return [(p.stem, p, None) for p in files], None
     items = []

@@ -147,6 +147,6 @@ def test_bad_inputs_give_one_line_naming_them(tmp_path, capsys, monkeypatch):
     assert main(["train", *base, f"data.test={tmp_path}/no-test-split"]) == 1
     err = capsys.readouterr().err
     assert f"data.test={tmp_path}/no-test-split" in err and "does not exist" in err
-    assert main(["train", *base, "data.test=null"]) == 1
+    assert main(["train", *base, "data.test=null"]) == 2  # a configuration error (issue 16)
     assert "data.test is not set" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("step-*.pt"))

@@ -18,6 +18,8 @@ def test_embedded_default_trains_once_then_waits_for_new_data(in_tmp_cwd, capsys
     assert main(args) == R.EXIT_OK
     out = capsys.readouterr().out
     assert "no champion yet" in out and "sslstream-encoder v1 (champion)" in out
+    final = next(x for x in out.splitlines() if "sslstream-encoder v1 (champion)" in x)
+    assert final.count("no champion yet") == 1, final  # the reason says it once (issue 16)
     client = MlflowClient(f"sqlite:///{in_tmp_cwd / 'mlflow.db'}")
     v1 = client.get_model_version("sslstream-encoder", "1")
     key = v1.tags["retrain.run_key"]

@@ -69,3 +69,9 @@ def test_torchrun_outcome_mapping() -> None:
     with pytest.raises(R.RetrainExit) as e:
         outcome_of(1, {"error": "train", "message": "ValueError: loss is nan"})
     assert e.value.code == R.EXIT_TRAIN_FAILED and "loss is nan" in str(e.value)
+    # issue 16: a configuration error found by the ranks is a configuration error upstream
+    with pytest.raises(R.RetrainExit) as e:
+        outcome_of(2, {"error": "config", "message": "data.test is not set"})
+    assert e.value.code == R.EXIT_CONFIG and "data.test" in str(e.value)
+    # a signal in evaluation / registration: the worker reports it as preempted
+    assert outcome_of(143, {"status": "preempted", "stopped_by": "SIGTERM"}).stopped_by == "SIGTERM"

@@ -104,7 +104,7 @@ def test_check_eval_splits_refuses_an_unlabelled_test_split_before_training(tmp_
     _shardwriter(tmp_path / "lab", 6, "cls")
     _shardwriter(tmp_path / "caps", 6, "caption")
     cfg = OmegaConf.create({"eval": {"at_end": True, "every_epochs": 0},
-                            "data": {"bank": str(tmp_path / "lab"), "test": str(tmp_path / "caps"),
+                            "data": {"train": str(tmp_path / "lab"), "bank": str(tmp_path / "lab"), "test": str(tmp_path / "caps"),
                                      "label_key": "auto", "storage_options": {}}})
     with pytest.raises(MissingLabels, match="data.test"):
         check_eval_splits(cfg)

@@ -1,0 +1,69 @@
+"""Promotion compares like with like (issue 16): a version evaluated on another labelled
+split, or with another protocol, is registered as challenger with that reason."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestration.cli import compose_config
+from orchestration.tracking.registry import RegistrySettings, register_encoder
+from orchestration.train.evalid import PROTOCOL_TAG, SPLIT_TAG, eval_identity
+
+HEALTHY = {"eval/embedding_std": 0.2, "eval/effective_rank": 10.0}
+
+
+def test_a_run_evaluated_on_another_split_cannot_become_champion(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = RegistrySettings(name="enc", await_ready_s=5)
+    src = tmp_path / "model"
+    src.mkdir()
+    same = {SPLIT_TAG: "test:aaaa,bank:train", PROTOCOL_TAG: "knn k=200 t=0.1, 32px, 1234"}
+
+    def register(acc: float, **identity: str):
+        return register_encoder(uri, str(src), settings, metrics={"eval/knn_acc": acc, **HEALTHY},
+                                feature_dim=32, tags={**same, **identity})
+
+    assert register(0.5).promoted                                         # v1: first champion
+    other_split = register(0.9, **{SPLIT_TAG: "test:bbbb,bank:train"})    # v2: a smoke test
+    assert not other_split.promoted
+    assert "not comparable with champion v1: evaluated on another labelled split" in other_split.reason
+    other_protocol = register(0.9, **{PROTOCOL_TAG: "knn k=20 t=0.1, 16px, 9999"})
+    assert not other_protocol.promoted and "evaluation protocol" in other_protocol.reason
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert int(client.get_model_version_by_alias("enc", "champion").version) == 1
+    assert int(client.get_model_version_by_alias("enc", "challenger").version) == 3
+    assert register(0.6).promoted                                         # like with like: wins
+    assert int(client.get_model_version_by_alias("enc", "champion").version) == 4
+    # the switch restores the plain comparison
+    loose = RegistrySettings(name="enc", await_ready_s=5, require_comparable=False)
+    d = register_encoder(uri, str(src), loose, metrics={"eval/knn_acc": 0.95, **HEALTHY},
+                         feature_dim=32, tags={**same, SPLIT_TAG: "test:cccc,bank:train"})
+    assert d.promoted
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    from pipelines.shards.synthetic import ensure_synthetic
+
+    root = tmp_path_factory.mktemp("syn")
+    ensure_synthetic(root / "a", train_samples=40, test_samples=20, image_size=8, seed=0)
+    shutil.copytree(root / "a", root / "copy")           # the same shards elsewhere
+    ensure_synthetic(root / "b", train_samples=40, test_samples=20, image_size=8, seed=1)
+    return root
+
+
+def test_split_fingerprint_follows_content_and_protocol_follows_settings(splits):
+    def ident(root, *extra):
+        return eval_identity(compose_config([f"data.root={splits / root}", *extra]))
+
+    a = ident("a")
+    assert a[SPLIT_TAG].endswith(",bank:train") and "spec-" not in a[SPLIT_TAG]
+    assert ident("copy")[SPLIT_TAG] == a[SPLIT_TAG]     # same bytes, another folder
+    assert ident("b")[SPLIT_TAG] != a[SPLIT_TAG]        # other images
+    assert ident("a", f"data.bank={splits / 'b' / 'train'}")[SPLIT_TAG] != a[SPLIT_TAG]
+    assert ident("a", "eval.batch_size=7", "eval.every_epochs=3") == a  # no effect on numbers
+    assert ident("a", "eval.knn_k=20")[PROTOCOL_TAG] != a[PROTOCOL_TAG]
+    assert ident("a", "augment.view1.size=16", "augment.view2.size=16")[PROTOCOL_TAG] != a[PROTOCOL_TAG]
