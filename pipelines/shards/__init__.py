@@ -2,6 +2,7 @@
 
     storage.py     fsspec file systems, retries, error classification, credential redaction
     manifest.py    manifest.json, shard URL expansion (folders, braces, prefixes)
+    errors.py      DataError: bad input data named in the message (CLI: no traceback)
     tario.py       tar member iteration (plain and gzip) with clear errors
     labels.py      which members hold the image and the label (label_key, image_keys, auto),
                    the before-training check that a labelled split has labels
