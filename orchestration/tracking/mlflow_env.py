@@ -76,6 +76,16 @@ def move_credentials(uri: str) -> str:
     return m.group(1) + uri[m.end():]
 
 
+def shown_uri(uri: str) -> str:
+    """`uri` for messages: credentials masked; an HTTP store whose credentials were moved to
+    MLFLOW_TRACKING_USERNAME shows `***@` where they go."""
+    shown = redact(uri)
+    if is_http(shown) and "@" not in shown.split("/")[2] and os.environ.get(ENV_USER):
+        scheme, rest = shown.split("://", 1)
+        shown = f"{scheme}://***@{rest}"
+    return shown
+
+
 def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 

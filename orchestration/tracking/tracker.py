@@ -89,8 +89,9 @@ class Tracker:
     # -- state ------------------------------------------------------------------------------
     @property
     def shown_uri(self) -> str:
-        """The tracking URI for messages: credentials in it are masked."""
-        return mlflow_env.redact(self.uri)
+        """The tracking URI for messages: credentials masked as `***@` (they were moved to
+        MLflow's auth variables; the mark tells a reader that the store needs them)."""
+        return mlflow_env.shown_uri(self.uri)
 
     @property
     def enabled(self) -> bool:

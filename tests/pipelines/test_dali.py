@@ -444,7 +444,10 @@ def test_a_shard_with_corrupt_jpegs_runs_through_with_each_counted(tmp_path, dev
     assert "zz_bad" not in keys
     check_undecodable_handled(loader, batches, entropy_key, 31, "header", device_id)
     c = loader.counters
-    assert c["skipped_corrupt"] == 1 and c["bad_image"] == 1, c
+    # skipped_corrupt counts every bad sample toward max_bad_fraction (issue 12): the broken
+    # header (bad_image) plus what the decoder rejected (undecodable; nvJPEG may decode noise)
+    assert c["bad_image"] == 1 and c.get("undecodable", 0) == c["aug_skipped_corrupt"], c
+    assert c["skipped_corrupt"] == 1 + c.get("undecodable", 0), c
     assert c["topped_up"] == 1  # the stream refilled the broken-header sample's slot
 
 
