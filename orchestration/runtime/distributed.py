@@ -173,14 +173,16 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def loader_threads(setting: int | str | None) -> int:
+def loader_threads(setting: int | str | None, gpu: bool | None = None) -> int:
     """Loader threads per rank for `trainer.loader_threads` (an int, or `auto`).
 
-    `auto` shares the node's cores between its local ranks, leaving one for the step:
-    DALI's CPU stages (and the whole graph in CPU mode) scale with threads, and a fixed 2
-    on a 16-core GPU node would leave most of the augmentation capacity idle.
+    `auto` comes from orchestration/runtime/resources.py: the CPUs this process may use
+    (affinity mask and cgroup quota, never `os.cpu_count()`), shared between the node's
+    local ranks and sized together with the reader processes and torch's threads.
     """
     if setting is not None and str(setting) != "auto":
         return int(setting)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(2, (os.cpu_count() or 2) // max(1, local_world) - 1)
+    from orchestration.runtime.resources import local_ranks, plan_resources, usable_cpus
+
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    return plan_resources(cpus=usable_cpus(), local_ranks=local_ranks(), gpu=gpu).loader_threads

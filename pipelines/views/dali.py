@@ -107,6 +107,10 @@ class GraphSpec:
     channels_last: bool = False
     hw_decoder_load: float = 0.65
     jpeg_fancy_upsampling: bool = True
+    # nvJPEG buffer padding (device and pinned host, bytes, per thread): sized from the
+    # data's images by orchestration/runtime/resources.py (DALI's ImageNet examples use
+    # 211 MB + 140 MB, i.e. ~350 MB per thread whatever the image size).
+    nvjpeg_padding: int = 16 << 20
 
 
 def build_two_view_pipeline(spec: GraphSpec):
@@ -138,13 +142,13 @@ def define_two_view_pipeline(spec: GraphSpec):
     def graph():
         encoded = fn.external_source(name="images", dtype=types.UINT8, ndim=1)
         if gpu:
-            # Padding values of DALI's ImageNet examples (no nvJPEG reallocation on a large
-            # image); fancy upsampling = the CPU decoder's chroma upsampling, so GPU pixels
-            # match what the CPU-mode tests check.
+            # Padding sized from the data (GraphSpec.nvjpeg_padding: a larger image costs a
+            # one-off reallocation); fancy upsampling = the CPU decoder's chroma upsampling,
+            # so GPU pixels match what the CPU-mode tests check.
             image = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
                                       hw_decoder_load=spec.hw_decoder_load,
-                                      device_memory_padding=211_025_920,
-                                      host_memory_padding=140_544_512,
+                                      device_memory_padding=spec.nvjpeg_padding,
+                                      host_memory_padding=spec.nvjpeg_padding,
                                       jpeg_fancy_upsampling=spec.jpeg_fancy_upsampling)
         else:
             image = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)

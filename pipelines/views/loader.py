@@ -61,7 +61,8 @@ class TwoViewLoader:
                  backend: str = "auto", seed: int = 0, num_threads: int = 2,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, prefetch: int = 2,
                  validate: str = "auto", hw_decoder_load: float = 0.65,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, workers: int = 0,
+                 nvjpeg_padding: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -77,6 +78,8 @@ class TwoViewLoader:
             raise ValueError(f"loader validate={validate!r}: expected 'auto' or one of "
                              f"{VALIDATE_MODES}")
         self.validate = effective_validation(validate, stream)
+        self.workers = max(0, int(workers))
+        self._nvjpeg_padding = nvjpeg_padding
         self._backend = self._build_backend(num_threads, dtype, channels_last, hw_decoder_load)
         self.data_wait_s = 0.0
         self.last_wait_s = 0.0
@@ -94,9 +97,11 @@ class TwoViewLoader:
     def _build_backend(self, num_threads, dtype, channels_last, hw_decoder_load):
         if self.backend_name == "dali":
             device_id = self.device.index if self.device.type == "cuda" else None
+            pad = {"nvjpeg_padding": self._nvjpeg_padding} if self._nvjpeg_padding else {}
             spec = dali_mod.GraphSpec(recipe=self.recipe, batch_size=self.batch_size,
                                       device_id=device_id, num_threads=num_threads, dtype=dtype,
-                                      channels_last=channels_last, hw_decoder_load=hw_decoder_load)
+                                      channels_last=channels_last, hw_decoder_load=hw_decoder_load,
+                                      **pad)
             return dali_mod.DaliTwoView(spec)
         from pipelines.views.reference import TorchvisionTwoView
 
