@@ -4,6 +4,8 @@
     manifest.py    manifest.json, shard URL expansion (folders, braces, prefixes)
     tario.py       tar member iteration (plain and gzip) with clear errors
     reader.py      per-lane shard reading with checks (Good / Bad / Short samples)
+    lanes.py       the reader lanes in worker processes (same lanes, same merge)
+    procs.py       worker-process plumbing: spawn, parent watch, errors, stop
     plan.py        which segments of which shards each rank reads each epoch
     resume.py      fast-forward to a cursor for exact mid-epoch resume
     stream.py      ShardStream: the rank's resumable, fault-tolerant sample stream

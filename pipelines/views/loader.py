@@ -24,14 +24,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pipelines.shards.validate import VALIDATE_MODES, CorruptImage, validate_image
 from pipelines.views import dali as dali_mod
 from pipelines.views.backend import effective_validation, image_hw, resolve_backend
 from pipelines.views.handoff import POLL_S, DeviceWork, Failure, hand_to_current_stream, put
-from pipelines.views.recipes import TwoViewRecipe, ViewParams, batch_rng, sample_view_params
+from pipelines.views.hostprep import HostBatch, draw_params, host_batches, nearest, position_stream
+from pipelines.views.recipes import TwoViewRecipe
+
+__all__ = ["Batch", "TwoViewLoader", "effective_validation", "image_hw", "resolve_backend"]
 
 
 @dataclass
@@ -40,18 +42,6 @@ class Batch:
     view2: torch.Tensor
     labels: torch.Tensor  # (B,) int64
     keys: list[str]
-
-
-@dataclass
-class _HostBatch:
-    index: int
-    images: list[bytes]
-    hw: np.ndarray
-    labels: list[int]
-    keys: list[str]
-    shards: list[str]
-    stream_state: dict
-    params: tuple[ViewParams, ViewParams] | None = None  # drawn on the host thread
 
 
 class TwoViewLoader:
@@ -92,6 +82,8 @@ class TwoViewLoader:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._feed = None              # reader process(es), started on the first epoch
+        self._feed_state: dict | None = None
 
     # ------------------------------------------------------------------ construction
     def _build_backend(self, num_threads, dtype, channels_last, hw_decoder_load):
@@ -114,7 +106,9 @@ class TwoViewLoader:
 
     @property
     def counters(self) -> dict[str, int]:
-        base = dict(getattr(self.stream, "counters", {}) or {})
+        feed = self._feed
+        base = dict(feed.counters if feed is not None and feed.counters
+                    else getattr(self.stream, "counters", {}) or {})
         with self._lock:
             base.update(self._aug)
         return base
@@ -153,29 +147,63 @@ class TwoViewLoader:
             if restored:
                 return iter(())
             self._position, self._stream_state = 0, None
-        if self._position > 0 and self._stream_state is not None:
-            self.stream.load_state_dict(self._stream_state)
-        elif self._position > 0:
-            raise RuntimeError("loader resumed at batch > 0 without a stream cursor")
+        if self._backend is not None and self._start_feed():
+            # the reader process positions its own copy of the stream
+            self._feed_state = self._stream_state if self._position > 0 else None
+            if self._position > 0 and self._stream_state is None:
+                raise RuntimeError("loader resumed at batch > 0 without a stream cursor")
         else:
-            self._rewind_stream()
+            position_stream(self.stream, self._epoch, self._position, self._stream_state)
         return self._run_epoch(self._position, total)
 
-    def _rewind_stream(self) -> None:
-        """Put the stream at the start of self._epoch (set_epoch keeps a same-epoch cursor)."""
-        self.stream.set_epoch(self._epoch)
+    def _start_feed(self) -> bool:
+        """Start the reader process(es) once (workers > 0); False: read in this process.
+        A stream that cannot be pickled (a class defined in a function) is read here."""
+        if self._feed is not None:
+            return True
+        if self.workers <= 0:
+            return False
+        import pickle
+        import warnings
+
+        from pipelines.views.workers import ProcessFeed
+
         try:
-            start = self.stream.state_dict(position=0)
-        except TypeError:  # a stream without the prefetching-consumer hook: set_epoch is all
-            return
-        self.stream.load_state_dict(start)
+            pickle.dumps(self.stream)
+        except Exception as e:
+            warnings.warn(f"loader workers={self.workers}: the stream cannot be sent to a "
+                          f"worker process ({type(e).__name__}: {e}); reading in this process",
+                          stacklevel=3)
+            self.workers = 0
+            return False
+        self._feed = ProcessFeed(self.stream, self.recipe, batch_size=self.batch_size,
+                                 validate=self.validate, seed=self.seed, rank=self.rank,
+                                 workers=self.workers, prefetch=self.prefetch)
+        return True
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the reader processes (empty when reading in this process)."""
+        return self._feed.pids if self._feed is not None else []
 
     def close(self) -> None:
-        """Stop the background threads and free the backend (DALI pipeline, thread pool)."""
-        self.close_epoch()
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            backend.close()
+        """Stop the background threads and reader processes, free the backend (DALI
+        pipeline, thread pool). Also run at interpreter exit and by `with` blocks."""
+        try:
+            self.close_epoch()
+        finally:
+            feed, self._feed = self._feed, None
+            if feed is not None:
+                feed.close()
+            backend, self._backend = self._backend, None
+            if backend is not None:
+                backend.close()
+
+    def __enter__(self) -> TwoViewLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ the epoch
     def close_epoch(self) -> None:
@@ -241,62 +269,26 @@ class TwoViewLoader:
 
     def _host_loop(self, epoch: int, start: int, total: int, host_q: queue.Queue,
                    stop: threading.Event) -> None:
-        it = iter(self.stream)
+        """Read here (workers=0), or receive the reader process's batches."""
         try:
-            for index in range(start, total):
-                samples = []
-                for sample in it:
-                    samples.append(sample)
-                    if len(samples) == self.batch_size or stop.is_set():
-                        break
-                if stop.is_set():
-                    return
-                if not samples:
-                    raise RuntimeError(
-                        f"stream ended after {index} of {total} batches (len(stream)="
-                        f"{len(self.stream)}, batch_size={self.batch_size}): it yielded fewer "
-                        "samples than its len() promised")
-                host = self._prepare(index, samples, self.stream.state_dict())
-                host.params = self._params(epoch, host)
+            if self._feed is not None:
+                batches = self._feed.epoch(epoch, start, total, self._feed_state, stop.is_set)
+            else:
+                batches = host_batches(self.stream, self.recipe, epoch=epoch, start=start,
+                                       total=total, batch_size=self.batch_size,
+                                       validate=self.validate, seed=self.seed, rank=self.rank,
+                                       stopped=stop.is_set)
+            for host in batches:
+                with self._lock:
+                    self._aug["aug_skipped_corrupt"] += host.n_bad
+                    self._aug["aug_padded"] += host.n_pad
+                feed = self._feed
+                if feed is not None and feed.position is not None and hasattr(self.stream, "position"):
+                    self.stream.position = feed.position  # how far the reading got
                 if not put(host_q, host, stop):
                     return
         except BaseException as e:  # hand the error to the consumer instead of dying silently
             put(host_q, Failure(e), stop)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    def _prepare(self, index: int, samples: list, state: dict) -> _HostBatch:
-        """Validate, read sizes, replace bad samples by good neighbours, pad a short batch."""
-        hw: list[tuple[int, int] | None] = []
-        for s in samples:
-            try:
-                hw.append(image_hw(s.image, self.validate))
-            except CorruptImage:
-                hw.append(None)
-        good = [i for i, v in enumerate(hw) if v is not None]
-        if not good:
-            raise RuntimeError(f"every sample of batch {index} is corrupt (shards "
-                               f"{sorted({s.shard for s in samples})}); is the data readable?")
-        n_bad = len(samples) - len(good)
-        order = [i if hw[i] is not None else _nearest(good, i) for i in range(len(samples))]
-        n_pad = self.batch_size - len(samples)
-        order += [good[j % len(good)] for j in range(n_pad)]
-        with self._lock:
-            self._aug["aug_skipped_corrupt"] += n_bad
-            self._aug["aug_padded"] += n_pad
-        return _HostBatch(index=index, images=[samples[i].image for i in order],
-                          hw=np.array([hw[i] for i in order], dtype=np.int64),
-                          labels=[int(samples[i].label) for i in order],
-                          keys=[samples[i].key for i in order],
-                          shards=[samples[i].shard for i in order], stream_state=state)
-
-    def _params(self, epoch: int, host: _HostBatch) -> tuple[ViewParams, ViewParams]:
-        v1, v2 = (sample_view_params(view, host.hw,
-                                     batch_rng(self.seed, epoch, self.rank, host.index, i))
-                  for i, view in enumerate(self.recipe.views))
-        return v1, v2
 
     def _device_loop(self, epoch: int, host_q: queue.Queue, out_q: queue.Queue,
                      stop: threading.Event) -> None:
@@ -317,7 +309,7 @@ class TwoViewLoader:
         except BaseException as e:
             put(out_q, Failure(e), stop)
 
-    def _augment(self, epoch: int, host: _HostBatch) -> Batch:
+    def _augment(self, epoch: int, host: HostBatch) -> Batch:
         try:
             v1, v2 = self._backend.run(host.images, host.params)
         except Exception as first:
@@ -332,12 +324,13 @@ class TwoViewLoader:
             v1, v2, labels = v1.to(self.device), v2.to(self.device), labels.to(self.device)
         return Batch(view1=v1, view2=v2, labels=labels, keys=host.keys)
 
-    def _recover(self, epoch: int, host: _HostBatch, error: Exception):
+    def _recover(self, epoch: int, host: HostBatch, error: Exception):
         """The backend failed on this batch: find the culprits with a full decode, replace them."""
         with self._lock:
             self._aug["aug_backend_errors"] += 1
         self._backend.reset()
         bad = []
+        host.images = [bytes(b) for b in host.images]  # slices of a worker's buffer
         for i, data in enumerate(host.images):
             try:
                 validate_image(data, "decode")
@@ -348,15 +341,12 @@ class TwoViewLoader:
             raise RuntimeError(f"{self.backend_name} failed on batch {host.index} of epoch {epoch} "
                                f"(shards {sorted(set(host.shards))}) and a full decode found "
                                f"{len(bad)} bad image(s): {error}") from error
-        order = [i if i in good else _nearest(good, i) for i in range(len(host.images))]
+        order = [i if i in good else nearest(good, i) for i in range(len(host.images))]
         with self._lock:
             self._aug["aug_skipped_corrupt"] += len(bad)
         host.images = [host.images[i] for i in order]
         host.hw, host.labels = host.hw[order], [host.labels[i] for i in order]
         host.keys = [host.keys[i] for i in order]
-        return self._backend.run(host.images, self._params(epoch, host))
+        return self._backend.run(host.images, draw_params(self.recipe, self.seed, epoch,
+                                                          self.rank, host.index, host.hw))
 
-
-def _nearest(good: list[int], i: int) -> int:
-    """The good index closest to i (ties: the earlier one) -- deterministic replacement."""
-    return min(good, key=lambda g: (abs(g - i), g))
