@@ -37,11 +37,31 @@ def child_setup(parent: int) -> None:
                      name="sslstream-parent-watch").start()
 
 
-def portable_error(e: BaseException) -> BaseException:
-    """`e` if it survives pickling, else a WorkerError carrying its type, text and traceback."""
+def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+    e = cls.__new__(cls)
+    e.args = args
+    e.__dict__.update(state)
+    return e
+
+
+class _Portable:
+    """Pickles an exception as (type, args, attributes), whatever its __init__ signature:
+    BadDataError(message, shard) or ShardNotFound(message, url) do not survive the default
+    exception pickling (it calls cls(*args))."""
+
+    def __init__(self, e: BaseException) -> None:
+        self.e = e
+
+    def __reduce__(self):
+        return (_rebuild, (type(self.e), self.e.args, dict(self.e.__dict__)))
+
+
+def portable_error(e: BaseException) -> Any:
+    """Something that unpickles in the parent as `e` (same type, message and attributes),
+    or, failing that, as a WorkerError carrying its type, text and traceback."""
     try:
-        pickle.loads(pickle.dumps(e))
-        return e
+        pickle.loads(pickle.dumps(_Portable(e)))
+        return _Portable(e)
     except Exception:
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         return WorkerError(f"{type(e).__name__}: {e}\n(in a loader worker process)\n{tb}")
