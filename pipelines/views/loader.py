@@ -163,11 +163,17 @@ class TwoViewLoader:
             return True
         if self.workers <= 0:
             return False
+        import multiprocessing
         import pickle
         import warnings
 
         from pipelines.views.workers import ProcessFeed
 
+        if multiprocessing.current_process().daemon:
+            warnings.warn(f"loader workers={self.workers}: this is a daemonic process, which "
+                          "may not start processes; reading in this process", stacklevel=3)
+            self.workers = 0
+            return False
         try:
             pickle.dumps(self.stream)
         except Exception as e:
