@@ -40,7 +40,7 @@ from orchestration.tracking.encoder_model import EncoderSpec, load_weights
 from orchestration.tracking.mlflow_env import ensure_http_limits, redact, scoped_tracking_uri
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
-MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
 SPEC_FILE = "encoder_spec.json"
 WEIGHTS_FILE = "encoder_weights.pt"
 

@@ -42,6 +42,7 @@ class Job:
     total_steps: int
     global_batch: int
     resources: Resources | None = None
+    resume_from: Path | None = None  # rank 0's choice, the same on every rank
 
 
 def build_job(cfg: DictConfig) -> Job:
@@ -66,7 +67,8 @@ def build_job(cfg: DictConfig) -> Job:
     run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
     prepare_data(cfg, env)
     check_eval_splits(cfg)  # before training, not after it
-    latest = ckpt.latest_checkpoint(run_dir)
+    latest = D.agree_on_checkpoint(run_dir, env) if tr.get("resume", True) \
+        else ckpt.latest_checkpoint(run_dir)
     if latest is not None and not tr.get("resume", True):
         raise ValueError(
             f"trainer.resume=false but {run_dir} already holds checkpoints of run_name="
@@ -96,7 +98,7 @@ def build_job(cfg: DictConfig) -> Job:
     amp = autocast_dtype(str(tr.get("precision", "auto")), env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     return Job(cfg, env, run_dir, method, model, loader, optimizer, scheduler, scaler, amp,
-                steps_per_epoch, total_steps, global_batch, res)
+                steps_per_epoch, total_steps, global_batch, res, latest)
 
 
 def job_resources(cfg: DictConfig, device: torch.device, cpus: int | None = None) -> Resources:
