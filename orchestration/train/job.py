@@ -207,6 +207,7 @@ def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) 
         hw_decoder_load=float(tr.get("hw_decoder_load", 0.65)),
         workers=res.reader_processes,
         nvjpeg_padding=res.nvjpeg_padding or None,
+        pipeline_depth=int(tr.get("dali_pipeline_depth", 2)),
     )
 
 

@@ -18,6 +18,7 @@ len(stream) // batch_size steps and DDP never waits on a missing batch.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -52,7 +53,7 @@ class TwoViewLoader:
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, prefetch: int = 2,
                  validate: str = "auto", hw_decoder_load: float = 0.65,
                  rank: int | None = None, workers: int = 0,
-                 nvjpeg_padding: int | None = None) -> None:
+                 nvjpeg_padding: int | None = None, pipeline_depth: int = 2) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -70,6 +71,7 @@ class TwoViewLoader:
         self.validate = effective_validation(validate, stream)
         self.workers = max(0, int(workers))
         self._nvjpeg_padding = nvjpeg_padding
+        self.pipeline_depth = max(1, int(pipeline_depth))
         self._backend = self._build_backend(num_threads, dtype, channels_last, hw_decoder_load)
         self.data_wait_s = 0.0
         self.last_wait_s = 0.0
@@ -93,7 +95,7 @@ class TwoViewLoader:
             spec = dali_mod.GraphSpec(recipe=self.recipe, batch_size=self.batch_size,
                                       device_id=device_id, num_threads=num_threads, dtype=dtype,
                                       channels_last=channels_last, hw_decoder_load=hw_decoder_load,
-                                      **pad)
+                                      depth=self.pipeline_depth, **pad)
             return dali_mod.DaliTwoView(spec)
         from pipelines.views.reference import TorchvisionTwoView
 
@@ -237,7 +239,8 @@ class TwoViewLoader:
         self._threads = [
             threading.Thread(target=self._host_loop, args=(epoch, start, total, host_q, stop),
                              name=f"sslstream-host-e{epoch}", daemon=True),
-            threading.Thread(target=self._device_loop, args=(epoch, host_q, out_q, stop),
+            threading.Thread(target=self._device_loop,
+                             args=(epoch, host_q, out_q, stop, total - start),
                              name=f"sslstream-device-e{epoch}", daemon=True),
         ]
         threads = self._threads
@@ -297,29 +300,70 @@ class TwoViewLoader:
             put(host_q, Failure(e), stop)
 
     def _device_loop(self, epoch: int, host_q: queue.Queue, out_q: queue.Queue,
-                     stop: threading.Event) -> None:
+                     stop: threading.Event, remaining: int) -> None:
+        """Run the backend on each host batch. A pipelined backend (DALI, depth >= 2) gets
+        batch k+1 submitted before batch k is collected, so its decode overlaps; batches
+        still leave in order, and a reading error comes after the batches read before it."""
+        depth = getattr(self._backend, "depth", 1)
+        inflight: collections.deque[HostBatch] = collections.deque()
+        submitted = 0
         try:
             with DeviceWork(self.device) as work:
                 while not stop.is_set():
+                    if inflight and (len(inflight) >= depth or submitted == remaining):
+                        host = inflight.popleft()
+                        batch = self._collect(epoch, host, inflight)
+                        if not put(out_q, (batch, host.index, host.stream_state, work.done()),
+                                   stop):
+                            return
+                        continue
+                    if submitted == remaining:
+                        return
                     try:
                         host = host_q.get(timeout=POLL_S)
                     except queue.Empty:
                         continue
                     if isinstance(host, Failure):
+                        while inflight and not stop.is_set():  # what was read before it
+                            done = inflight.popleft()
+                            batch = self._collect(epoch, done, inflight)
+                            put(out_q, (batch, done.index, done.stream_state, work.done()), stop)
                         put(out_q, host, stop)
                         return
+                    submitted += 1
+                    if depth > 1:
+                        self._submit(epoch, host, inflight)
+                        continue
                     batch = self._augment(epoch, host)
-                    ready = work.done()
-                    if not put(out_q, (batch, host.index, host.stream_state, ready), stop):
+                    if not put(out_q, (batch, host.index, host.stream_state, work.done()), stop):
                         return
         except BaseException as e:
             put(out_q, Failure(e), stop)
+
+    def _submit(self, epoch: int, host: HostBatch, inflight: collections.deque) -> None:
+        """Feed `host` to the pipelined backend (its errors surface at `collect`)."""
+        self._backend.submit(host.images, host.params)
+        inflight.append(host)
+
+    def _collect(self, epoch: int, host: HostBatch, inflight: collections.deque) -> Batch:
+        """The oldest batch's views; on a backend error, recover that batch (which rebuilds
+        the pipeline) and feed the batches that were in flight behind it again."""
+        try:
+            v1, v2 = self._backend.collect()
+        except Exception as first:
+            v1, v2 = self._recover(epoch, host, first)
+            for h in inflight:
+                self._backend.submit(h.images, h.params)
+        return self._to_batch(host, v1, v2)
 
     def _augment(self, epoch: int, host: HostBatch) -> Batch:
         try:
             v1, v2 = self._backend.run(host.images, host.params)
         except Exception as first:
             v1, v2 = self._recover(epoch, host, first)
+        return self._to_batch(host, v1, v2)
+
+    def _to_batch(self, host: HostBatch, v1: torch.Tensor, v2: torch.Tensor) -> Batch:
         labels = torch.tensor(host.labels, dtype=torch.int64)
         if self.device.type == "cuda":  # non_blocking uploads need pinned sources
             labels = labels.pin_memory().to(self.device, non_blocking=True)
