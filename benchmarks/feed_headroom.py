@@ -78,9 +78,18 @@ def make_loader(url: str, workers: int, batch: int, backend: str, recipe: str,
     return loader
 
 
+def _batches(loader: TwoViewLoader):
+    """Batches across epochs (a small data set runs several epochs)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def run(loader: TwoViewLoader, batches: int, busy_s: float, step_s: float = 0.0,
         warmup: int = 3) -> dict:
-    it = iter(loader)
+    it = _batches(loader)
     for _ in range(warmup):  # process start, first reads, shuffle buffer fill
         next(it)
     wait0, t0, c0 = loader.data_wait_s, time.perf_counter(), time.process_time()
@@ -95,6 +104,7 @@ def run(loader: TwoViewLoader, batches: int, busy_s: float, step_s: float = 0.0,
             break
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     wait = loader.data_wait_s - wait0
+    it.close()
     loader.close_epoch()
     return {"img_s": n * loader.batch_size / wall, "wait_frac": wait / wall,
             "cpu_ms_per_256": 1000 * cpu / (n * loader.batch_size / 256), "batches": n}

@@ -34,6 +34,13 @@ class HostBatch:
     params: tuple[ViewParams, ViewParams] | None = None
     n_bad: int = 0   # samples replaced in this batch (counted by whoever consumes it)
     n_pad: int = 0
+    release: Callable[[], None] | None = None  # frees the worker's shared-memory slot
+
+    def done(self) -> None:
+        """The backend has produced this batch's views: the images are not needed again."""
+        if self.release is not None:
+            release, self.release = self.release, None
+            release()
 
 
 def image_hw(data: bytes, validate: str) -> tuple[int, int]:

@@ -218,6 +218,8 @@ class TwoViewLoader:
         """Stop the current epoch's threads (an abandoned iterator, a `break`)."""
         self._stop_threads(self._stop, self._threads)
         self._stop = threading.Event()
+        if self._feed is not None:
+            self._feed.reclaim()  # shared-memory slots of batches never collected
 
     def _stop_threads(self, stop: threading.Event, threads: list[threading.Thread]) -> None:
         stop.set()
@@ -354,6 +356,7 @@ class TwoViewLoader:
             v1, v2 = self._recover(epoch, host, first)
             for h in inflight:
                 self._backend.submit(h.images, h.params)
+        host.done()
         return self._to_batch(host, v1, v2)
 
     def _augment(self, epoch: int, host: HostBatch) -> Batch:
@@ -361,6 +364,7 @@ class TwoViewLoader:
             v1, v2 = self._backend.run(host.images, host.params)
         except Exception as first:
             v1, v2 = self._recover(epoch, host, first)
+        host.done()
         return self._to_batch(host, v1, v2)
 
     def _to_batch(self, host: HostBatch, v1: torch.Tensor, v2: torch.Tensor) -> Batch:

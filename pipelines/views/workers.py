@@ -52,32 +52,43 @@ from pipelines.shards.procs import (
     stop_process,
 )
 from pipelines.views.hostprep import HostBatch, host_batches, position_stream
+from pipelines.views.shm import SlotReader, SlotWriter
 
 __all__ = ["ProcessFeed", "WorkerError", "pack", "unpack"]
 
 POLL_S = 0.1
 
 
-def pack(host: HostBatch) -> tuple:
-    """One buffer for the images (one pickle op instead of B), offsets to cut it again."""
+def pack(host: HostBatch, writer: SlotWriter, slot: int) -> tuple:
+    """The images into shared-memory slot `slot`, everything else pickled (small)."""
     sizes = np.fromiter((len(b) for b in host.images), dtype=np.int64, count=len(host.images))
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    blob = b"".join(host.images)
-    return (host.index, blob, offsets, host.hw, host.labels, host.keys, host.shards,
-            host.stream_state, host.params, host.n_bad, host.n_pad)
+    name, nbytes = writer.write(slot, host.images)
+    return (host.index, (slot, name, nbytes), offsets, host.hw, host.labels, host.keys,
+            host.shards, host.stream_state, host.params, host.n_bad, host.n_pad)
 
 
-def unpack(msg: tuple) -> HostBatch:
-    index, blob, offsets, hw, labels, keys, shards, state, params, n_bad, n_pad = msg
-    view = memoryview(blob)
+def unpack(msg: tuple, reader: SlotReader) -> HostBatch:
+    index, (slot, name, nbytes), offsets, hw, labels, keys, shards, state, params, bad, pad = msg
+    view = reader.view(slot, name, nbytes)
     images = [view[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
-    return HostBatch(index, images, hw, labels, keys, shards, state, params, n_bad, n_pad)
+    return HostBatch(index, images, hw, labels, keys, shards, state, params, bad, pad,
+                     release=lambda: reader.release(slot))
 
 
 def _feeder_main(payload: bytes, tasks: Any, out: Any, current: Any, parent: int,
-                 lanes: Any = None) -> None:
+                 lanes: Any = None, free: Any = None) -> None:
     child_setup(parent)
+    writer = SlotWriter(free)
+    try:
+        _feed(payload, tasks, out, current, lanes, writer)
+    finally:
+        writer.close()
+
+
+def _feed(payload: bytes, tasks: Any, out: Any, current: Any, lanes: Any,
+          writer: SlotWriter) -> None:
     stream, recipe, cfg = pickle.loads(payload)
     if lanes is not None:  # the stream's reader lanes go to the lane processes
         stream.lane_pool = lanes
@@ -108,8 +119,12 @@ def _feeder_main(payload: bytes, tasks: Any, out: Any, current: Any, parent: int
                                      batch_size=cfg["batch_size"], validate=cfg["validate"],
                                      seed=cfg["seed"], rank=cfg["rank"], stopped=cancelled):
                 counters = dict(getattr(stream, "counters", {}) or {})
-                if not send((job, "batch", pack(host), counters,
+                slot = writer.acquire(cancelled)
+                if slot is None:
+                    break
+                if not send((job, "batch", pack(host, writer, slot), counters,
                              getattr(stream, "position", None))):
+                    writer.give_back(slot)
                     break
         except BaseException as e:  # the consumer raises it, with its type where possible
             send((job, "error", portable_error(e), None, None))
@@ -140,12 +155,16 @@ class ProcessFeed:
         self._tasks = ctx.Queue()
         self._out = ctx.Queue(maxsize=max(1, prefetch))
         self._current = ctx.Value("q", -1, lock=False)
+        # shared-memory slots: the queue's batches + the loader's queues + DALI's in-flight
+        free = ctx.Queue()
+        self._slots = SlotReader(free, slots=2 * max(1, prefetch) + 6)
         self._job = 0
         self.counters: dict[str, int] = {}
         self.position: int | None = None
         self._proc = ctx.Process(target=_feeder_main, name="sslstream-reader",
                                  args=(payload, self._tasks, self._out, self._current,
-                                       os.getpid(), self._lanes.handle() if self._lanes else None),
+                                       os.getpid(), self._lanes.handle() if self._lanes else None,
+                                       free),
                                  daemon=True)
         start_process(self._proc)
         self._closed = False
@@ -170,17 +189,23 @@ class ProcessFeed:
                 msg = self._get(stopped)
                 if msg is None:
                     return
-                if msg[0] != job:
-                    continue  # left over from an abandoned epoch
                 _, kind, body, counters, position = msg
+                if msg[0] != job:  # left over from an abandoned epoch
+                    if kind == "batch":
+                        self._slots.discard(body[1][0])
+                    continue
                 if kind == "error":
                     raise body
                 self.counters, self.position = counters, position
                 got += 1
-                yield unpack(body)
+                yield unpack(body, self._slots)
         finally:
             if self._current.value == job:
                 self._current.value = -1  # the worker abandons the epoch
+
+    def reclaim(self) -> None:
+        """The epoch's threads have stopped: slots of batches never collected are free."""
+        self._slots.reclaim()
 
     def _get(self, stopped):
         while not stopped():
@@ -208,7 +233,8 @@ class ProcessFeed:
         stop_process(self._proc, timeout_s)
         if self._lanes is not None:
             self._lanes.close(timeout_s)
-        for q in (self._tasks, self._out):
+        self._slots.close()
+        for q in (self._tasks, self._out, self._slots.free):
             q.cancel_join_thread()
             q.close()
 
