@@ -186,7 +186,8 @@ class TwoViewLoader:
             return False
         self._feed = ProcessFeed(self.stream, self.recipe, batch_size=self.batch_size,
                                  validate=self.validate, seed=self.seed, rank=self.rank,
-                                 workers=self.workers, prefetch=self.prefetch)
+                                 workers=self.workers, prefetch=self.prefetch,
+                                 depth=getattr(self._backend, "depth", 1))
         return True
 
     @property

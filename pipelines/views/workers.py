@@ -142,7 +142,7 @@ class ProcessFeed:
     """The parent's handle on one rank's reader process (and its lane processes)."""
 
     def __init__(self, stream, recipe, *, batch_size: int, validate: str, seed: int,
-                 rank: int, workers: int = 1, prefetch: int = 2) -> None:
+                 rank: int, workers: int = 1, prefetch: int = 2, depth: int = 1) -> None:
         ctx = _ctx()
         self.workers = max(1, int(workers))
         self._lanes = None
@@ -155,9 +155,11 @@ class ProcessFeed:
         self._tasks = ctx.Queue()
         self._out = ctx.Queue(maxsize=max(1, prefetch))
         self._current = ctx.Value("q", -1, lock=False)
-        # shared-memory slots: the queue's batches + the loader's queues + DALI's in-flight
+        # shared-memory slots: this queue + the loader's host queue + the backend's batches
+        # in flight + the ones being written / unpacked; fewer could stall the pipelined
+        # backend waiting for its `depth`-th batch while the reader waits for a free slot
         free = ctx.Queue()
-        self._slots = SlotReader(free, slots=2 * max(1, prefetch) + 6)
+        self._slots = SlotReader(free, slots=2 * max(1, prefetch) + max(1, depth) + 4)
         self._job = 0
         self.counters: dict[str, int] = {}
         self.position: int | None = None

@@ -455,7 +455,8 @@ def test_resume_saves_what_was_consumed_not_what_prefetch_read(backend, workers,
 
 @needs_dali
 @pytest.mark.timeout(120)
-def test_pipelined_dali_keeps_parameters_paired_with_their_images():
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pipelined_dali_keeps_parameters_paired_with_their_images(workers):
     """DALI with 2 batches in flight (batch k+1 fed before batch k is collected) gives the
     synchronous executor's batches bit for bit: over an epoch of 4 batches with an
     undecodable JPEG in batch 1 (recovered while batch 2 is in flight, then fed again), and
@@ -467,12 +468,14 @@ def test_pipelined_dali_keeps_parameters_paired_with_their_images():
     out = {}
     for depth in (1, 2, 3):
         with TwoViewLoader(FakeStream(samples), RECIPE, batch_size=8, device="cpu",
-                           backend="dali", seed=7, pipeline_depth=depth) as loader:
+                           backend="dali", seed=7, pipeline_depth=depth,
+                           workers=workers) as loader:
             assert loader._backend.depth == depth
             full = _collect(loader)
             counters = loader.counters
         with TwoViewLoader(FakeStream(samples[:8]), RECIPE, batch_size=8, device="cpu",
-                           backend="dali", seed=7, pipeline_depth=depth) as short:
+                           backend="dali", seed=7, pipeline_depth=depth,
+                           workers=workers) as short:
             one = [_collect(short), _collect(short)]  # twice: phantoms must not leak
         out[depth] = (full, one)
         assert len(full) == 4 and counters["aug_backend_errors"] == 1
