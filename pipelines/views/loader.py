@@ -5,8 +5,11 @@ augmentation parameters come from the key (seed, epoch, rank, k, view) (see reci
 loader's whole state is the epoch, the number of batches consumed and the stream's cursor at
 that point; resuming from it yields the same next batches as never stopping (bit-for-bit on
 CPU). Two background threads overlap the work with the training step: a host thread pulls
-samples, validates them and draws the parameters; a device thread runs the backend (DALI
-releases the GIL while it works). Bounded queues (`prefetch`) keep memory flat.
+samples, validates them and draws the parameters (pipelines/views/hostprep.py) -- or, with
+`workers > 0`, receives batches that reader processes prepared out of this process's GIL
+(pipelines/views/workers.py); a device thread runs the backend (DALI releases the GIL while it
+works; pipelined, `pipeline_depth` batches in flight). Bounded queues (`prefetch`) keep memory
+flat. The batches are the same whatever `workers` and `pipeline_depth` are.
 
 On a GPU the device thread works on a side stream of the loader's device and the batch
 reaches the trainer's stream by an event (pipelines/views/handoff.py): no per-batch host sync.
