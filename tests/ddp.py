@@ -118,7 +118,9 @@ def run_ddp(
                 target=_worker,
                 args=(rank, world_size, port, tmp, timeout, fn, args, kwargs),
                 name=f"ddp-rank{rank}",
-                daemon=True,
+                # not daemonic: a rank may start its own workers (the loader's reader
+                # processes); the finally below terminates the ranks whatever happens
+                daemon=False,
             )
             for rank in range(world_size)
         ]

@@ -176,14 +176,73 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def loader_threads(setting: int | str | None) -> int:
+class MissingCheckpointError(FileNotFoundError):
+    """A rank lacks the checkpoint rank 0 chose to resume from."""
+
+
+def agree_on_checkpoint(run_dir, env: DistEnv):
+    """The checkpoint every rank resumes from: the one rank 0 picks, by name, broadcast.
+
+    Why: with a node-local output_dir each rank used to take its own newest file; two nodes
+    holding different steps resumed different states and the first collective of mismatched
+    steps hung until the NCCL timeout. Now rank 0 decides; every rank checks it holds that
+    file and all of them fail at once (no collective is left waiting) when one does not,
+    naming the path and the rank(s) that lack it."""
+    from pathlib import Path
+
+    from orchestration.runtime import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    mine = ckpt.latest_checkpoint(run_dir)
+    name = broadcast_object(mine.name if mine is not None else None)
+    path = run_dir / name if name is not None else None
+    if not env.distributed:
+        return path
+    import socket
+
+    have = path is not None and path.is_file()
+    flags: list = [None] * env.world_size
+    dist.all_gather_object(flags, (env.rank, socket.gethostname(), have,
+                                   mine.name if mine is not None else None))
+    if name is None:  # rank 0 starts from scratch: so must everyone
+        holders = [(r, host, own) for r, host, _, own in flags if own is not None]
+        if holders:
+            who = ", ".join(f"rank {r} on {host} holds {own}" for r, host, own in holders)
+            raise MissingCheckpointError(
+                f"rank {env.rank}: rank 0 finds no checkpoint under {run_dir} but {who}; "
+                "refusing to start over on some nodes and resume on others (copy the "
+                "checkpoints to rank 0's node, or use a new run_name)")
+        return None
+    missing = [(r, host) for r, host, ok, _ in flags if not ok]
+    if missing:
+        who = ", ".join(f"rank {r} on {host}" for r, host in missing)
+        if not have:
+            raise MissingCheckpointError(
+                f"rank {env.rank}: rank 0 resumes from {name}, but {path} does not exist on "
+                f"this node ({socket.gethostname()}); a node-local trainer.output_dir must "
+                "hold the run's checkpoints on every node (copy them, or use shared storage)")
+        raise MissingCheckpointError(
+            f"rank {env.rank}: not resuming: {who} lack(s) {name} (rank 0's choice under "
+            f"{run_dir}); every rank stops instead of hanging in a collective")
+    if mine is not None and mine.name != name:
+        import logging
+
+        logging.getLogger("sslstream.train").warning(
+            "rank %d: resuming from rank 0's %s, not this node's newest %s", env.rank, name,
+            mine.name)
+    return path
+
+
+def loader_threads(setting: int | str | None, gpu: bool | None = None) -> int:
     """Loader threads per rank for `trainer.loader_threads` (an int, or `auto`).
 
-    `auto` shares the node's cores between its local ranks, leaving one for the step:
-    DALI's CPU stages (and the whole graph in CPU mode) scale with threads, and a fixed 2
-    on a 16-core GPU node would leave most of the augmentation capacity idle.
+    `auto` comes from orchestration/runtime/resources.py: the CPUs this process may use
+    (affinity mask and cgroup quota, never `os.cpu_count()`), shared between the node's
+    local ranks and sized together with the reader processes and torch's threads.
     """
     if setting is not None and str(setting) != "auto":
         return int(setting)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(2, (os.cpu_count() or 2) // max(1, local_world) - 1)
+    from orchestration.runtime.resources import local_ranks, plan_resources, usable_cpus
+
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    return plan_resources(cpus=usable_cpus(), local_ranks=local_ranks(), gpu=gpu).loader_threads

@@ -44,8 +44,13 @@ class NullTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         return None
 
+    dropped_metrics = 0
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         return None
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return True
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         return None

@@ -37,6 +37,8 @@ class TrackingSettings:
     system_metrics_interval_s: float = 10.0
     max_param_length: int = 500
     plots: bool = True
+    metrics_queue: int = 1000       # metric batches waiting for the background sender (0: sync)
+    metrics_flush_s: float = 10.0   # at the end, wait at most this long for queued metrics
     registry: RegistrySettings = field(default_factory=RegistrySettings)
 
     @classmethod

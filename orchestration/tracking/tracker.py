@@ -18,6 +18,10 @@ Where: ``$MLFLOW_TRACKING_URI`` wins, then ``tracking.uri``, then ``sqlite:///<c
 with artifacts in ``<cwd>/mlruns/<experiment>``. Params are the flattened resolved config
 (``optim.lr``, ...), values cut to ``max_param_length`` characters.
 
+Metrics never wait on MLflow: ``log_metrics`` puts them on a bounded queue that one
+background thread sends (orchestration/tracking/sender.py); a full queue drops and counts
+(``dropped_metrics``). ``flush()`` waits for the queue (bounded); ``end`` and the plots do.
+
 When the server is unreachable (at start or later), the Tracker logs ONE warning
 ("MLflow at <uri> unreachable: ... training continues without tracking"), drops every
 call until the next reconnect attempt (``reconnect_after_s``; nothing is buffered), and
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -43,6 +48,7 @@ from orchestration.errors import RegistrationError
 from orchestration.tracking import mlflow_env
 from orchestration.tracking.encoder_model import EncoderSpec
 from orchestration.tracking.registry import PromotionDecision, log_encoder, register_encoder
+from orchestration.tracking.sender import BackgroundSender
 from orchestration.tracking.settings import (
     KEY_BAD,
     MAX_KEY,
@@ -77,6 +83,9 @@ class Tracker:
         self._call_warnings: set[str] = set()
         self._params_logged = False
         self._data: dict[str, str] = {}  # data_manifest_hash / data_shards version tags
+        # one MLflow conversation at a time: the metrics thread and the caller's calls
+        self._io = threading.RLock()
+        self._sender = BackgroundSender(self._send_metrics, self.settings.metrics_queue)
         if self.active and mlflow_env.is_http(self.uri):
             s = self.settings
             mlflow_env.apply_http_limits(s.http_max_retries, s.http_timeout_s,
@@ -212,8 +221,19 @@ class Tracker:
             except Exception as e:  # the monitor's last flush may hit a dead server
                 log.debug("system metrics monitor did not stop cleanly: %s", e)
 
+    @property
+    def dropped_metrics(self) -> int:
+        """Metric batches dropped because the background queue was full (or not sent at end)."""
+        return self._sender.dropped
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait (bounded by ``metrics_flush_s``) until the queued metrics were sent."""
+        t = self.settings.metrics_flush_s if timeout_s is None else timeout_s
+        return self._sender.flush(t)
+
     def end(self, status: str = "FINISHED") -> None:
         """Close the run (FINISHED, FAILED or KILLED); a KILLED run can be resumed later."""
+        self._sender.close(self.settings.metrics_flush_s)
         self._stop_system_metrics()
         if self._ready():
             self._guarded("end", lambda: self._client.set_terminated(self.run_id, status))
@@ -226,13 +246,22 @@ class Tracker:
             self._guarded("log_params", lambda: self._log_params(clean, existing={}))
 
     def log_metrics(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
-        """Log scalar metrics at ``step`` in one request (non-finite values are kept)."""
-        if not self._ready():
+        """Queue scalar metrics at ``step`` for one request (non-finite values are kept);
+        returns at once: a background thread sends them (see the module docstring)."""
+        if not self.active or self._start_args is None:
             return
         now = int(time.time() * 1000)
         batch = [Metric(KEY_BAD.sub("_", str(k))[:MAX_KEY], _scalar(v), now, int(step))
                  for k, v in metrics.items()]
-        self._guarded("log_metrics", lambda: self._batch(metrics=batch))
+        if self.settings.metrics_queue <= 0:  # synchronous (tracking.metrics_queue=0)
+            self._send_metrics(batch)
+        else:
+            self._sender.put(batch)
+
+    def _send_metrics(self, batch: list[Metric]) -> None:
+        with self._io:
+            if self._ready():
+                self._guarded("log_metrics", lambda: self._batch(metrics=batch))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self._ready():
@@ -267,6 +296,7 @@ class Tracker:
                            knn_key: str | None = None) -> None:
         """Loss and kNN-accuracy curves, drawn from the run's metric history on the server
         (so a resumed run's curves include the steps logged before the restart)."""
+        self.flush()  # the curves are read back from the server
         if not (self.settings.plots and self._ready()):
             return
         from orchestration.tracking.plots import is_curve, plot_curves
@@ -343,6 +373,10 @@ class Tracker:
     # -- failure handling -------------------------------------------------------------------
     def _ready(self) -> bool:
         """Whether calls should go to MLflow now; tries to reconnect when it is time."""
+        with self._io:
+            return self._ready_locked()
+
+    def _ready_locked(self) -> bool:
         if not self.active or self._start_args is None:
             return self.enabled
         if self._down_reason is None:
@@ -367,6 +401,10 @@ class Tracker:
 
     def _guarded(self, what: str, fn: Callable[[], T]) -> T | None:
         """Run one MLflow call; on failure, go down (server gone) or skip this call."""
+        with self._io:
+            return self._guarded_locked(what, fn)
+
+    def _guarded_locked(self, what: str, fn: Callable[[], T]) -> T | None:
         try:
             return fn()
         except Exception as e:  # MLflow surfaces requests/urllib3/OS/sqlalchemy errors

@@ -8,16 +8,18 @@ SyncBN/compile/DDP -> optimizer -> schedules); orchestration/train/loop.py runs 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from orchestration.errors import ConfigError, UserError
 from orchestration.runtime import checkpoint as ckpt
 from orchestration.runtime import distributed as D
+from orchestration.runtime.resources import Resources, local_ranks, plan_resources, usable_cpus
 from orchestration.train.step import autocast_dtype, wrap_model
 
 log = logging.getLogger("sslstream.train")
@@ -40,6 +42,8 @@ class Job:
     steps_per_epoch: int
     total_steps: int
     global_batch: int
+    resources: Resources | None = None
+    resume_from: Path | None = None  # rank 0's choice, the same on every rank
 
 
 def build_job(cfg: DictConfig) -> Job:
@@ -49,10 +53,12 @@ def build_job(cfg: DictConfig) -> Job:
 
     tr = cfg.trainer
     env = D.init_distributed(str(tr.get("device", "auto")), float(tr.get("dist_timeout_s", 1800)))
-    if tr.get("num_threads"):
-        torch.set_num_threads(int(tr.num_threads))
+    res = job_resources(cfg, env.device)
+    torch.set_num_threads(res.torch_threads)
+    with open_dict(cfg):  # the resolved sizes go to the run's params and config artifact
+        cfg.trainer.resources = res.as_config()
     if tr.get("deterministic", False):
-        torch.use_deterministic_algorithms(True)
+        apply_deterministic(env.device)
     elif env.device.type == "cuda":
         # fixed input sizes: let cuDNN pick the fastest conv algorithms once; TF32 for the
         # fp32 matmuls left outside bf16 autocast (losses, heads' norms)
@@ -67,7 +73,8 @@ def build_job(cfg: DictConfig) -> Job:
         if stale:
             log.info("removed %d stale .tmp-*.pt file(s) (%.1f MB) of an interrupted checkpoint "
                      "write in %s", stale, size / 1e6, run_dir)
-    latest = ckpt.latest_checkpoint(run_dir)
+    latest = D.agree_on_checkpoint(run_dir, env) if tr.get("resume", True) \
+        else ckpt.latest_checkpoint(run_dir)
     if latest is not None and not tr.get("resume", True):
         raise UserError(
             f"trainer.resume=false but {run_dir} already holds checkpoints of run_name="
@@ -79,7 +86,7 @@ def build_job(cfg: DictConfig) -> Job:
     method = build_method_warm(cfg, warm, D.process_group()).to(env.device)
     if _channels_last(cfg, env.device):
         method = method.to(memory_format=torch.channels_last)
-    loader = build_loader(cfg, env)
+    loader = build_loader(cfg, env, res)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -97,7 +104,35 @@ def build_job(cfg: DictConfig) -> Job:
     amp = autocast_dtype(str(tr.get("precision", "auto")), env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     return Job(cfg, env, run_dir, method, model, loader, optimizer, scheduler, scaler, amp,
-                steps_per_epoch, total_steps, global_batch)
+                steps_per_epoch, total_steps, global_batch, res, latest)
+
+
+def job_resources(cfg: DictConfig, device: torch.device, cpus: int | None = None) -> Resources:
+    """This rank's threads and processes (orchestration/runtime/resources.py) from the
+    config's explicit values and the CPUs the process may use."""
+    tr = cfg.trainer
+    return plan_resources(
+        cpus=usable_cpus() if cpus is None else cpus, local_ranks=local_ranks(),
+        gpu=device.type == "cuda", torch_threads=tr.get("num_threads"),
+        loader_threads=tr.get("loader_threads", "auto"),
+        reader_processes=tr.get("loader_processes", "auto"),
+        image_side=int(cfg.data.get("image_size", 224) or 224),
+        nvjpeg_padding_mib=tr.get("nvjpeg_padding_mib", "auto"))
+
+
+def apply_deterministic(device: torch.device) -> None:
+    """`trainer.deterministic=true`: deterministic kernels where torch has them.
+
+    `warn_only=True`: some CUDA ops (index_add backward, ...) have no deterministic kernel
+    and would otherwise raise mid-run. cuBLAS needs a fixed workspace for reproducible
+    matmuls (CUBLAS_WORKSPACE_CONFIG, read when the cuBLAS handle is created: set before
+    the first matmul, kept when the user set it). cuDNN benchmark mode picks algorithms by
+    timing, so it is off."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def describe(job: Job) -> str:
@@ -111,12 +146,12 @@ def describe(job: Job) -> str:
     if tr.get("compile", False):
         parts.append("compiled backbones")
     backend = getattr(job.loader, "backend_name", type(job.loader).__name__)
-    threads = D.loader_threads(tr.get("loader_threads", "auto"))
+    res = job.resources or job_resources(cfg, env.device)
     return (f"training {cfg.method.name} ({cfg.backbone.name}) on {env.device}: "
             f"{env.world_size} rank(s) x batch {tr.batch_size} = {job.global_batch}, "
             f"{job.total_steps} steps ({job.steps_per_epoch}/epoch), {', '.join(parts)}; "
             f"views from {backend} ({dtype_name[_loader_dtype(cfg, env.device)]}, "
-            f"{threads} threads)")
+            f"{res.loader_threads} threads); {res.describe()}")
 
 
 def prepare_data(cfg: DictConfig, env: D.DistEnv) -> None:
@@ -143,12 +178,13 @@ def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" if str(v) == "auto" else bool(v)
 
 
-def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
+def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> Any:
     from pipelines.shards.stream import ShardStream, sample_options
     from pipelines.views.loader import TwoViewLoader
     from pipelines.views.recipes import TwoViewRecipe
 
     data, tr = cfg.data, cfg.trainer
+    res = res or job_resources(cfg, env.device)
     stream = ShardStream(
         data.train,
         rank=env.rank,
@@ -171,11 +207,14 @@ def build_loader(cfg: DictConfig, env: D.DistEnv) -> Any:
         device=env.device,
         backend=str(tr.get("loader_backend", "auto")),
         seed=int(cfg.seed),
-        num_threads=D.loader_threads(tr.get("loader_threads", "auto")),
+        num_threads=res.loader_threads,
         dtype=_loader_dtype(cfg, env.device),
         channels_last=_channels_last(cfg, env.device),
         prefetch=int(tr.get("prefetch", 2)),
         hw_decoder_load=float(tr.get("hw_decoder_load", 0.65)),
+        workers=res.reader_processes,
+        nvjpeg_padding=res.nvjpeg_padding or None,
+        pipeline_depth=int(tr.get("dali_pipeline_depth", 2)),
     )
 
 

@@ -70,10 +70,11 @@ def _train(cfg: DictConfig) -> TrainResult:
                 else "nothing to keep yet; run the same command again to start")
         raise e.with_detail(f"while loading; {kept}") from None
     try:
-        latest = ckpt.latest_checkpoint(job.run_dir)
+        latest = job.resume_from  # rank 0's choice, checked to exist on every rank
         if latest is not None:
             _resume(job, latest, s)
-        done = _registered_marker(job.run_dir)
+        # rank 0's marker: with node-local output_dirs only its node has it
+        done = D.broadcast_object(_registered_marker(job.run_dir))
         if s.step >= job.total_steps and done is not None and int(done.get("step", -1)) == s.step:
             return _already_done(job, s, done)
         if job.env.is_main:
@@ -175,8 +176,9 @@ def _resume(job: Job, latest: Path, s: _State) -> None:
     rngs = state["rng"]
     if int(state.get("world_size", 1)) == env.world_size:
         ckpt.set_rng_state(rngs[env.rank])
-        if s.epoch_step:
-            job.loader.load_state_dict(state["loader"])
+        if s.epoch_step:  # every rank's own cursor (older checkpoints: rank 0's only)
+            loaders = state.get("loaders")
+            job.loader.load_state_dict(loaders[env.rank] if loaders else state["loader"])
     else:  # per-rank cursors and RNG streams do not map: restart the interrupted epoch
         ckpt.set_rng_state(rngs[0])
         if s.epoch_step and env.is_main:
@@ -216,14 +218,21 @@ class _Checkpointer:
                       "(the newest checkpoint on disk stays the last good state)", s.step)
             return False
         gathered = _gather_rng(ckpt.rng_state(), job.env)
-        if job.env.is_main:
+        loaders = _gather_objects(ckpt.to_plain(job.loader.state_dict()), job.env)
+        # Every node's local rank 0 writes (node-local output_dirs each hold the run), so
+        # all ranks first take rank 0's buffers (BN statistics; DDP broadcasts them at the
+        # next forward anyway): the files are identical whichever node wrote them.
+        if job.env.distributed:
+            D.sync_buffers(job.method)
+        if job.env.local_rank == 0:
             state = {
                 "model": job.method.state_dict(),
                 "optimizer": job.optimizer.state_dict(),
                 "scheduler": job.scheduler.state_dict(),
                 "scaler": job.scaler.state_dict(),
                 "rng": gathered,
-                "loader": ckpt.to_plain(job.loader.state_dict()),
+                "loader": loaders[0],
+                "loaders": loaders,  # per rank: each rank's stream cursor is its own
                 "step": s.step,
                 "epoch": s.epoch,
                 "epoch_step": s.epoch_step,
@@ -360,6 +369,15 @@ def _all_finite(method: torch.nn.Module, env: D.DistEnv) -> bool:
     flags = [torch.isfinite(t).all() for t in method.state_dict().values() if t.is_floating_point()]
     ok = bool(torch.stack(flags).all().item()) if flags else True
     return D.all_reduce_max(0.0 if ok else 1.0, env.device) == 0.0
+
+
+def _gather_objects(obj: Any, env: D.DistEnv) -> list[Any]:
+    """Every rank's `obj` (rank order) on every rank."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _gather_rng(rng: dict[str, Any], env: D.DistEnv) -> list[dict[str, Any]]:

@@ -54,6 +54,10 @@ class RunLog:
             self.tracker.log_config(OmegaConf.to_yaml(cfg, resolve=True))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queued, never waits on MLflow (orchestration/tracking/sender.py)."""
+        dropped = self.tracker.dropped_metrics
+        if dropped:
+            metrics = {**metrics, "perf/metrics_dropped": float(dropped)}
         self.tracker.log_metrics(metrics, step=step)
 
     def fail(self, reason: str) -> None:

@@ -8,6 +8,8 @@
                    the before-training check that a labelled split has labels
     reader.py      per-lane shard reading with checks (Good / Bad / Short samples)
     badsamples.py  consumers (the loader's decoder) report unusable samples toward the limit
+    lanes.py       the reader lanes in worker processes (same lanes, same merge)
+    procs.py       worker-process plumbing: spawn, parent watch, errors, stop
     plan.py        which segments of which shards each rank reads each epoch
     resume.py      fast-forward to a cursor for exact mid-epoch resume
     stream.py      ShardStream: the rank's resumable, fault-tolerant sample stream

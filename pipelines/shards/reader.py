@@ -129,7 +129,8 @@ class LaneReader:
     def __init__(self, urls: Sequence[str], segments: Sequence[Segment], *, lanes: int,
                  storage_options: dict | None, num_classes: int | None, validate: str,
                  count: Callable[[str, int], None], queue_size: int = 8,
-                 start: LanePositions | None = None, spec: SampleSpec = DEFAULT_SPEC) -> None:
+                 start: LanePositions | None = None, spec: SampleSpec = DEFAULT_SPEC,
+                 pool=None) -> None:
         self.urls, self.segments = urls, list(segments)
         self.threaded = lanes > 0
         self.k = max(1, lanes)
@@ -139,6 +140,7 @@ class LaneReader:
         self.count = count
         self.queue_size = queue_size
         self.spec = spec
+        self.pool = pool  # lanes.LaneHandle: run the lanes in processes instead of threads
 
     def _segment_items(self, si: int, first: int) -> Iterator[Item]:
         """Items of segment `si` from sample index `first` (>= its start) on."""
@@ -205,6 +207,9 @@ class LaneReader:
         if not self.threaded:
             yield from self._merge({j: self._lane_items(j) for j in self.start.turns})
             return
+        if self.pool is not None:
+            yield from self._pooled()
+            return
         stop = threading.Event()
         qs = {j: queue.Queue(self.queue_size) for j in self.start.turns}
         threads = [threading.Thread(target=self._run_lane, args=(j, qs[j], stop), daemon=True,
@@ -231,6 +236,20 @@ class LaneReader:
                         q.get_nowait()
             for t in threads:
                 t.join(timeout=30)
+
+    def _pooled(self) -> Iterator[Item]:
+        """The same lanes and merge, each lane read by a lane process (pipelines/shards/lanes.py)."""
+        pool = self.pool
+        job = pool.next_job()
+        spec = {"urls": list(self.urls), "segments": self.segments, "k": self.k,
+                "sample_spec": self.spec,
+                "storage_options": self.so, "num_classes": self.num_classes,
+                "validate": self.validate, "start": self.start}
+        pool.submit(job, spec, list(self.start.turns))
+        try:
+            yield from self._merge({j: pool.items(job, j, self.count) for j in self.start.turns})
+        finally:
+            pool.cancel(job)
 
     def _merge(self, lanes: dict[int, Iterator[Item]]) -> Iterator[Item]:
         """Round-robin by lane: each turn passes markers through until one Good sample; a

@@ -147,6 +147,7 @@ class ShardStream:
         """Picklable (spawned loader workers): the lock is recreated on the other side."""
         d = dict(self.__dict__)
         d.pop("_lock", None)
+        d.pop("lane_pool", None)  # a worker process's handle on its lane processes
         return d
 
     def __setstate__(self, d: dict) -> None:
@@ -292,7 +293,8 @@ class ShardStream:
                           lanes=self.num_workers if lanes is None else lanes,
                           storage_options=self.storage_options, num_classes=self.num_classes,
                           validate=self.validate, count=self._count, start=start,
-                          spec=self.spec)
+                          spec=self.spec,
+                          pool=getattr(self, "lane_pool", None) if lanes is None else None)
 
     def _valid(self, length: int, ff: FastForward | None = None) -> Iterator[Good]:
         """Exactly `length` good samples: the rank's slice, then top-ups by wrap-around.

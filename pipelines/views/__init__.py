@@ -6,6 +6,8 @@
     reference.py    the torchvision v2 reference of the same recipe
     handoff.py      host thread -> device hand-off on a side stream
     loader.py       TwoViewLoader: stream -> views -> Batch
+    hostprep.py     batch assembly, bad-sample replacement, parameter drawing (torch-free)
+    workers.py      the reader process per rank that runs the stream + hostprep
     eval_loader.py  the single-view eval loader (resize + center crop)
 
 May import: pipelines.shards (never the reverse), torch, DALI, torchvision.

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import warnings
 
-from pipelines.shards.imagesize import image_hw as read_hw
-from pipelines.shards.validate import validate_image
 from pipelines.views import dali as dali_mod
+from pipelines.views.hostprep import image_hw
+
+__all__ = ["BACKENDS", "effective_validation", "image_hw", "resolve_backend"]
 
 BACKENDS = ("auto", "dali", "torchvision")
 
@@ -27,15 +28,6 @@ def resolve_backend(backend: str) -> str:
         raise RuntimeError(f"backend='dali' but nvidia-dali is not importable "
                            f"({dali_mod.DALI_IMPORT_ERROR}); use backend='auto' or 'torchvision'")
     return backend
-
-
-def image_hw(data: bytes, validate: str) -> tuple[int, int]:
-    """(H, W) after the check `validate` asks for ("none": the size only); CorruptImage if bad."""
-    if validate != "none":
-        info = validate_image(data, validate)
-        if info is not None and info.width and info.height:
-            return info.height, info.width
-    return read_hw(data)
 
 
 def effective_validation(validate: str, stream) -> str:

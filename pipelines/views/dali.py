@@ -107,6 +107,14 @@ class GraphSpec:
     channels_last: bool = False
     hw_decoder_load: float = 0.65
     jpeg_fancy_upsampling: bool = True
+    # nvJPEG buffer padding (device and pinned host, bytes, per thread): sized from the
+    # data's images by orchestration/runtime/resources.py (DALI's ImageNet examples use
+    # 211 MB + 140 MB, i.e. ~350 MB per thread whatever the image size).
+    nvjpeg_padding: int = 16 << 20
+    # Batches in flight inside DALI (prefetch_queue_depth). 1: one synchronous batch at a
+    # time; >= 2: the pipelined executor decodes batch k+1 while batch k's outputs are used
+    # (parameters stay paired with their images: external_source is FIFO).
+    depth: int = 1
 
 
 def build_two_view_pipeline(spec: GraphSpec):
@@ -138,27 +146,29 @@ def define_two_view_pipeline(spec: GraphSpec):
     def graph():
         encoded = fn.external_source(name="images", dtype=types.UINT8, ndim=1)
         if gpu:
-            # Padding values of DALI's ImageNet examples (no nvJPEG reallocation on a large
-            # image); fancy upsampling = the CPU decoder's chroma upsampling, so GPU pixels
-            # match what the CPU-mode tests check.
+            # Padding sized from the data (GraphSpec.nvjpeg_padding: a larger image costs a
+            # one-off reallocation); fancy upsampling = the CPU decoder's chroma upsampling,
+            # so GPU pixels match what the CPU-mode tests check.
             image = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
                                       hw_decoder_load=spec.hw_decoder_load,
-                                      device_memory_padding=211_025_920,
-                                      host_memory_padding=140_544_512,
+                                      device_memory_padding=spec.nvjpeg_padding,
+                                      host_memory_padding=spec.nvjpeg_padding,
                                       jpeg_fancy_upsampling=spec.jpeg_fancy_upsampling)
         else:
             image = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
         return tuple(_augment_view(image, v, f"v{i + 1}_", out_dtype, layout, gpu)
                      for i, v in enumerate(spec.recipe.views))
 
-    # Synchronous dynamic executor: `feed_input` + `run()` handle exactly one batch in the
-    # calling thread (the loader's device thread), so batch k always meets the parameters fed
-    # with it and nothing is read ahead inside DALI (the loader's bounded queues are the
-    # prefetch; DALI's prefetch_queue_depth is unused without exec_pipelined). Dynamic =
-    # outputs are owned buffers (see `to_torch`) and `run(cuda_stream=...)` is allowed.
+    # depth 1: synchronous dynamic executor: `feed_input` + `run()` handle exactly one batch
+    # in the calling thread (the loader's device thread). depth >= 2: pipelined + async:
+    # `depth` batches are fed before the first `schedule_run` (DALI prefetches that many),
+    # then one per batch; `outputs()` returns them in feeding order (external_source is a
+    # FIFO), so batch k always meets the parameters fed with it. Dynamic = outputs are owned
+    # buffers (see `to_torch`) and `outputs(cuda_stream=...)` is allowed.
+    piped = spec.depth > 1
     pipe = graph(batch_size=spec.batch_size, num_threads=spec.num_threads,
-                 device_id=spec.device_id, seed=0, prefetch_queue_depth=1,
-                 exec_pipelined=False, exec_async=False, exec_dynamic=True)
+                 device_id=spec.device_id, seed=0, prefetch_queue_depth=max(1, spec.depth),
+                 exec_pipelined=piped, exec_async=piped, exec_dynamic=True)
     return pipe
 
 
@@ -198,29 +208,71 @@ def to_torch(tl, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
 
 
 class DaliTwoView:
-    """Two-view backend around one compiled graph; `reset()` recompiles after a failure."""
+    """Two-view backend around one compiled graph; `reset()` recompiles after a failure.
+
+    depth 1: `run()` one batch at a time. depth >= 2: `submit()` batches ahead and
+    `collect()` them in order (the loader's device thread keeps `depth` in flight)."""
 
     name = "dali"
 
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec
+        self.depth = max(1, spec.depth)
         self._pipe = build_two_view_pipeline(spec)
         self._pending = PendingOutputs()
+        self._scheduled: collections.deque[bool] = collections.deque()  # True: a real batch
+        self._started = False
+        self._last: tuple | None = None
 
     def run(self, images: list[bytes], params: tuple[ViewParams, ViewParams]):
         """One batch. On a GPU the caller sets the torch device and stream (the loader's
         side stream): DALI's outputs are bound to that stream (no host sync, see
         `outputs_stream`) and copied on it (see `to_torch`)."""
+        if self.depth > 1:  # nothing else in flight (the loader drains or resets first)
+            self.submit(images, params)
+            return self.collect()
         feed_two_view(self._pipe, [np.frombuffer(b, dtype=np.uint8) for b in images], params)
         out1, out2 = self._pipe.run(*outputs_stream(self.spec.device_id))
+        return self._views(out1, out2)
+
+    def _views(self, out1, out2):
         views = (to_torch(out1, self.spec.channels_last, self.spec.dtype),
                  to_torch(out2, self.spec.channels_last, self.spec.dtype))
         self._pending.hold((out1, out2), views[0].is_cuda)
         return views
 
+    # -- pipelined (depth >= 2): submit batch k+1 before collecting batch k
+    def submit(self, images: list, params: tuple[ViewParams, ViewParams]) -> None:
+        arrays = [np.frombuffer(b, dtype=np.uint8) for b in images]
+        feed_two_view(self._pipe, arrays, params)
+        self._last = (arrays, params)
+        self._scheduled.append(True)
+        if self._started:
+            self._pipe.schedule_run()
+        elif len(self._scheduled) >= self.depth:  # DALI's first run prefetches `depth` batches
+            self._pipe.schedule_run()
+            self._started = True
+
+    def collect(self):
+        """The views of the oldest submitted batch (FIFO)."""
+        if not self._started:  # fewer than `depth` batches so far: pad with copies, dropped
+            assert self._last is not None, "collect() before submit()"
+            while len(self._scheduled) < self.depth:
+                feed_two_view(self._pipe, *self._last)
+                self._scheduled.append(False)
+            self._pipe.schedule_run()
+            self._started = True
+        while True:
+            real = self._scheduled.popleft()
+            out1, out2 = self._pipe.outputs(*outputs_stream(self.spec.device_id))
+            if real:
+                return self._views(out1, out2)
+
     def reset(self) -> None:
         self.close()
         self._pipe = build_two_view_pipeline(self.spec)
+        self._scheduled.clear()
+        self._started, self._last = False, None
 
     def close(self) -> None:
         if hasattr(self, "_pending"):

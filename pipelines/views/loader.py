@@ -5,8 +5,11 @@ augmentation parameters come from the key (seed, epoch, rank, k, view) (see reci
 loader's whole state is the epoch, the number of batches consumed and the stream's cursor at
 that point; resuming from it yields the same next batches as never stopping (bit-for-bit on
 CPU). Two background threads overlap the work with the training step: a host thread pulls
-samples, validates them and draws the parameters; a device thread runs the backend (DALI
-releases the GIL while it works). Bounded queues (`prefetch`) keep memory flat.
+samples, validates them and draws the parameters (pipelines/views/hostprep.py) -- or, with
+`workers > 0`, receives batches that reader processes prepared out of this process's GIL
+(pipelines/views/workers.py); a device thread runs the backend (DALI releases the GIL while it
+works; pipelined, `pipeline_depth` batches in flight). Bounded queues (`prefetch`) keep memory
+flat. The batches are the same whatever `workers` and `pipeline_depth` are.
 
 On a GPU the device thread works on a side stream of the loader's device and the batch
 reaches the trainer's stream by an event (pipelines/views/handoff.py): no per-batch host sync.
@@ -18,13 +21,13 @@ len(stream) // batch_size steps and DDP never waits on a missing batch.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pipelines.shards.badsamples import reason_of, report_bad
@@ -32,7 +35,10 @@ from pipelines.shards.validate import VALIDATE_MODES, CorruptImage, validate_ima
 from pipelines.views import dali as dali_mod
 from pipelines.views.backend import effective_validation, image_hw, resolve_backend
 from pipelines.views.handoff import POLL_S, DeviceWork, Failure, hand_to_current_stream, put
-from pipelines.views.recipes import TwoViewRecipe, ViewParams, batch_rng, sample_view_params
+from pipelines.views.hostprep import HostBatch, draw_params, host_batches, nearest, position_stream
+from pipelines.views.recipes import TwoViewRecipe
+
+__all__ = ["Batch", "TwoViewLoader", "effective_validation", "image_hw", "resolve_backend"]
 
 
 @dataclass
@@ -43,18 +49,6 @@ class Batch:
     keys: list[str]
 
 
-@dataclass
-class _HostBatch:
-    index: int
-    images: list[bytes]
-    hw: np.ndarray
-    labels: list[int]
-    keys: list[str]
-    shards: list[str]
-    stream_state: dict
-    params: tuple[ViewParams, ViewParams] | None = None  # drawn on the host thread
-
-
 class TwoViewLoader:
     """Iterate two-view batches of a ShardStream-like stream (see docs/contracts.md)."""
 
@@ -62,7 +56,8 @@ class TwoViewLoader:
                  backend: str = "auto", seed: int = 0, num_threads: int = 2,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, prefetch: int = 2,
                  validate: str = "auto", hw_decoder_load: float = 0.65,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, workers: int = 0,
+                 nvjpeg_padding: int | None = None, pipeline_depth: int = 2) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -78,6 +73,9 @@ class TwoViewLoader:
             raise ValueError(f"loader validate={validate!r}: expected 'auto' or one of "
                              f"{VALIDATE_MODES}")
         self.validate = effective_validation(validate, stream)
+        self.workers = max(0, int(workers))
+        self._nvjpeg_padding = nvjpeg_padding
+        self.pipeline_depth = max(1, int(pipeline_depth))
         self._backend = self._build_backend(num_threads, dtype, channels_last, hw_decoder_load)
         self.data_wait_s = 0.0
         self.last_wait_s = 0.0
@@ -90,14 +88,18 @@ class TwoViewLoader:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._feed = None              # reader process(es), started on the first epoch
+        self._feed_state: dict | None = None
 
     # ------------------------------------------------------------------ construction
     def _build_backend(self, num_threads, dtype, channels_last, hw_decoder_load):
         if self.backend_name == "dali":
             device_id = self.device.index if self.device.type == "cuda" else None
+            pad = {"nvjpeg_padding": self._nvjpeg_padding} if self._nvjpeg_padding else {}
             spec = dali_mod.GraphSpec(recipe=self.recipe, batch_size=self.batch_size,
                                       device_id=device_id, num_threads=num_threads, dtype=dtype,
-                                      channels_last=channels_last, hw_decoder_load=hw_decoder_load)
+                                      channels_last=channels_last, hw_decoder_load=hw_decoder_load,
+                                      depth=self.pipeline_depth, **pad)
             return dali_mod.DaliTwoView(spec)
         from pipelines.views.reference import TorchvisionTwoView
 
@@ -110,7 +112,9 @@ class TwoViewLoader:
 
     @property
     def counters(self) -> dict[str, int]:
-        base = dict(getattr(self.stream, "counters", {}) or {})
+        feed = self._feed
+        base = dict(feed.counters if feed is not None and feed.counters
+                    else getattr(self.stream, "counters", {}) or {})
         with self._lock:
             base.update(self._aug)
         return base
@@ -149,35 +153,78 @@ class TwoViewLoader:
             if restored:
                 return iter(())
             self._position, self._stream_state = 0, None
-        if self._position > 0 and self._stream_state is not None:
-            self.stream.load_state_dict(self._stream_state)
-        elif self._position > 0:
-            raise RuntimeError("loader resumed at batch > 0 without a stream cursor")
+        if self._backend is not None and self._start_feed():
+            # the reader process positions its own copy of the stream
+            self._feed_state = self._stream_state if self._position > 0 else None
+            if self._position > 0 and self._stream_state is None:
+                raise RuntimeError("loader resumed at batch > 0 without a stream cursor")
         else:
-            self._rewind_stream()
+            position_stream(self.stream, self._epoch, self._position, self._stream_state)
         return self._run_epoch(self._position, total)
 
-    def _rewind_stream(self) -> None:
-        """Put the stream at the start of self._epoch (set_epoch keeps a same-epoch cursor)."""
-        self.stream.set_epoch(self._epoch)
+    def _start_feed(self) -> bool:
+        """Start the reader process(es) once (workers > 0); False: read in this process.
+        A stream that cannot be pickled (a class defined in a function) is read here."""
+        if self._feed is not None:
+            return True
+        if self.workers <= 0:
+            return False
+        import multiprocessing
+        import pickle
+        import warnings
+
+        from pipelines.views.workers import ProcessFeed
+
+        if multiprocessing.current_process().daemon:
+            warnings.warn(f"loader workers={self.workers}: this is a daemonic process, which "
+                          "may not start processes; reading in this process", stacklevel=3)
+            self.workers = 0
+            return False
         try:
-            start = self.stream.state_dict(position=0)
-        except TypeError:  # a stream without the prefetching-consumer hook: set_epoch is all
-            return
-        self.stream.load_state_dict(start)
+            pickle.dumps(self.stream)
+        except Exception as e:
+            warnings.warn(f"loader workers={self.workers}: the stream cannot be sent to a "
+                          f"worker process ({type(e).__name__}: {e}); reading in this process",
+                          stacklevel=3)
+            self.workers = 0
+            return False
+        self._feed = ProcessFeed(self.stream, self.recipe, batch_size=self.batch_size,
+                                 validate=self.validate, seed=self.seed, rank=self.rank,
+                                 workers=self.workers, prefetch=self.prefetch,
+                                 depth=getattr(self._backend, "depth", 1))
+        return True
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the reader processes (empty when reading in this process)."""
+        return self._feed.pids if self._feed is not None else []
 
     def close(self) -> None:
-        """Stop the background threads and free the backend (DALI pipeline, thread pool)."""
-        self.close_epoch()
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            backend.close()
+        """Stop the background threads and reader processes, free the backend (DALI
+        pipeline, thread pool). Also run at interpreter exit and by `with` blocks."""
+        try:
+            self.close_epoch()
+        finally:
+            feed, self._feed = self._feed, None
+            if feed is not None:
+                feed.close()
+            backend, self._backend = self._backend, None
+            if backend is not None:
+                backend.close()
+
+    def __enter__(self) -> TwoViewLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ the epoch
     def close_epoch(self) -> None:
         """Stop the current epoch's threads (an abandoned iterator, a `break`)."""
         self._stop_threads(self._stop, self._threads)
         self._stop = threading.Event()
+        if self._feed is not None:
+            self._feed.reclaim()  # shared-memory slots of batches never collected
 
     def _stop_threads(self, stop: threading.Event, threads: list[threading.Thread]) -> None:
         stop.set()
@@ -199,7 +246,8 @@ class TwoViewLoader:
         self._threads = [
             threading.Thread(target=self._host_loop, args=(epoch, start, total, host_q, stop),
                              name=f"sslstream-host-e{epoch}", daemon=True),
-            threading.Thread(target=self._device_loop, args=(epoch, host_q, out_q, stop),
+            threading.Thread(target=self._device_loop,
+                             args=(epoch, host_q, out_q, stop, total - start),
                              name=f"sslstream-device-e{epoch}", daemon=True),
         ]
         threads = self._threads
@@ -237,90 +285,94 @@ class TwoViewLoader:
 
     def _host_loop(self, epoch: int, start: int, total: int, host_q: queue.Queue,
                    stop: threading.Event) -> None:
-        it = iter(self.stream)
+        """Read here (workers=0), or receive the reader process's batches."""
         try:
-            for index in range(start, total):
-                samples = []
-                for sample in it:
-                    samples.append(sample)
-                    if len(samples) == self.batch_size or stop.is_set():
-                        break
-                if stop.is_set():
-                    return
-                if not samples:
-                    raise RuntimeError(
-                        f"stream ended after {index} of {total} batches (len(stream)="
-                        f"{len(self.stream)}, batch_size={self.batch_size}): it yielded fewer "
-                        "samples than its len() promised")
-                host = self._prepare(index, samples, self.stream.state_dict())
-                host.params = self._params(epoch, host)
+            if self._feed is not None:
+                batches = self._feed.epoch(epoch, start, total, self._feed_state, stop.is_set)
+            else:
+                batches = host_batches(self.stream, self.recipe, epoch=epoch, start=start,
+                                       total=total, batch_size=self.batch_size,
+                                       validate=self.validate, seed=self.seed, rank=self.rank,
+                                       stopped=stop.is_set)
+            for host in batches:
+                with self._lock:
+                    self._aug["aug_skipped_corrupt"] += host.n_bad
+                    self._aug["aug_padded"] += host.n_pad
+                feed = self._feed
+                if feed is not None and feed.position is not None and hasattr(self.stream, "position"):
+                    self.stream.position = feed.position  # how far the reading got
                 if not put(host_q, host, stop):
                     return
         except BaseException as e:  # hand the error to the consumer instead of dying silently
             put(host_q, Failure(e), stop)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    def _prepare(self, index: int, samples: list, state: dict) -> _HostBatch:
-        """Validate, read sizes, replace bad samples by good neighbours, pad a short batch."""
-        hw: list[tuple[int, int] | None] = []
-        rejected: list[tuple[str, str]] = []  # (reason, shard): toward max_bad_fraction
-        for s in samples:
-            try:
-                hw.append(image_hw(s.image, self.validate))
-            except CorruptImage as e:
-                hw.append(None)
-                rejected.append((reason_of(e), s.shard))
-        report_bad(self.stream, rejected)
-        good = [i for i, v in enumerate(hw) if v is not None]
-        if not good:
-            raise RuntimeError(f"every sample of batch {index} is corrupt (shards "
-                               f"{sorted({s.shard for s in samples})}); is the data readable?")
-        n_bad = len(samples) - len(good)
-        order = [i if hw[i] is not None else _nearest(good, i) for i in range(len(samples))]
-        n_pad = self.batch_size - len(samples)
-        order += [good[j % len(good)] for j in range(n_pad)]
-        with self._lock:
-            self._aug["aug_skipped_corrupt"] += n_bad
-            self._aug["aug_padded"] += n_pad
-        return _HostBatch(index=index, images=[samples[i].image for i in order],
-                          hw=np.array([hw[i] for i in order], dtype=np.int64),
-                          labels=[int(samples[i].label) for i in order],
-                          keys=[samples[i].key for i in order],
-                          shards=[samples[i].shard for i in order], stream_state=state)
-
-    def _params(self, epoch: int, host: _HostBatch) -> tuple[ViewParams, ViewParams]:
-        v1, v2 = (sample_view_params(view, host.hw,
-                                     batch_rng(self.seed, epoch, self.rank, host.index, i))
-                  for i, view in enumerate(self.recipe.views))
-        return v1, v2
 
     def _device_loop(self, epoch: int, host_q: queue.Queue, out_q: queue.Queue,
-                     stop: threading.Event) -> None:
+                     stop: threading.Event, remaining: int) -> None:
+        """Run the backend on each host batch. A pipelined backend (DALI, depth >= 2) gets
+        batch k+1 submitted before batch k is collected, so its decode overlaps; batches
+        still leave in order, and a reading error comes after the batches read before it."""
+        depth = getattr(self._backend, "depth", 1)
+        inflight: collections.deque[HostBatch] = collections.deque()
+        submitted = 0
         try:
             with DeviceWork(self.device) as work:
                 while not stop.is_set():
+                    if inflight and (len(inflight) >= depth or submitted == remaining):
+                        host = inflight.popleft()
+                        batch = self._collect(epoch, host, inflight)
+                        if not put(out_q, (batch, host.index, host.stream_state, work.done()),
+                                   stop):
+                            return
+                        continue
+                    if submitted == remaining:
+                        return
                     try:
                         host = host_q.get(timeout=POLL_S)
                     except queue.Empty:
                         continue
                     if isinstance(host, Failure):
+                        while inflight and not stop.is_set():  # what was read before it
+                            done = inflight.popleft()
+                            batch = self._collect(epoch, done, inflight)
+                            put(out_q, (batch, done.index, done.stream_state, work.done()), stop)
                         put(out_q, host, stop)
                         return
+                    submitted += 1
+                    if depth > 1:
+                        self._submit(epoch, host, inflight)
+                        continue
                     batch = self._augment(epoch, host)
-                    ready = work.done()
-                    if not put(out_q, (batch, host.index, host.stream_state, ready), stop):
+                    if not put(out_q, (batch, host.index, host.stream_state, work.done()), stop):
                         return
         except BaseException as e:
             put(out_q, Failure(e), stop)
 
-    def _augment(self, epoch: int, host: _HostBatch) -> Batch:
+    def _submit(self, epoch: int, host: HostBatch, inflight: collections.deque) -> None:
+        """Feed `host` to the pipelined backend (its errors surface at `collect`)."""
+        self._backend.submit(host.images, host.params)
+        inflight.append(host)
+
+    def _collect(self, epoch: int, host: HostBatch, inflight: collections.deque) -> Batch:
+        """The oldest batch's views; on a backend error, recover that batch (which rebuilds
+        the pipeline) and feed the batches that were in flight behind it again."""
+        try:
+            v1, v2 = self._backend.collect()
+        except Exception as first:
+            v1, v2 = self._recover(epoch, host, first)
+            for h in inflight:
+                self._backend.submit(h.images, h.params)
+        host.done()
+        return self._to_batch(host, v1, v2)
+
+    def _augment(self, epoch: int, host: HostBatch) -> Batch:
         try:
             v1, v2 = self._backend.run(host.images, host.params)
         except Exception as first:
             v1, v2 = self._recover(epoch, host, first)
+        host.done()
+        return self._to_batch(host, v1, v2)
+
+    def _to_batch(self, host: HostBatch, v1: torch.Tensor, v2: torch.Tensor) -> Batch:
         labels = torch.tensor(host.labels, dtype=torch.int64)
         if self.device.type == "cuda":  # non_blocking uploads need pinned sources
             labels = labels.pin_memory().to(self.device, non_blocking=True)
@@ -331,12 +383,13 @@ class TwoViewLoader:
             v1, v2, labels = v1.to(self.device), v2.to(self.device), labels.to(self.device)
         return Batch(view1=v1, view2=v2, labels=labels, keys=host.keys)
 
-    def _recover(self, epoch: int, host: _HostBatch, error: Exception):
+    def _recover(self, epoch: int, host: HostBatch, error: Exception):
         """The backend failed on this batch: find the culprits with a full decode, replace them."""
         with self._lock:
             self._aug["aug_backend_errors"] += 1
         self._backend.reset()
         bad, rejected = [], []
+        host.images = [bytes(b) for b in host.images]  # slices of a worker's buffer
         for i, data in enumerate(host.images):
             try:
                 validate_image(data, "decode")
@@ -348,16 +401,13 @@ class TwoViewLoader:
             raise RuntimeError(f"{self.backend_name} failed on batch {host.index} of epoch {epoch} "
                                f"(shards {sorted(set(host.shards))}) and a full decode found "
                                f"{len(bad)} bad image(s): {error}") from error
-        order = [i if i in good else _nearest(good, i) for i in range(len(host.images))]
+        order = [i if i in good else nearest(good, i) for i in range(len(host.images))]
         with self._lock:
             self._aug["aug_skipped_corrupt"] += len(bad)
         report_bad(self.stream, rejected)
         host.images = [host.images[i] for i in order]
         host.hw, host.labels = host.hw[order], [host.labels[i] for i in order]
         host.keys = [host.keys[i] for i in order]
-        return self._backend.run(host.images, self._params(epoch, host))
+        return self._backend.run(host.images, draw_params(self.recipe, self.seed, epoch,
+                                                          self.rank, host.index, host.hw))
 
-
-def _nearest(good: list[int], i: int) -> int:
-    """The good index closest to i (ties: the earlier one) -- deterministic replacement."""
-    return min(good, key=lambda g: (abs(g - i), g))

@@ -49,8 +49,10 @@ def _train_rank(rank: int, world_size: int, tmp: str, extra: tuple[str, ...] = (
 
 
 @pytest.mark.timeout(240)
-def test_two_rank_gloo_training_keeps_ranks_identical(tmp_path):
-    r0, r1 = run_ddp(_train_rank, str(tmp_path), world_size=2, timeout=200)
+@pytest.mark.parametrize("processes", [0, 2])  # reading in the rank; a reader + a lane process
+def test_two_rank_gloo_training_keeps_ranks_identical(tmp_path, processes):
+    r0, r1 = run_ddp(_train_rank, str(tmp_path), (f"trainer.loader_processes={processes}",),
+                     world_size=2, timeout=200)
     assert r0["step"] == r1["step"] == 12
     assert r0["params"].keys() == r1["params"].keys()
     for k in r0["params"]:  # online network and momentum target alike

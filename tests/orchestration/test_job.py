@@ -25,10 +25,14 @@ def test_loader_dtype_follows_autocast_on_cuda_only():
 
 
 def test_loader_threads_share_the_node(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    """`auto` sizes from the CPUs the process may use (affinity, cgroup quota), shared by
+    the node's ranks and capped per GPU -- never from os.cpu_count()."""
+    monkeypatch.setattr("os.cpu_count", lambda: 192)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("orchestration.runtime.resources.cgroup_cpu_limit", lambda: None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert D.loader_threads("auto") == 15
-    assert D.loader_threads(None) == 15
+    assert D.loader_threads("auto", gpu=True) == 8  # capped per GPU
+    assert D.loader_threads(None, gpu=False) == 7   # 16 - 2 readers, half to torch
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert D.loader_threads("auto") == 2
+    assert D.loader_threads("auto", gpu=True) == 1
     assert D.loader_threads(5) == D.loader_threads("5") == 5

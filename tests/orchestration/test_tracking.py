@@ -210,6 +210,7 @@ def test_outage_mid_run_drops_then_resumes(
                                 system_metrics=True, system_metrics_interval_s=0.2))
     run_id = tracker.start("flaky", {"a": 1})
     tracker.log_metrics({"m": 1.0}, step=1)
+    tracker.flush()
     first_monitor = tracker._monitor
     first_monitor.finish()  # what an outage does to MLflow's monitor: its thread ends
     dead = f"http://127.0.0.1:{free_port()}"
@@ -220,10 +221,12 @@ def test_outage_mid_run_drops_then_resumes(
         t0 = time.monotonic()
         tracker.log_metrics({"m": 2.0}, step=2)
         tracker.log_metrics({"m": 3.0}, step=3)
+        tracker.flush()  # metrics are sent by a background thread
         assert time.monotonic() - t0 < 15
         assert not tracker.enabled
         tracker.uri, tracker._client = mlflow_server, live_client  # server back
         tracker.log_metrics({"m": 4.0}, step=4)
+        tracker.flush()
     assert tracker.enabled
     # system metrics resume with the run (a new monitor thread, steps continued)
     assert tracker._monitor is not None and tracker._monitor is not first_monitor

@@ -33,6 +33,7 @@ from tests.pipelines.augment_helpers import FakeStream, make_samples
 needs_dali = pytest.mark.skipif(not dali_mod.DALI_AVAILABLE,
                                 reason=f"nvidia-dali not importable: {dali_mod.DALI_IMPORT_ERROR}")
 BACKENDS = [pytest.param("dali", marks=needs_dali), "torchvision"]
+WORKERS = [0, 2]  # reading in this process; a reader process + a lane process (workers.py)
 RECIPE = PRESETS["cifar_byol"]
 
 
@@ -55,8 +56,9 @@ def _same(a, b) -> bool:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exact_batch_counts_per_rank(backend, shard_factory):
+def test_exact_batch_counts_per_rank(backend, workers, shard_factory):
     """61 samples over 5 uneven shards, 2 ranks, batch 8: both ranks take 30 // 8 = 3 steps
     of exactly 8, over two epochs, even with corrupt members in the shards."""
     shards = shard_factory([17, 5, 23, 9, 7], corrupt={(0, 3): "bad_header", (2, 4): "cut_jpeg"})
@@ -64,7 +66,8 @@ def test_exact_batch_counts_per_rank(backend, shard_factory):
     for rank in range(2):
         stream = ShardStream(shards.urls, rank=rank, world_size=2, num_workers=1, seed=1,
                              max_bad_fraction=0.2)
-        loader = TwoViewLoader(stream, RECIPE, batch_size=8, device="cpu", backend=backend, seed=3)
+        loader = TwoViewLoader(stream, RECIPE, batch_size=8, device="cpu", backend=backend, seed=3,
+                               workers=workers)
         try:
             assert len(loader) == len(stream) // 8 == 3
             for epoch in range(2):
@@ -83,15 +86,17 @@ def test_exact_batch_counts_per_rank(backend, shard_factory):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_after_k_batches_is_bitwise_identical(backend, shard_factory):
+def test_resume_after_k_batches_is_bitwise_identical(backend, workers, shard_factory):
     """Stop after k batches, save, rebuild everything from scratch, load, continue: the
     remaining batches (this epoch and the next) equal the uninterrupted run's, bit for bit."""
     shards = shard_factory([20, 14, 18])
 
     def make():
         stream = ShardStream(shards.urls, num_workers=2, seed=5, shuffle_buffer=16)
-        return TwoViewLoader(stream, RECIPE, batch_size=6, device="cpu", backend=backend, seed=11)
+        return TwoViewLoader(stream, RECIPE, batch_size=6, device="cpu", backend=backend, seed=11,
+                             workers=workers)
 
     ref_loader = make()
     try:
@@ -173,9 +178,10 @@ def test_seed_changes_views_not_samples():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source", ["list", "shards"])
-def test_break_and_close_leave_no_threads(backend, source, shard_factory):
+def test_break_and_close_leave_no_threads(backend, source, workers, shard_factory):
     """Abandon an epoch half way, iterate again, close: no Python thread and no native
     (DALI / thread-pool / stream reader) thread outlives the loader, and nothing hangs."""
     stream = FakeStream(make_samples(48)) if source == "list" else \
@@ -183,14 +189,17 @@ def test_break_and_close_leave_no_threads(backend, source, shard_factory):
     time.sleep(0.2)
     threads_before, tasks_before = set(threading.enumerate()), _tasks()
     loader = TwoViewLoader(stream, RECIPE, batch_size=8, device="cpu",
-                           backend=backend, prefetch=2)
+                           backend=backend, prefetch=2, workers=workers)
     assert len(_collect(loader, 2)) == 2
     assert len(_collect(loader)) == 4  # the break kept the cursor: 6 - 2 batches remain
     loader.set_epoch(1)
     assert len(_collect(loader, 1)) == 1
+    pids = loader.worker_pids
+    assert len(pids) == (2 if workers and source == "shards" else 1 if workers else 0)
     t0 = time.monotonic()
     loader.close()
     assert time.monotonic() - t0 < 10
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]  # reaped, not orphaned
     for _ in range(50):
         if set(threading.enumerate()) <= threads_before and _tasks() <= tasks_before:
             break
@@ -202,12 +211,13 @@ def test_break_and_close_leave_no_threads(backend, source, shard_factory):
 
 
 @pytest.mark.timeout(60)
-def test_data_wait_measures_a_slow_stream_and_prefetch_hides_it():
+@pytest.mark.parametrize("workers", WORKERS)
+def test_data_wait_measures_a_slow_stream_and_prefetch_hides_it(workers):
     """A stream taking 0.2 s per batch: a consumer that does not work waits ~that long per
     batch; a consumer that works 0.4 s per step barely waits (the threads read ahead)."""
     samples = make_samples(40, h=24, w=24)
     loader = TwoViewLoader(FakeStream(samples, delay_s=0.025), RECIPE, batch_size=8,
-                           device="cpu", backend="torchvision", prefetch=2)
+                           device="cpu", backend="torchvision", prefetch=2, workers=workers)
     try:
         _collect(loader)
         hungry = loader.data_wait_s
@@ -388,8 +398,10 @@ torch.save(out, job["out"])
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_saves_what_was_consumed_not_what_prefetch_read(backend, shard_factory, tmp_path):
+def test_resume_saves_what_was_consumed_not_what_prefetch_read(backend, workers, shard_factory,
+                                                               tmp_path):
     """The trainer checkpoints while the loader's threads have read several batches ahead
     (prefetch=4, the consumer idles until the stream is >= 3 batches past it). The saved
     state must be the consumer's: restored in a NEW process it yields exactly the batches the
@@ -401,7 +413,7 @@ def test_resume_saves_what_was_consumed_not_what_prefetch_read(backend, shard_fa
 
     shards = shard_factory([20, 14, 18], corrupt={(1, 3): "bad_header"})
     skw = {"num_workers": 2, "seed": 5, "shuffle_buffer": 16, "max_bad_fraction": 0.1}
-    lkw = {"batch_size": 6, "backend": backend, "seed": 11, "prefetch": 4}
+    lkw = {"batch_size": 6, "backend": backend, "seed": 11, "prefetch": 4, "workers": workers}
     stream = ShardStream(shards.urls, **skw)
     loader = TwoViewLoader(stream, RECIPE, device="cpu", **lkw)
     ks, states, batches, read_ahead = (2, 5), [], [], []
@@ -439,3 +451,37 @@ def test_resume_saves_what_was_consumed_not_what_prefetch_read(backend, shard_fa
         for (keys, labels, v1, v2), b in zip(rest + nxt, want + second[:2], strict=True):
             assert keys == b.keys and torch.equal(labels, b.labels)
             assert torch.equal(v1, b.view1) and torch.equal(v2, b.view2)
+
+
+@needs_dali
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pipelined_dali_keeps_parameters_paired_with_their_images(workers):
+    """DALI with 2 batches in flight (batch k+1 fed before batch k is collected) gives the
+    synchronous executor's batches bit for bit: over an epoch of 4 batches with an
+    undecodable JPEG in batch 1 (recovered while batch 2 is in flight, then fed again), and
+    over epochs shorter than the depth (1 batch: padded with dropped copies)."""
+    from tests.pipelines.augment_helpers import corrupt_entropy_jpeg
+
+    samples = make_samples(32)
+    samples[10] = dataclasses.replace(samples[10], image=corrupt_entropy_jpeg(10))
+    out = {}
+    for depth in (1, 2, 3):
+        with TwoViewLoader(FakeStream(samples), RECIPE, batch_size=8, device="cpu",
+                           backend="dali", seed=7, pipeline_depth=depth,
+                           workers=workers) as loader:
+            assert loader._backend.depth == depth
+            full = _collect(loader)
+            counters = loader.counters
+        with TwoViewLoader(FakeStream(samples[:8]), RECIPE, batch_size=8, device="cpu",
+                           backend="dali", seed=7, pipeline_depth=depth,
+                           workers=workers) as short:
+            one = [_collect(short), _collect(short)]  # twice: phantoms must not leak
+        out[depth] = (full, one)
+        assert len(full) == 4 and counters["aug_backend_errors"] == 1
+        assert counters["aug_skipped_corrupt"] == 1
+    for depth in (2, 3):
+        full, one = out[depth]
+        assert all(_same(a, b) for a, b in zip(full, out[1][0], strict=True))
+        assert all(_same(a, b) for a, b in zip(one[0] + one[1], out[1][1][0] + out[1][1][1],
+                                               strict=True))
