@@ -56,14 +56,39 @@ def quote_brace_patterns(overrides: Sequence[str]) -> list[str]:
     return out
 
 
+# The recipe each data config implies (conf/recipe/): 32 px CIFAR-like sets train the CIFAR
+# recipe, a user's own shards (224 px photographs) the ImageNet one.
+DATA_RECIPES = {"cifar10": "cifar", "synthetic": "cifar", "shards": "imagenet"}
+
+
+def with_default_recipe(overrides: Sequence[str]) -> list[str]:
+    """`overrides` + `recipe=<the data's recipe>` unless they name a recipe themselves.
+
+    Hydra cannot pick a group's default from another group's choice by a mapping (an
+    `override` inside the interpolated data_recipe subtree is refused), so it is done here."""
+    out = list(overrides)
+    keys = {o.partition("=")[0].lstrip("+~") for o in out}
+    if "recipe" in keys:
+        return out
+    data = "synthetic"
+    for o in out:
+        key, eq, value = o.partition("=")
+        if eq and key.lstrip("+") == "data":
+            data = value
+    recipe = DATA_RECIPES.get(data)
+    return [*out, f"recipe={recipe}"] if recipe else out
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved config: conf/config.yaml + its groups + `overrides` (Hydra syntax)."""
+    """The resolved config: conf/config.yaml + its groups + `overrides` (Hydra syntax), with
+    the data's recipe unless `recipe=` is given (`with_default_recipe`)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    overrides = with_default_recipe(quote_brace_patterns(overrides))
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=quote_brace_patterns(overrides))
+        cfg = compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(cfg)
     return cfg
 
