@@ -184,6 +184,29 @@ def append(path: Path, row: dict) -> None:
     tmp.replace(path)
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown rows (method | ours | peer | untrained | img/s ours | img/s peer | gap) of a
+    results file: the last row of each (impl, method, extra) wins."""
+    last: dict[tuple, dict] = {}
+    for r in rows:
+        last[(r["impl"], r["method"], r.get("extra", ""))] = r
+    base = next((r["knn"] for (i, _, _), r in last.items() if i == "untrained"), None)
+    out = ["| method | ours kNN | peer kNN (lightly) | untrained | ours - untrained | ours img/s | peer img/s |",
+           "|---|---|---|---|---|---|---|"]
+    methods = [m for m in METHODS if any(k[1] == m for k in last)]
+    for m in methods:
+        for (impl, meth, extra), r in last.items():
+            if impl != "ours" or meth != m:
+                continue
+            peer = last.get(("peer", m, ""), {})
+            name = f"{m} ({extra})" if extra else m
+            gain = f"{r['knn'] - base:+.4f}" if base is not None else "-"
+            pk = peer.get("knn")
+            out.append(f"| {name} | {r['knn']:.4f} | {pk if pk is not None else peer.get('note', 'not run')} | "
+                       f"{base} | {gain} | {r.get('img_per_s')} | {peer.get('img_per_s', '-')} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -196,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="./outputs/quality_cpu", help="checkpoints of our runs")
     ap.add_argument("--out", default="./outputs/quality_cpu.json")
     ap.add_argument("--no-untrained", action="store_true")
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of --out")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for OUR runs (e.g. trainer.grad_clip=3.0)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
     out = Path(a.out)
+    if a.table:
+        print(table(json.loads(out.read_text())))
+        return 0
+    torch.set_num_threads(a.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "threads": a.threads, "batch": a.batch_size, "budget_steps": a.steps,
