@@ -58,6 +58,29 @@ def quote_brace_patterns(overrides: Sequence[str]) -> list[str]:
     return out
 
 
+# The recipe each data config implies (conf/recipe/): 32 px CIFAR-like sets train the CIFAR
+# recipe, a user's own shards (224 px photographs) the ImageNet one.
+DATA_RECIPES = {"cifar10": "cifar", "synthetic": "cifar", "shards": "imagenet"}
+
+
+def with_default_recipe(overrides: Sequence[str]) -> list[str]:
+    """`overrides` + `recipe=<the data's recipe>` unless they name a recipe themselves.
+
+    Hydra cannot pick a group's default from another group's choice by a mapping (an
+    `override` inside the interpolated data_recipe subtree is refused), so it is done here."""
+    out = list(overrides)
+    keys = {o.partition("=")[0].lstrip("+~") for o in out}
+    if "recipe" in keys:
+        return out
+    data = "synthetic"
+    for o in out:
+        key, eq, value = o.partition("=")
+        if eq and key.lstrip("+") == "data":
+            data = value
+    recipe = DATA_RECIPES.get(data)
+    return [*out, f"recipe={recipe}"] if recipe else out
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The resolved config: conf/config.yaml + its groups + `overrides` (Hydra syntax).
 
@@ -70,7 +93,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=with_default_recipe(overrides))
     finally:
         GlobalHydra.instance().clear()
     OmegaConf.resolve(cfg)
@@ -82,7 +105,7 @@ def compose_checked(overrides: Sequence[str] = (), *, allow_missing: bool = Fals
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    quoted = quote_brace_patterns(overrides)
+    quoted = with_default_recipe(quote_brace_patterns(overrides))
     groups, values = _split_overrides(quoted)
     _check_group_choices(groups)
     try:
