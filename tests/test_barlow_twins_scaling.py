@@ -35,7 +35,7 @@ def test_official_all_reduce_gradient_is_one_over_world_size() -> None:
     p = torch.randn(d_in, d, dtype=torch.float64, requires_grad=True)
     lambd = 0.0051
 
-    (exact,) = torch.autograd.grad(barlow_twins_loss(x1 @ p, x2 @ p, lambd, gather=False), p)
+    (exact,) = torch.autograd.grad(barlow_twins_loss(x1 @ p, x2 @ p, lambd, gather=False).loss, p)
 
     # official: rank r's c is its own rows' part (with gradient) + the other ranks' parts
     # (the all_reduce, no gradient); DDP then averages the W rank gradients

@@ -32,6 +32,7 @@ def tiny(tmp: Path, steps: int) -> list[str]:
     return [
         "data.image_size=16", "data.num_workers=1", "data.shuffle_buffer=64",
         "augment.view1.size=16", "augment.view2.size=16",
+        "recipe=cifar",  # resnet_mini at 16 px on every data (shards default to imagenet)
         "backbone.widths=[8,16,16,32]",
         "method.proj_hidden_dim=64", "method.pred_hidden_dim=64", "method.proj_output_dim=32",
         "trainer.batch_size=16", f"trainer.max_steps={steps}", "trainer.num_threads=1",

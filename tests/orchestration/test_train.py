@@ -34,6 +34,7 @@ def tiny(tmp: Path, *extra: str, steps: int = 6) -> list[str]:
         "data.num_workers=1",
         "augment.view1.size=16",
         "augment.view2.size=16",
+        "recipe=cifar",  # resnet_mini at 16 px on every data (shards default to imagenet)
         "backbone.widths=[8,16,16,32]",
         "method.proj_hidden_dim=64",
         "method.pred_hidden_dim=64",

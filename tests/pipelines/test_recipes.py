@@ -37,6 +37,9 @@ def test_yaml_group_equals_the_presets():
 # Method-specific files that compose on a preset through Hydra's defaults list (added with the
 # trainer's method -> augment mapping): the values they must resolve to, from their sources.
 DERIVED = {
+    "barlow_twins": ("byol", {}),      # recipe=imagenet: the papers reuse these recipes
+    "simsiam": ("mocov2", {}),
+    "contrastive": ("simclr", {}),
     "cifar_barlow_twins": ("cifar_byol", {}),
     "cifar_contrastive": ("cifar_simclr", {}),
     "cifar_simsiam": ("cifar_simclr", {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4,
