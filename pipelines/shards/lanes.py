@@ -105,13 +105,7 @@ def _lane_main(index: int, tasks: Any, results: list, current: Any, parent: int)
     from pipelines.shards.reader import LaneReader
 
     child_setup(parent)
-    while True:
-        try:
-            task = tasks.get(timeout=POLL_S)
-        except queue.Empty:
-            continue
-        if task is None:
-            return
+    for task in iter(tasks.get, None):  # None: stop (a dead parent is child_setup's watcher's)
         job, spec, mine = task
         counts: Counter[str] = Counter()
 

@@ -92,13 +92,7 @@ def _feed(payload: bytes, tasks: Any, out: Any, current: Any, lanes: Any,
     stream, recipe, cfg = pickle.loads(payload)
     if lanes is not None:  # the stream's reader lanes go to the lane processes
         stream.lane_pool = lanes
-    while True:
-        try:
-            task = tasks.get(timeout=POLL_S)
-        except queue.Empty:
-            continue
-        if task is None:
-            return
+    for task in iter(tasks.get, None):  # None: stop (a dead parent is child_setup's watcher's)
         job, epoch, start, total, state = task
 
         def cancelled(job: int = job) -> bool:
