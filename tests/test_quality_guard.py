@@ -72,32 +72,14 @@ def untrained_knn_of(cfg) -> float:
     BatchNorm statistics computed on the training shard: data statistics, not learned
     weights. Without this the baseline is too low: a run with optim.lr=0 (nothing learned)
     gains ~0.015 over the default statistics (BENCHMARKS.md)."""
+    from benchmarks.quality_cpu import data_bn_statistics
     from models.methods import build_method
     from orchestration.evaluate.run import evaluate
     from orchestration.runtime.distributed import init_distributed
-    from pipelines.views.eval_loader import build_eval_loader
 
     torch.manual_seed(int(cfg.seed))
     method = build_method(cfg.method, cfg.backbone)
-    bns = [m for m in method.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches below
-    v = cfg.augment.view1
-    loader = build_eval_loader(str(cfg.data.train), image_size=int(v.size), batch_size=BATCH,
-                               device="cpu", mean=tuple(v.mean), std=tuple(v.std), num_workers=1,
-                               backend=str(cfg.trainer.loader_backend))
-    method.train()
-    try:
-        with torch.no_grad():
-            for i, (x, _) in enumerate(loader):
-                method.embed(x)
-                if i >= 30:
-                    break
-    finally:
-        loader.close()
-    for bn in bns:
-        bn.momentum = 0.1
+    data_bn_statistics(method.backbone, cfg, batches=31, batch_size=BATCH)
     return evaluate(cfg, method, init_distributed("cpu")).knn_acc
 
 
