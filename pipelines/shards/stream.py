@@ -139,8 +139,9 @@ class ShardStream:
         self.require_label = bool(require_label)
         self._spec: SampleSpec | None = None
         # bad samples of this epoch: met by the reader / reported by a consumer (the loader's
-        # decoder); both count toward max_bad_fraction
-        self._stream_bad = self._late_bad = 0
+        # decoder) / met by this stream's copy in a reader process (`set_external_bad`); all
+        # count toward max_bad_fraction
+        self._stream_bad = self._late_bad = self._external_bad = 0
         log_.debug("ShardStream over %d shards, storage_options=%s", len(refs), redact(storage_options))
 
     def __getstate__(self) -> dict:
@@ -148,6 +149,9 @@ class ShardStream:
         d = dict(self.__dict__)
         d.pop("_lock", None)
         d.pop("lane_pool", None)  # a worker process's handle on its lane processes
+        # the copy counts only what it meets itself: the trainer adds the two (loader.counters)
+        d["_counters"] = Counter({k: 0 for k in COUNTER_NAMES})
+        d["_late_bad"] = d["_external_bad"] = 0
         return d
 
     def __setstate__(self, d: dict) -> None:
@@ -203,7 +207,7 @@ class ShardStream:
         """Select the epoch; a restored cursor of the same epoch keeps its position."""
         if int(epoch) != self.epoch:
             self.epoch, self.position, self._log = int(epoch), 0, EpochLog()
-            self._late_bad = 0
+            self._late_bad = self._external_bad = 0
 
     # ------------------------------------------------------------------ samples
 
@@ -228,6 +232,12 @@ class ShardStream:
     def label_key(self) -> str:
         return str(self.spec.label_key)
 
+    @property
+    def epoch_bad(self) -> int:
+        """Bad samples of this epoch that this object knows of (read, reported, external)."""
+        with self._lock:
+            return self._stream_bad + self._late_bad + self._external_bad
+
     def count_bad(self, reason: str, shard: str, n: int = 1) -> None:
         """`n` samples a consumer found unusable after the stream yielded them (the loader's
         decoder failed on them): counted under `reason` and toward max_bad_fraction like
@@ -236,13 +246,23 @@ class ShardStream:
             self._counters["skipped_corrupt"] += n
             self._counters[reason] += n
             self._late_bad += n
-            total = self._stream_bad + self._late_bad
-        length = len(self)
+        self._check_limit(shard, f"{self._late_bad} undecodable after the header check, last: {reason}")
+
+    def set_external_bad(self, n: int, shard: str) -> None:
+        """This epoch's bad samples as counted by this stream's copy in a reader process
+        (pipelines/views/workers.py): the trainer's copy adds its own decoder rejections and
+        checks the sum, which neither process sees alone; raises BadDataError past the limit."""
+        with self._lock:
+            self._external_bad = int(n)
+        self._check_limit(shard, f"{int(n)} skipped in the reader process, "
+                                 f"{self._late_bad} undecodable in the trainer")
+
+    def _check_limit(self, shard: str, detail: str) -> None:
+        total, length = self.epoch_bad, len(self)
         if total > self.max_bad_fraction * length:
             raise BadDataError(
-                f"{total} of this rank's {length} samples are corrupt or missing ({self._late_bad} "
-                f"undecodable after the header check, last: {reason}), more than "
-                f"max_bad_fraction={self.max_bad_fraction}; limit passed in shard {shard}", shard)
+                f"{total} of this rank's {length} samples are corrupt or missing ({detail}), more "
+                f"than max_bad_fraction={self.max_bad_fraction}; limit passed in shard {shard}", shard)
 
     def _fingerprint(self) -> str:
         if self._fp is not None:

@@ -113,8 +113,12 @@ class TwoViewLoader:
     @property
     def counters(self) -> dict[str, int]:
         feed = self._feed
-        base = dict(feed.counters if feed is not None and feed.counters
-                    else getattr(self.stream, "counters", {}) or {})
+        base = dict(getattr(self.stream, "counters", {}) or {})
+        if feed is not None and feed.counters:
+            # the reader process counts what it read; this process's stream copy only what
+            # the decoder here rejected (count_bad): the sum, per reason
+            for k, v in feed.counters.items():
+                base[k] = base.get(k, 0) + v
         with self._lock:
             base.update(self._aug)
         return base
@@ -301,6 +305,9 @@ class TwoViewLoader:
                 feed = self._feed
                 if feed is not None and feed.position is not None and hasattr(self.stream, "position"):
                     self.stream.position = feed.position  # how far the reading got
+                if feed is not None and hasattr(self.stream, "set_external_bad"):
+                    # the reader's bad samples + this process's decoder rejections: one limit
+                    self.stream.set_external_bad(feed.epoch_bad, host.shards[-1] if host.shards else "?")
                 if not put(host_q, host, stop):
                     return
         except BaseException as e:  # hand the error to the consumer instead of dying silently

@@ -117,11 +117,11 @@ def _feed(payload: bytes, tasks: Any, out: Any, current: Any, lanes: Any,
                 if slot is None:
                     break
                 if not send((job, "batch", pack(host, writer, slot), counters,
-                             getattr(stream, "position", None))):
+                             getattr(stream, "position", None), getattr(stream, "epoch_bad", 0))):
                     writer.give_back(slot)
                     break
         except BaseException as e:  # the consumer raises it, with its type where possible
-            send((job, "error", portable_error(e), None, None))
+            send((job, "error", portable_error(e), None, None, None))
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -157,6 +157,7 @@ class ProcessFeed:
         self._job = 0
         self.counters: dict[str, int] = {}
         self.position: int | None = None
+        self.epoch_bad = 0  # the reader's count of this epoch's bad samples, with each batch
         self._proc = ctx.Process(target=_feeder_main, name="sslstream-reader",
                                  args=(payload, self._tasks, self._out, self._current,
                                        os.getpid(), self._lanes.handle() if self._lanes else None,
@@ -185,14 +186,14 @@ class ProcessFeed:
                 msg = self._get(stopped)
                 if msg is None:
                     return
-                _, kind, body, counters, position = msg
+                _, kind, body, counters, position, epoch_bad = msg
                 if msg[0] != job:  # left over from an abandoned epoch
                     if kind == "batch":
                         self._slots.discard(body[1][0])
                     continue
                 if kind == "error":
                     raise body
-                self.counters, self.position = counters, position
+                self.counters, self.position, self.epoch_bad = counters, position, epoch_bad
                 got += 1
                 yield unpack(body, self._slots)
         finally:

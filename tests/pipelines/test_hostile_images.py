@@ -147,3 +147,40 @@ def test_webp_and_jpeg_sizes_from_headers_feed_the_pixel_limit():
             validate_image(out.getvalue(), "header", max_pixels=300 * 200 - 1)
         with pytest.raises(CorruptImage, match="300x200"):
             validate_image(out.getvalue(), "none", max_pixels=300 * 200 - 1)
+
+
+def _mixed_shard(root) -> str:
+    """40 samples: 3 HTML-as-JPEG (the stream's header check skips them) and 3 noise PNGs
+    (only the loader's decoder rejects them)."""
+    images = [make_jpeg(i) for i in range(40)]
+    for i in (3, 13, 23):
+        images[i] = b"<html>"
+    for i in (8, 18, 28):
+        images[i] = noise_png(i)
+    return _shards(root, images)
+
+
+def _run(url: str, workers: int, limit: float) -> dict[str, int]:
+    stream = ShardStream(url, shuffle=False, num_workers=0, max_bad_fraction=limit)
+    loader = TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=8, device="cpu",
+                           backend="torchvision", num_threads=1, workers=workers)
+    try:
+        _epoch(loader)
+        return loader.counters
+    finally:
+        loader.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_reader_and_decoder_rejections_share_one_limit_with_reader_processes(tmp_path, workers):
+    """With a reader process the header check runs there and the decoder here: each side
+    alone stays under a 12% limit (4.8 of 40), their sum (>= 6) passes it and must stop the
+    epoch, as it does in-process; below the limit the counters are the in-process ones."""
+    url = _mixed_shard(tmp_path / "mixed")
+    with pytest.raises(BadDataError, match="max_bad_fraction=0.12"):
+        _run(url, workers, 0.12)
+    assert _run(url, workers, 0.5) == _run(url, 0, 0.5)
+    c = _run(url, workers, 0.5)
+    assert c["bad_image"] >= 3 and c["undecodable"] == 3
+    assert c["skipped_corrupt"] == c["bad_image"] + c["undecodable"]
