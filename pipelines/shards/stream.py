@@ -21,7 +21,7 @@ import logging
 import random
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -246,23 +246,28 @@ class ShardStream:
             self._counters["skipped_corrupt"] += n
             self._counters[reason] += n
             self._late_bad += n
-        self._check_limit(shard, f"{self._late_bad} undecodable after the header check, last: {reason}")
+        self._check_limit(shard, lambda: f"{self._late_bad} undecodable after the header "
+                                         f"check, last: {reason}")
 
     def set_external_bad(self, n: int, shard: str) -> None:
         """This epoch's bad samples as counted by this stream's copy in a reader process
         (pipelines/views/workers.py): the trainer's copy adds its own decoder rejections and
-        checks the sum, which neither process sees alone; raises BadDataError past the limit."""
+        checks the sum, which neither process sees alone; raises BadDataError past the limit.
+        Called once per batch: a count that did not change costs one comparison."""
+        if int(n) == self._external_bad:
+            return
         with self._lock:
             self._external_bad = int(n)
-        self._check_limit(shard, f"{int(n)} skipped in the reader process, "
-                                 f"{self._late_bad} undecodable in the trainer")
+        self._check_limit(shard, lambda: f"{int(n)} skipped in the reader process, "
+                                         f"{self._late_bad} undecodable in the trainer")
 
-    def _check_limit(self, shard: str, detail: str) -> None:
+    def _check_limit(self, shard: str, detail: Callable[[], str]) -> None:
         total, length = self.epoch_bad, len(self)
         if total > self.max_bad_fraction * length:
             raise BadDataError(
-                f"{total} of this rank's {length} samples are corrupt or missing ({detail}), more "
-                f"than max_bad_fraction={self.max_bad_fraction}; limit passed in shard {shard}", shard)
+                f"{total} of this rank's {length} samples are corrupt or missing ({detail()}), "
+                f"more than max_bad_fraction={self.max_bad_fraction}; limit passed in shard "
+                f"{shard}", shard)
 
     def _fingerprint(self) -> str:
         if self._fp is not None:

@@ -158,7 +158,9 @@ class TwoViewLoader:
                 return iter(())
             self._position, self._stream_state = 0, None
         if self._backend is not None and self._start_feed():
-            # the reader process positions its own copy of the stream
+            # the reader process positions its own copy of the stream; this one only keeps
+            # the epoch's bad-sample counts (decoder rejections + the reader's), reset here
+            self.stream.set_epoch(self._epoch)
             self._feed_state = self._stream_state if self._position > 0 else None
             if self._position > 0 and self._stream_state is None:
                 raise RuntimeError("loader resumed at batch > 0 without a stream cursor")

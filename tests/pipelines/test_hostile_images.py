@@ -160,12 +160,14 @@ def _mixed_shard(root) -> str:
     return _shards(root, images)
 
 
-def _run(url: str, workers: int, limit: float) -> dict[str, int]:
+def _run(url: str, workers: int, limit: float, epochs: int = 1) -> dict[str, int]:
     stream = ShardStream(url, shuffle=False, num_workers=0, max_bad_fraction=limit)
     loader = TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=8, device="cpu",
                            backend="torchvision", num_threads=1, workers=workers)
     try:
-        _epoch(loader)
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            _epoch(loader)
         return loader.counters
     finally:
         loader.close()
@@ -184,3 +186,13 @@ def test_reader_and_decoder_rejections_share_one_limit_with_reader_processes(tmp
     c = _run(url, workers, 0.5)
     assert c["bad_image"] >= 3 and c["undecodable"] == 3
     assert c["skipped_corrupt"] == c["bad_image"] + c["undecodable"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_bad_sample_limit_is_per_epoch_with_reader_processes(tmp_path, workers):
+    """~7 bad of 40 per epoch under a 20% limit (8): three epochs train, as in-process --
+    the trainer's copy of the stream must not carry one epoch's count into the next."""
+    url = _mixed_shard(tmp_path / "mixed")
+    c = _run(url, workers, 0.2, epochs=3)
+    assert c["undecodable"] == 9 and c == _run(url, 0, 0.2, epochs=3)
