@@ -7,6 +7,8 @@
     registry.py       register a version, aliases, promotion, load a registered encoder
     encoder_model.py  the pyfunc model (models-from-code: logged as a file, no pickles)
     plots.py          loss curves and the PCA plot
+    sender.py         the bounded background queue that sends metrics
+    system_metrics.py MLflow's system-metrics monitor, restarted after an outage
 
 May import: orchestration.runtime, orchestration.errors, pipelines, models.
 Imported by: orchestration.evaluate, orchestration.train, orchestration.retrain,

@@ -57,6 +57,7 @@ from orchestration.tracking.settings import (
     redact_config,
     redact_yaml,
 )
+from orchestration.tracking.system_metrics import SystemMetrics
 
 __all__ = ["Tracker", "TrackingSettings", "flatten_params", "RegistrationError"]
 
@@ -79,13 +80,13 @@ class Tracker:
         self._start_args: tuple[str, dict[str, Any], dict[str, str], str | None] | None = None
         self._down_reason: str | None = None     # set while unreachable
         self._retry_at = 0.0
-        self._monitor: Any = None
         self._call_warnings: set[str] = set()
         self._params_logged = False
         self._data: dict[str, str] = {}  # data_manifest_hash / data_shards version tags
         # one MLflow conversation at a time: the metrics thread and the caller's calls
         self._io = threading.RLock()
         self._sender = BackgroundSender(self._send_metrics, self.settings.metrics_queue)
+        self._system = SystemMetrics(self.settings.system_metrics_interval_s)
         if self.active and mlflow_env.is_http(self.uri):
             s = self.settings
             mlflow_env.apply_http_limits(s.http_max_retries, s.http_timeout_s,
@@ -197,29 +198,14 @@ class Tracker:
         The monitor thread ends for good on its first failed call (an outage), so the
         Tracker restarts it when the server is back (see ``_ready``).
         """
-        if not self.settings.system_metrics:
-            return
-        self._stop_system_metrics()
-        try:
-            import psutil  # noqa: F401  (mlflow's CPU monitor needs it)
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        except ImportError:
-            note = "off: psutil is not installed (pip install psutil to enable)"
-            log.info("system metrics %s", note)
-            self._batch(tags=[RunTag("sslstream.system_metrics", note)])
-            return
-        self._monitor = SystemMetricsMonitor(
-            self.run_id, sampling_interval=self.settings.system_metrics_interval_s,
-            resume_logging=resume, tracking_uri=self.uri)
-        self._monitor.start()
+        if self.settings.system_metrics and self.run_id is not None:
+            self._system.start(self.run_id, self.uri, resume=resume, note=lambda why: self._batch(
+                tags=[RunTag("sslstream.system_metrics", why)]))
 
-    def _stop_system_metrics(self) -> None:
-        if self._monitor is not None:
-            monitor, self._monitor = self._monitor, None
-            try:
-                monitor.finish()
-            except Exception as e:  # the monitor's last flush may hit a dead server
-                log.debug("system metrics monitor did not stop cleanly: %s", e)
+    @property
+    def _monitor(self) -> Any:
+        """MLflow's monitor object while one runs (tests look at its thread)."""
+        return self._system.monitor
 
     @property
     def dropped_metrics(self) -> int:
@@ -234,7 +220,7 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         """Close the run (FINISHED, FAILED or KILLED); a KILLED run can be resumed later."""
         self._sender.close(self.settings.metrics_flush_s)
-        self._stop_system_metrics()
+        self._system.stop()
         if self._ready():
             self._guarded("end", lambda: self._client.set_terminated(self.run_id, status))
         self._start_args = None  # no reconnect after the end
