@@ -6,7 +6,8 @@
     mlflow_env.py     tracking URI resolution, HTTP limits, credential redaction
     registry.py       register a version, aliases, promotion, load a registered encoder
     encoder_model.py  the pyfunc model (models-from-code: logged as a file, no pickles)
-    plots.py          loss curves and the PCA plot
+    figures.py        the Tracker's plot methods (curves from the run's history, PCA)
+    plots.py          loss curves and the PCA plot (matplotlib, pure functions)
     sender.py         the bounded background queue that sends metrics
     system_metrics.py MLflow's system-metrics monitor, restarted after an outage
 
