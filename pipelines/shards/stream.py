@@ -23,7 +23,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from pipelines.shards.errors import DataError
 from pipelines.shards.labels import (
@@ -44,53 +43,19 @@ from pipelines.shards.plan import (
 )
 from pipelines.shards.reader import Bad, Good, LanePositions, LaneReader, SampleSpec, Short
 from pipelines.shards.resume import EpochLog, FastForward, fast_forward, fetch
+from pipelines.shards.sample import (
+    BAD_REASONS,
+    COUNTER_NAMES,
+    BadDataError,
+    Sample,
+    sample_options,
+)
 from pipelines.shards.storage import plain, redact
 from pipelines.shards.validate import DEFAULT_MAX_PIXELS, VALIDATE_MODES
 
 log_ = logging.getLogger(__name__)
 
 __all__ = ["BadDataError", "Sample", "ShardStream", "sample_options"]
-
-COUNTER_NAMES = (
-    "read", "yielded", "skipped_corrupt", "bad_image", "empty", "missing_image", "bad_label",
-    "missing_label", "too_many_pixels", "undecodable",
-    "truncated_shards", "lost", "padded", "topped_up", "retries", "shards_opened", "replayed",
-    "fast_forwarded", "refetched",
-)
-
-
-_REASONS = ("bad_image", "too_many_pixels", "undecodable", "empty", "missing_image",
-            "bad_label", "missing_label", "lost")
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str
-    image: bytes  # encoded image (JPEG/PNG/WebP), already header-validated
-    label: int  # -1 when the shard has no label
-    shard: str  # URL of the shard it came from
-    # position in the listed shard order (shard's start + index inside it): a sample's
-    # identity whatever the rank split (evaluation breaks kNN ties by it); -1 if unknown
-    index: int = -1
-
-
-def sample_options(data: object, *, labelled: bool = False) -> dict:
-    """ShardStream keyword arguments from a `data` config (label_key, image_keys,
-    max_pixels); `labelled`: an evaluation split, whose samples must carry a label."""
-    get = data.get  # type: ignore[attr-defined]
-    keys = get("image_keys", None)
-    mp = get("max_pixels", DEFAULT_MAX_PIXELS)
-    return {"label_key": str(get("label_key", "auto") or "auto"),
-            "image_keys": [str(k) for k in keys] if keys else None,
-            "max_pixels": int(mp) if mp else None, "require_label": labelled}
-
-
-class BadDataError(RuntimeError):
-    """Too much of the data is corrupt or missing; `shard` is where the limit was passed."""
-
-    def __init__(self, message: str, shard: str) -> None:
-        super().__init__(message)
-        self.shard = shard
 
 
 class ShardStream:
@@ -354,7 +319,7 @@ class ShardStream:
                 per_shard[item.shard] += lost
                 if bad + self._late_bad > limit:
                     worst = ", ".join(f"{u} ({c})" for u, c in per_shard.most_common(3))
-                    why = ", ".join(f"{k} {v}" for k in _REASONS if (v := self.counters[k]))
+                    why = ", ".join(f"{k} {v}" for k in BAD_REASONS if (v := self.counters[k]))
                     raise BadDataError(
                         f"{bad} of this rank's {length} samples are corrupt or missing ({why}), more "
                         f"than max_bad_fraction={self.max_bad_fraction}; limit passed in shard "

@@ -1,0 +1,55 @@
+"""What the shard stream yields and reports: a `Sample`, its counters, `BadDataError`.
+
+Kept apart from `ShardStream` (stream.py) because the loaders, the evaluation and the CLI
+need these names without the stream's machinery; stream.py re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.shards.validate import DEFAULT_MAX_PIXELS
+
+__all__ = ["BAD_REASONS", "COUNTER_NAMES", "BadDataError", "Sample", "sample_options"]
+
+COUNTER_NAMES = (
+    "read", "yielded", "skipped_corrupt", "bad_image", "empty", "missing_image", "bad_label",
+    "missing_label", "too_many_pixels", "undecodable",
+    "truncated_shards", "lost", "padded", "topped_up", "retries", "shards_opened", "replayed",
+    "fast_forwarded", "refetched",
+)
+
+
+# the counters that count a skipped sample, in the order an error message lists them
+BAD_REASONS = ("bad_image", "too_many_pixels", "undecodable", "empty", "missing_image",
+               "bad_label", "missing_label", "lost")
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    image: bytes  # encoded image (JPEG/PNG/WebP), already header-validated
+    label: int  # -1 when the shard has no label
+    shard: str  # URL of the shard it came from
+    # position in the listed shard order (shard's start + index inside it): a sample's
+    # identity whatever the rank split (evaluation breaks kNN ties by it); -1 if unknown
+    index: int = -1
+
+
+def sample_options(data: object, *, labelled: bool = False) -> dict:
+    """ShardStream keyword arguments from a `data` config (label_key, image_keys,
+    max_pixels); `labelled`: an evaluation split, whose samples must carry a label."""
+    get = data.get  # type: ignore[attr-defined]
+    keys = get("image_keys", None)
+    mp = get("max_pixels", DEFAULT_MAX_PIXELS)
+    return {"label_key": str(get("label_key", "auto") or "auto"),
+            "image_keys": [str(k) for k in keys] if keys else None,
+            "max_pixels": int(mp) if mp else None, "require_label": labelled}
+
+
+class BadDataError(RuntimeError):
+    """Too much of the data is corrupt or missing; `shard` is where the limit was passed."""
+
+    def __init__(self, message: str, shard: str) -> None:
+        super().__init__(message)
+        self.shard = shard
