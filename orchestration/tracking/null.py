@@ -79,7 +79,8 @@ class NullTracker:
         self._refuse("log the encoder")
 
     def register_encoder(self, model_uri: str, metrics: Mapping[str, float], *,
-                         feature_dim: int, tags: Mapping[str, Any] | None = None) -> NoReturn:
+                         feature_dim: int, tags: Mapping[str, Any] | None = None,
+                         evaluated: bool = True) -> NoReturn:
         self._refuse("register the encoder")
 
     @staticmethod

@@ -69,6 +69,8 @@ class RegistrySettings:
     challenger_alias: str = "challenger"
     await_ready_s: int = 60
     require_comparable: bool = True           # compare only evaluations with equal COMPARABLE_TAGS
+    register_unevaluated: bool = True         # a run without a labelled split registers its
+                                              # encoder as a challenger, never the champion
 
 
 @dataclass(frozen=True)
@@ -216,23 +218,27 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
                      metrics: dict[str, float], feature_dim: int,
                      run_id: str | None = None,
-                     tags: dict[str, str] | None = None) -> PromotionDecision:
+                     tags: dict[str, str] | None = None,
+                     evaluated: bool = True) -> PromotionDecision:
     """Register ``model_uri`` as a new version of ``settings.name`` and apply the aliases.
 
     ``metrics`` must hold ``settings.metric`` and should hold the collapse metrics
     (``settings.std_metric``, ``settings.rank_metric``). All metrics become version tags,
     next to ``tags`` (method, data manifest hash, ...) and the git commit.
+    ``evaluated=False`` (a run on unlabelled data: no kNN exists) registers the version as
+    a challenger with tag ``evaluated=false`` and never promotes it; the champion is untouched.
     """
     name = settings.name
-    if settings.metric not in metrics:
+    if evaluated and settings.metric not in metrics:
         raise RegistrationError(
             f"cannot register {name!r}: metrics lack the promotion metric "
             f"tracking.registry.metric={settings.metric!r} (got {sorted(metrics)})"
         )
-    new_metric = float(metrics[settings.metric])
+    new_metric = float(metrics[settings.metric]) if evaluated else math.nan
     version_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     version_tags.update({k: repr(float(v)) for k, v in metrics.items()})
     version_tags["feature_dim"] = str(feature_dim)
+    version_tags["evaluated"] = str(evaluated).lower()
     if (commit := git_commit()) is not None:
         version_tags.setdefault("git_commit", commit)
     ensure_http_limits(uri)
@@ -247,9 +253,15 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
         )
         version = int(mv.version)
         client.set_registered_model_alias(name, settings.challenger_alias, str(version))
-        identity = {k: version_tags[k] for k in COMPARABLE_TAGS if k in version_tags}
-        promoted, reason, prev = _promote(client, version, new_metric, metrics, feature_dim,
-                                          settings, identity)
+        if evaluated:
+            identity = {k: version_tags[k] for k in COMPARABLE_TAGS if k in version_tags}
+            promoted, reason, prev = _promote(client, version, new_metric, metrics, feature_dim,
+                                              settings, identity)
+        else:
+            promoted, prev = False, _version_of(
+                _current_champion(client, name, settings.champion_alias))
+            reason = ("not evaluated: the run had no labelled split, so there is no "
+                      f"{settings.metric} to compare; {settings.champion_alias} unchanged")
         client.set_model_version_tag(name, str(version), "promoted", str(promoted).lower())
         client.set_model_version_tag(name, str(version), "promotion_reason", reason[:5000])
     except Exception as e:  # MLflow raises MlflowException, requests and OS errors

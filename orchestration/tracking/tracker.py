@@ -281,16 +281,17 @@ class Tracker(FigureLogging):
         return log_encoder(self.uri, self.run_id, backbone, spec, name=name)
 
     def register_encoder(self, model_uri: str, metrics: Mapping[str, float], *,
-                         feature_dim: int, tags: Mapping[str, Any] | None = None
-                         ) -> PromotionDecision:
-        """Register + alias challenger + promote to champion by the rule in registry.py."""
+                         feature_dim: int, tags: Mapping[str, Any] | None = None,
+                         evaluated: bool = True) -> PromotionDecision:
+        """Register + alias challenger + promote to champion by the rule in registry.py
+        (``evaluated=False``: an unlabelled run's encoder, registered, never promoted)."""
         self._require(f"register model {self.settings.registry.name!r}")
         version_tags = dict(self._data)
         version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
         return register_encoder(self.uri, model_uri, self.settings.registry,
                                 metrics={k: _scalar(v) for k, v in metrics.items()},
                                 feature_dim=feature_dim, run_id=self.run_id,
-                                tags=version_tags)
+                                tags=version_tags, evaluated=evaluated)
 
     @staticmethod
     def _data_tags(data: Mapping[str, Any]) -> dict[str, str]:

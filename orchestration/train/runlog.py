@@ -102,10 +102,16 @@ class RunLog:
         if not self.tracker.active:
             log.warning("tracking.enabled=false: the encoder is not logged or registered")
             return
-        if result.eval is None:
-            log.warning("eval.at_end=false: the encoder is not registered (promotion needs kNN)")
+        evaluated = result.eval is not None
+        if not evaluated and not self.tracker.settings.registry.register_unevaluated:
+            log.warning("eval.at_end=false and tracking.registry.register_unevaluated=false: "
+                        "the encoder is not registered")
             self.tracker.end("FINISHED")
             return
+        if not evaluated:
+            log.warning("eval.at_end=false: the encoder is registered as a challenger tagged "
+                        "evaluated=false and is never promoted (promotion needs kNN on a "
+                        "labelled split)")
         from orchestration.tracking.encoder_model import EncoderSpec
         from orchestration.train.evalid import eval_identity
         from pipelines.views.recipes import TwoViewRecipe
@@ -131,8 +137,10 @@ class RunLog:
                     "data": self.cfg.data.name,
                     "run_name": self.cfg.run_name,
                     "steps": result.step,
-                    **eval_identity(self.cfg),  # promotion compares like with like only
+                    # promotion compares like with like only
+                    **(eval_identity(self.cfg) if evaluated else {}),
                 },
+                evaluated=evaluated,
             )
         except Exception:
             self.tracker.end("FAILED")

@@ -3,12 +3,15 @@ split, or with another protocol, is registered as challenger with that reason.""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestration.cli import compose_config
+from orchestration.errors import RegistrationError
 from orchestration.tracking.registry import RegistrySettings, register_encoder
 from orchestration.train.evalid import PROTOCOL_TAG, SPLIT_TAG, eval_identity
 
@@ -67,3 +70,35 @@ def test_split_fingerprint_follows_content_and_protocol_follows_settings(splits)
     assert ident("a", "eval.batch_size=7", "eval.every_epochs=3") == a  # no effect on numbers
     assert ident("a", "eval.knn_k=20")[PROTOCOL_TAG] != a[PROTOCOL_TAG]
     assert ident("a", "augment.view1.size=16", "augment.view2.size=16")[PROTOCOL_TAG] != a[PROTOCOL_TAG]
+
+
+def test_an_unevaluated_version_is_a_challenger_and_never_the_champion(tmp_path):
+    """A run on unlabelled data (no kNN) registers its encoder: challenger, evaluated=false,
+    and neither takes the champion alias nor lets a missing metric pass unnoticed."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = RegistrySettings(name="enc", await_ready_s=5)
+    src = tmp_path / "model"
+    src.mkdir()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    first = register_encoder(uri, str(src), settings, metrics={}, feature_dim=32,
+                             evaluated=False)
+    assert not first.promoted and first.previous_champion is None
+    assert "not evaluated" in first.reason and math.isnan(first.metric)
+    with pytest.raises(MlflowException):  # no champion at all yet
+        client.get_model_version_by_alias("enc", "champion")
+    v1 = client.get_model_version("enc", "1")
+    assert v1.tags["evaluated"] == "false" and v1.tags["promoted"] == "false"
+    assert int(client.get_model_version_by_alias("enc", "challenger").version) == 1
+
+    assert register_encoder(uri, str(src), settings, metrics={"eval/knn_acc": 0.3, **HEALTHY},
+                            feature_dim=32).promoted                     # v2: champion
+    later = register_encoder(uri, str(src), settings, metrics={"perf/run_img_per_s": 9.0},
+                             feature_dim=32, evaluated=False)             # v3
+    assert not later.promoted and later.previous_champion == 2
+    assert int(client.get_model_version_by_alias("enc", "champion").version) == 2
+    assert int(client.get_model_version_by_alias("enc", "challenger").version) == 3
+    assert client.get_model_version("enc", "2").tags["evaluated"] == "true"
+    # an evaluated registration without its metric is still an error, not an unevaluated one
+    with pytest.raises(RegistrationError, match="lack the promotion metric"):
+        register_encoder(uri, str(src), settings, metrics={}, feature_dim=32)
