@@ -4,7 +4,8 @@
     settings.py       TrackingSettings read from the `tracking` config group
     null.py           NullTracker: the same interface with no MLflow import (ranks > 0, off)
     mlflow_env.py     tracking URI resolution, HTTP limits, credential redaction
-    registry.py       register a version, aliases, promotion, load a registered encoder
+    registry.py       register a version, aliases, load a registered encoder
+    promotion.py      the promotion rule and its race-safe read-compare-set loop
     encoder_model.py  the pyfunc model (models-from-code: logged as a file, no pickles)
     figures.py        the Tracker's plot methods (curves from the run's history, PCA)
     plots.py          loss curves and the PCA plot (matplotlib, pure functions)

@@ -22,9 +22,9 @@ from PIL import Image
 from models.backbones import build_backbone, feature_dim_of
 from orchestration.errors import RegistrationError
 from orchestration.tracking.encoder_model import EncoderSpec
+from orchestration.tracking.promotion import collapse_reason
 from orchestration.tracking.registry import (
     RegistrySettings,
-    collapse_reason,
     load_encoder_state_dict,
     read_champion,
     register_encoder,
@@ -249,7 +249,7 @@ def test_concurrent_promotion_does_not_let_the_worse_version_win(
         logged: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """B (0.6) decides against champion v1 (0.5); before B writes the alias, A (0.9)
     registers and becomes champion. B must re-decide against A and stay challenger."""
-    import orchestration.tracking.registry as reg
+    import orchestration.tracking.promotion as promotion
 
     uri, model_uri = logged["uri"], logged["model_uri"]
     name = f"race-{uuid.uuid4().hex[:8]}"
@@ -260,7 +260,7 @@ def test_concurrent_promotion_does_not_let_the_worse_version_win(
                                 metrics={"eval/knn_acc": knn, **HEALTHY})
 
     v1 = register(0.5)
-    real_decide = reg._decide
+    real_decide = promotion.decide
     injected: list = []
 
     def decide_then_race(client, champion, new_metric, *args, **kwargs):
@@ -269,7 +269,7 @@ def test_concurrent_promotion_does_not_let_the_worse_version_win(
             injected.append(register(0.9))  # the other scheduler, between B's read and write
         return out
 
-    monkeypatch.setattr(reg, "_decide", decide_then_race)
+    monkeypatch.setattr(promotion, "decide", decide_then_race)
     b = register(0.6)
     a = injected[0]
     assert a.promoted and a.previous_champion == v1.version
