@@ -99,12 +99,12 @@ def _worker(
 
 
 def _leave_last_on_rank0(rank: int, world_size: int, out: Path, timeout: float) -> None:
-    """Destroy the group with rank 0 (the TCPStore's host) last: the other ranks first
-    leave and say so in a file, then rank 0 (bounded wait). A rank that tore down while
-    the store's host might already be gone. Why: a 3-rank test's rank 1 aborted once in a
-    full suite run ("terminate called without an active exception", exit -6; not reproduced
-    in 35 runs of that test alone, under load 4-6), with its work done: teardown is the
-    suspect, so the order of leaving is made fixed."""
+    """Destroy the group with rank 0 (the TCPStore's host) last: the other ranks leave
+    first and say so in a file, then rank 0 (bounded wait), so no rank tears down after the
+    store's host is gone. Why: a 3-rank test's rank 1 aborted once in a full suite run
+    ("terminate called without an active exception", exit -6; not reproduced in 35 runs of
+    that test alone, under load 4-6) with its work done: teardown is the suspect (not
+    proven), so the order of leaving is made fixed."""
     if rank != 0:
         dist.destroy_process_group()
         (out / f"left-{rank}").touch()

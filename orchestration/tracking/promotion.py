@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-__all__ = ["COMPARABLE_TAGS", "RegistrySettings", "collapse_reason", "current_champion", "decide", "incomparable",
+__all__ = ["COMPARABLE_TAGS", "RegistrySettings", "collapse_reason", "version_of", "current_champion", "decide", "incomparable",
            "promote", "version_metric"]
 
 # Version tags that say what an evaluation measured (orchestration/train/evalid.py): two kNN
@@ -85,7 +85,7 @@ def current_champion(client: MlflowClient, name: str, alias: str) -> Any | None:
 PROMOTE_ATTEMPTS = 5  # read-compare-set rounds against concurrent promoters
 
 
-def _version_of(mv: Any | None) -> int | None:
+def version_of(mv: Any | None) -> int | None:
     return None if mv is None else int(mv.version)
 
 
@@ -104,21 +104,21 @@ def promote(client: MlflowClient, version: int, new_metric: float, metrics: dict
     """
     alias = settings.champion_alias
     champion = current_champion(client, settings.name, alias)
-    promoted, reason, prev = False, "", _version_of(champion)
+    promoted, reason, prev = False, "", version_of(champion)
     for _ in range(PROMOTE_ATTEMPTS):
-        if _version_of(champion) == version:
+        if version_of(champion) == version:
             return True, reason or f"{alias} already points at v{version}", prev
         promoted, reason, prev = decide(client, champion, new_metric, metrics, feature_dim,
                                          settings, identity)
         if not promoted:
             return False, reason, prev
         again = current_champion(client, settings.name, alias)
-        if _version_of(again) != _version_of(champion):  # changed since we decided
+        if version_of(again) != version_of(champion):  # changed since we decided
             champion = again
             continue
         client.set_registered_model_alias(settings.name, alias, str(version))
         champion = current_champion(client, settings.name, alias)
-        if _version_of(champion) == version:
+        if version_of(champion) == version:
             return True, reason, prev
     return False, (f"{alias} kept changing under concurrent registrations; v{version} not "
                    f"promoted after {PROMOTE_ATTEMPTS} attempts (last: {reason})"), prev

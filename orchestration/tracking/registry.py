@@ -50,6 +50,7 @@ from orchestration.tracking.promotion import (  # COMPARABLE_TAGS, RegistrySetti
     current_champion,
     promote,
     version_metric,
+    version_of,
 )
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
@@ -203,8 +204,8 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
             promoted, reason, prev = promote(client, version, new_metric, metrics, feature_dim,
                                              settings, identity)
         else:
-            champion = current_champion(client, name, settings.champion_alias)
-            promoted, prev = False, None if champion is None else int(champion.version)
+            promoted = False
+            prev = version_of(current_champion(client, name, settings.champion_alias))
             reason = ("not evaluated: the run had no labelled split, so there is no "
                       f"{settings.metric} to compare; {settings.champion_alias} unchanged")
         client.set_model_version_tag(name, str(version), "promoted", str(promoted).lower())

@@ -204,11 +204,6 @@ class Tracker(FigureLogging):
                 tags=[RunTag("sslstream.system_metrics", why)]))
 
     @property
-    def _monitor(self) -> Any:
-        """MLflow's monitor object while one runs (tests look at its thread)."""
-        return self._system.monitor
-
-    @property
     def dropped_metrics(self) -> int:
         """Metric batches dropped because the background queue was full (or not sent at end)."""
         return self._sender.dropped

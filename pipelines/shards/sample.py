@@ -1,7 +1,7 @@
 """What the shard stream yields and reports: a `Sample`, its counters, `BadDataError`.
 
-Kept apart from `ShardStream` (stream.py) because the loaders, the evaluation and the CLI
-need these names without the stream's machinery; stream.py re-exports them.
+Plain data types, kept out of stream.py so that file holds the stream alone; stream.py
+re-exports them, and callers import them from there.
 """
 
 from __future__ import annotations

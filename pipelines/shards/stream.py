@@ -317,11 +317,11 @@ class ShardStream:
                 bad += lost
                 self._stream_bad = bad
                 per_shard[item.shard] += lost
-                if bad + self._late_bad > limit:
+                if (total := self.epoch_bad) > limit:  # the same sum as _check_limit
                     worst = ", ".join(f"{u} ({c})" for u, c in per_shard.most_common(3))
                     why = ", ".join(f"{k} {v}" for k in BAD_REASONS if (v := self.counters[k]))
                     raise BadDataError(
-                        f"{bad} of this rank's {length} samples are corrupt or missing ({why}), more "
+                        f"{total} of this rank's {length} samples are corrupt or missing ({why}), more "
                         f"than max_bad_fraction={self.max_bad_fraction}; limit passed in shard "
                         f"{item.shard} (worst: {worst}). `sslstream shards verify` names the "
                         "cause per shard (e.g. a tar whose members are not grouped by key)",

@@ -211,7 +211,7 @@ def test_outage_mid_run_drops_then_resumes(
     run_id = tracker.start("flaky", {"a": 1})
     tracker.log_metrics({"m": 1.0}, step=1)
     tracker.flush()
-    first_monitor = tracker._monitor
+    first_monitor = tracker._system.monitor
     first_monitor.finish()  # what an outage does to MLflow's monitor: its thread ends
     dead = f"http://127.0.0.1:{free_port()}"
     live_client = tracker._client
@@ -229,8 +229,8 @@ def test_outage_mid_run_drops_then_resumes(
         tracker.flush()
     assert tracker.enabled
     # system metrics resume with the run (a new monitor thread, steps continued)
-    assert tracker._monitor is not None and tracker._monitor is not first_monitor
-    assert tracker._monitor._process.is_alive()
+    assert tracker._system.monitor is not None and tracker._system.monitor is not first_monitor
+    assert tracker._system.monitor._process.is_alive()
     time.sleep(0.6)
     tracker.end()
     assert any(k.startswith("system/") for k in
