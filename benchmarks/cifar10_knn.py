@@ -3,7 +3,7 @@
     python benchmarks/cifar10_knn.py --method byol --epochs 200           # the H100 target run
     python benchmarks/cifar10_knn.py --method simclr --epochs 1 --max-steps 20 trainer.device=cpu
 
-Runs `orchestration.train.loop.train` exactly as `sslstream train data=cifar10 method=<m>
+Runs `sslstream.orchestration.train.loop.train` exactly as `sslstream train data=cifar10 method=<m>
 trainer.epochs=<E>` would (the method's CIFAR augmentation and optimiser recipe, ResNet-18 with
 the CIFAR stem; any extra Hydra overrides are passed through), then prints one JSON line and a markdown row for BENCHMARKS.md: kNN and
 linear-probe accuracy on the test split (bank: the train split), training images/s over all
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     a = ap.parse_args(argv)
 
-    from orchestration.cli import compose_config
-    from orchestration.train.loop import train
+    from sslstream.orchestration.cli import compose_config
+    from sslstream.orchestration.train.loop import train
 
     overrides = [
         "data=cifar10", f"data.root={a.data}", f"method={a.method}", f"backbone={a.backbone}",

@@ -34,10 +34,9 @@ import time
 
 import numpy as np
 import torch
-
-from pipelines.shards.stream import ShardStream
-from pipelines.views.loader import TwoViewLoader
-from pipelines.views.recipes import PRESETS
+from sslstream.pipelines.shards.stream import ShardStream
+from sslstream.pipelines.views.loader import TwoViewLoader
+from sslstream.pipelines.views.recipes import PRESETS
 
 
 class NullBackend:

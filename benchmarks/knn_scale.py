@@ -54,7 +54,7 @@ def _rss(field: str) -> int:
 
 def child(args: argparse.Namespace) -> dict:
     """One measurement, in this (fresh) process."""
-    from orchestration.evaluate.knn import knn_memory_bytes, quantize, sharded_knn_predict
+    from sslstream.orchestration.evaluate.knn import knn_memory_bytes, quantize, sharded_knn_predict
 
     torch.set_num_threads(args.threads)
     m, n, d = -(-args.bank // args.world), args.queries, args.dim

@@ -2,7 +2,7 @@
 
 The images are procedural (smooth colour fields, blobs, edges and noise, so JPEG sizes and
 decode costs resemble photographs: ~55 kB at 500x375, quality 90), written with the project's own
-`pipelines.shards.tools.write_shards`, so the benchmark reads exactly what training reads.
+`sslstream.pipelines.shards.tools.write_shards`, so the benchmark reads exactly what training reads.
 
     python benchmarks/make_large_jpeg_shards.py OUT_DIR --count 2048 --width 500 --height 375
 """
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-shard", type=int, default=512)
     ap.add_argument("--num-classes", type=int, default=10)
     a = ap.parse_args(argv)
-    from pipelines.shards.tools import write_shards
+    from sslstream.pipelines.shards.tools import write_shards
 
     manifest = write_shards(samples(a.count, a.width, a.height, a.quality, a.num_classes),
                             a.out_dir, prefix="large", max_count=a.per_shard,

@@ -53,7 +53,7 @@ def _timed(batches, seconds: float, batch_size: int) -> tuple[float, int]:
 
 
 def _memory_samples(source: str, count: int):
-    from pipelines.shards.stream import ShardStream
+    from sslstream.pipelines.shards.stream import ShardStream
 
     stream = ShardStream(source, shuffle=False, num_workers=1)
     out = []
@@ -66,18 +66,18 @@ def _memory_samples(source: str, count: int):
 
 def graph_only(backend_name: str, recipe, samples, batch_size: int, seconds: float,
                threads: int, device_id: int | None) -> tuple[float, int]:
-    from pipelines.views.backend import image_hw
-    from pipelines.views.recipes import batch_rng, sample_view_params
+    from sslstream.pipelines.views.backend import image_hw
+    from sslstream.pipelines.views.recipes import batch_rng, sample_view_params
 
     images = [s.image for s in samples[:batch_size]]
     hw = np.array([image_hw(b, "header") for b in images])
     if backend_name == "dali":
-        from pipelines.views.dali import DaliTwoView, GraphSpec
+        from sslstream.pipelines.views.dali import DaliTwoView, GraphSpec
 
         backend = DaliTwoView(GraphSpec(recipe=recipe, batch_size=batch_size, device_id=device_id,
                                         num_threads=threads))
     else:
-        from pipelines.views.reference import TorchvisionTwoView
+        from sslstream.pipelines.views.reference import TorchvisionTwoView
 
         backend = TorchvisionTwoView(recipe, num_threads=threads)
 
@@ -100,8 +100,8 @@ def host_only(recipe, samples, batch_size: int, seconds: float) -> tuple[float, 
     """The loader's Python-side work per batch, on one thread, as it runs on a ShardStream
     (which has header-checked already): read each size, draw both views' parameters (the
     cost of resumable, host-side randomness)."""
-    from pipelines.views.backend import image_hw
-    from pipelines.views.recipes import batch_rng, sample_view_params
+    from sslstream.pipelines.views.backend import image_hw
+    from sslstream.pipelines.views.recipes import batch_rng, sample_view_params
 
     images = [s.image for s in samples[:batch_size]]
 
@@ -119,8 +119,8 @@ def host_only(recipe, samples, batch_size: int, seconds: float) -> tuple[float, 
 
 def loader(backend_name: str, recipe, source: str, batch_size: int, seconds: float, threads: int,
            device: str) -> tuple[float, int]:
-    from pipelines.shards.stream import ShardStream
-    from pipelines.views.loader import TwoViewLoader
+    from sslstream.pipelines.shards.stream import ShardStream
+    from sslstream.pipelines.views.loader import TwoViewLoader
 
     stream = ShardStream(source, num_workers=2, shuffle_buffer=1000)
     ld = TwoViewLoader(stream, recipe, batch_size=batch_size, device=device, backend=backend_name,
@@ -139,7 +139,7 @@ def loader(backend_name: str, recipe, source: str, batch_size: int, seconds: flo
 
 def torchvision_dataloader(recipe, samples, batch_size: int, seconds: float,
                            workers: int) -> tuple[float, int]:
-    from pipelines.views.reference import TwoViewDataset
+    from sslstream.pipelines.views.reference import TwoViewDataset
 
     ds = TwoViewDataset([s.image for s in samples], recipe)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                          "torchvision-dataloader (dali/torchvision: as graph and as loader)")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))
-    from pipelines.views.dali import DALI_AVAILABLE
-    from pipelines.views.recipes import PRESETS
+    from sslstream.pipelines.views.dali import DALI_AVAILABLE
+    from sslstream.pipelines.views.recipes import PRESETS
 
     recipe = PRESETS[a.recipe]
     gpu = torch.cuda.is_available()

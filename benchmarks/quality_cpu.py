@@ -6,10 +6,10 @@
 For each method: pretrain `resnet_mini` on the CIFAR-10 train shards for `--steps` steps at
 `--batch-size`, then weighted kNN (k=200, t=0.1, cosine) of the backbone's features with
 the full train split as bank (50,000) and the full test split as queries (10,000), through
-`orchestration.evaluate.run.evaluate` (the trainer's own evaluation). Plus the untrained
+`sslstream.orchestration.evaluate.run.evaluate` (the trainer's own evaluation). Plus the untrained
 network (same seed, same evaluation).
 
-- ours: `orchestration.train.loop.train` exactly as `sslstream train data=cifar10
+- ours: `sslstream.orchestration.train.loop.train` exactly as `sslstream train data=cifar10
   backbone=resnet_mini method=<m>` composes it (the method's CIFAR augmentation, heads,
   optimiser recipe), with the step budget, batch and thread count below; warmup 10% of the
   budget (the recipes' 10 warmup epochs are longer than the whole budget).
@@ -82,7 +82,7 @@ def base_overrides(a: argparse.Namespace, method: str) -> list[str]:
 
 
 def compose(a: argparse.Namespace, method: str, extra: list[str]):
-    from orchestration.cli import compose_config
+    from sslstream.orchestration.cli import compose_config
 
     steps_per_epoch = 50_000 // a.batch_size
     warm = f"trainer.warmup_epochs={0.1 * a.steps / steps_per_epoch:.6f}"
@@ -91,8 +91,8 @@ def compose(a: argparse.Namespace, method: str, extra: list[str]):
 
 def score(cfg, model: torch.nn.Module, inputs=None) -> dict[str, float]:
     """kNN of `model.embed` with the trainer's evaluation (full bank, full test split)."""
-    from orchestration.evaluate.run import evaluate
-    from orchestration.runtime.distributed import init_distributed
+    from sslstream.orchestration.evaluate.run import evaluate
+    from sslstream.orchestration.runtime.distributed import init_distributed
 
     env = init_distributed("cpu")
     res = evaluate(cfg, model, env, inputs=inputs)
@@ -111,8 +111,8 @@ class _Embed(torch.nn.Module):
 
 def fresh_backbone(cfg) -> torch.nn.Module:
     """The backbone ours starts from: build_job seeds, then builds the method's backbone
-    first (`models.methods.build_method`)."""
-    from models.backbones import build_backbone
+    first (`sslstream.models.methods.build_method`)."""
+    from sslstream.models.backbones import build_backbone
 
     torch.manual_seed(int(cfg.seed))
     return build_backbone(cfg.backbone)
@@ -128,7 +128,7 @@ def data_bn_statistics(model: torch.nn.Module, cfg, batches: int = 31, batch_siz
     changes): the untrained network with data statistics instead of the default (0, 1). A
     run that learns nothing (lr=0) still gains these statistics, so this is the baseline a
     learned gain is measured against (tests/test_quality_guard.py uses it)."""
-    from pipelines.views.eval_loader import build_eval_loader
+    from sslstream.pipelines.views.eval_loader import build_eval_loader
 
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
@@ -161,7 +161,7 @@ def run_untrained_data_bn(a: argparse.Namespace) -> dict:
 
 
 def run_ours(a: argparse.Namespace, method: str, extra: list[str]) -> dict:
-    from orchestration.train.loop import train
+    from sslstream.orchestration.train.loop import train
 
     run = f"q-{method}-{int(time.time())}"
     cfg = compose(a, method, [f"run_name={run}", *extra])
@@ -176,6 +176,7 @@ def run_ours(a: argparse.Namespace, method: str, extra: list[str]) -> dict:
 
 def run_peer(a: argparse.Namespace, method: str, train_x: np.ndarray) -> dict:
     from PIL import Image
+    from sslstream.models.backbones import feature_dim_of
 
     from benchmarks.lightly_peer import (
         IMAGENET_MEAN,
@@ -184,7 +185,6 @@ def run_peer(a: argparse.Namespace, method: str, train_x: np.ndarray) -> dict:
         peer_optimizer,
         peer_transform,
     )
-    from models.backbones import feature_dim_of
 
     torch.set_num_threads(a.threads)
     cfg = compose(a, "byol", [])

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.shards.stream import ShardStream  # noqa: E402
-from pipelines.shards.tools import write_shards  # noqa: E402
+from sslstream.pipelines.shards.stream import ShardStream  # noqa: E402
+from sslstream.pipelines.shards.tools import write_shards  # noqa: E402
 
 
 def synthetic_samples(n: int, size: int, seed: int = 0):

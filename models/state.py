@@ -14,9 +14,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from sslstream.models.objectives.gather import gather_no_grad
 from torch import nn
-
-from models.objectives.gather import gather_no_grad
 
 __all__ = ["MomentumEncoder", "Queue", "cosine_tau"]
 

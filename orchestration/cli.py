@@ -7,8 +7,8 @@
 
 The config is composed with Hydra's compose API over the installed `conf` package, so the
 command works from any directory and never changes the working directory (relative paths
-in overrides mean what the user thinks). Also runnable as `python -m orchestration.cli`,
-which is what torchrun launches: `torchrun --nproc-per-node 8 -m orchestration.cli train`.
+in overrides mean what the user thinks). Also runnable as `python -m sslstream.orchestration.cli`,
+which is what torchrun launches: `torchrun --nproc-per-node 8 -m sslstream.orchestration.cli train`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ EXIT_SIGTERM = 143
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The resolved config, unchecked (see orchestration/schema.py: `compose_checked`)."""
-    from orchestration.schema import compose_config as compose
-    from orchestration.schema import quote_brace_patterns
+    from sslstream.orchestration.schema import compose_config as compose
+    from sslstream.orchestration.schema import quote_brace_patterns
 
     return compose(quote_brace_patterns(overrides))
 
@@ -95,12 +95,14 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = ()
     if opts.get("-h") or opts.get("--help"):
         print(USAGE)
         return opts, None
-    from orchestration.schema import compose_checked
+    from sslstream.orchestration.schema import compose_checked
 
     # every key, type and range is checked here, before any data is touched
     cfg = compose_checked(overrides, allow_missing=bool(opts.get("--cfg")))
     if opts.get("--cfg"):
-        from orchestration.tracking.settings import redact_config  # no credential is printed
+        from sslstream.orchestration.tracking.settings import (
+            redact_config,  # no credential is printed
+        )
 
         print(OmegaConf.to_yaml(OmegaConf.create(redact_config(
             OmegaConf.to_container(cfg, resolve=True)))), end="")
@@ -112,9 +114,9 @@ def cmd_train(args: list[str]) -> int:
     _, cfg = _parse(args)
     if cfg is None:
         return 0
-    from orchestration.errors import RegistrationError
-    from orchestration.train.loop import run_from_config
-    from orchestration.train.step import NonFiniteLossError
+    from sslstream.orchestration.errors import RegistrationError
+    from sslstream.orchestration.train.loop import run_from_config
+    from sslstream.orchestration.train.step import NonFiniteLossError
 
     try:
         return run_from_config(cfg)
@@ -135,7 +137,7 @@ def cmd_eval(args: list[str]) -> int:
     opts, cfg = _parse(args, ("--checkpoint", "--model"))
     if cfg is None:
         return 0
-    from orchestration.evaluate.run import evaluate_saved
+    from sslstream.orchestration.evaluate.run import evaluate_saved
 
     res = evaluate_saved(cfg, checkpoint=opts.get("--checkpoint"), model_uri=opts.get("--model"))  # type: ignore[arg-type]
     if res is not None:
@@ -151,13 +153,13 @@ def cmd_retrain(args: list[str]) -> int:
     _, cfg = _parse(args)
     if cfg is None:
         return 0
-    from orchestration.retrain.job import retrain
+    from sslstream.orchestration.retrain.job import retrain
 
     return int(retrain(cfg))
 
 
 def cmd_shards(args: list[str]) -> int:
-    from pipelines.shards.tools import main as shards_main
+    from sslstream.pipelines.shards.tools import main as shards_main
 
     return int(shards_main(args))
 
@@ -174,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd not in COMMANDS:
         return _usage_error(f"unknown command {cmd!r}")
     _setup_logging()
-    from orchestration.runtime.interrupt import Interrupted, interrupts
+    from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
 
     interrupts.install()  # SIGINT / SIGTERM -> Interrupted (train keeps a resumable state)
     try:
@@ -198,8 +200,7 @@ def _report(cmd: str, e: Exception) -> int:
     a bug or an outage: re-raised, so Python prints its traceback."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from orchestration.errors import ConfigError
+    from sslstream.orchestration.errors import ConfigError
 
     if isinstance(e, ConfigError | HydraException | OmegaConfBaseException) or _is_config_error(e):
         msg = str(e)
@@ -218,17 +219,17 @@ def _report(cmd: str, e: Exception) -> int:
 def _is_config_error(e: BaseException) -> bool:
     """A bad `method.*` key: models cannot import orchestration, so its error is its own
     class (models.methods.base.MethodConfigError), mapped to the same exit code here."""
-    from models.methods.base import MethodConfigError
+    from sslstream.models.methods.base import MethodConfigError
 
     return isinstance(e, MethodConfigError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input (their messages name it), not a bug."""
-    from orchestration.errors import UserError
-    from pipelines.shards.errors import DataError
-    from pipelines.shards.storage import StorageError
-    from pipelines.shards.stream import BadDataError
+    from sslstream.orchestration.errors import UserError
+    from sslstream.pipelines.shards.errors import DataError
+    from sslstream.pipelines.shards.storage import StorageError
+    from sslstream.pipelines.shards.stream import BadDataError
 
     return (UserError, DataError, StorageError, BadDataError, FileNotFoundError, PermissionError,
             NotADirectoryError)

@@ -3,7 +3,7 @@
 Why a helper: every DDP-exactness test needs the same fiddly scaffolding -- a free port on
 127.0.0.1, a bounded wait, a barrier before ``destroy_process_group()`` (without it gloo
 sometimes aborts with "terminate called without an active exception": 5 of 24 torchrun
-runs, 0 of 24 with the barrier; see ``orchestration.runtime.distributed.cleanup``), rank 0
+runs, 0 of 24 with the barrier; see ``sslstream.orchestration.runtime.distributed.cleanup``), rank 0
 leaving the group last and no rank running the interpreter's teardown (see ``_exit``), and
 the child's traceback surfaced in the parent instead of a bare non-zero exit code.
 

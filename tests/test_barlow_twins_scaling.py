@@ -16,10 +16,9 @@ The paper's lr 0.2 / 0.0048 and weight decay 1.5e-6 were tuned on W = 32 GPUs (p
 from __future__ import annotations
 
 import torch
-
-from models.objectives.barlow_twins import barlow_twins_loss
-from models.optim import build_optimizer
-from orchestration.cli import compose_config
+from sslstream.models.objectives.barlow_twins import barlow_twins_loss
+from sslstream.models.optim import build_optimizer
+from sslstream.orchestration.cli import compose_config
 
 W_OFFICIAL = 32  # Barlow Twins paper, Sec. 3: batch 2048 on 32 V100 GPUs
 

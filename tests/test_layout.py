@@ -21,19 +21,19 @@ PACKAGES = ("orchestration", "pipelines", "models")
 
 # A module may import its own room and any room with a lower rank; never a higher one.
 ROOMS: list[tuple[str, int]] = [
-    ("orchestration.cli", 90),
-    ("orchestration.retrain", 80),
-    ("orchestration.train", 70),
-    ("orchestration.evaluate", 60),
-    ("orchestration.tracking", 50),
-    ("orchestration.runtime", 40),
-    ("orchestration.errors", 35),  # imports nothing; every orchestration room may raise these
-    ("orchestration.schema", 45),  # the config check: above errors, below tracking
-    ("orchestration", 40),  # the package's own __init__
-    ("pipelines.views", 30),
-    ("pipelines.shards", 20),
-    ("pipelines", 20),
-    ("models", 10),
+    ("sslstream.orchestration.cli", 90),
+    ("sslstream.orchestration.retrain", 80),
+    ("sslstream.orchestration.train", 70),
+    ("sslstream.orchestration.evaluate", 60),
+    ("sslstream.orchestration.tracking", 50),
+    ("sslstream.orchestration.runtime", 40),
+    ("sslstream.orchestration.errors", 35),  # imports nothing; every orchestration room may raise these
+    ("sslstream.orchestration.schema", 45),  # the config check: above errors, below tracking
+    ("sslstream.orchestration", 40),  # the package's own __init__
+    ("sslstream.pipelines.views", 30),
+    ("sslstream.pipelines.shards", 20),
+    ("sslstream.pipelines", 20),
+    ("sslstream.models", 10),
 ]
 
 
@@ -45,7 +45,7 @@ def modules() -> dict[str, Path]:
             parts = list(rel.parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            out[".".join(parts)] = p
+            out[".".join(["sslstream", *parts])] = p
     return out
 
 
@@ -55,7 +55,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> Iterator[str]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for a in node.names:
-                if a.name.split(".")[0] in PACKAGES:
+                if _ours(a.name):
                     yield _nearest_module(a.name, known)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -63,11 +63,17 @@ def imports_of(name: str, path: Path, known: set[str]) -> Iterator[str]:
                 anchor = name.split(".") if is_pkg else name.split(".")[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            if base.split(".")[0] not in PACKAGES:
+            if not _ours(base):
                 continue
             for a in node.names:
                 full = f"{base}.{a.name}"
                 yield full if full in known else _nearest_module(base, known)
+
+
+def _ours(dotted: str) -> bool:
+    """`sslstream.<room>...`: a module of this project (every import is namespaced)."""
+    parts = dotted.split(".")
+    return len(parts) > 1 and parts[0] == "sslstream" and parts[1] in PACKAGES
 
 
 def _nearest_module(dotted: str, known: set[str]) -> str:
@@ -127,8 +133,6 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 
 def rank(module: str) -> tuple[str, int]:
-    if module == "orchestration.__main__":  # `python -m orchestration`: the CLI's own door
-        module = "orchestration.cli"
     for prefix, r in ROOMS:
         if module == prefix or module.startswith(prefix + "."):
             return prefix, r
@@ -153,8 +157,8 @@ def test_imports_run_one_way() -> None:
 
 def test_models_and_pipelines_stay_apart() -> None:
     bad = [f"{m} imports {d}" for m, deps in graph().items() for d in deps
-           if m.split(".")[0] != d.split(".")[0]
-           and {m.split(".")[0], d.split(".")[0]} == {"models", "pipelines"}]
+           if m.split(".")[1] != d.split(".")[1]
+           and {m.split(".")[1], d.split(".")[1]} == {"models", "pipelines"}]
     assert not bad, bad
 
 
@@ -178,5 +182,5 @@ def test_the_checks_can_fail(fixture: str) -> None:
         g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
         assert cycles(g) == [["a", "b", "c"]]
     else:
-        assert rank("orchestration.tracking.tracker")[1] < rank("orchestration.train.loop")[1]
-        assert rank("pipelines.shards.stream")[1] < rank("pipelines.views.loader")[1]
+        assert rank("sslstream.orchestration.tracking.tracker")[1] < rank("sslstream.orchestration.train.loop")[1]
+        assert rank("sslstream.pipelines.shards.stream")[1] < rank("sslstream.pipelines.views.loader")[1]

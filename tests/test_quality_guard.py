@@ -49,7 +49,7 @@ pytestmark = [
 
 
 def _cfg(method: str, *extra: str, tmp: Path):
-    from orchestration.cli import compose_config
+    from sslstream.orchestration.cli import compose_config
 
     train, bank, test = (str(p) for p in SHARDS)
     return compose_config([
@@ -64,7 +64,7 @@ def _cfg(method: str, *extra: str, tmp: Path):
 
 
 def _trained_knn(method: str, *extra: str, tmp: Path) -> float:
-    from orchestration.train.loop import train
+    from sslstream.orchestration.train.loop import train
 
     res = train(_cfg(method, *extra, tmp=tmp))
     assert res.eval is not None and res.eval.bank_size == 5000 and res.eval.test_size == 5000
@@ -76,10 +76,11 @@ def untrained_knn_of(cfg) -> float:
     BatchNorm statistics computed on the training shard: data statistics, not learned
     weights. Without this the baseline is too low: a run with optim.lr=0 (nothing learned)
     gains ~0.015 over the default statistics (BENCHMARKS.md)."""
+    from sslstream.models.methods import build_method
+    from sslstream.orchestration.evaluate.run import evaluate
+    from sslstream.orchestration.runtime.distributed import init_distributed
+
     from benchmarks.quality_cpu import data_bn_statistics
-    from models.methods import build_method
-    from orchestration.evaluate.run import evaluate
-    from orchestration.runtime.distributed import init_distributed
 
     torch.manual_seed(int(cfg.seed))
     method = build_method(cfg.method, cfg.backbone)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
-
-from orchestration.cli import compose_config
-from orchestration.schema import with_default_recipe
+from sslstream.orchestration.cli import compose_config
+from sslstream.orchestration.schema import with_default_recipe
 
 METHODS = ("byol", "simclr", "mocov2", "simsiam", "vicreg", "barlow_twins", "contrastive")
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
-
-from models.backbones import build_backbone
-from models.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
-from models.methods.base import (
+from sslstream.models.backbones import build_backbone
+from sslstream.models.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
+from sslstream.models.methods.base import (
     CheckpointMismatchError,
     Method,
     MethodConfig,
@@ -28,12 +26,13 @@ from models.methods.base import (
     did_you_mean,
     split_param_groups,
 )
-from models.methods.byol import BYOL, BYOLConfig
-from models.methods.contrastive import Contrastive, ContrastiveConfig
-from models.methods.moco import MoCoV2, MoCoV2Config
-from models.methods.simclr import SimCLR, SimCLRConfig
-from models.methods.simsiam import SimSiam, SimSiamConfig
-from models.methods.vicreg import VICReg, VICRegConfig
+from sslstream.models.methods.byol import BYOL, BYOLConfig
+from sslstream.models.methods.contrastive import Contrastive, ContrastiveConfig
+from sslstream.models.methods.moco import MoCoV2, MoCoV2Config
+from sslstream.models.methods.simclr import SimCLR, SimCLRConfig
+from sslstream.models.methods.simsiam import SimSiam, SimSiamConfig
+from sslstream.models.methods.vicreg import VICReg, VICRegConfig
+from torch import nn
 
 __all__ = [
     "BYOL",

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sslstream.models.heads import barlow_projector
+from sslstream.models.methods.base import Method, MethodConfig, Metrics, split_param_groups
+from sslstream.models.objectives import barlow_twins_loss
 from torch import nn
-
-from models.heads import barlow_projector
-from models.methods.base import Method, MethodConfig, Metrics, split_param_groups
-from models.objectives import barlow_twins_loss
 
 
 @dataclass(frozen=True, kw_only=True)

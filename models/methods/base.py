@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Self
 
 import torch
+from sslstream.models.backbones import feature_dim_of
+from sslstream.models.state import MomentumEncoder
 from torch import nn
-
-from models.backbones import feature_dim_of
-from models.state import MomentumEncoder
 
 __all__ = [
     "CheckpointMismatchError",
@@ -169,7 +168,7 @@ def split_param_groups(named: Iterable[tuple[str, nn.Parameter]], name: str,
 
     The second group is flagged ``lars_exclude``: LARS neither adapts its lr nor decays it
     (BYOL, SimCLR, VICReg, Barlow Twins). ``fixed_lr`` (default False) tells
-    :class:`~models.optim.WarmupCosine` to leave the group's lr alone. Empty groups are dropped.
+    :class:`~sslstream.models.optim.WarmupCosine` to leave the group's lr alone. Empty groups are dropped.
     """
     weights: list[nn.Parameter] = []
     others: list[nn.Parameter] = []

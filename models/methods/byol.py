@@ -1,7 +1,7 @@
 """BYOL (Grill et al. 2020): an online network predicts an EMA target's projection.
 
 online: backbone -> projector (4096-BN-ReLU-256) -> predictor (same shape)
-target: EMA copy of backbone -> projector (:class:`~models.state.MomentumEncoder`),
+target: EMA copy of backbone -> projector (:class:`~sslstream.models.state.MomentumEncoder`),
         tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, updated after each optimizer step.
 loss:   byol_loss(p1, z2') + byol_loss(p2, z1'), the paper's symmetrised sum (range [0, 8]).
 
@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sslstream.models.heads import byol_mlp
+from sslstream.models.methods.base import Method, MethodConfig, Metrics, MomentumPair
+from sslstream.models.objectives import byol_loss
+from sslstream.models.state import MomentumEncoder
 from torch import nn
-
-from models.heads import byol_mlp
-from models.methods.base import Method, MethodConfig, Metrics, MomentumPair
-from models.objectives import byol_loss
-from models.state import MomentumEncoder
 
 
 @dataclass(frozen=True, kw_only=True)

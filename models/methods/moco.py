@@ -1,9 +1,9 @@
 """MoCo v2 (Chen et al. 2020): queries against a momentum encoder's keys and a key queue.
 
 query encoder: backbone -> projector (Linear-ReLU-Linear, no BN: moco/builder.py)
-key encoder:   EMA copy (:class:`~models.state.MomentumEncoder`; MoCo's m = 0.999 is
+key encoder:   EMA copy (:class:`~sslstream.models.state.MomentumEncoder`; MoCo's m = 0.999 is
                ``tau_base = tau_final = 0.999``), updated after each optimizer step
-queue:         :class:`~models.state.Queue`, the view-2 keys of all ranks, enqueued after
+queue:         :class:`~sslstream.models.state.Queue`, the view-2 keys of all ranks, enqueued after
                the loss
 loss:          info_nce(q1, k2, queue)
 
@@ -27,12 +27,11 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from sslstream.models.heads import moco_projector
+from sslstream.models.methods.base import Method, MethodConfig, Metrics, MomentumPair
+from sslstream.models.objectives import gather_no_grad, get_rank, get_world_size, info_nce
+from sslstream.models.state import MomentumEncoder, Queue
 from torch import nn
-
-from models.heads import moco_projector
-from models.methods.base import Method, MethodConfig, Metrics, MomentumPair
-from models.objectives import gather_no_grad, get_rank, get_world_size, info_nce
-from models.state import MomentumEncoder, Queue
 
 
 @dataclass(frozen=True, kw_only=True)

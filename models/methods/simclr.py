@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sslstream.models.heads import simclr_projector
+from sslstream.models.methods.base import Method, MethodConfig, Metrics
+from sslstream.models.objectives import nt_xent
 from torch import nn
-
-from models.heads import simclr_projector
-from models.methods.base import Method, MethodConfig, Metrics
-from models.objectives import nt_xent
 
 
 @dataclass(frozen=True, kw_only=True)

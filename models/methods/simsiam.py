@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sslstream.models.heads import simsiam_predictor, simsiam_projector
+from sslstream.models.methods.base import Method, MethodConfig, Metrics, split_param_groups
+from sslstream.models.objectives import simsiam_loss
 from torch import nn
-
-from models.heads import simsiam_predictor, simsiam_projector
-from models.methods.base import Method, MethodConfig, Metrics, split_param_groups
-from models.objectives import simsiam_loss
 
 
 @dataclass(frozen=True, kw_only=True)

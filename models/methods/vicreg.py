@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sslstream.models.heads import vicreg_expander
+from sslstream.models.methods.base import Method, MethodConfig, Metrics
+from sslstream.models.objectives import vicreg_loss
 from torch import nn
-
-from models.heads import vicreg_expander
-from models.methods.base import Method, MethodConfig, Metrics
-from models.objectives import vicreg_loss
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,21 +10,21 @@ May import: torch and torch.distributed only.
 Imported by: models.methods, tests.
 """
 
-from models.objectives._common import LossParts
-from models.objectives.barlow_twins import barlow_twins_loss
-from models.objectives.byol import byol_loss
-from models.objectives.contrastive_margin import contrastive_margin
-from models.objectives.gather import (
+from sslstream.models.objectives._common import LossParts
+from sslstream.models.objectives.barlow_twins import barlow_twins_loss
+from sslstream.models.objectives.byol import byol_loss
+from sslstream.models.objectives.contrastive_margin import contrastive_margin
+from sslstream.models.objectives.gather import (
     gather_no_grad,
     gather_with_grad,
     get_rank,
     get_world_size,
     is_distributed,
 )
-from models.objectives.info_nce import info_nce
-from models.objectives.nt_xent import nt_xent
-from models.objectives.simsiam import simsiam_loss
-from models.objectives.vicreg import vicreg_loss
+from sslstream.models.objectives.info_nce import info_nce
+from sslstream.models.objectives.nt_xent import nt_xent
+from sslstream.models.objectives.simsiam import simsiam_loss
+from sslstream.models.objectives.vicreg import vicreg_loss
 
 __all__ = [
     "LossParts",

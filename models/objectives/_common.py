@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
-
-from models.objectives import gather as _gather
+from sslstream.models.objectives import gather as _gather
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

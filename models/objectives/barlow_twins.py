@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from models.objectives._common import (
+from sslstream.models.objectives._common import (
     LossParts,
     check_pair,
     check_positive,

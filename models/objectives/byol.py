@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from models.objectives._common import LossParts, check_pair, full_precision, upcast
+from sslstream.models.objectives._common import LossParts, check_pair, full_precision, upcast
 
 __all__ = ["byol_loss"]
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from models.objectives._common import (
+from sslstream.models.objectives._common import (
     LossParts,
     check_pair,
     check_positive,
@@ -32,7 +31,7 @@ def info_nce(
     ``k`` and ``queue`` are constants (detached here): in MoCo they come from the momentum
     encoder and receive no gradient. Nothing is gathered: the loss is local per rank and the
     mean over ranks is the full-batch loss. Keeping the queue (gathering keys with
-    :func:`models.objectives.gather.gather_no_grad` before enqueueing) is the method's job.
+    :func:`sslstream.models.objectives.gather.gather_no_grad` before enqueueing) is the method's job.
 
     Args:
         q: (N, D) queries (online encoder), the only input that gets gradient.

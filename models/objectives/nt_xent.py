@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from models.objectives._common import (
+from sslstream.models.objectives._common import (
     LossParts,
     anchors_and_candidates,
     check_pair,

@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from models.objectives._common import (
+from sslstream.models.objectives._common import (
     LossParts,
     check_pair,
     check_positive,

@@ -12,8 +12,7 @@ and keeps its own rows.
 from __future__ import annotations
 
 import torch
-
-from orchestration.runtime.distributed import gather_rows
+from sslstream.orchestration.runtime.distributed import gather_rows
 
 _P = 2_147_483_647  # 2^31 - 1, prime
 _A = 16_807 * 1_000_003  # < 2^35: index (< 2^39) * _A stays in int64 after the mod below

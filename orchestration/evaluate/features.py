@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-
-from orchestration.runtime.distributed import all_reduce_max, gather_rows
+from sslstream.orchestration.runtime.distributed import all_reduce_max, gather_rows
 
 PROGRESS_EVERY_S = 15.0  # feature extraction over a large bank takes minutes: say so
 

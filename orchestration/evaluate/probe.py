@@ -9,9 +9,8 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from sslstream.orchestration.runtime.distributed import gather_rows
 from torch import nn
-
-from orchestration.runtime.distributed import gather_rows
 
 
 def linear_probe(

@@ -24,24 +24,23 @@ from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
-
-from orchestration.errors import ConfigError, UserError
-from orchestration.evaluate.bank import select_local
-from orchestration.evaluate.features import (
+from sslstream.orchestration.errors import ConfigError, UserError
+from sslstream.orchestration.evaluate.bank import select_local
+from sslstream.orchestration.evaluate.features import (
     PROGRESS_EVERY_S,
     Features,
     extract_local,
     gather_features,
 )
-from orchestration.evaluate.knn import accuracy, quantize, sharded_knn_predict
-from orchestration.evaluate.probe import linear_probe_sharded
-from orchestration.runtime.distributed import (
+from sslstream.orchestration.evaluate.knn import accuracy, quantize, sharded_knn_predict
+from sslstream.orchestration.evaluate.probe import linear_probe_sharded
+from sslstream.orchestration.runtime.distributed import (
     DistEnv,
     all_reduce_max,
     all_reduce_sum,
     loader_threads,
 )
+from torch import nn
 
 log = logging.getLogger("sslstream.eval")
 # phase times and scoring progress: a child logger, so the feature-progress lines above
@@ -96,9 +95,9 @@ def evaluate(
     afterwards. Every rank returns the same result. `inputs` = (image size, mean, std)
     replaces the augment recipe's (a registered encoder carries its own).
     """
-    from models.collapse import effective_rank, embedding_std
-    from pipelines.shards.stream import sample_options
-    from pipelines.views.eval_loader import build_eval_loader
+    from sslstream.models.collapse import effective_rank, embedding_std
+    from sslstream.pipelines.shards.stream import sample_options
+    from sslstream.pipelines.views.eval_loader import build_eval_loader
 
     data, ev = cfg.data, cfg.eval
     for key in ("bank", "test"):
@@ -106,7 +105,7 @@ def evaluate(
             raise ConfigError(f"evaluation needs labelled shards: data.{key} is not set", f"data.{key}")
     t0 = time.perf_counter()
 
-    from pipelines.views.recipes import TwoViewRecipe
+    from sslstream.pipelines.views.recipes import TwoViewRecipe
 
     # Eval inputs are normalised and sized like the training views, so the encoder sees
     # the statistics it was trained on.
@@ -251,13 +250,13 @@ def evaluate_saved(cfg: DictConfig, *, checkpoint: str | None = None, model_uri:
     trained with); a model URI (`models:/name@champion`, `models:/name/3`, `models:/m-...`)
     is rebuilt from its own spec. Returns the result on rank 0, None elsewhere.
     """
-    from orchestration.runtime.checkpoint import load_checkpoint
-    from orchestration.runtime.distributed import init_distributed
+    from sslstream.orchestration.runtime.checkpoint import load_checkpoint
+    from sslstream.orchestration.runtime.distributed import init_distributed
 
     env = init_distributed(str(cfg.trainer.get("device", "auto")))
     inputs = None
     if checkpoint is not None:
-        from models.methods import build_method
+        from sslstream.models.methods import build_method
 
         module: nn.Module = build_method(cfg.method, cfg.backbone)
         state = load_checkpoint(checkpoint)
@@ -269,13 +268,13 @@ def evaluate_saved(cfg: DictConfig, *, checkpoint: str | None = None, model_uri:
                 f"backbone={cfg.backbone.name}: pass the overrides it was trained with ({e})"
             ) from e
     elif model_uri is not None:
-        from orchestration.tracking.encoder_model import build_encoder
-        from orchestration.tracking.mlflow_env import resolve_tracking_uri
-        from orchestration.tracking.registry import load_encoder_state_dict
+        from sslstream.models.backbones import build_backbone
+        from sslstream.orchestration.tracking.mlflow_env import resolve_tracking_uri
+        from sslstream.orchestration.tracking.registry import load_encoder_state_dict
 
         uri = resolve_tracking_uri(cfg.tracking.get("uri"))
         weights, spec = load_encoder_state_dict(uri, model_uri)
-        backbone = build_encoder(spec)
+        backbone = build_backbone(spec.backbone)
         backbone.load_state_dict(weights)
         module = _Encoder(backbone)
         inputs = (spec.image_size, tuple(spec.mean), tuple(spec.std))

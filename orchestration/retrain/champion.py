@@ -20,9 +20,8 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
-from orchestration.tracking.registry import ChampionInfo, RegistrySettings, read_champion
-from pipelines.shards.snapshot import Snapshot
+from sslstream.orchestration.tracking.registry import ChampionInfo, RegistrySettings, read_champion
+from sslstream.pipelines.shards.snapshot import Snapshot
 
 TAG = "retrain."
 SNAPSHOT_ARTIFACT = "retrain/snapshot.json"

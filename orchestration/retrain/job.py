@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-
-from orchestration.retrain.exits import (
+from sslstream.orchestration.retrain.exits import (
     EXIT_CONFIG,
     EXIT_LEASE_LOST,
     EXIT_LOCK_HELD,
@@ -45,10 +44,10 @@ from orchestration.retrain.exits import (
     EXIT_TRAIN_FAILED,
     RetrainExit,
 )
-from orchestration.retrain.lease import Lease, LeaseHeld
-from orchestration.retrain.runkey import config_hash, run_key
-from orchestration.retrain.stores import LeaseStoreError, open_store
-from pipelines.shards.snapshot import Snapshot, source_base, take_snapshot
+from sslstream.orchestration.retrain.lease import Lease, LeaseHeld
+from sslstream.orchestration.retrain.runkey import config_hash, run_key
+from sslstream.orchestration.retrain.stores import LeaseStoreError, open_store
+from sslstream.pipelines.shards.snapshot import Snapshot, source_base, take_snapshot
 
 log = logging.getLogger("sslstream.retrain")
 
@@ -116,9 +115,9 @@ def _say(msg: str) -> None:
 
 def _registry(cfg: DictConfig):
     """The MLflow side, or RetrainExit(EXIT_REGISTRY) if the server does not answer."""
-    from orchestration.retrain.champion import RetrainRegistry
-    from orchestration.tracking import mlflow_env
-    from orchestration.tracking.tracker import TrackingSettings
+    from sslstream.orchestration.retrain.champion import RetrainRegistry
+    from sslstream.orchestration.tracking import mlflow_env
+    from sslstream.orchestration.tracking.tracker import TrackingSettings
 
     ts = TrackingSettings.from_config(cfg.get("tracking"))
     if not ts.enabled:
@@ -187,8 +186,8 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
     state in any phase: EXIT_PREEMPTED. A configuration error found by the trainer (e.g. an
     unset data.test) is EXIT_CONFIG, not a training failure a scheduler would retry.
     """
-    from orchestration.errors import ConfigError, RegistrationError
-    from orchestration.runtime.interrupt import Interrupted
+    from sslstream.orchestration.errors import ConfigError, RegistrationError
+    from sslstream.orchestration.runtime.interrupt import Interrupted
 
     lost_reason: list[str] = []
     training = threading.Event()
@@ -233,9 +232,8 @@ def _generate_embedded_data(cfg: DictConfig) -> None:
     if not cfg.data.get("generate", False):
         return
     import torch
-
-    from orchestration.runtime.distributed import DistEnv
-    from orchestration.train.job import prepare_data
+    from sslstream.orchestration.runtime.distributed import DistEnv
+    from sslstream.orchestration.train.job import prepare_data
 
     prepare_data(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
 
@@ -252,7 +250,7 @@ def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot,
 
 def retrain(cfg: DictConfig, *, train_fn: TrainFn | None = None, registry: Any = None) -> int:
     """Run one retraining check; returns the exit code (see module docstring)."""
-    from orchestration.runtime.interrupt import Interrupted
+    from sslstream.orchestration.runtime.interrupt import Interrupted
 
     try:
         _say(_retrain(cfg, train_fn=train_fn, registry=registry))
@@ -267,7 +265,7 @@ def retrain(cfg: DictConfig, *, train_fn: TrainFn | None = None, registry: Any =
         return e.code
 
 
-run = retrain  # `orchestration.retrain.job.run(cfg) -> int`, the name the CLI brief used
+run = retrain  # `sslstream.orchestration.retrain.job.run(cfg) -> int`, the name the CLI brief used
 
 
 def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str:
@@ -356,13 +354,13 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
         tcfg = _train_config(cfg, key, snap, warm)
         try:
             if train_fn is None and st.nproc_per_node > 1:
-                from orchestration.retrain.torchrun import run_torchrun
+                from sslstream.orchestration.retrain.torchrun import run_torchrun
 
                 result = run_torchrun(tcfg, lease, st.heartbeat_s, st.nproc_per_node,
                                       st.torchrun_args)
             else:
                 if train_fn is None:
-                    from orchestration.train.loop import train as train_fn
+                    from sslstream.orchestration.train.loop import train as train_fn
                 result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
             if getattr(result, "status", "completed") == "preempted":
                 by = getattr(result, "stopped_by", None) or "a signal"

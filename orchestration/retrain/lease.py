@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from orchestration.retrain.stores import LeaseStore, LeaseStoreError
+from sslstream.orchestration.retrain.stores import LeaseStore, LeaseStoreError
 
 log = logging.getLogger(__name__)
 

@@ -122,8 +122,7 @@ class S3LeaseStore:
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         import s3fs  # lazy: only S3 users need it
-
-        from pipelines.shards.storage import (
+        from sslstream.pipelines.shards.storage import (
             resolve_storage_options,  # endpoint from AWS_ENDPOINT_URL
         )
 
@@ -210,7 +209,7 @@ class GCSLeaseStore:
     ATTEMPTS = 3
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        from pipelines.shards.storage import gcs_emulator_defaults
+        from sslstream.pipelines.shards.storage import gcs_emulator_defaults
 
         gcs_emulator_defaults()
         import gcsfs  # lazy: only GCS users need it
@@ -233,8 +232,7 @@ class GCSLeaseStore:
         """One request, retried on 5xx / 408 / 429 / transport errors; 404 and 412 raise
         FileNotFoundError and FileExistsError (gcsfs's mapping) for the callers."""
         from fsspec.asyn import sync
-
-        from pipelines.shards.storage import classify
+        from sslstream.pipelines.shards.storage import classify
 
         for attempt in range(self.ATTEMPTS):
             try:

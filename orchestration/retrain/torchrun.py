@@ -6,9 +6,9 @@ own exit 1, which would erase the exit codes a scheduler acts on. So the decisio
 and its heartbeat stay in this process, and only the training runs as
 
     python -m torch.distributed.run --standalone --nproc-per-node N \\
-        -m orchestration.retrain.torchrun <train config.yaml> <result.json>
+        -m sslstream.orchestration.retrain.torchrun <train config.yaml> <result.json>
 
-The worker ranks call `orchestration.train.loop.train` on the exact config retrain prepared;
+The worker ranks call `sslstream.orchestration.train.loop.train` on the exact config retrain prepared;
 rank 0 writes the outcome as JSON. The child dies with us (PR_SET_PDEATHSIG), gets our
 SIGTERM forwarded (the trainer checkpoints and stops), and is stopped when the lease is lost.
 """
@@ -28,8 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from orchestration.retrain.lease import Lease
+from sslstream.orchestration.retrain.lease import Lease
 
 CONFIG_NAME = "retrain-train-config.yaml"
 RESULT_NAME = "retrain-result.json"
@@ -47,7 +46,7 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
 
     Raises RetrainExit with the code for a lost lease, a failed training or registration.
     """
-    from orchestration.retrain.exits import EXIT_LEASE_LOST, RetrainExit
+    from sslstream.orchestration.retrain.exits import EXIT_LEASE_LOST, RetrainExit
 
     work = Path(str(tcfg.trainer.output_dir)).expanduser() / str(tcfg.run_name)
     work.mkdir(parents=True, exist_ok=True)
@@ -60,7 +59,7 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", *extra_args,
-           "-m", "orchestration.retrain.torchrun", str(cfg_path), str(result_path)]
+           "-m", "sslstream.orchestration.retrain.torchrun", str(cfg_path), str(result_path)]
     lost: list[str] = []
     lease.start_heartbeat(lost.append, heartbeat_s)
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
@@ -94,7 +93,7 @@ def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespa
     A preempted run counts as preempted whatever torchrun's status: on SIGTERM the agent
     itself exits non-zero (SignalException) after the ranks checkpointed and stopped.
     """
-    from orchestration.retrain.exits import (
+    from sslstream.orchestration.retrain.exits import (
         EXIT_CONFIG,
         EXIT_REGISTRY,
         EXIT_TRAIN_FAILED,
@@ -129,10 +128,10 @@ def _wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> None:
 
 def worker(cfg_path: str, result_path: str) -> int:
     """One torchrun rank: train on the prepared config; rank 0 writes the outcome."""
-    from orchestration.errors import ConfigError, RegistrationError
-    from orchestration.runtime import distributed as D
-    from orchestration.runtime.interrupt import Interrupted
-    from orchestration.train.loop import train
+    from sslstream.orchestration.errors import ConfigError, RegistrationError
+    from sslstream.orchestration.runtime import distributed as D
+    from sslstream.orchestration.runtime.interrupt import Interrupted
+    from sslstream.orchestration.train.loop import train
 
     cfg = OmegaConf.load(cfg_path)
     rank0 = os.environ.get("RANK", "0") == "0"

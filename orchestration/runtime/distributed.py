@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from orchestration.errors import ConfigError
+from sslstream.orchestration.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -190,7 +189,7 @@ def agree_on_checkpoint(run_dir, env: DistEnv):
     naming the path and the rank(s) that lack it."""
     from pathlib import Path
 
-    from orchestration.runtime import checkpoint as ckpt
+    from sslstream.orchestration.runtime import checkpoint as ckpt
 
     run_dir = Path(run_dir)
     mine = ckpt.latest_checkpoint(run_dir)
@@ -242,7 +241,7 @@ def loader_threads(setting: int | str | None, gpu: bool | None = None) -> int:
     """
     if setting is not None and str(setting) != "auto":
         return int(setting)
-    from orchestration.runtime.resources import local_ranks, plan_resources, usable_cpus
+    from sslstream.orchestration.runtime.resources import local_ranks, plan_resources, usable_cpus
 
     gpu = torch.cuda.is_available() if gpu is None else gpu
     return plan_resources(cpus=usable_cpus(), local_ranks=local_ranks(), gpu=gpu).loader_threads

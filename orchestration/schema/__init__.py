@@ -33,9 +33,8 @@ from importlib import resources
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from orchestration.errors import ConfigError
-from orchestration.schema.rules import RULES, Rule, rule_for, type_rule
+from sslstream.orchestration.errors import ConfigError
+from sslstream.orchestration.schema.rules import RULES, Rule, rule_for, type_rule
 
 __all__ = ["RULES", "Rule", "check_config", "check_overrides", "compose_checked", "compose_config"]
 
@@ -92,7 +91,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module="conf", version_base="1.3"):
+        with initialize_config_module(config_module="sslstream.conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=with_default_recipe(overrides))
     finally:
         GlobalHydra.instance().clear()
@@ -125,7 +124,7 @@ def compose_checked(overrides: Sequence[str] = (), *, allow_missing: bool = Fals
 
 
 def _conf_dir() -> Any:
-    return resources.files("conf")
+    return resources.files("sslstream.conf")
 
 
 def _is_group(key: str) -> bool:
@@ -287,7 +286,7 @@ def _check_augment(cfg: DictConfig) -> None:
     crop_scale lo <= hi, equal view sizes), before any data is touched."""
     if "augment" not in cfg:
         return
-    from pipelines.views.recipes import TwoViewRecipe
+    from sslstream.pipelines.views.recipes import TwoViewRecipe
 
     try:
         TwoViewRecipe.from_config(cfg.augment)
@@ -298,8 +297,8 @@ def _check_augment(cfg: DictConfig) -> None:
 def _check_method(cfg: DictConfig) -> None:
     """`method.*` against the method's typed config (models/methods: `config_class`), so a bad
     method key also fails before any data is touched."""
-    from models.methods import method_class
-    from models.methods.base import MethodConfigError
+    from sslstream.models.methods import method_class
+    from sslstream.models.methods.base import MethodConfigError
 
     if "method" not in cfg:
         return

@@ -2,13 +2,20 @@
 
 MLflow copies THIS FILE into every logged encoder model (models-from-code) and executes it
 when `mlflow.pyfunc.load_model(...)` runs in any process, so nothing is cloudpickled. The
-model's state travels as two plain artifacts written by `orchestration.tracking.registry`:
+model's state travels as plain artifacts written by `sslstream.orchestration.tracking.registry`:
 
 - ``spec``: JSON (see `EncoderSpec`): the backbone config given to
-  ``models.backbones.build_backbone``, the feature dimension, the image size and the
+  ``build_backbone``, the feature dimension, the image size and the
   normalisation mean/std the encoder was trained with;
 - ``weights``: the backbone ``state_dict`` saved with ``torch.save`` and loaded with
-  ``weights_only=True`` (tensors only, no code execution on load).
+  ``weights_only=True`` (tensors only, no code execution on load);
+- ``code``: a folder holding the backbone code that trained the encoder (a copy of
+  ``models/backbones.py``), imported under a private module name derived from its content
+  (``_sslstream_encoder_code_<sha>``) without touching ``sys.path``. MLflow's ``code_paths``
+  would prepend a folder to ``sys.path`` for the rest of the process, where a shipped
+  ``models`` package shadows a user's own ``models`` (or is shadowed by one already
+  imported); a private, content-named module can do neither, and two encoders trained by
+  different code load side by side.
 
 Input contract (also recorded as the model signature): a numpy ``uint8`` array of shape
 ``(N, H, W, 3)``, RGB, any H and W. Images whose size differs from the spec's image size are
@@ -17,13 +24,16 @@ loader. Output: ``float32`` embeddings of shape ``(N, feature_dim)`` (backbone f
 not the projector's). Optional predict params: ``batch_size`` (default 256) and ``device``
 (default ``"cpu"``; e.g. ``"cuda"``).
 
-This file must only import torch, numpy, mlflow and the ``models`` package (shipped with the
-model as code), because it runs in serving processes that may not have the rest of sslstream.
+This file imports only torch, numpy, mlflow and the shipped code, because it runs in serving
+processes that may not have sslstream installed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -66,11 +76,38 @@ class EncoderSpec:
         return cls(**raw)
 
 
-def build_encoder(spec: EncoderSpec) -> torch.nn.Module:
-    """Build the (untrained) backbone described by ``spec``; the caller loads the weights."""
-    from models.backbones import build_backbone
+CODE_MODULE = "backbones"  # the module inside the shipped code folder that builds backbones
 
-    module = build_backbone(spec.backbone)
+
+def import_code(folder: str) -> Any:
+    """Import the shipped ``backbones`` module under a private, content-derived name.
+
+    Nothing is added to ``sys.path``: the module is loaded from its file, so it neither
+    shadows nor is shadowed by any package of the user's.
+    """
+    path = f"{folder}/{CODE_MODULE}.py"
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    name = f"_sslstream_encoder_code_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the encoder's code from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def build_encoder(spec: EncoderSpec, code: Any) -> torch.nn.Module:
+    """Build the (untrained) backbone described by ``spec`` with ``code`` (a module holding
+    ``build_backbone``); the caller loads the weights."""
+    module = code.build_backbone(spec.backbone)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"build_backbone returned {type(module).__name__}, not a torch module")
     return module
@@ -113,7 +150,7 @@ class EncoderModel(PythonModel):
     def load_context(self, context):  # noqa: ANN001 (MLflow inspects the signature)
         with open(context.artifacts["spec"], encoding="utf-8") as f:
             self.spec = EncoderSpec.from_json(f.read())
-        self.module = build_encoder(self.spec)
+        self.module = build_encoder(self.spec, import_code(context.artifacts["code"]))
         self.module.load_state_dict(load_weights(context.artifacts["weights"]))
         self.module.eval()
         self.device = torch.device("cpu")

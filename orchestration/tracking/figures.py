@@ -1,6 +1,6 @@
 """Figures as run artifacts: loss and kNN curves from the run's history, a PCA of embeddings.
 
-A mixin of :class:`~orchestration.tracking.tracker.Tracker`, kept apart from the run's
+A mixin of :class:`~sslstream.orchestration.tracking.tracker.Tracker`, kept apart from the run's
 lifecycle and failure handling: it only uses the Tracker's guarded calls, so a plot can
 never stop training when MLflow is down. The drawing itself is in ``plots.py``.
 """
@@ -47,7 +47,7 @@ class FigureLogging:
         self.flush()  # the curves are read back from the server
         if not (self.settings.plots and self._ready()):
             return
-        from orchestration.tracking.plots import is_curve, plot_curves
+        from sslstream.orchestration.tracking.plots import is_curve, plot_curves
 
         knn_key = knn_key or self.settings.registry.metric
         for key, file, ylabel in ((loss_key, "plots/loss.png", "loss"),
@@ -69,7 +69,7 @@ class FigureLogging:
         """
         if not (self.settings.plots and self._ready()):
             return
-        from orchestration.tracking.plots import pca_2d, plot_projection
+        from sslstream.orchestration.tracking.plots import pca_2d, plot_projection
 
         z, y = embeddings[:max_points], labels[:max_points]
         suffix = "" if step is None else f"_{int(step):08d}"

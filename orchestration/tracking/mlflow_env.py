@@ -15,8 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-
-from orchestration.errors import UserError
+from sslstream.orchestration.errors import UserError
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 # MLflow's own knobs; its defaults make a client wait ~250 s on a dead server.

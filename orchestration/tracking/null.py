@@ -1,7 +1,7 @@
 """The Tracker's interface as no-ops, without importing MLflow.
 
 Ranks other than 0, and every rank when ``tracking.enabled=false``, log nothing; giving them
-this object instead of an inactive ``orchestration.tracking.tracker.Tracker`` keeps MLflow (a ~2 s
+this object instead of an inactive ``sslstream.orchestration.tracking.tracker.Tracker`` keeps MLflow (a ~2 s
 import pulling SQLAlchemy, Flask and OpenTelemetry) out of those processes altogether: each
 DDP worker starts faster, and an untracked run needs no MLflow installed (GPU boxes that only
 train, benchmark machines). ``tests/orchestration/test_tracking_null.py`` holds it to the
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from orchestration.errors import RegistrationError
+from sslstream.orchestration.errors import RegistrationError
 
 __all__ = ["NullTracker"]
 

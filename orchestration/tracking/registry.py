@@ -34,17 +34,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
-
-from orchestration.errors import RegistrationError, UserError  # re-exported: callers import it
-from orchestration.tracking.encoder_model import EncoderSpec, load_weights
-from orchestration.tracking.mlflow_env import (
+from sslstream.orchestration.errors import (  # re-exported: callers import it
+    RegistrationError,
+    UserError,
+)
+from sslstream.orchestration.tracking.encoder_model import CODE_MODULE, EncoderSpec, load_weights
+from sslstream.orchestration.tracking.mlflow_env import (
     ensure_http_limits,
     quiet_downloads,
     redact,
     require_store,
     scoped_tracking_uri,
 )
-from orchestration.tracking.promotion import (  # COMPARABLE_TAGS, RegistrySettings: re-exported
+from sslstream.orchestration.tracking.promotion import (  # COMPARABLE_TAGS, RegistrySettings: re-exported
     COMPARABLE_TAGS,
     RegistrySettings,
     current_champion,
@@ -54,7 +56,8 @@ from orchestration.tracking.promotion import (  # COMPARABLE_TAGS, RegistrySetti
 )
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
-MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
+# The backbone code shipped with every encoder (encoder_model.py: `import_code`).
+BACKBONE_CODE = Path(__file__).resolve().parents[2] / "models" / "backbones.py"
 SPEC_FILE = "encoder_spec.json"
 WEIGHTS_FILE = "encoder_weights.pt"
 
@@ -114,8 +117,9 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
                 *, name: str = "encoder") -> str:
     """Log ``backbone`` (weights + spec + the pyfunc code) in run ``run_id``.
 
-    The ``models`` package is shipped as the model's code, so a serving process rebuilds the
-    backbone with the code that trained it. Raises ``RegistrationError`` on failure.
+    The backbone code is shipped as an artifact (``code``), so a serving process rebuilds
+    the backbone with the code that trained it, under a private module name
+    (encoder_model.py: ``import_code``). Raises ``RegistrationError`` on failure.
     """
     ensure_http_limits(uri)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
@@ -124,9 +128,9 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
         tmp_path = Path(tmp)
         (tmp_path / SPEC_FILE).write_text(spec.to_json(), encoding="utf-8")
         torch.save(state, tmp_path / WEIGHTS_FILE)
-        code_dir = tmp_path / "code" / "models"
-        shutil.copytree(MODELS_PACKAGE, code_dir,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        code_dir = tmp_path / "code"
+        code_dir.mkdir()
+        shutil.copyfile(BACKBONE_CODE, code_dir / f"{CODE_MODULE}.py")
         try:
             client = MlflowClient(tracking_uri=uri)
             # Created here so the model lands in the run's experiment (Model.log would use the
@@ -140,8 +144,8 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
                     model_id=logged.model_id,
                     python_model=str(ENCODER_CODE),
                     artifacts={"spec": str(tmp_path / SPEC_FILE),
-                               "weights": str(tmp_path / WEIGHTS_FILE)},
-                    code_paths=[str(code_dir)],
+                               "weights": str(tmp_path / WEIGHTS_FILE),
+                               "code": str(code_dir)},
                     signature=_signature(spec), input_example=example,
                     pip_requirements=_requirements(),
                 )

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from orchestration.errors import ConfigError
-from orchestration.tracking import mlflow_env
-from orchestration.tracking.registry import RegistrySettings
+from sslstream.orchestration.errors import ConfigError
+from sslstream.orchestration.tracking import mlflow_env
+from sslstream.orchestration.tracking.registry import RegistrySettings
 
 MAX_KEY = 250                       # MLflow's limit on param/metric key length
 KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")  # characters MLflow refuses in keys
@@ -83,11 +83,11 @@ _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential", re.IGNORECA
 def redact_config(cfg: Any) -> Any:
     """A copy of a config safe to log: no credentials in params or the config artifact.
 
-    ``*storage_options*`` subtrees go through ``pipelines.shards.storage.redact`` (fsspec's
+    ``*storage_options*`` subtrees go through ``sslstream.pipelines.shards.storage.redact`` (fsspec's
     ``key`` / ``secret`` / ``token`` ...), keys that name a secret anywhere become ``***``,
     and credentials inside URLs (``http://user:token@host``) are masked.
     """
-    from pipelines.shards.storage import redact as redact_storage
+    from sslstream.pipelines.shards.storage import redact as redact_storage
 
     def walk(value: Any, key: str = "") -> Any:
         if isinstance(value, Mapping):

@@ -43,14 +43,17 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
-from orchestration.errors import RegistrationError
-from orchestration.tracking import mlflow_env
-from orchestration.tracking.encoder_model import EncoderSpec
-from orchestration.tracking.figures import FigureLogging
-from orchestration.tracking.registry import PromotionDecision, log_encoder, register_encoder
-from orchestration.tracking.sender import BackgroundSender
-from orchestration.tracking.settings import (
+from sslstream.orchestration.errors import RegistrationError
+from sslstream.orchestration.tracking import mlflow_env
+from sslstream.orchestration.tracking.encoder_model import EncoderSpec
+from sslstream.orchestration.tracking.figures import FigureLogging
+from sslstream.orchestration.tracking.registry import (
+    PromotionDecision,
+    log_encoder,
+    register_encoder,
+)
+from sslstream.orchestration.tracking.sender import BackgroundSender
+from sslstream.orchestration.tracking.settings import (
     KEY_BAD,
     MAX_KEY,
     TrackingSettings,
@@ -58,7 +61,7 @@ from orchestration.tracking.settings import (
     redact_config,
     redact_yaml,
 )
-from orchestration.tracking.system_metrics import SystemMetrics
+from sslstream.orchestration.tracking.system_metrics import SystemMetrics
 
 __all__ = ["Tracker", "TrackingSettings", "flatten_params", "RegistrationError"]
 
@@ -292,7 +295,7 @@ class Tracker(FigureLogging):
     def _data_tags(data: Mapping[str, Any]) -> dict[str, str]:
         """``data_manifest_hash`` / ``data_shards`` of ``data.train`` (best effort: a listing
         failure leaves them out with a warning, registration goes on)."""
-        from pipelines.shards.snapshot import data_tags
+        from sslstream.pipelines.shards.snapshot import data_tags
 
         if not data.get("train"):
             return {}

@@ -21,8 +21,7 @@ import json
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from orchestration.tracking.registry import COMPARABLE_TAGS
+from sslstream.orchestration.tracking.registry import COMPARABLE_TAGS
 
 SPLIT_TAG, PROTOCOL_TAG = COMPARABLE_TAGS
 PROTOCOL_KEYS = ("knn_k", "knn_t", "probe", "probe_epochs", "probe_lr", "probe_batch_size")
@@ -58,7 +57,7 @@ def _split_id(spec: Any, storage_options: dict) -> str:
     if not isinstance(spec, str):
         spec = [str(s) for s in spec]
     try:
-        from pipelines.shards.snapshot import take_snapshot
+        from sslstream.pipelines.shards.snapshot import take_snapshot
 
         return take_snapshot(spec, storage_options).id[:16]
     except Exception:  # unlisted store: the spec is the best identity there is

@@ -15,12 +15,16 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, open_dict
-
-from orchestration.errors import ConfigError, UserError
-from orchestration.runtime import checkpoint as ckpt
-from orchestration.runtime import distributed as D
-from orchestration.runtime.resources import Resources, local_ranks, plan_resources, usable_cpus
-from orchestration.train.step import autocast_dtype, wrap_model
+from sslstream.orchestration.errors import ConfigError, UserError
+from sslstream.orchestration.runtime import checkpoint as ckpt
+from sslstream.orchestration.runtime import distributed as D
+from sslstream.orchestration.runtime.resources import (
+    Resources,
+    local_ranks,
+    plan_resources,
+    usable_cpus,
+)
+from sslstream.orchestration.train.step import autocast_dtype, wrap_model
 
 log = logging.getLogger("sslstream.train")
 
@@ -48,8 +52,8 @@ class Job:
 
 def build_job(cfg: DictConfig) -> Job:
     """Process group, data, method (+ warm start), loader, DDP, optimizer, schedules."""
-    from models.optim import WarmupCosine, build_optimizer
-    from orchestration.train.warmstart import backbone_weights, build_method_warm
+    from sslstream.models.optim import WarmupCosine, build_optimizer
+    from sslstream.orchestration.train.warmstart import backbone_weights, build_method_warm
 
     tr = cfg.trainer
     env = D.init_distributed(str(tr.get("device", "auto")), float(tr.get("dist_timeout_s", 1800)))
@@ -159,7 +163,7 @@ def prepare_data(cfg: DictConfig, env: D.DistEnv) -> None:
     data = cfg.data
     if not data.get("generate", False):
         return
-    from pipelines.shards.synthetic import ensure_synthetic, is_complete
+    from sslstream.pipelines.shards.synthetic import ensure_synthetic, is_complete
 
     if env.local_rank == 0 and not is_complete(data.root):
         log.info("generating the synthetic data set under %s (first use)", data.root)
@@ -179,9 +183,9 @@ def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
 
 
 def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> Any:
-    from pipelines.shards.stream import ShardStream, sample_options
-    from pipelines.views.loader import TwoViewLoader
-    from pipelines.views.recipes import TwoViewRecipe
+    from sslstream.pipelines.shards.stream import ShardStream, sample_options
+    from sslstream.pipelines.views.loader import TwoViewLoader
+    from sslstream.pipelines.views.recipes import TwoViewRecipe
 
     data, tr = cfg.data, cfg.trainer
     res = res or job_resources(cfg, env.device)
@@ -259,9 +263,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
     if evaluating:
         keys += ["test"] if bank_is_train else ["bank", "test"]
     import braceexpand
-
-    from pipelines.shards.labels import require_labels
-    from pipelines.shards.storage import ShardNotFound, get_fs
+    from sslstream.pipelines.shards.labels import require_labels
+    from sslstream.pipelines.shards.storage import ShardNotFound, get_fs
 
     opts = dict(cfg.data.get("storage_options") or {})
     for key in keys:
@@ -325,7 +328,7 @@ def _root_env_var(data_name: str) -> str | None:
     from importlib import resources
 
     try:
-        text = (resources.files("conf") / "data" / f"{data_name}.yaml").read_text()
+        text = (resources.files("sslstream.conf") / "data" / f"{data_name}.yaml").read_text()
     except (OSError, ValueError):
         return None
     m = re.search(r"^root:\s*\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", text, re.M)

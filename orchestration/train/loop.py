@@ -27,18 +27,17 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-
-from orchestration.errors import RegistrationError
-from orchestration.evaluate.run import evaluate
-from orchestration.runtime import checkpoint as ckpt
-from orchestration.runtime import distributed as D
-from orchestration.runtime.interrupt import Interrupted, interrupts
-from orchestration.train.job import Job, build_job, describe
-from orchestration.train.monitor import Monitor
-from orchestration.train.report import end_of_run_lines
-from orchestration.train.result import TrainResult
-from orchestration.train.runlog import REGISTERED_MARKER, RunLog
-from orchestration.train.step import NonFiniteLossError, check_every, train_step
+from sslstream.orchestration.errors import RegistrationError
+from sslstream.orchestration.evaluate.run import evaluate
+from sslstream.orchestration.runtime import checkpoint as ckpt
+from sslstream.orchestration.runtime import distributed as D
+from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
+from sslstream.orchestration.train.job import Job, build_job, describe
+from sslstream.orchestration.train.monitor import Monitor
+from sslstream.orchestration.train.report import end_of_run_lines
+from sslstream.orchestration.train.result import TrainResult
+from sslstream.orchestration.train.runlog import REGISTERED_MARKER, RunLog
+from sslstream.orchestration.train.step import NonFiniteLossError, check_every, train_step
 
 log = logging.getLogger("sslstream.train")
 

@@ -25,8 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from orchestration.errors import ConfigError
+from sslstream.orchestration.errors import ConfigError
 
 log = logging.getLogger("sslstream.train")
 
@@ -182,7 +181,7 @@ class Monitor:
         out.update(scalar_metrics(metrics))
         emb = metrics.get("embeddings")
         if isinstance(emb, torch.Tensor) and emb.ndim == 2 and emb.shape[0] > 1:
-            from models.collapse import effective_rank, embedding_std
+            from sslstream.models.collapse import effective_rank, embedding_std
 
             z = emb.detach().float()
             out["train/embedding_std"] = float(embedding_std(z))

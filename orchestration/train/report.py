@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from orchestration.train.result import TrainResult
+from sslstream.orchestration.train.result import TrainResult
 
 
 def end_of_run_lines(result: TrainResult, seconds: float) -> list[str]:

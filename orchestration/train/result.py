@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestration.evaluate.run import EvalResult
+from sslstream.orchestration.evaluate.run import EvalResult
 
 
 @dataclass

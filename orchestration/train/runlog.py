@@ -16,13 +16,12 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
+from sslstream.orchestration.runtime.distributed import DistEnv
+from sslstream.orchestration.tracking.null import NullTracker
 from torch import nn
 
-from orchestration.runtime.distributed import DistEnv
-from orchestration.tracking.null import NullTracker
-
 if TYPE_CHECKING:
-    from orchestration.train.result import TrainResult
+    from sslstream.orchestration.train.result import TrainResult
 
 log = logging.getLogger("sslstream.train")
 REGISTERED_MARKER = "registered.json"  # also read by orchestration.train.loop
@@ -36,7 +35,7 @@ class RunLog:
         self.env = env
         self.tracker: Any
         if env.is_main and bool(cfg.tracking.get("enabled", True)):
-            from orchestration.tracking.tracker import Tracker
+            from sslstream.orchestration.tracking.tracker import Tracker
 
             self.tracker = Tracker.from_config(cfg.tracking, active=True)
         else:  # no MLflow import at all on ranks > 0 or when tracking is off
@@ -75,7 +74,7 @@ class RunLog:
         if not self.tracker.active or not bool(self.cfg.tracking.get("plots", True)):
             return None
         try:
-            from pipelines.shards.manifest import resolve_shards
+            from sslstream.pipelines.shards.manifest import resolve_shards
 
             data = self.cfg.data
             return resolve_shards(data.test, dict(data.get("storage_options") or {}))[1]
@@ -112,9 +111,9 @@ class RunLog:
             log.warning("eval.at_end=false: the encoder is registered as a challenger tagged "
                         "evaluated=false and is never promoted (promotion needs kNN on a "
                         "labelled split)")
-        from orchestration.tracking.encoder_model import EncoderSpec
-        from orchestration.train.evalid import eval_identity
-        from pipelines.views.recipes import TwoViewRecipe
+        from sslstream.orchestration.tracking.encoder_model import EncoderSpec
+        from sslstream.orchestration.train.evalid import eval_identity
+        from sslstream.pipelines.views.recipes import TwoViewRecipe
 
         recipe = TwoViewRecipe.from_config(self.cfg.augment)
         backbone_cfg = OmegaConf.to_container(self.cfg.backbone, resolve=True)

@@ -30,9 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from sslstream.orchestration.errors import ConfigError
 from torch import nn
-
-from orchestration.errors import ConfigError
 
 
 class NonFiniteLossError(RuntimeError):

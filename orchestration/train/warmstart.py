@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from sslstream.orchestration.errors import ConfigError, UserError
 from torch import nn
-
-from orchestration.errors import ConfigError, UserError
 
 log = logging.getLogger("sslstream.train")
 
@@ -29,8 +28,8 @@ log = logging.getLogger("sslstream.train")
 def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
     """The backbone state_dict named by `source` (see the module docstring)."""
     if source.startswith(("models:/", "runs:/")):
-        from orchestration.tracking.mlflow_env import resolve_tracking_uri
-        from orchestration.tracking.registry import load_encoder_state_dict
+        from sslstream.orchestration.tracking.mlflow_env import resolve_tracking_uri
+        from sslstream.orchestration.tracking.registry import load_encoder_state_dict
 
         weights, spec = load_encoder_state_dict(resolve_tracking_uri(cfg.tracking.get("uri")), source)
         if spec.backbone.get("name") != cfg.backbone.name:
@@ -42,7 +41,7 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"trainer.init_from={source}: not a model URI and no such file")
-    from orchestration.runtime.checkpoint import load_checkpoint
+    from sslstream.orchestration.runtime.checkpoint import load_checkpoint
 
     model = load_checkpoint(path).get("model", {})
     weights = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
@@ -54,11 +53,11 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
 def build_method_warm(cfg: DictConfig, weights: dict[str, torch.Tensor] | None, process_group: Any) -> nn.Module:
     """build_method(cfg.method, cfg.backbone), with the backbone loaded before the method
     (and so its momentum target) is built around it."""
-    from models.methods import METHODS, build_method
+    from sslstream.models.methods import METHODS, build_method
 
     if weights is None:
         return build_method(cfg.method, cfg.backbone, process_group=process_group)
-    from models.backbones import build_backbone
+    from sslstream.models.backbones import build_backbone
 
     backbone = build_backbone(cfg.backbone)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pipelines.shards.validate import CorruptImage
+from sslstream.pipelines.shards.validate import CorruptImage
 
 __all__ = ["reason_of", "report_bad"]
 

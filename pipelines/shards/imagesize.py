@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import struct
 
-from pipelines.shards.validate import CorruptImage, webp_size
-from pipelines.shards.validate import jpeg_hw as _jpeg_hw
+from sslstream.pipelines.shards.validate import CorruptImage, webp_size
+from sslstream.pipelines.shards.validate import jpeg_hw as _jpeg_hw
 
 
 def image_hw(data: bytes) -> tuple[int, int]:

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import braceexpand
-
-from pipelines.shards.errors import DataError
-from pipelines.shards.labels import (
+from sslstream.pipelines.shards.errors import DataError
+from sslstream.pipelines.shards.labels import (
     BadLabel,
     LabelKey,
     detect_label_key,
@@ -35,7 +34,7 @@ from pipelines.shards.labels import (
     parse_label_key,
     read_label,
 )
-from pipelines.shards.manifest import (
+from sslstream.pipelines.shards.manifest import (
     MANIFEST_NAME,
     SHARD_SUFFIXES,
     Manifest,
@@ -43,8 +42,8 @@ from pipelines.shards.manifest import (
     join_url,
     load_manifest,
 )
-from pipelines.shards.storage import ShardNotFound, get_fs, open_reader
-from pipelines.shards.tario import ShardEnded, iter_tar_samples
+from sslstream.pipelines.shards.storage import ShardNotFound, get_fs, open_reader
+from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
 
 __all__ = ["IndexedShard", "NON_ADJACENT_FIX", "index_shards", "list_shards", "scan_shard"]
 

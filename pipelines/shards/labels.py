@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pipelines.shards.errors import DataError
+from sslstream.pipelines.shards.errors import DataError
 
 __all__ = [
     "DEFAULT_IMAGE_KEYS",
@@ -144,8 +144,8 @@ def first_samples(url: str, storage_options: dict | None = None, n: int = DETECT
                   **open_kw: object) -> list[tuple[str, dict[str, bytes]]]:
     """Up to `n` samples from the start of one shard (a short read; a broken tail is fine).
     `open_kw` goes to storage.open_reader (e.g. on_retry)."""
-    from pipelines.shards.storage import open_reader
-    from pipelines.shards.tario import ShardEnded, iter_tar_samples
+    from sslstream.pipelines.shards.storage import open_reader
+    from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
 
     out: list[tuple[str, dict[str, bytes]]] = []
     with open_reader(url, storage_options, **open_kw) as f:  # type: ignore[arg-type]
@@ -180,7 +180,7 @@ def require_labels(split: str, spec: object, label_key: str | LabelKey = "auto",
                    storage_options: dict | None = None, n: int = DETECT_SAMPLES) -> LabelKey:
     """Check, before training, that `split` (e.g. "data.test") yields labels; return the
     label key it will be read with. Reads the first `n` samples of its first shard."""
-    from pipelines.shards.manifest import resolve_shards
+    from sslstream.pipelines.shards.manifest import resolve_shards
 
     refs, classes = resolve_shards(spec if isinstance(spec, str) else [str(s) for s in spec],  # type: ignore[union-attr]
                                    storage_options)

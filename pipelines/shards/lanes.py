@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.shards.procs import (
+from sslstream.pipelines.shards.procs import (
     WorkerError,
     child_setup,
     describe_exit,
@@ -102,7 +102,7 @@ class LaneHandle:
 
 
 def _lane_main(index: int, tasks: Any, results: list, current: Any, parent: int) -> None:
-    from pipelines.shards.reader import LaneReader
+    from sslstream.pipelines.shards.reader import LaneReader
 
     child_setup(parent)
     for task in iter(tasks.get, None):  # None: stop (a dead parent is child_setup's watcher's)

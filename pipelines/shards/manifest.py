@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import braceexpand
-
-from pipelines.shards.errors import DataError
-from pipelines.shards.storage import ShardNotFound, get_fs, open_reader, read_bytes
+from sslstream.pipelines.shards.errors import DataError
+from sslstream.pipelines.shards.storage import ShardNotFound, get_fs, open_reader, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +260,7 @@ _count_lock = threading.Lock()
 
 def count_samples(url: str, storage_options: dict | None = None) -> int:
     """Number of samples (keys) in a shard: one full read, cached per (URL, size) per process."""
-    from pipelines.shards.tario import ShardEnded, iter_tar_samples
+    from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
 
     with open_reader(url, storage_options) as f:
         size = f.raw.size  # type: ignore[attr-defined]

@@ -18,11 +18,11 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from pipelines.shards.labels import DEFAULT_IMAGE_KEYS, BadLabel, LabelKey, read_label
-from pipelines.shards.plan import Segment
-from pipelines.shards.storage import open_reader
-from pipelines.shards.tario import ShardEnded, iter_tar_samples
-from pipelines.shards.validate import CorruptImage, validate_image
+from sslstream.pipelines.shards.labels import DEFAULT_IMAGE_KEYS, BadLabel, LabelKey, read_label
+from sslstream.pipelines.shards.plan import Segment
+from sslstream.pipelines.shards.storage import open_reader
+from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
+from sslstream.pipelines.shards.validate import CorruptImage, validate_image
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipelines.shards.plan import Segment
-from pipelines.shards.reader import DEFAULT_SPEC, Good, LanePositions, SampleSpec, check_sample
-from pipelines.shards.storage import open_reader
-from pipelines.shards.tario import ShardEnded, iter_tar_samples
+from sslstream.pipelines.shards.plan import Segment
+from sslstream.pipelines.shards.reader import (
+    DEFAULT_SPEC,
+    Good,
+    LanePositions,
+    SampleSpec,
+    check_sample,
+)
+from sslstream.pipelines.shards.storage import open_reader
+from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
 
 __all__ = ["EpochLog", "FastForward", "fast_forward", "fetch"]
 

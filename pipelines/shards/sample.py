@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.shards.validate import DEFAULT_MAX_PIXELS
+from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS
 
 __all__ = ["BAD_REASONS", "COUNTER_NAMES", "BadDataError", "Sample", "sample_options"]
 

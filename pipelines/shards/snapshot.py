@@ -12,7 +12,7 @@ started before. Both come from one small record:
   names the run (checkpoint folder, MLflow run, registry tag): same data + same config ->
   same run, which is what makes `sslstream retrain` safe to retry.
 
-Shard listing and URL expansion are `pipelines.shards.manifest.resolve_shards` (the same rule the
+Shard listing and URL expansion are `sslstream.pipelines.shards.manifest.resolve_shards` (the same rule the
 training stream uses, so the snapshot is exactly what training reads).
 """
 
@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipelines.shards.errors import DataError
-from pipelines.shards.manifest import SHARD_SUFFIXES, ShardRef, resolve_shards
-from pipelines.shards.storage import get_fs, open_reader
+from sslstream.pipelines.shards.errors import DataError
+from sslstream.pipelines.shards.manifest import SHARD_SUFFIXES, ShardRef, resolve_shards
+from sslstream.pipelines.shards.storage import get_fs, open_reader
 
 SNAPSHOT_VERSION = 1
 

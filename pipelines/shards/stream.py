@@ -24,15 +24,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from pipelines.shards.errors import DataError
-from pipelines.shards.labels import (
+from sslstream.pipelines.shards.errors import DataError
+from sslstream.pipelines.shards.labels import (
     DEFAULT_IMAGE_KEYS,
     detect_label_key,
     first_samples,
     parse_label_key,
 )
-from pipelines.shards.manifest import ShardRef, count_samples, resolve_shards
-from pipelines.shards.plan import (
+from sslstream.pipelines.shards.manifest import ShardRef, count_samples, resolve_shards
+from sslstream.pipelines.shards.plan import (
     Segment,
     mix_seed,
     partition_bounds,
@@ -41,17 +41,24 @@ from pipelines.shards.plan import (
     rank_segments,
     shard_order,
 )
-from pipelines.shards.reader import Bad, Good, LanePositions, LaneReader, SampleSpec, Short
-from pipelines.shards.resume import EpochLog, FastForward, fast_forward, fetch
-from pipelines.shards.sample import (
+from sslstream.pipelines.shards.reader import (
+    Bad,
+    Good,
+    LanePositions,
+    LaneReader,
+    SampleSpec,
+    Short,
+)
+from sslstream.pipelines.shards.resume import EpochLog, FastForward, fast_forward, fetch
+from sslstream.pipelines.shards.sample import (
     BAD_REASONS,
     COUNTER_NAMES,
     BadDataError,
     Sample,
     sample_options,
 )
-from pipelines.shards.storage import plain, redact
-from pipelines.shards.validate import DEFAULT_MAX_PIXELS, VALIDATE_MODES
+from sslstream.pipelines.shards.storage import plain, redact
+from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, VALIDATE_MODES
 
 log_ = logging.getLogger(__name__)
 

@@ -159,7 +159,7 @@ def ensure_synthetic(
     Atomic: written to a temporary sibling directory, then renamed onto `root`. When two
     processes race (several ranks on one shared disk), the loser's copy is discarded.
     """
-    from pipelines.shards.tools import write_shards  # the shard writer of this project
+    from sslstream.pipelines.shards.tools import write_shards  # the shard writer of this project
 
     r = Path(root).expanduser().resolve()
     if is_complete(r):

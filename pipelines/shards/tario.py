@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterator
 from typing import IO
 
-from pipelines.shards.storage import StorageError
+from sslstream.pipelines.shards.storage import StorageError
 
 __all__ = ["IMAGE_EXTS", "ShardEnded", "iter_tar_samples", "split_key"]
 

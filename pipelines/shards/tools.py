@@ -24,20 +24,20 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pipelines.shards.errors import DataError
-from pipelines.shards.indexer import (
+from sslstream.pipelines.shards.errors import DataError
+from sslstream.pipelines.shards.indexer import (
     IndexedShard,
     index_shards,
 )
-from pipelines.shards.manifest import (
+from sslstream.pipelines.shards.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardEntry,
     join_url,
 )
-from pipelines.shards.storage import StorageError, get_fs
-from pipelines.shards.validate import CorruptImage, sniff_format, validate_image
-from pipelines.shards.verify import ShardCheck, VerifyReport, verify
+from sslstream.pipelines.shards.storage import StorageError, get_fs
+from sslstream.pipelines.shards.validate import CorruptImage, sniff_format, validate_image
+from sslstream.pipelines.shards.verify import ShardCheck, VerifyReport, verify
 
 log = logging.getLogger(__name__)
 

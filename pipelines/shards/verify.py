@@ -15,8 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from pipelines.shards.indexer import NON_ADJACENT_FIX, HashingReader, list_shards
-from pipelines.shards.manifest import (
+from sslstream.pipelines.shards.indexer import NON_ADJACENT_FIX, HashingReader, list_shards
+from sslstream.pipelines.shards.manifest import (
     MANIFEST_NAME,
     SHARD_SUFFIXES,
     Manifest,
@@ -24,9 +24,9 @@ from pipelines.shards.manifest import (
     join_url,
     load_manifest,
 )
-from pipelines.shards.storage import ShardNotFound, StorageError, open_reader
-from pipelines.shards.tario import IMAGE_EXTS, ShardEnded, iter_tar_samples
-from pipelines.shards.validate import DEFAULT_MAX_PIXELS, CorruptImage, validate_image
+from sslstream.pipelines.shards.storage import ShardNotFound, StorageError, open_reader
+from sslstream.pipelines.shards.tario import IMAGE_EXTS, ShardEnded, iter_tar_samples
+from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, CorruptImage, validate_image
 
 __all__ = ["ShardCheck", "VerifyReport", "verify"]
 

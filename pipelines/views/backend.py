@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import warnings
 
-from pipelines.views import dali as dali_mod
-from pipelines.views.hostprep import image_hw
+from sslstream.pipelines.views import dali as dali_mod
+from sslstream.pipelines.views.hostprep import image_hw
 
 __all__ = ["BACKENDS", "effective_validation", "image_hw", "resolve_backend"]
 

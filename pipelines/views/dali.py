@@ -2,7 +2,7 @@
 
 Randomness does not live in the graph. Every crop window, flip, jitter factor, blur sigma and
 per-sample coin arrives through `fn.external_source` next to the encoded image, drawn on the
-host by `pipelines.views.recipes.sample_view_params` from a key (seed, epoch, rank, batch, view).
+host by `sslstream.pipelines.views.recipes.sample_view_params` from a key (seed, epoch, rank, batch, view).
 The graph is therefore a pure function of its inputs: a resumed loader reproduces the batches
 of an uninterrupted one, CPU and GPU runs of one seed use the same parameters, and the
 torchvision reference can be fed the very same parameters for parity tests. The per-sample
@@ -20,8 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from pipelines.views.recipes import SOLARIZE_THRESHOLD, TwoViewRecipe, ViewParams, ViewRecipe
+from sslstream.pipelines.views.recipes import (
+    SOLARIZE_THRESHOLD,
+    TwoViewRecipe,
+    ViewParams,
+    ViewRecipe,
+)
 
 try:  # DALI is a Linux-only dependency; callers check `DALI_AVAILABLE`.
     from nvidia.dali import fn, pipeline_def, types

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-
-from pipelines.shards.validate import CorruptImage, validate_image
-from pipelines.views import dali as dali_mod
-from pipelines.views.backend import effective_validation, image_hw, resolve_backend
-from pipelines.views.recipes import IMAGENET_MEAN, IMAGENET_STD
+from sslstream.pipelines.shards.validate import CorruptImage, validate_image
+from sslstream.pipelines.views import dali as dali_mod
+from sslstream.pipelines.views.backend import effective_validation, image_hw, resolve_backend
+from sslstream.pipelines.views.recipes import IMAGENET_MEAN, IMAGENET_STD
 
 
 def eval_resize(size: int) -> int:
@@ -60,7 +59,7 @@ class EvalLoader:
             self._backend = dali_mod.DaliEval(image_size, resize, mean, std, batch_size,
                                               device_id, num_threads)
         else:
-            from pipelines.views.reference import TorchvisionEval
+            from sslstream.pipelines.views.reference import TorchvisionEval
 
             self._backend = TorchvisionEval(image_size, resize, mean, std, num_threads)
         self.skipped_corrupt = 0
@@ -150,8 +149,8 @@ def build_eval_loader(urls, *, image_size: int, batch_size: int, device: torch.d
     max_pixels, require_label: see sample_options).
     """
     if stream is None:
-        from pipelines.shards.plan import spread_shards
-        from pipelines.shards.stream import ShardStream
+        from sslstream.pipelines.shards.plan import spread_shards
+        from sslstream.pipelines.shards.stream import ShardStream
 
         def make(spec) -> ShardStream:
             return ShardStream(spec, rank=rank, world_size=world_size, num_workers=num_workers,

@@ -16,11 +16,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-
-from pipelines.shards.badsamples import reason_of, report_bad
-from pipelines.shards.imagesize import image_hw as read_hw
-from pipelines.shards.validate import CorruptImage, validate_image
-from pipelines.views.recipes import TwoViewRecipe, ViewParams, batch_rng, sample_view_params
+from sslstream.pipelines.shards.badsamples import reason_of, report_bad
+from sslstream.pipelines.shards.imagesize import image_hw as read_hw
+from sslstream.pipelines.shards.validate import CorruptImage, validate_image
+from sslstream.pipelines.views.recipes import (
+    TwoViewRecipe,
+    ViewParams,
+    batch_rng,
+    sample_view_params,
+)
 
 
 @dataclass

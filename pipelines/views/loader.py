@@ -29,14 +29,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-
-from pipelines.shards.badsamples import reason_of, report_bad
-from pipelines.shards.validate import VALIDATE_MODES, CorruptImage, validate_image
-from pipelines.views import dali as dali_mod
-from pipelines.views.backend import effective_validation, image_hw, resolve_backend
-from pipelines.views.handoff import POLL_S, DeviceWork, Failure, hand_to_current_stream, put
-from pipelines.views.hostprep import HostBatch, draw_params, host_batches, nearest, position_stream
-from pipelines.views.recipes import TwoViewRecipe
+from sslstream.pipelines.shards.badsamples import reason_of, report_bad
+from sslstream.pipelines.shards.validate import VALIDATE_MODES, CorruptImage, validate_image
+from sslstream.pipelines.views import dali as dali_mod
+from sslstream.pipelines.views.backend import effective_validation, image_hw, resolve_backend
+from sslstream.pipelines.views.handoff import (
+    POLL_S,
+    DeviceWork,
+    Failure,
+    hand_to_current_stream,
+    put,
+)
+from sslstream.pipelines.views.hostprep import (
+    HostBatch,
+    draw_params,
+    host_batches,
+    nearest,
+    position_stream,
+)
+from sslstream.pipelines.views.recipes import TwoViewRecipe
 
 __all__ = ["Batch", "TwoViewLoader", "effective_validation", "image_hw", "resolve_backend"]
 
@@ -101,7 +112,7 @@ class TwoViewLoader:
                                       channels_last=channels_last, hw_decoder_load=hw_decoder_load,
                                       depth=self.pipeline_depth, **pad)
             return dali_mod.DaliTwoView(spec)
-        from pipelines.views.reference import TorchvisionTwoView
+        from sslstream.pipelines.views.reference import TorchvisionTwoView
 
         return TorchvisionTwoView(self.recipe, num_threads=num_threads, dtype=dtype,
                                   channels_last=channels_last)
@@ -179,7 +190,7 @@ class TwoViewLoader:
         import pickle
         import warnings
 
-        from pipelines.views.workers import ProcessFeed
+        from sslstream.pipelines.views.workers import ProcessFeed
 
         if multiprocessing.current_process().daemon:
             warnings.warn(f"loader workers={self.workers}: this is a daemonic process, which "

@@ -21,8 +21,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
-
-from pipelines.views.recipes import SOLARIZE_THRESHOLD, ViewParams, ViewRecipe, blur_kernel_size
+from sslstream.pipelines.views.recipes import (
+    SOLARIZE_THRESHOLD,
+    ViewParams,
+    ViewRecipe,
+    blur_kernel_size,
+)
 
 
 def decode(data: bytes | np.ndarray) -> torch.Tensor:

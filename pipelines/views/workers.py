@@ -42,8 +42,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-
-from pipelines.shards.procs import (
+from sslstream.pipelines.shards.procs import (
     WorkerError,
     child_setup,
     describe_exit,
@@ -51,8 +50,8 @@ from pipelines.shards.procs import (
     start_process,
     stop_process,
 )
-from pipelines.views.hostprep import HostBatch, host_batches, position_stream
-from pipelines.views.shm import SlotReader, SlotWriter
+from sslstream.pipelines.views.hostprep import HostBatch, host_batches, position_stream
+from sslstream.pipelines.views.shm import SlotReader, SlotWriter
 
 __all__ = ["ProcessFeed", "WorkerError", "pack", "unpack"]
 
@@ -141,7 +140,7 @@ class ProcessFeed:
         self.workers = max(1, int(workers))
         self._lanes = None
         if self.workers > 1 and getattr(stream, "num_workers", 0) > 0:
-            from pipelines.shards.lanes import LanePool
+            from sslstream.pipelines.shards.lanes import LanePool
 
             self._lanes = LanePool(self.workers - 1, lanes=stream.num_workers, ctx=ctx)
         cfg = {"batch_size": batch_size, "validate": validate, "seed": seed, "rank": rank}

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sslstream.models.backbones import ResNetMini, build_backbone, feature_dim_of
 from torch import nn
 from torchvision.models.resnet import BasicBlock
-
-from models.backbones import ResNetMini, build_backbone, feature_dim_of
 
 
 def test_resnet18_cifar_stem_keeps_resolution_and_exposes_512_features() -> None:

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from sslstream.models.collapse import effective_rank, embedding_std
+from sslstream.models.methods import build_method
 
-from models.collapse import effective_rank, embedding_std
-from models.methods import build_method
 from tests.models.test_training_toy import SGD, TINY_BACKBONE, method_cfg, one_thread, train
 
 __all__ = ["one_thread"]  # the fixture, re-exported so pytest finds it here

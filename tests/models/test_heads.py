@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sslstream.models import heads
 from torch import nn
-
-from models import heads
 
 
 def _layout(m: nn.Sequential) -> list[str]:

@@ -13,9 +13,8 @@ import dataclasses
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from models.backbones import build_backbone
-from models.methods import (
+from sslstream.models.backbones import build_backbone
+from sslstream.models.methods import (
     BYOL,
     METHODS,
     BYOLConfig,
@@ -24,6 +23,7 @@ from models.methods import (
     VICRegConfig,
     build_method,
 )
+
 from tests.conftest import REPO_ROOT
 from tests.models.test_training_toy import SMALL_HEADS, TINY_BACKBONE, method_cfg
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from sslstream.models.methods import METHODS, MoCoV2, build_method
 
-from models.methods import METHODS, MoCoV2, build_method
 from tests.conftest import REPO_ROOT
 from tests.ddp import run_ddp
 from tests.models.test_training_toy import SMALL_HEADS, TINY_BACKBONE, method_cfg, one_thread
@@ -297,7 +297,7 @@ def _solo_learn_vicreg(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
 
 def test_vicreg_cifar_preset_equals_solo_learn_recipe_and_imagenet_the_official_one() -> None:
     """The official loss halves the variance term; the CIFAR preset must make up for it."""
-    from models.objectives import vicreg_loss
+    from sslstream.models.objectives import vicreg_loss
 
     g = torch.Generator().manual_seed(3)
     z1, z2 = torch.randn(16, 12, generator=g) * 0.3, torch.randn(16, 12, generator=g) * 0.3
@@ -349,7 +349,7 @@ def test_byol_loss_is_symmetric_predictor_online_only_and_target_uses_batch_stat
 
 
 def test_loading_another_methods_or_shapes_checkpoint_is_a_clear_error() -> None:
-    from models.methods import CheckpointMismatchError
+    from sslstream.models.methods import CheckpointMismatchError
 
     byol = _build("byol")
     before = {k: v.clone() for k, v in byol.state_dict().items()}

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sslstream.models.methods import build_method
 from torch import nn
 
-from models.methods import build_method
 from tests.ddp import run_ddp
 from tests.models.test_training_toy import SMALL_HEADS, TINY_BACKBONE, method_cfg
 

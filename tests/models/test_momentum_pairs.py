@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
+from sslstream.models.methods import Method
 
-from models.methods import Method
 from tests.models.test_training_toy import SMALL_HEADS, TINY_BACKBONE, method_cfg
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,7 +24,7 @@ def _tau(k: int, tau_base: float, tau_final: float) -> float:
 
 
 def _build(name: str, **extra: object) -> Method:
-    from models.methods import build_method
+    from sslstream.models.methods import build_method
 
     torch.manual_seed(0)
     return build_method(method_cfg(name, **SMALL_HEADS, **extra), TINY_BACKBONE).double()

@@ -12,8 +12,7 @@ import math
 
 import pytest
 import torch
-
-from models.objectives import (
+from sslstream.models.objectives import (
     barlow_twins_loss,
     byol_loss,
     contrastive_margin,

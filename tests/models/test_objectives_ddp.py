@@ -18,11 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import sslstream.models.objectives.gather as gather_mod
 import torch
 import torch.distributed as dist
-
-import models.objectives.gather as gather_mod
-from models.objectives import (
+from sslstream.models.objectives import (
     barlow_twins_loss,
     contrastive_margin,
     gather_no_grad,
@@ -30,6 +29,7 @@ from models.objectives import (
     nt_xent,
     vicreg_loss,
 )
+
 from tests.ddp import DDPError, run_ddp
 
 WORLD = 2

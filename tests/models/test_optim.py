@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from models.optim import LARS, WarmupCosine, build_optimizer, scale_lr
+from sslstream.models.optim import LARS, WarmupCosine, build_optimizer, scale_lr
 
 
 def _lars_reference(w: np.ndarray, g: np.ndarray, buf: np.ndarray | None, *, lr: float,

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from sslstream.models.state import MomentumEncoder, Queue, cosine_tau
 from torch import nn
 
-from models.state import MomentumEncoder, Queue, cosine_tau
 from tests.ddp import run_ddp
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sslstream.models.methods import METHODS
+from sslstream.models.state import cosine_tau
 
-from models.methods import METHODS
-from models.state import cosine_tau
 from tests.models.test_methods import _build, _views
 from tests.models.test_training_toy import one_thread
 

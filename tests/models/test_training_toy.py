@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 from omegaconf import OmegaConf
+from sslstream.models.collapse import effective_rank, embedding_std
+from sslstream.models.methods import Method, build_method
+from sslstream.models.optim import WarmupCosine, build_optimizer
 
-from models.collapse import effective_rank, embedding_std
-from models.methods import Method, build_method
-from models.optim import WarmupCosine, build_optimizer
 from tests.conftest import REPO_ROOT
 
 TINY_BACKBONE = {"name": "resnet_mini", "cifar_stem": True, "widths": [8, 16, 32, 64],

@@ -7,8 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from orchestration.runtime import checkpoint as ckpt
+from sslstream.orchestration.runtime import checkpoint as ckpt
 
 
 def test_save_keeps_last_k_and_latest_by_step(tmp_path):
@@ -78,7 +77,7 @@ def test_to_plain_converts_numpy_for_weights_only(tmp_path):
 
 _KILLED_WRITER = """
 import os, sys, time, torch
-from orchestration.runtime import checkpoint as ckpt
+from sslstream.orchestration.runtime import checkpoint as ckpt
 def stall(fd):  # the data is written; the process dies before the rename
     print("writing", flush=True)
     time.sleep(600)
@@ -95,7 +94,8 @@ def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path
     import sys
     from pathlib import Path
 
-    from orchestration.cli import main
+    from sslstream.orchestration.cli import main
+
     from tests.orchestration.test_train import tiny
 
     repo = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from sslstream.orchestration.cli import compose_config, main
 
-from orchestration.cli import compose_config, main
 from tests.orchestration.test_train import cli_env
 
 
@@ -52,7 +52,7 @@ def test_compose_works_from_any_cwd_and_keeps_it(tmp_path, monkeypatch):
 
 
 def test_shards_subcommand_is_dispatched(tmp_path, capsys):
-    from pipelines.shards.synthetic import samples
+    from sslstream.pipelines.shards.synthetic import samples
 
     src = tmp_path / "src" / "cls0"
     src.mkdir(parents=True)
@@ -66,7 +66,7 @@ def test_shards_subcommand_is_dispatched(tmp_path, capsys):
 @pytest.mark.timeout(120)
 def test_console_script_and_module_entry_point(tmp_path):
     exe = shutil.which("sslstream")
-    cmds = [[sys.executable, "-m", "orchestration.cli"], [sys.executable, "-m", "orchestration"]]
+    cmds = [[sys.executable, "-m", "sslstream.orchestration.cli"], [sys.executable, "-m", "sslstream"]]
     if exe:
         cmds.append([exe])
     for cmd in cmds:
@@ -101,8 +101,8 @@ def test_method_brings_its_augmentation_and_optimiser(method):
         short_run_safe = method in ("vicreg", "barlow_twins")
         assert (cfg.optim.eta, cfg.optim.clip_lr) == ((0.001, False) if short_run_safe else (0.02, True))
     # the recipe is built from real presets the loader and optimiser accept
-    from models.optim import build_optimizer
-    from pipelines.views.recipes import TwoViewRecipe
+    from sslstream.models.optim import build_optimizer
+    from sslstream.pipelines.views.recipes import TwoViewRecipe
 
     TwoViewRecipe.from_config(cfg.augment)
     p = torch.nn.Parameter(torch.zeros(3))

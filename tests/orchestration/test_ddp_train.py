@@ -1,5 +1,5 @@
 """Two real gloo processes train one model: equal step counts, identical weights on both
-ranks, one evaluation over the gathered features, and `torchrun -m orchestration.cli`."""
+ranks, one evaluation over the gathered features, and `torchrun -m sslstream.orchestration.cli`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from sslstream.orchestration.runtime import checkpoint as ckpt
 
-from orchestration.runtime import checkpoint as ckpt
 from tests.ddp import free_port, run_ddp
 from tests.orchestration.test_train import cli_env, tiny
 
@@ -32,8 +32,8 @@ MOCO = ("method=mocov2", "method.queue_size=64", "method.proj_output_dim=16")
 
 def _train_rank(rank: int, world_size: int, tmp: str, extra: tuple[str, ...] = ()) -> dict:
     os.chdir(tmp)
-    from orchestration.cli import compose_config
-    from orchestration.train.loop import train
+    from sslstream.orchestration.cli import compose_config
+    from sslstream.orchestration.train.loop import train
 
     res = train(compose_config(_overrides(Path(tmp), *extra)))
     return {
@@ -73,8 +73,8 @@ def test_two_rank_gloo_training_keeps_ranks_identical(tmp_path, processes):
 def test_two_rank_moco_queue_stays_identical_without_buffer_broadcast(tmp_path):
     r0, r1 = run_ddp(_train_rank, str(tmp_path), MOCO, world_size=2, timeout=160)
     assert r0["step"] == r1["step"] == 12
-    from orchestration.cli import compose_config
-    from orchestration.train.warmstart import build_method_warm
+    from sslstream.orchestration.cli import compose_config
+    from sslstream.orchestration.train.warmstart import build_method_warm
 
     torch.manual_seed(0)
     initial = build_method_warm(compose_config(_overrides(tmp_path, *MOCO)), None, None).state_dict()
@@ -93,7 +93,7 @@ def test_torchrun_launches_the_cli(tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(port),
-           "-m", "orchestration.cli", "train", *_overrides(tmp_path), "eval.at_end=false",
+           "-m", "sslstream.orchestration.cli", "train", *_overrides(tmp_path), "eval.at_end=false",
            "trainer.max_steps=4"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(GLOO_SOCKET_IFNAME="lo"),
                           capture_output=True, text=True, timeout=170)

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-
-from orchestration.evaluate.knn import knn_accuracy, knn_predict
-from orchestration.evaluate.probe import linear_probe
+from sslstream.orchestration.evaluate.knn import knn_accuracy, knn_predict
+from sslstream.orchestration.evaluate.probe import linear_probe
 
 
 def reference_knn(query, bank, bank_labels, num_classes, k, t):

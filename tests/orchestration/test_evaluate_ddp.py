@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from sslstream.conf import __file__ as conf_init
+from sslstream.orchestration.evaluate.bank import select_balanced
+from sslstream.orchestration.evaluate.probe import linear_probe, linear_probe_sharded
+from sslstream.orchestration.runtime.distributed import DistEnv
 from torch import nn
 
-from conf import __file__ as conf_init
-from orchestration.evaluate.bank import select_balanced
-from orchestration.evaluate.probe import linear_probe, linear_probe_sharded
-from orchestration.runtime.distributed import DistEnv
 from tests.ddp import run_ddp
 from tests.fixtures.shards import write_shard_set
 
@@ -40,7 +40,7 @@ def _cfg(bank: list[str], test: list[str], **ev) -> OmegaConf:
 
 
 def _evaluate(rank: int, world: int, cfgs) -> list[dict]:
-    from orchestration.evaluate.run import evaluate
+    from sslstream.orchestration.evaluate.run import evaluate
 
     out = []
     for cfg in cfgs:  # one spawn per world size: a spawn costs seconds

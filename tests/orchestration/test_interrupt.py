@@ -10,11 +10,11 @@ import signal
 from pathlib import Path
 
 import pytest
+from sslstream.orchestration.cli import main
+from sslstream.orchestration.runtime import checkpoint as ckpt
+from sslstream.orchestration.runtime.interrupt import Interrupted, Interrupts
+from sslstream.orchestration.train.runlog import REGISTERED_MARKER
 
-from orchestration.cli import main
-from orchestration.runtime import checkpoint as ckpt
-from orchestration.runtime.interrupt import Interrupted, Interrupts
-from orchestration.train.runlog import REGISTERED_MARKER
 from tests.orchestration.test_train import tiny
 
 
@@ -55,9 +55,9 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
     loading (SIGINT) -> training (SIGINT at step 2: checkpoint at the next boundary) ->
     periodic evaluation (SIGTERM: checkpoint of the finished epoch) -> final evaluation
     (SIGTERM) -> registration (SIGINT) -> completes and registers."""
-    import orchestration.tracking.tracker as tracker_mod
-    import orchestration.train.job as job_mod
-    import orchestration.train.loop as loop_mod
+    import sslstream.orchestration.tracking.tracker as tracker_mod
+    import sslstream.orchestration.train.job as job_mod
+    import sslstream.orchestration.train.loop as loop_mod
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -154,7 +154,7 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
 
 
 def _retrain_cfg(tmp: Path):
-    from orchestration.cli import compose_config
+    from sslstream.orchestration.cli import compose_config
 
     return compose_config(tiny(tmp, "tracking.enabled=false"))
 
@@ -163,9 +163,8 @@ def test_retrain_maps_a_signal_in_training_to_exit_preempted(monkeypatch):
     """`sslstream retrain`: Interrupted from the trainer (any phase) is EXIT_PREEMPTED (8),
     a lease lost while the trainer checkpointed is EXIT_LEASE_LOST (7)."""
     from omegaconf import OmegaConf
-
-    from orchestration.retrain.exits import EXIT_LEASE_LOST, EXIT_PREEMPTED, RetrainExit
-    from orchestration.retrain.job import _run_training
+    from sslstream.orchestration.retrain.exits import EXIT_LEASE_LOST, EXIT_PREEMPTED, RetrainExit
+    from sslstream.orchestration.retrain.job import _run_training
 
     class FakeLease:
         def __init__(self, lose: bool) -> None:
@@ -193,7 +192,7 @@ def test_retrain_maps_a_signal_in_training_to_exit_preempted(monkeypatch):
 
 
 def test_retrain_stopped_outside_training_exits_preempted(monkeypatch, capsys):
-    from orchestration.retrain import job as R
+    from sslstream.orchestration.retrain import job as R
 
     def stopped(cfg, **kw):
         raise Interrupted(signal.SIGINT, "while taking the snapshot")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from orchestration.runtime import distributed as D
-from orchestration.train.job import _loader_dtype
+from sslstream.orchestration.runtime import distributed as D
+from sslstream.orchestration.train.job import _loader_dtype
 
 
 def _cfg(**trainer):
@@ -29,7 +28,7 @@ def test_loader_threads_share_the_node(monkeypatch):
     the node's ranks and capped per GPU -- never from os.cpu_count()."""
     monkeypatch.setattr("os.cpu_count", lambda: 192)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setattr("orchestration.runtime.resources.cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr("sslstream.orchestration.runtime.resources.cgroup_cpu_limit", lambda: None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert D.loader_threads("auto", gpu=True) == 8  # capped per GPU
     assert D.loader_threads(None, gpu=False) == 7   # 16 - 2 readers, half to torch

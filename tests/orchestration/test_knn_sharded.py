@@ -12,12 +12,12 @@ import textwrap
 
 import pytest
 import torch
-
-from orchestration.evaluate.knn import (
+from sslstream.orchestration.evaluate.knn import (
     knn_predict,
     quantize,
     sharded_knn_predict,
 )
+
 from tests.ddp import run_ddp
 
 
@@ -116,7 +116,7 @@ def test_two_and_three_ranks_equal_one_rank():
 _MEMORY_CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import torch
-    from orchestration.evaluate.knn import knn_memory_bytes, quantize, sharded_knn_predict
+    from sslstream.orchestration.evaluate.knn import knn_memory_bytes, quantize, sharded_knn_predict
     torch.set_num_threads(1)
     M, N, D, Q, B, K = 200_000, 256, 512, 128, 8192, 200
     g = torch.Generator().manual_seed(0)

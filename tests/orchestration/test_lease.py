@@ -9,15 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from orchestration.retrain.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord
-from orchestration.retrain.stores import (
+from sslstream.orchestration.retrain.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord
+from sslstream.orchestration.retrain.stores import (
     GCSLeaseStore,
     LeaseStoreError,
     LocalLeaseStore,
     S3LeaseStore,
     open_store,
 )
+
 from tests.fixtures.gcs import GCS_OPTIONS
 
 
@@ -305,7 +305,7 @@ class FlakyStore:
         return self.inner.delete(version)
 
     def replace(self, data: bytes, version: str):
-        from orchestration.retrain.stores import LeaseStoreError
+        from sslstream.orchestration.retrain.stores import LeaseStoreError
 
         if self.down:
             raise LeaseStoreError(f"store {self.url} unreachable")
@@ -359,7 +359,7 @@ def test_s3_lease_calls_on_a_hung_store_are_bounded() -> None:
     s3fs's and botocore's retry loops (5 x 5 tries by default)."""
     import socket
 
-    from orchestration.retrain.stores import LeaseStoreError
+    from sslstream.orchestration.retrain.stores import LeaseStoreError
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

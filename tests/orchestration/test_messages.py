@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from orchestration.cli import main
+from sslstream.orchestration.cli import main
 
 
 def _shards_args(tmp_path, train, test="/nonexistent/test-000000.tar"):
@@ -44,7 +43,7 @@ def test_a_folder_of_plain_images_suggests_shards_make(tmp_path, capsys):
 
 
 def test_a_short_run_says_it_is_alive_at_the_first_step(capsys):
-    from orchestration.train.monitor import Monitor
+    from sslstream.orchestration.train.monitor import Monitor
 
     mon = Monitor(every=10, total_steps=25, start_step=0, global_batch=4, is_main=True,
                   progress="log")
@@ -56,7 +55,7 @@ def test_a_short_run_says_it_is_alive_at_the_first_step(capsys):
 
 
 def test_shard_progress_shows_no_rate_over_a_fraction_of_a_second(capsys, monkeypatch):
-    from pipelines.shards import tools
+    from sslstream.pipelines.shards import tools
 
     p = tools._Progress(12, "shards")
     p.line(1, "verify")
@@ -68,7 +67,7 @@ def test_shard_progress_shows_no_rate_over_a_fraction_of_a_second(capsys, monkey
 
 
 def test_pca_legend_names_the_classes():
-    from orchestration.tracking.plots import is_curve, plot_projection
+    from sslstream.orchestration.tracking.plots import is_curve, plot_projection
 
     fig = plot_projection(np.random.default_rng(0).normal(size=(6, 2)), [0, 1, 2, 0, 1, 2],
                           title="t", class_names=["disc", "square", "triangle"])
@@ -83,8 +82,7 @@ def test_a_single_knn_point_draws_no_curve(tmp_path):
     """Through the Tracker (sqlite): kNN evaluated only at the end is a number, not a plot."""
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
-
-    from orchestration.tracking.tracker import Tracker
+    from sslstream.orchestration.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker.from_config(OmegaConf.create({"uri": uri, "system_metrics": False}))
@@ -101,9 +99,9 @@ def test_a_single_knn_point_draws_no_curve(tmp_path):
 def test_the_run_log_reads_class_names_from_the_test_manifest(tmp_path):
     from types import SimpleNamespace
 
-    from orchestration.cli import compose_config
-    from orchestration.train.runlog import RunLog
-    from pipelines.shards.synthetic import CLASSES, ensure_synthetic
+    from sslstream.orchestration.cli import compose_config
+    from sslstream.orchestration.train.runlog import RunLog
+    from sslstream.pipelines.shards.synthetic import CLASSES, ensure_synthetic
 
     ensure_synthetic(tmp_path / "d", train_samples=20, test_samples=20, image_size=8, seed=0)
     log = RunLog.__new__(RunLog)
@@ -118,11 +116,11 @@ def test_feature_extraction_progress_has_an_eta(tmp_path, monkeypatch, caplog):
     """A long final evaluation says how long it has left (issue 16, item 5)."""
     import logging
 
-    import orchestration.evaluate.run as run_mod
-    from models.methods import build_method
-    from orchestration.cli import compose_config
-    from orchestration.runtime.distributed import DistEnv
-    from pipelines.shards.synthetic import ensure_synthetic
+    import sslstream.orchestration.evaluate.run as run_mod
+    from sslstream.models.methods import build_method
+    from sslstream.orchestration.cli import compose_config
+    from sslstream.orchestration.runtime.distributed import DistEnv
+    from sslstream.pipelines.shards.synthetic import ensure_synthetic
 
     ensure_synthetic(tmp_path / "d", train_samples=64, test_samples=32, image_size=8, seed=0)
     cfg = compose_config([f"data.root={tmp_path / 'd'}", "data.num_workers=1", "eval.batch_size=16",

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-
-from orchestration.cli import main
-from orchestration.tracking.mlflow_env import StoreNotFound, local_store_path
-from orchestration.tracking.registry import load_encoder_state_dict
-from orchestration.train.report import end_of_run_lines
-from orchestration.train.result import TrainResult
+from sslstream.orchestration.cli import main
+from sslstream.orchestration.tracking.mlflow_env import StoreNotFound, local_store_path
+from sslstream.orchestration.tracking.registry import load_encoder_state_dict
+from sslstream.orchestration.train.report import end_of_run_lines
+from sslstream.orchestration.train.result import TrainResult
 
 
 def test_loading_from_a_missing_store_fails_and_creates_nothing(tmp_path):
@@ -39,7 +38,7 @@ def test_eval_of_a_model_uri_in_an_empty_folder_names_the_store(tmp_path, monkey
 
 
 def test_end_of_run_lines_name_the_store_masked_with_a_load_command():
-    from orchestration.tracking.tracker import Tracker
+    from sslstream.orchestration.tracking.tracker import Tracker
 
     shown = Tracker.from_config(OmegaConf.create({"uri": "http://alice:s3cret@mlflow.example:5000"}),
                                 active=False).shown_uri
@@ -57,9 +56,8 @@ def test_end_of_run_lines_name_the_store_masked_with_a_load_command():
 
 def test_a_model_the_store_does_not_hold_is_one_line_naming_the_store(tmp_path):
     from mlflow.tracking import MlflowClient
-
-    from orchestration.errors import UserError
-    from orchestration.tracking.registry import ModelNotFound
+    from sslstream.orchestration.errors import UserError
+    from sslstream.orchestration.tracking.registry import ModelNotFound
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(tracking_uri=uri).search_experiments()  # an existing, empty store

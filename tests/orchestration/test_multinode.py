@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from sslstream.orchestration.runtime import checkpoint as ckpt
 
-from orchestration.runtime import checkpoint as ckpt
 from tests.ddp import free_port
 from tests.orchestration.test_train import cli_env, tiny
 
@@ -37,7 +37,7 @@ def _launch(tmp: Path, port: int, db: str) -> list[subprocess.Popen]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"mn{port}",
-               "--max-restarts", "0", "-m", "orchestration.cli", "train",
+               "--max-restarts", "0", "-m", "sslstream.orchestration.cli", "train",
                *_node_args(tmp, node, db)]
         log = open(tmp / f"node{node}-{port}.log", "w")  # noqa: SIM115 - closed with the run
         procs.append(subprocess.Popen(cmd, cwd=tmp, env=cli_env(GLOO_SOCKET_IFNAME="lo"),

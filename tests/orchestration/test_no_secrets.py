@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from sslstream.orchestration.tracking import mlflow_env
 
-from orchestration.tracking import mlflow_env
 from tests.orchestration.test_train import cli_env, tiny
 
 PASSWORD = "pw-Zq81x-SECRET"
@@ -52,7 +52,7 @@ def test_a_whole_run_prints_and_logs_no_credential(mlflow_server, tmp_path):
                 f"+data.storage_options.key={STORE_KEY}",
                 f"+data.storage_options.secret={STORE_SECRET}", steps=4)
     env = cli_env(MLFLOW_HTTP_REQUEST_TIMEOUT="20")
-    proc = subprocess.run([sys.executable, "-m", "orchestration.cli", "train", *args],
+    proc = subprocess.run([sys.executable, "-m", "sslstream.orchestration.cli", "train", *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=220)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -73,7 +73,7 @@ def test_a_whole_run_prints_and_logs_no_credential(mlflow_server, tmp_path):
     for mv in client.search_model_versions("name='secrets-encoder'"):
         _no_secret(repr(mv.tags) + str(mv.source), "model version")
 
-    shown = subprocess.run([sys.executable, "-m", "orchestration.cli", "train", "--cfg", *args],
+    shown = subprocess.run([sys.executable, "-m", "sslstream.orchestration.cli", "train", "--cfg", *args],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "storage_options" in shown.stdout
     _no_secret(shown.stdout + shown.stderr, "--cfg")

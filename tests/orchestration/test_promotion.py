@@ -9,11 +9,10 @@ import shutil
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
-from orchestration.cli import compose_config
-from orchestration.errors import RegistrationError
-from orchestration.tracking.registry import RegistrySettings, register_encoder
-from orchestration.train.evalid import PROTOCOL_TAG, SPLIT_TAG, eval_identity
+from sslstream.orchestration.cli import compose_config
+from sslstream.orchestration.errors import RegistrationError
+from sslstream.orchestration.tracking.registry import RegistrySettings, register_encoder
+from sslstream.orchestration.train.evalid import PROTOCOL_TAG, SPLIT_TAG, eval_identity
 
 HEALTHY = {"eval/embedding_std": 0.2, "eval/effective_rank": 10.0}
 
@@ -49,7 +48,7 @@ def test_a_run_evaluated_on_another_split_cannot_become_champion(tmp_path):
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
-    from pipelines.shards.synthetic import ensure_synthetic
+    from sslstream.pipelines.shards.synthetic import ensure_synthetic
 
     root = tmp_path_factory.mktemp("syn")
     ensure_synthetic(root / "a", train_samples=40, test_samples=20, image_size=8, seed=0)

@@ -18,18 +18,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
-
-from models.backbones import build_backbone, feature_dim_of
-from orchestration.errors import RegistrationError
-from orchestration.tracking.encoder_model import EncoderSpec
-from orchestration.tracking.promotion import collapse_reason
-from orchestration.tracking.registry import (
+from sslstream.models.backbones import build_backbone, feature_dim_of
+from sslstream.orchestration.errors import RegistrationError
+from sslstream.orchestration.tracking.encoder_model import EncoderSpec
+from sslstream.orchestration.tracking.promotion import collapse_reason
+from sslstream.orchestration.tracking.registry import (
     RegistrySettings,
     load_encoder_state_dict,
     read_champion,
     register_encoder,
 )
-from orchestration.tracking.tracker import Tracker, TrackingSettings
+from sslstream.orchestration.tracking.tracker import Tracker, TrackingSettings
+
 from tests.fixtures.mlflow_server import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -230,7 +230,7 @@ def test_registry_calls_outside_a_tracker_are_bounded_on_a_dead_server(
     """read_champion / register_encoder / warm-start loads run without a Tracker (retrain,
     user scripts): with none of MLFLOW_HTTP_REQUEST_* set, MLflow's own defaults would
     retry for ~250 s; the registry applies the bounded defaults itself."""
-    from orchestration.tracking import mlflow_env
+    from sslstream.orchestration.tracking import mlflow_env
 
     for var in (mlflow_env.ENV_MAX_RETRIES, mlflow_env.ENV_TIMEOUT, mlflow_env.ENV_BACKOFF):
         monkeypatch.setenv(var, "0")
@@ -249,7 +249,7 @@ def test_concurrent_promotion_does_not_let_the_worse_version_win(
         logged: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """B (0.6) decides against champion v1 (0.5); before B writes the alias, A (0.9)
     registers and becomes champion. B must re-decide against A and stay challenger."""
-    import orchestration.tracking.promotion as promotion
+    import sslstream.orchestration.tracking.promotion as promotion
 
     uri, model_uri = logged["uri"], logged["model_uri"]
     name = f"race-{uuid.uuid4().hex[:8]}"

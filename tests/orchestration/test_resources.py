@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from orchestration.runtime import resources as R
-from orchestration.train.job import apply_deterministic, job_resources
+from sslstream.orchestration.runtime import resources as R
+from sslstream.orchestration.train.job import apply_deterministic, job_resources
 
 
 def _cgroup(tmp_path, proc: str, files: dict[str, str]):

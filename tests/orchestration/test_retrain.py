@@ -19,12 +19,11 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-
-from orchestration.retrain import job as R
-from orchestration.retrain.lease import Lease, LeaseRecord
-from orchestration.retrain.stores import S3LeaseStore
-from orchestration.tracking.registry import RegistrySettings, register_encoder
-from pipelines.shards.snapshot import take_snapshot
+from sslstream.orchestration.retrain import job as R
+from sslstream.orchestration.retrain.lease import Lease, LeaseRecord
+from sslstream.orchestration.retrain.stores import S3LeaseStore
+from sslstream.orchestration.tracking.registry import RegistrySettings, register_encoder
+from sslstream.pipelines.shards.snapshot import take_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.s3, pytest.mark.mlflow_server]
@@ -319,8 +318,8 @@ def test_snapshot_ids_and_run_keys(s3, tmp_path) -> None:
     assert all(s.fingerprint.startswith("sha256:") for s in snap.shards)
     # same listing in another order, other location: same id
     listing = [(s.name, s.fingerprint) for s in reversed(snap.shards)]
-    from orchestration.retrain.runkey import config_hash, run_key
-    from pipelines.shards.snapshot import Snapshot, snapshot_id
+    from sslstream.orchestration.retrain.runkey import config_hash, run_key
+    from sslstream.pipelines.shards.snapshot import Snapshot, snapshot_id
 
     assert snapshot_id(listing) == snap.id
     assert Snapshot.from_dict(json.loads(snap.to_json())).id == snap.id
@@ -347,12 +346,11 @@ def test_init_champion_warm_starts_from_the_champion_weights(setup, monkeypatch)
     version, and the trainer's own warm-start path (orchestration/train/warmstart.py) builds the
     method around the champion's backbone weights (online and momentum target)."""
     import torch
-
-    from models.backbones import build_backbone
-    from orchestration.tracking import mlflow_env
-    from orchestration.tracking.encoder_model import EncoderSpec
-    from orchestration.tracking.tracker import Tracker, TrackingSettings
-    from orchestration.train.warmstart import backbone_weights, build_method_warm
+    from sslstream.models.backbones import build_backbone
+    from sslstream.orchestration.tracking import mlflow_env
+    from sslstream.orchestration.tracking.encoder_model import EncoderSpec
+    from sslstream.orchestration.tracking.tracker import Tracker, TrackingSettings
+    from sslstream.orchestration.train.warmstart import backbone_weights, build_method_warm
 
     backbone_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/backbone/resnet_mini.yaml"))
     torch.manual_seed(123)
@@ -428,7 +426,8 @@ def test_retrain_on_gcs_data_with_the_default_lease_next_to_it(gcs, mlflow_serve
     """The same flow with the data on gs:// (tests/fixtures/gcs.py): the default lease is a
     GCS object next to the shards, taken with generation preconditions and released; the
     second call finds nothing new; a rewritten shard (new md5) retrains."""
-    from orchestration.retrain.stores import GCSLeaseStore
+    from sslstream.orchestration.retrain.stores import GCSLeaseStore
+
     from tests.fixtures.gcs import GCS_OPTIONS
 
     model = f"enc-gcs-{uuid.uuid4().hex[:8]}"

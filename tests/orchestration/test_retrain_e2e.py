@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
-from orchestration.retrain import job as R
+from sslstream.orchestration.retrain import job as R
 
 pytestmark = [pytest.mark.s3, pytest.mark.mlflow_server, pytest.mark.slow]
 
@@ -45,7 +44,7 @@ def tiny(tmp: Path, steps: int) -> list[str]:
 
 class Scenario:
     def __init__(self, s3, mlflow_uri: str, tmp: Path) -> None:
-        from pipelines.shards.synthetic import ensure_synthetic
+        from sslstream.pipelines.shards.synthetic import ensure_synthetic
 
         self.s3, self.uri, self.tmp = s3, mlflow_uri, tmp
         self.model = f"enc-{uuid.uuid4().hex[:8]}"
@@ -63,7 +62,7 @@ class Scenario:
         self.uploaded += 1
 
     def argv(self, *extra: str, steps: int = 6) -> list[str]:
-        return [sys.executable, "-m", "orchestration.cli", "retrain",
+        return [sys.executable, "-m", "sslstream.orchestration.cli", "retrain",
                 "data=shards", f"data.train=s3://{self.bucket}/train",
                 f"data.test=s3://{self.bucket}/test", "data.num_classes=10",
                 f"tracking.uri={self.uri}", f"tracking.experiment={self.model}",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
+from sslstream.orchestration.cli import main
+from sslstream.orchestration.retrain import job as R
 
-from orchestration.cli import main
-from orchestration.retrain import job as R
 from tests.orchestration.test_retrain_e2e import tiny
 
 
@@ -38,9 +38,9 @@ def test_cron_a_shard_dropped_beside_the_manifest_is_trained_on(in_tmp_cwd, caps
     """The cron scenario: retrain, nothing to do, a shard lands in the watched folder (which
     holds a manifest.json that does not list it), retrain again: it is taken in, said so
     with the fix, and trained on; after `shards index` nothing is new (same content)."""
-    from pipelines.shards import synthetic
-    from pipelines.shards.tools import main as shards_main
-    from pipelines.shards.tools import write_shards
+    from sslstream.pipelines.shards import synthetic
+    from sslstream.pipelines.shards.tools import main as shards_main
+    from sslstream.pipelines.shards.tools import write_shards
 
     args = ["retrain", f"data.root={in_tmp_cwd / 'data'}", "data.generate_train_samples=96",
             "data.generate_test_samples=64", *tiny(in_tmp_cwd, 3)]

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 from mlflow.tracking import MlflowClient
+from sslstream.orchestration.retrain import job as R
 
-from orchestration.retrain import job as R
 from tests.orchestration.test_retrain_e2e import tiny
 
 pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]
@@ -20,12 +20,12 @@ pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]
 
 @pytest.mark.timeout(300)
 def test_two_rank_training_under_torchrun(mlflow_server, tmp_path) -> None:
-    from pipelines.shards.synthetic import ensure_synthetic
+    from sslstream.pipelines.shards.synthetic import ensure_synthetic
 
     data = ensure_synthetic(tmp_path / "synthetic", train_samples=128, test_samples=64,
                             image_size=16, samples_per_shard=32)
     model = f"enc-{uuid.uuid4().hex[:8]}"
-    argv = [sys.executable, "-m", "orchestration.cli", "retrain",
+    argv = [sys.executable, "-m", "sslstream.orchestration.cli", "retrain",
             f"data.root={data}", "data.generate=false",
             f"tracking.uri={mlflow_server}", f"tracking.experiment={model}",
             f"tracking.registry.name={model}",
@@ -56,7 +56,7 @@ def test_two_rank_training_under_torchrun(mlflow_server, tmp_path) -> None:
 def test_torchrun_outcome_mapping() -> None:
     """A SIGTERM'd torchrun exits non-zero (its agent raises SignalException) after the ranks
     checkpointed: that is a preemption (exit 8 upstream), not a training failure."""
-    from orchestration.retrain.torchrun import outcome_of
+    from sslstream.orchestration.retrain.torchrun import outcome_of
 
     assert outcome_of(1, {"status": "preempted", "run_id": "r"}).status == "preempted"
     assert outcome_of(0, {"status": "completed", "run_id": "r"}).run_id == "r"

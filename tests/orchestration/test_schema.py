@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf, open_dict
-
-from orchestration.cli import main
-from orchestration.errors import ConfigError
-from orchestration.schema import check_config, check_overrides, compose_checked, compose_config
+from sslstream.orchestration.cli import main
+from sslstream.orchestration.errors import ConfigError
+from sslstream.orchestration.schema import (
+    check_config,
+    check_overrides,
+    compose_checked,
+    compose_config,
+)
 
 
 def _error(overrides: list[str]) -> ConfigError:
@@ -123,9 +127,9 @@ def test_every_command_exits_2_before_touching_data(argv, tmp_path, monkeypatch,
 
 
 def test_method_config_error_is_a_config_error():
-    """models.methods.base.MethodConfigError (a bad `method.*` key) maps to exit 2."""
-    from models.methods.base import MethodConfigError
-    from orchestration.cli import _is_config_error
+    """sslstream.models.methods.base.MethodConfigError (a bad `method.*` key) maps to exit 2."""
+    from sslstream.models.methods.base import MethodConfigError
+    from sslstream.orchestration.cli import _is_config_error
 
     assert _is_config_error(MethodConfigError("method.tau_base: ..."))
     assert not _is_config_error(ValueError("a bug"))
@@ -133,7 +137,7 @@ def test_method_config_error_is_a_config_error():
 
 def test_a_plain_value_error_shows_its_traceback(monkeypatch):
     """Only user errors are one line; anything else is a bug and keeps its traceback."""
-    import orchestration.train.loop as loop
+    import sslstream.orchestration.train.loop as loop
 
     def boom(cfg):
         raise ValueError("internal bug")

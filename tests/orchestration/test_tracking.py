@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from sslstream.orchestration.errors import RegistrationError
+from sslstream.orchestration.tracking import mlflow_env
+from sslstream.orchestration.tracking.encoder_model import EncoderSpec
+from sslstream.orchestration.tracking.tracker import Tracker, TrackingSettings, flatten_params
 
-from orchestration.errors import RegistrationError
-from orchestration.tracking import mlflow_env
-from orchestration.tracking.encoder_model import EncoderSpec
-from orchestration.tracking.tracker import Tracker, TrackingSettings, flatten_params
 from tests.fixtures.mlflow_server import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -251,7 +251,7 @@ def test_inactive_tracker_is_a_no_op(in_tmp_cwd: Path, no_env_uri: None) -> None
 
 
 def test_pca_2d_matches_covariance_eigenvectors() -> None:
-    from orchestration.tracking.plots import pca_2d
+    from sslstream.orchestration.tracking.plots import pca_2d
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(400, 6)) * np.array([5.0, 2.0, 0.5, 0.3, 0.2, 0.1])

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from sslstream.orchestration.errors import RegistrationError
+from sslstream.orchestration.tracking.null import NullTracker
+from sslstream.orchestration.tracking.tracker import Tracker
 
-from orchestration.errors import RegistrationError
-from orchestration.tracking.null import NullTracker
-from orchestration.tracking.tracker import Tracker
 from tests.orchestration.test_train import REPO, tiny
 
 
@@ -55,7 +55,7 @@ def test_null_tracker_refuses_to_log_or_register_a_model():
 
 _PROBE = """
 import json, sys
-from orchestration.cli import main
+from sslstream.orchestration.cli import main
 rc = main(["train", *sys.argv[1:]])
 print("PROBE " + json.dumps({"rc": rc, "mlflow": sorted(m for m in sys.modules
                               if m == "mlflow" or m.startswith("mlflow."))[:5]}))

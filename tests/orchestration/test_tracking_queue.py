@@ -9,9 +9,8 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
-
-from orchestration.tracking.sender import BackgroundSender
-from orchestration.tracking.tracker import Tracker, TrackingSettings
+from sslstream.orchestration.tracking.sender import BackgroundSender
+from sslstream.orchestration.tracking.tracker import Tracker, TrackingSettings
 
 
 class _SlowHandler(http.server.BaseHTTPRequestHandler):

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-
-from orchestration.cli import main
-from orchestration.runtime import checkpoint as ckpt
+from sslstream.orchestration.cli import main
+from sslstream.orchestration.runtime import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,7 +69,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 def test_default_run_end_to_end_from_the_cli(tmp_path, capsys):
     """`sslstream train` in a fresh cwd: data generated, trained, evaluated, registered."""
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "train", *tiny(tmp_path, "eval.every_epochs=1", steps=20)],
+        [sys.executable, "-m", "sslstream.orchestration.cli", "train", *tiny(tmp_path, "eval.every_epochs=1", steps=20)],
         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=220,
     )
     out = proc.stdout + proc.stderr
@@ -163,7 +162,7 @@ def test_exploding_lr_stops_and_registers_nothing(in_tmp_cwd, capsys):
 def test_nan_loss_keeps_the_last_good_state(in_tmp_cwd, capsys, monkeypatch):
     """A NaN loss at step 6 (injected into the method): the bad step is never applied, the
     state after 6 good steps is checkpointed, the run fails with the step number."""
-    from models.methods.byol import BYOL
+    from sslstream.models.methods.byol import BYOL
 
     real = BYOL.training_step
     calls = {"n": 0}
@@ -188,7 +187,7 @@ def test_nan_loss_keeps_the_last_good_state(in_tmp_cwd, capsys, monkeypatch):
 def test_nan_between_sparse_checks_is_caught_and_never_checkpointed(in_tmp_cwd, capsys, monkeypatch):
     """The CUDA setting (check every N steps, here 4): a NaN at step 6 is applied unseen,
     caught at the check of step 7, and the poisoned weights are never written."""
-    from models.methods.byol import BYOL
+    from sslstream.models.methods.byol import BYOL
 
     real = BYOL.training_step
     calls = {"n": 0}
@@ -294,7 +293,7 @@ def test_gpu_default_paths_bf16_channels_last_and_compile_run_on_cpu(tmp_path):
     runs = []
     for steps, extra in ((4, ["trainer.compile=true"]), (6, [])):
         proc = subprocess.run(
-            [sys.executable, "-m", "orchestration.cli", "train",
+            [sys.executable, "-m", "sslstream.orchestration.cli", "train",
              *tiny(tmp_path, *common, *extra, steps=steps)],
             cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=280)
         out = proc.stdout + proc.stderr
@@ -320,7 +319,7 @@ def test_evaluation_reports_progress_while_extracting_features(in_tmp_cwd, caplo
     PROGRESS_EVERY_S, here every batch) and each split's total and time."""
     import logging
 
-    from orchestration.evaluate import run as ev
+    from sslstream.orchestration.evaluate import run as ev
 
     monkeypatch.setattr(ev, "PROGRESS_EVERY_S", 0.0)
     caplog.set_level(logging.INFO, logger="sslstream.eval")

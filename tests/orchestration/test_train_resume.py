@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from sslstream.orchestration.cli import compose_config
+from sslstream.orchestration.runtime import checkpoint as ckpt
+from sslstream.orchestration.train.loop import train
 
-from orchestration.cli import compose_config
-from orchestration.runtime import checkpoint as ckpt
-from orchestration.train.loop import train
 from tests.orchestration.test_train import cli_env, tiny
 
 STEPS = 40  # 160 samples / batch 16 = 10 steps per epoch; checkpoints every 3 (mostly mid-epoch)
@@ -40,7 +40,7 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, after_step: int, 
 
 def start(tmp: Path, out: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestration.cli", "train", *overrides(tmp, out)],
+        [sys.executable, "-m", "sslstream.orchestration.cli", "train", *overrides(tmp, out)],
         cwd=tmp, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 

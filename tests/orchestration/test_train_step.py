@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from orchestration.train.monitor import DataWaitClock, Monitor
-from orchestration.train.step import (
+from sslstream.orchestration.train.monitor import DataWaitClock, Monitor
+from sslstream.orchestration.train.step import (
     NonFiniteLossError,
     StepModule,
     autocast_dtype,
@@ -16,6 +14,7 @@ from orchestration.train.step import (
     train_step,
     wrap_model,
 )
+from torch import nn
 
 
 class Probe(nn.Module):
@@ -229,7 +228,7 @@ def test_compile_targets_the_backbones_in_place_and_keeps_state_dict_keys():
 def test_progress_bar_only_on_a_terminal_and_rank_0(monkeypatch):
     import sys
 
-    from orchestration.train.monitor import use_bar
+    from sslstream.orchestration.train.monitor import use_bar
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert use_bar("auto", True) and not use_bar("auto", False) and not use_bar("log", True)

@@ -7,8 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipelines.shards import synthetic
+from sslstream.pipelines.shards import synthetic
 
 
 def test_samples_are_deterministic_balanced_jpegs():
@@ -51,7 +50,7 @@ def test_ensure_synthetic_is_atomic_and_idempotent(tmp_path, monkeypatch):
     assert (root / "train" / "manifest.json").stat().st_mtime_ns == mtime  # not regenerated
 
     # a crash mid-generation leaves nothing under root and no temp dir behind
-    import pipelines.shards.tools as shards
+    import sslstream.pipelines.shards.tools as shards
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -70,7 +69,7 @@ def test_refuses_incomplete_non_empty_root(tmp_path):
 
 
 def test_stream_reads_generated_shards(tmp_path):
-    from pipelines.shards.stream import ShardStream
+    from sslstream.pipelines.shards.stream import ShardStream
 
     root = synthetic.ensure_synthetic(tmp_path / "s", train_samples=30, test_samples=10, image_size=16, samples_per_shard=8)
     got = list(ShardStream(str(root / "train"), shuffle=False, num_workers=1, exact_epoch=True))

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 from mlflow.tracking import MlflowClient
+from sslstream.orchestration.cli import main
+from sslstream.orchestration.runtime import checkpoint as ckpt
 
-from orchestration.cli import main
-from orchestration.runtime import checkpoint as ckpt
 from tests.fixtures.shards import make_jpeg
 from tests.orchestration.test_train import sqlite_uri, tiny
 

@@ -7,8 +7,7 @@ import time
 
 import numpy as np
 from PIL import Image
-
-from pipelines.shards.stream import Sample
+from sslstream.pipelines.shards.stream import Sample
 
 
 def pattern_image(seed: int, h: int, w: int) -> np.ndarray:

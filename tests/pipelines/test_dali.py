@@ -18,18 +18,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from pipelines.views import dali as dali_mod
-from pipelines.views.backend import image_hw
-from pipelines.views.loader import TwoViewLoader
-from pipelines.views.recipes import (
+from sslstream.pipelines.views import dali as dali_mod
+from sslstream.pipelines.views.backend import image_hw
+from sslstream.pipelines.views.loader import TwoViewLoader
+from sslstream.pipelines.views.recipes import (
     PRESETS,
     TwoViewRecipe,
     ViewRecipe,
     batch_rng,
     sample_view_params,
 )
-from pipelines.views.reference import TorchvisionTwoView
+from sslstream.pipelines.views.reference import TorchvisionTwoView
+
 from tests.pipelines.augment_helpers import (
     FakeStream,
     corrupt_entropy_jpeg,
@@ -414,8 +414,8 @@ def test_a_shard_with_corrupt_jpegs_runs_through_with_each_counted(tmp_path, dev
     import io
     import tarfile
 
-    from pipelines.shards.stream import ShardStream
-    from pipelines.shards.tools import write_shards
+    from sslstream.pipelines.shards.stream import ShardStream
+    from sslstream.pipelines.shards.tools import write_shards
 
     samples = make_samples(30)
     entropy_key = samples[7].key

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from pipelines.shards import reader as reader_mod
-from pipelines.shards.plan import partition_bounds, partition_segments, spread_shards
-from pipelines.views.eval_loader import build_eval_loader
+from sslstream.pipelines.shards import reader as reader_mod
+from sslstream.pipelines.shards.plan import partition_bounds, partition_segments, spread_shards
+from sslstream.pipelines.views.eval_loader import build_eval_loader
 
 
 def test_partition_covers_every_position_once():

@@ -14,8 +14,7 @@ import pytest
 import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
-
-from pipelines.shards.labels import (
+from sslstream.pipelines.shards.labels import (
     LabelKey,
     MissingLabels,
     detect_label_key,
@@ -23,8 +22,9 @@ from pipelines.shards.labels import (
     read_label,
     require_labels,
 )
-from pipelines.shards.stream import ShardStream
-from pipelines.shards.tools import write_shards
+from sslstream.pipelines.shards.stream import ShardStream
+from sslstream.pipelines.shards.tools import write_shards
+
 from tests.fixtures.shards import make_jpeg, make_png
 
 
@@ -99,7 +99,7 @@ def test_img2dataset_style_is_unlabelled_and_an_eval_split_of_it_fails_before_tr
 
 
 def test_check_eval_splits_refuses_an_unlabelled_test_split_before_training(tmp_path):
-    from orchestration.train.job import check_eval_splits
+    from sslstream.orchestration.train.job import check_eval_splits
 
     _shardwriter(tmp_path / "lab", 6, "cls")
     _shardwriter(tmp_path / "caps", 6, "caption")

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from pipelines.shards.storage import (
+from sslstream.pipelines.shards.storage import (
     AccessDenied,
     ShardNotFound,
     classify,
     register_webdataset_gopen,
 )
-from pipelines.shards.stream import ShardStream
+from sslstream.pipelines.shards.stream import ShardStream
+
 from tests.fixtures.gcs import GCS_OPTIONS, FakeGCS
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -107,7 +107,7 @@ def test_retrain_snapshot_of_a_gcs_prefix_sees_new_and_rewritten_shards(gcs: Fak
                                                                          gcs_shards) -> None:
     """Without a manifest the retraining job fingerprints gs:// objects by GCS's md5Hash:
     the id holds still when nothing changed and moves when a shard is added or rewritten."""
-    from pipelines.shards.snapshot import take_snapshot
+    from sslstream.pipelines.shards.snapshot import take_snapshot
 
     url, ss = gcs_shards
     del gcs.objects[("data", "train/manifest.json")]
@@ -127,7 +127,8 @@ def test_retrain_snapshot_of_a_gcs_prefix_sees_new_and_rewritten_shards(gcs: Fak
 def test_write_and_verify_on_gcs(gcs: FakeGCS) -> None:
     """`sslstream shards make` / `verify` on gs://: gcsfs's multipart uploads, then the
     manifest's sha256 against what the store serves, and a tampered shard named."""
-    from pipelines.shards.tools import verify, write_shards
+    from sslstream.pipelines.shards.tools import verify, write_shards
+
     from tests.fixtures.shards import make_jpeg
 
     gcs.buckets.add("out")
@@ -152,7 +153,7 @@ def test_write_and_verify_on_gcs(gcs: FakeGCS) -> None:
 _EMULATOR_PROBE = """
 import json, sys, time
 t0 = time.monotonic()
-from pipelines.shards.stream import ShardStream
+from sslstream.pipelines.shards.stream import ShardStream
 keys = [s.key for s in ShardStream(sys.argv[1], storage_options={"token": "anon"})]
 import fsspec
 print("PROBE " + json.dumps({"n": len(keys), "s": time.monotonic() - t0,

@@ -8,10 +8,10 @@ import dataclasses
 
 import pytest
 import torch
+from sslstream.pipelines.views import dali as dali_mod
+from sslstream.pipelines.views.loader import TwoViewLoader
+from sslstream.pipelines.views.recipes import PRESETS
 
-from pipelines.views import dali as dali_mod
-from pipelines.views.loader import TwoViewLoader
-from pipelines.views.recipes import PRESETS
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
 pytestmark = [

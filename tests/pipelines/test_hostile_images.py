@@ -14,11 +14,11 @@ import zlib
 import pytest
 import webdataset as wds
 from PIL import Image
+from sslstream.pipelines.shards.stream import BadDataError, ShardStream
+from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, CorruptImage, validate_image
+from sslstream.pipelines.views.loader import TwoViewLoader
+from sslstream.pipelines.views.recipes import PRESETS
 
-from pipelines.shards.stream import BadDataError, ShardStream
-from pipelines.shards.validate import DEFAULT_MAX_PIXELS, CorruptImage, validate_image
-from pipelines.views.loader import TwoViewLoader
-from pipelines.views.recipes import PRESETS
 from tests.fixtures.shards import make_jpeg
 
 

@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sslstream.pipelines.shards.imagesize import image_hw as read_hw
+from sslstream.pipelines.shards.stream import ShardStream
+from sslstream.pipelines.shards.validate import CorruptImage
+from sslstream.pipelines.views import dali as dali_mod
+from sslstream.pipelines.views import loader as loader_mod
+from sslstream.pipelines.views.eval_loader import build_eval_loader
+from sslstream.pipelines.views.loader import TwoViewLoader
+from sslstream.pipelines.views.recipes import PRESETS
 
-from pipelines.shards.imagesize import image_hw as read_hw
-from pipelines.shards.stream import ShardStream
-from pipelines.shards.validate import CorruptImage
-from pipelines.views import dali as dali_mod
-from pipelines.views import loader as loader_mod
-from pipelines.views.eval_loader import build_eval_loader
-from pipelines.views.loader import TwoViewLoader
-from pipelines.views.recipes import PRESETS
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
 needs_dali = pytest.mark.skipif(not dali_mod.DALI_AVAILABLE,
@@ -371,9 +371,9 @@ def test_cifar10_views_are_normalised_with_the_dataset_statistics(backend, cifar
 # state and returns the rest of that epoch and the first batches of the next one.
 _RESUME_CHILD = """
 import json, sys, torch
-from pipelines.views.loader import TwoViewLoader
-from pipelines.views.recipes import PRESETS
-from pipelines.shards.stream import ShardStream
+from sslstream.pipelines.views.loader import TwoViewLoader
+from sslstream.pipelines.views.recipes import PRESETS
+from sslstream.pipelines.shards.stream import ShardStream
 job = json.load(sys.stdin)
 torch.set_num_threads(1)
 out = []

@@ -11,9 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from torchvision.transforms import RandomResizedCrop
-
-from pipelines.views.recipes import (
+from sslstream.pipelines.views.recipes import (
     PRESETS,
     TwoViewRecipe,
     ViewRecipe,
@@ -21,6 +19,7 @@ from pipelines.views.recipes import (
     sample_crops,
     sample_view_params,
 )
+from torchvision.transforms import RandomResizedCrop
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 EXPECTED = {"byol", "simclr", "mocov2", "vicreg", "cifar_byol", "cifar_simclr", "cifar_mocov2",

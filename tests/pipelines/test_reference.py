@@ -7,9 +7,9 @@ import io
 import numpy as np
 import torch
 from PIL import Image
+from sslstream.pipelines.views.recipes import ViewParams, ViewRecipe
+from sslstream.pipelines.views.reference import augment_one, decode, eval_view
 
-from pipelines.views.recipes import ViewParams, ViewRecipe
-from pipelines.views.reference import augment_one, decode, eval_view
 from tests.pipelines.augment_helpers import encode_jpeg, pattern_image
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

@@ -4,11 +4,11 @@ and through a proxy that injects 503 SlowDown, cut bodies and connection resets.
 from __future__ import annotations
 
 import pytest
+from sslstream.pipelines.shards.storage import AccessDenied, ShardNotFound, redact
+from sslstream.pipelines.shards.stream import ShardStream
+from sslstream.pipelines.shards.tools import main as shards_main
+from sslstream.pipelines.shards.tools import verify, write_shards
 
-from pipelines.shards.storage import AccessDenied, ShardNotFound, redact
-from pipelines.shards.stream import ShardStream
-from pipelines.shards.tools import main as shards_main
-from pipelines.shards.tools import verify, write_shards
 from tests.fixtures.s3 import CREDS, S3Env, s3_options
 from tests.fixtures.shards import make_jpeg
 
@@ -119,8 +119,7 @@ def test_faults_beyond_the_client_retries_are_retried_by_the_stream(
 def test_webdataset_reads_s3_through_the_registered_opener(s3: S3Env, s3_shards) -> None:
     """webdataset 1.0.2 has no s3 handler; register_webdataset_gopen gives it ours."""
     import webdataset as wds
-
-    from pipelines.shards.storage import register_webdataset_gopen
+    from sslstream.pipelines.shards.storage import register_webdataset_gopen
 
     url, ss = s3_shards
     register_webdataset_gopen(s3.storage_options)
@@ -139,8 +138,7 @@ def test_a_server_that_keeps_failing_ends_in_bounded_retries_naming_the_url(
     import logging
 
     import s3fs
-
-    from pipelines.shards import storage
+    from sslstream.pipelines.shards import storage
 
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     fast = dataclasses.replace(storage.RetryPolicy(), base_delay=0.01, max_delay=0.02)

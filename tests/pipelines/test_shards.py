@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from sslstream.pipelines.shards.manifest import Manifest, resolve_shards
+from sslstream.pipelines.shards.tools import main, verify, write_shards
+from sslstream.pipelines.shards.validate import CorruptImage, check_header, validate_image
 
-from pipelines.shards.manifest import Manifest, resolve_shards
-from pipelines.shards.tools import main, verify, write_shards
-from pipelines.shards.validate import CorruptImage, check_header, validate_image
 from tests.fixtures.shards import make_jpeg, make_png
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,7 +188,7 @@ def test_cli_make_labelled_folder_then_verify(tmp_path: Path, capsys: pytest.Cap
     cap = capsys.readouterr()
     assert "all 3 shards" in cap.out
     assert sorted(re.findall(r"ok  shard-\d+\.tar\.gz -- (\d)/3 shards", cap.err)) == ["1", "2", "3"]
-    from pipelines.shards.stream import ShardStream
+    from sslstream.pipelines.shards.stream import ShardStream
 
     streamed = {x.key: x.label for x in ShardStream(str(out), num_workers=1)}
     assert streamed == labels
@@ -220,7 +220,7 @@ def test_cli_verify_unlabelled_folder_as_module(tmp_path: Path) -> None:
     assert main(["make", str(src), str(tmp_path / "out")]) == 0
     doc = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert "classes" not in doc and doc["shards"][0]["samples"] == 3
-    r = subprocess.run([sys.executable, "-m", "pipelines.shards.tools", "verify", str(tmp_path / "nothere")],
+    r = subprocess.run([sys.executable, "-m", "sslstream.pipelines.shards.tools", "verify", str(tmp_path / "nothere")],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nothere/manifest.json does not exist" in r.stderr
 
@@ -232,7 +232,7 @@ def test_cli_verify_unlabelled_folder_as_module(tmp_path: Path) -> None:
                          ids=["ustar", "gnu", "pax"])
 @pytest.mark.parametrize("gz", [False, True], ids=["tar", "gz"])
 def test_tar_reader_agrees_with_tarfile(tmp_path: Path, fmt: int, gz: bool) -> None:
-    from pipelines.shards.tario import iter_tar_samples
+    from sslstream.pipelines.shards.tario import iter_tar_samples
 
     names = ["d/k1.jpg", "d/k1.cls", "x" * 120 + "/k2.jpg", "x" * 120 + "/k2.cls",
              "k4.jpg", "k4.meta.json"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from sslstream.pipelines.shards.indexer import index_shards
+from sslstream.pipelines.shards.stream import BadDataError, ShardStream
+from sslstream.pipelines.shards.tools import main, verify
 
-from pipelines.shards.indexer import index_shards
-from pipelines.shards.stream import BadDataError, ShardStream
-from pipelines.shards.tools import main, verify
 from tests.fixtures.shards import make_jpeg
 
 pytestmark = [pytest.mark.timeout(120)]

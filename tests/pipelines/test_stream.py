@@ -7,9 +7,9 @@ import random
 from pathlib import Path
 
 import pytest
+from sslstream.pipelines.shards.plan import per_rank, rank_segments, shard_order
+from sslstream.pipelines.shards.stream import ShardStream
 
-from pipelines.shards.plan import per_rank, rank_segments, shard_order
-from pipelines.shards.stream import ShardStream
 from tests.fixtures.shards import ShardSet
 
 

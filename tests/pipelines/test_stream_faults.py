@@ -6,9 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
-from pipelines.shards.storage import ShardNotFound
-from pipelines.shards.stream import BadDataError, ShardStream
+from sslstream.pipelines.shards.storage import ShardNotFound
+from sslstream.pipelines.shards.stream import BadDataError, ShardStream
 
 
 @pytest.mark.parametrize(

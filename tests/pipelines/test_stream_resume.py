@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from sslstream.pipelines.shards.stream import ShardStream
 
-from pipelines.shards.stream import ShardStream
 from tests.fixtures.shards import ShardSet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The child: build the same stream, restore each cursor, return the next `take` keys.
 CHILD = """
 import json, sys
-from pipelines.shards.stream import ShardStream
+from sslstream.pipelines.shards.stream import ShardStream
 job = json.load(sys.stdin)
 out = []
 for state in job["states"]:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from sslstream.pipelines.shards.procs import WorkerError
+from sslstream.pipelines.shards.stream import BadDataError, ShardStream
+from sslstream.pipelines.views.loader import TwoViewLoader
+from sslstream.pipelines.views.recipes import PRESETS
 
-from pipelines.shards.procs import WorkerError
-from pipelines.shards.stream import BadDataError, ShardStream
-from pipelines.views.loader import TwoViewLoader
-from pipelines.views.recipes import PRESETS
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
 RECIPE = PRESETS["cifar_byol"]
@@ -121,9 +121,9 @@ def test_a_killed_worker_is_reported_not_waited_on(victim, shard_factory):
 
 _CHILD = """
 import sys, time
-from pipelines.shards.stream import ShardStream
-from pipelines.views.loader import TwoViewLoader
-from pipelines.views.recipes import PRESETS
+from sslstream.pipelines.shards.stream import ShardStream
+from sslstream.pipelines.views.loader import TwoViewLoader
+from sslstream.pipelines.views.recipes import PRESETS
 stream = ShardStream(sys.argv[1:], num_workers=2, shuffle_buffer=4)
 loader = TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=4, device="cpu",
                        backend="torchvision", workers=3, prefetch=1)
