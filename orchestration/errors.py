@@ -7,7 +7,7 @@ Two families, which the CLI (orchestration/cli.py) treats differently:
   `ConfigError` is the configuration kind: exit 2 from every command, raised before any data
   is touched (orchestration/schema/ checks the composed config) or, for checks that need
   the data, as soon as they can be made. It is the orchestration room's kind of
-  `ConfigValueError` (sslstream/conf/typed.py, which every config dataclass raises), so a
+  `ConfigValueError` (conf/typed.py, which every config dataclass raises), so a
   ValueError too: callers that guarded config parsing with `except ValueError` keep working.
 * everything else is a bug or an outage and shows its traceback.
 

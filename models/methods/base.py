@@ -14,7 +14,7 @@ EMA step, queue and pointer) is in ``state_dict()``. The trainer only needs:
 ``forward`` is ``training_step``, so the method can be wrapped in DDP directly.
 
 Each method's hyper-parameters are one frozen dataclass (a :class:`MethodConfig` subclass:
-typed fields with their ranges, sslstream/conf/typed.py) that ``__init__`` takes whole; the
+typed fields with their ranges, conf/typed.py) that ``__init__`` takes whole; the
 values come from the method's recipe files (conf/recipe/<method>_<regime>.yaml) and the
 command line. Mistakes raise :class:`MethodConfigError` naming ``method.<key>``.
 """
@@ -51,7 +51,7 @@ __all__ = [
 
 Metrics = dict[str, Any]
 
-# Ranges the methods' configs share (sslstream/conf/typed.py reads them)
+# Ranges the methods' configs share (conf/typed.py reads them)
 Width = Annotated[int, Ge(1)]                      # a head's layer width or layer count
 Momentum = Annotated[float, Interval(ge=0, le=1)]  # an EMA coefficient tau (1: frozen target)
 Positive = Annotated[float, Gt(0)]                 # a temperature, a margin, a loss scale
@@ -59,7 +59,7 @@ NonNegative = Annotated[float, Ge(0)]              # a loss weight, an lr multip
 
 MethodConfigError = ConfigValueError
 """A ``method.*`` key that is unknown, missing, of the wrong type or out of range: the one
-config error of sslstream/conf/typed.py (a ``ValueError``; the CLI exits 2 for it). The
+config error of conf/typed.py (a ``ValueError``; the CLI exits 2 for it). The
 message names the key as ``method.<key>`` and, for an unknown key, the nearest one."""
 
 

@@ -12,7 +12,7 @@ trained. Every command composes through `compose_checked`:
     overrides.py  Hydra's override grammar: choices vs values, sweeps (`-m`), applying values
                   with unknown keys named ("did you mean")
     compose.py    Hydra composes the chosen presets; the schema fills every default; the
-                  values apply; sslstream/conf/typed.py checks types and ranges; then the rules
+                  values apply; conf/typed.py checks types and ranges; then the rules
                   between keys. Errors are `ConfigError` (exit 2)
     help.py       `sslstream train --help`: the choices and the common keys, from the schema
 

@@ -7,7 +7,7 @@
       -> the schema's defaults fill every key the files leave out (orchestration/schema/config.py)
       -> the value overrides apply (unknown keys named, with the nearest known ones)
       -> interpolations resolve; every section is built as its dataclass: types and ranges
-         (sslstream/conf/typed.py), then the rules between keys (``_cross_checks``)
+         (conf/typed.py), then the rules between keys (``_cross_checks``)
 
 The result is a DictConfig holding every key with its typed value (an int given for a float
 key is a float), in the schema's order: what ``--cfg`` prints, MLflow logs and the jobs read

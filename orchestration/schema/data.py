@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
 from sslstream.conf.typed import Check, Ge, Interval, MinLen, Typed
+from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS
 
 __all__ = ["DataConfig", "label_key_ok"]
 
@@ -50,4 +51,4 @@ class DataConfig(Typed):
     label_key: Annotated[str, Check(label_key_ok, "cls | json:<field> | txt | none | auto")] = "auto"
     image_keys: Annotated[list[NonEmpty], MinLen(1)] = field(
         default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # image member extensions, tried in order
-    max_pixels: Annotated[int, Ge(1)] | None = 50_000_000  # skip images declaring more pixels; null: no limit
+    max_pixels: Annotated[int, Ge(1)] | None = DEFAULT_MAX_PIXELS  # skip images declaring more pixels; null: no limit

@@ -7,10 +7,11 @@ orchestration/tracking/ reads these as typed objects (``TrackingSettings``, ``Re
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from sslstream.conf.typed import Check, Ge, Gt, MinLen, Typed
+from sslstream.conf.typed import Check, Ge, Gt, MinLen, Typed, build
 
 __all__ = ["TRACKING_SCHEMES", "HttpSettings", "RegistrySettings", "TrackingSettings",
            "tracking_uri_ok"]
@@ -43,7 +44,7 @@ class HttpSettings(Typed):
     config_key: ClassVar[str] = "tracking.http"
     max_retries: Annotated[int, Ge(0)] = 2
     timeout_s: Annotated[float, Gt(0)] = 10
-    backoff_factor: Annotated[float, Ge(0)] = 1
+    backoff_factor: Annotated[int, Ge(0)] = 1  # backoff = factor x 2**retry seconds (MLflow: an integer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,3 +89,10 @@ class TrackingSettings(Typed):
     metrics_flush_s: Annotated[float, Ge(0)] = 10  # at the end, wait at most this long for queued metrics
     parent_run_id: NonEmpty | None = None  # set by `sslstream train -m` (a sweep): each child run's parent
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+
+    @classmethod
+    def from_config(cls, cfg: TrackingSettings | Mapping[str, Any] | None) -> TrackingSettings:
+        """``cfg.tracking`` (or a part of it: the rest takes the defaults) as settings."""
+        if isinstance(cfg, cls):
+            return cfg
+        return build(cls, cfg or {}, "tracking")

@@ -86,9 +86,9 @@ def _train(cfg: DictConfig) -> TrainResult:
     ck = _Checkpointer(job, s)
     tr = cfg.trainer
     monitor = Monitor(
-        every=int(tr.get("log_every_steps", 10)), total_steps=job.total_steps, start_step=s.step,
+        every=tr.log_every_steps, total_steps=job.total_steps, start_step=s.step,
         global_batch=job.global_batch, is_main=job.env.is_main,
-        progress=str(tr.get("progress", "auto")), sink=runlog.log_metrics, device=job.env.device,
+        progress=tr.progress, sink=runlog.log_metrics, device=job.env.device,
     )
     first_step, t_loop = s.step, time.perf_counter()
     try:
@@ -241,7 +241,7 @@ class _Checkpointer:
                 "world_size": job.env.world_size,
             }
             ckpt.save_checkpoint(state, job.run_dir, s.step,
-                                 keep_last=int(job.cfg.trainer.get("keep_last", 3)))
+                                 keep_last=job.cfg.trainer.keep_last)
         D.barrier()
         s.saved_step = s.step
         return True
@@ -251,11 +251,10 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
           ) -> tuple[str, float]:
     """Steps until total_steps or a stop: ("completed" | "preempted", seconds evaluating)."""
     cfg, tr, loader = job.cfg, job.cfg.trainer, job.loader
-    grad_clip = float(tr.grad_clip) if tr.get("grad_clip") else None
-    every_ckpt = int(tr.get("checkpoint_every_steps", 0) or 0)
-    every_eval = int(cfg.eval.get("every_epochs", 0) or 0)
-    check = check_every(tr.get("check_every_steps", "auto"), job.env.device,
-                        int(tr.get("log_every_steps", 10)))
+    grad_clip = tr.grad_clip
+    every_ckpt = tr.checkpoint_every_steps
+    every_eval = cfg.eval.every_epochs
+    check = check_every(tr.check_every_steps, job.env.device, tr.log_every_steps)
     t_eval = 0.0
     monitor.reset_clock()
     while s.step < job.total_steps:
@@ -328,7 +327,7 @@ def _final_eval_and_register(job: Job, s: _State, runlog: RunLog, result: TrainR
     s.phase = "evaluating"
     if interrupts.signum is not None:  # asked between the last step and here
         raise Interrupted(interrupts.signum)
-    if job.cfg.eval.get("at_end", True):
+    if job.cfg.eval.at_end:
         result.eval = evaluate(job.cfg, job.method, job.env)
         result.metrics.update(result.eval.metrics())
         runlog.log_metrics(result.eval.metrics(), s.step)

@@ -7,8 +7,7 @@ re-exports them, and callers import them from there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS
+from typing import Any
 
 __all__ = ["BAD_REASONS", "COUNTER_NAMES", "BadDataError", "Sample", "sample_options"]
 
@@ -36,15 +35,12 @@ class Sample:
     index: int = -1
 
 
-def sample_options(data: object, *, labelled: bool = False) -> dict:
-    """ShardStream keyword arguments from a `data` config (label_key, image_keys,
-    max_pixels); `labelled`: an evaluation split, whose samples must carry a label."""
-    get = data.get  # type: ignore[attr-defined]
-    keys = get("image_keys", None)
-    mp = get("max_pixels", DEFAULT_MAX_PIXELS)
-    return {"label_key": str(get("label_key", "auto") or "auto"),
-            "image_keys": [str(k) for k in keys] if keys else None,
-            "max_pixels": int(mp) if mp else None, "require_label": labelled}
+def sample_options(data: Any, *, labelled: bool = False) -> dict:
+    """ShardStream keyword arguments from the ``data`` config section (label_key, image_keys,
+    max_pixels: every key set, orchestration/schema/data.py); ``labelled``: an evaluation
+    split, whose samples must carry a label."""
+    return {"label_key": str(data.label_key), "image_keys": [str(k) for k in data.image_keys],
+            "max_pixels": data.max_pixels, "require_label": labelled}
 
 
 class BadDataError(RuntimeError):
