@@ -240,7 +240,7 @@ def _describe_one(hint: Any) -> str:
     if len(_arms(bare)) > 1:
         base = f"({describe(bare)})"
     elif origin is Literal:
-        base = " | ".join(_show(a) for a in args)
+        base = " | ".join(a if isinstance(a, str) else _show(a) for a in args)
     elif bare is bool:
         base = "true | false"
     elif bare is int:

@@ -70,10 +70,9 @@ def random_views(images: torch.Tensor, crop: int, g: torch.Generator) -> torch.T
     return out
 
 
-def method_cfg(name: str, **overrides: Any) -> Any:
-    """conf/method/<name>.yaml (cifar preset), resolved, with ``overrides`` merged in."""
-    cfg = OmegaConf.load(REPO_ROOT / "conf" / "method" / f"{name}.yaml")
-    OmegaConf.resolve(cfg)
+def method_cfg(name: str, regime: str = "cifar", **overrides: Any) -> Any:
+    """The ``method`` block of conf/recipe/<name>_<regime>.yaml, with ``overrides`` merged in."""
+    cfg = OmegaConf.load(REPO_ROOT / "conf" / "recipe" / f"{name}_{regime}.yaml").method
     return OmegaConf.merge(cfg, overrides)
 
 
