@@ -80,7 +80,7 @@ class TrackingSettings(Typed):
     artifact_location: NonEmpty | None = None  # null: <db dir>/mlruns/<experiment> for sqlite; servers choose
     http: HttpSettings = field(default_factory=HttpSettings)
     probe_timeout_s: Annotated[float, Gt(0)] = 5  # GET <uri>/health before starting and after a failure
-    reconnect_after_s: Annotated[float, Gt(0)] | None = 300  # while unreachable, probe this often (null: never)
+    reconnect_after_s: Annotated[float, Ge(0)] | None = 300  # while unreachable, probe this often (0: at every call; null: never)
     system_metrics: bool = True          # CPU/GPU/memory/disk as system/* metrics
     system_metrics_interval_s: Annotated[float, Gt(0)] = 10
     max_param_length: Annotated[int, Ge(1)] = 500  # params = flattened resolved config; longer values are cut
