@@ -41,6 +41,7 @@ class BarlowTwinsConfig(MethodConfig):
     gather: bool = True
     sync_bn: bool = True
 
+
 class BarlowTwins(Method):
     config_class = BarlowTwinsConfig
 

@@ -33,6 +33,7 @@ class ContrastiveConfig(MethodConfig):
     gather: bool = True      # negatives from every rank (with gradient)
     sync_bn: bool = True
 
+
 class Contrastive(Method):
     config_class = ContrastiveConfig
 

@@ -28,6 +28,7 @@ class SimCLRConfig(MethodConfig):
     gather: bool = True      # negatives from every rank (with gradient)
     sync_bn: bool = True
 
+
 class SimCLR(Method):
     config_class = SimCLRConfig
 

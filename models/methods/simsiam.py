@@ -36,6 +36,7 @@ class SimSiamConfig(MethodConfig):
     fix_pred_lr: bool = True     # the predictor keeps its initial lr
     sync_bn: bool = True
 
+
 class SimSiam(Method):
     config_class = SimSiamConfig
 

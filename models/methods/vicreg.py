@@ -32,6 +32,7 @@ class VICRegConfig(MethodConfig):
     gather: bool = True      # variance/covariance over the global batch (with gradient)
     sync_bn: bool = True
 
+
 class VICReg(Method):
     config_class = VICRegConfig
 
