@@ -327,5 +327,5 @@ def _root_env_var(data_name: str) -> str | None:
         text = (resources.files("sslstream.conf") / "data" / f"{data_name}.yaml").read_text()
     except (OSError, ValueError):
         return None
-    m = re.search(r"^root:\s*\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", text, re.M)
+    m = re.search(r"^\s*root:\s*\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", text, re.M)
     return m.group(1) if m else None
