@@ -1,31 +1,32 @@
-"""Typed configs: the one vocabulary for a key's type and range, and the one validator.
+"""Typed configs: building and checking the dataclasses that hold every config key.
 
 Every key of sslstream's config is a field of a frozen dataclass (the sections in
 orchestration/schema/, the methods' configs in models/methods/, the optimisers' in
-models/optim.py, the backbone's in models/backbones.py, the augmentation's in
+models/optim.py, the backbone's in models/backbone_config.py, the augmentation's in
 pipelines/views/recipes.py). The field's annotation is its type and its range; its default
 is the default::
 
     epochs: Annotated[int, Ge(1)] = 15
     grad_clip: Annotated[float, Gt(0)] | None = None
     loader_threads: Annotated[int, Ge(1)] | Literal["auto"] = "auto"
-    crop_scale: Annotated[tuple[float, float], Check(ordered_in(0, 1, low_open=True), "...")]
+    crop_scale: Annotated[tuple[float, float], Check(ordered_in(0, 1), "0 < lo <= hi <= 1")]
 
 Ranges are ``annotated_types`` metadata (``Ge``, ``Gt``, ``Le``, ``Lt``, ``Interval``,
-``MinLen``, ``MaxLen``) or a :class:`Check` (a predicate with the words a message shows).
-:class:`Choose` marks a field whose dataclass depends on the data (``method``: the class
-registered under ``method.name``).
+``MinLen``, ``MaxLen``) or a :class:`Check`; :class:`Choose` marks a field whose dataclass
+is picked from its value (``method``: the class registered under ``method.name``); both in
+conf/annotations.py, re-exported here with the annotated_types names, so a config module
+imports its vocabulary from this one place.
 
 :func:`build` makes a dataclass from a mapping (a composed config section), naming the
 dotted key of every mistake: unknown (with the nearest known key), missing, wrong type,
-out of range. :class:`Typed` dataclasses run :func:`check` in ``__post_init__``, so one
-built in Python obeys the same rules. Types understood: ``bool``, ``int`` (not a bool),
-``float`` (an int too, stored as float), ``str``, ``Literal[...]`` (strings compare
-case-insensitively and are stored as written in the Literal), ``X | Y`` and ``X | None``,
-``list[X]``, ``tuple[X, ...]`` / ``tuple[X, Y]``, ``dict[str, Any]`` (free-form below),
-nested dataclasses and ``Any``.
+out of range (the words: conf/words.py). :class:`Typed` dataclasses run :func:`check` in
+``__post_init__``, so one built in Python obeys the same rules. Types understood: ``bool``,
+``int`` (not a bool), ``float`` (an int too, stored as float), ``str``, ``Literal[...]``
+(strings compare case-insensitively and are stored as written in the Literal), ``X | Y`` and
+``X | None``, ``list[X]``, ``tuple[X, ...]`` / ``tuple[X, Y]``, ``dict[str, Any]`` (free-form
+below), nested dataclasses and ``Any``.
 
-This module imports nothing of sslstream, so models/, pipelines/ and orchestration/ all
+conf/ imports nothing of sslstream's rooms, so models/, pipelines/ and orchestration/ all
 use it (tests/test_layout.py: the lowest room).
 """
 
@@ -33,19 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
-import functools
 import math
-import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from annotated_types import (
     BaseMetadata,
     Ge,
-    GroupedMetadata,
     Gt,
     Interval,
     Le,
@@ -53,6 +49,20 @@ from annotated_types import (
     MaxLen,
     MinLen,
 )
+from sslstream.conf.annotations import (
+    Check,
+    Choose,
+    choose_of,
+    field_hint,
+    fields_of,
+    free_form,
+    is_dataclass_type,
+    ordered_in,
+    split,
+    sub_dataclass,
+    union_arms,
+)
+from sslstream.conf.words import describe, did_you_mean, nearest, show, unknown_key_message
 
 __all__ = [
     "MISSING",
@@ -70,11 +80,15 @@ __all__ = [
     "build",
     "check",
     "defaults",
+    "describe",
     "did_you_mean",
     "field_hint",
+    "free_form",
     "nearest",
     "ordered_in",
+    "sub_dataclass",
     "to_container",
+    "walk_fields",
 ]
 
 MISSING = "???"  # OmegaConf's mandatory value: a key a preset or the command line must set
@@ -92,35 +106,6 @@ class ConfigValueError(ValueError):
         self.key = key
 
 
-@dataclass(frozen=True)
-class Check:
-    """A range that bounds cannot say: ``func(value)`` must hold; ``words`` say what it wants
-    ("0 < lo <= hi <= 1") in the error message."""
-
-    func: Callable[[Any], bool]
-    words: str
-    hint: Callable[[Any], str] | None = None  # more words for a refused value ("; did you mean x?")
-
-
-@dataclass(frozen=True)
-class Choose:
-    """A field whose dataclass is picked from its mapping: ``pick(mapping) -> dataclass``
-    (``method``: ``method.name`` -> that method's config class). ``pick`` raises
-    ConfigValueError for a mapping it cannot place."""
-
-    pick: Callable[[Mapping[str, Any]], type]
-
-
-def ordered_in(lo: float, hi: float | None = None, *, low_open: bool = True) -> Callable[[Any], bool]:
-    """``(a, b)`` with ``lo < a <= b`` (``lo <= a`` unless ``low_open``) and ``b <= hi``."""
-
-    def ok(v: Any) -> bool:
-        a, b = v
-        return (a > lo if low_open else a >= lo) and a <= b and (hi is None or b <= hi)
-
-    return ok
-
-
 class Typed:
     """Mixin for config dataclasses: ``__post_init__`` checks every field (types, ranges)
     and stores the normalised values (an int in a float field becomes a float, a list in a
@@ -130,190 +115,6 @@ class Typed:
 
     def __post_init__(self) -> None:
         check(self, self.config_key)
-
-
-# --- type introspection ---------------------------------------------------------------------
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, include_extras=True)
-
-
-def field_hint(cls: type, name: str) -> Any:
-    """The annotation of field ``name`` of dataclass ``cls`` (with its Annotated metadata)."""
-    return _hints(cls)[name]
-
-
-def _fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.init]
-
-
-def _split(hint: Any) -> tuple[Any, list[Any]]:
-    """(bare type, constraints) of ``Annotated[T, *meta]``; constraints flattened."""
-    meta: list[Any] = []
-    while typing.get_origin(hint) is Annotated:
-        hint, *extra = typing.get_args(hint)
-        for m in extra:
-            meta.extend(m if isinstance(m, GroupedMetadata) else [m])
-    return hint, meta
-
-
-def _arms(hint: Any) -> list[Any]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return list(typing.get_args(hint))
-    return [hint]
-
-
-def _is_dataclass_type(t: Any) -> bool:
-    return isinstance(t, type) and dataclasses.is_dataclass(t)
-
-
-def _choose(meta: Sequence[Any]) -> Choose | None:
-    return next((m for m in meta if isinstance(m, Choose)), None)
-
-
-def free_form(hint: Any) -> bool:
-    """Whether anything goes below a key of this type (``dict[str, Any]``, ``Any``)."""
-    bare, _ = _split(hint)
-    return any(_split(a)[0] is Any or typing.get_origin(_split(a)[0]) is dict
-               or _split(a)[0] is dict for a in _arms(bare))
-
-
-def sub_dataclass(hint: Any, value: Any = None) -> type | None:
-    """The dataclass a key of this type holds (Choose: picked from ``value``), or None."""
-    bare, meta = _split(hint)
-    if (ch := _choose(meta)) is not None:
-        return ch.pick(value if isinstance(value, Mapping) else {})
-    for a in _arms(bare):
-        a, _ = _split(a)
-        if _is_dataclass_type(a):
-            return a
-    return None
-
-
-# --- words for messages ---------------------------------------------------------------------
-
-
-def _num(x: Any) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def _meta_words(meta: Sequence[Any]) -> list[str]:
-    words = []
-    for m in meta:
-        if isinstance(m, Ge):
-            words.append(f">= {_num(m.ge)}")
-        elif isinstance(m, Gt):
-            words.append(f"> {_num(m.gt)}")
-        elif isinstance(m, Le):
-            words.append(f"<= {_num(m.le)}")
-        elif isinstance(m, Lt):
-            words.append(f"< {_num(m.lt)}")
-        elif isinstance(m, MinLen):
-            words.append("non-empty" if m.min_length == 1 else f"at least {m.min_length} long")
-        elif isinstance(m, MaxLen):
-            words.append(f"at most {m.max_length} long")
-        elif isinstance(m, Check):
-            words.append(m.words)
-    return words
-
-
-def describe(hint: Any) -> str:
-    """What a key of this type accepts, in words: ``an integer >= 1 or auto``."""
-    bare, meta = _split(hint)
-    arms = _arms(bare)
-    if len(arms) == 1:
-        return _describe_one(hint)
-    parts = [_describe_one(a) for a in arms if a is not type(None)]
-    if type(None) in arms:
-        parts.append("null")
-    text = " or ".join(parts)
-    words = _meta_words(meta)
-    return f"{text} ({' and '.join(words)})" if words else text
-
-
-def _describe_one(hint: Any) -> str:
-    bare, meta = _split(hint)
-    words = _meta_words(meta)
-    origin, args = typing.get_origin(bare), typing.get_args(bare)
-    if len(_arms(bare)) > 1:
-        base = f"({describe(bare)})"
-    elif origin is Literal:
-        base = " | ".join(a if isinstance(a, str) else _show(a) for a in args)
-    elif bare is bool:
-        base = "true | false"
-    elif bare is int:
-        base = "an integer"
-    elif bare is float:
-        base = "a number"
-    elif bare is str:
-        base = "a string"
-    elif bare is type(None):
-        base = "null"
-    elif origin in (list, tuple):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            inner = {_describe_one(a) for a in args}
-            base = (f"{len(args)} {_plural(inner.pop())}" if len(inner) == 1
-                    else f"a list ({', '.join(_describe_one(a) for a in args)})")
-        else:
-            base = f"a list of {_plural(_describe_one(args[0])) if args else 'values'}"
-    elif origin is dict or bare is dict:
-        base = "a mapping"
-    elif _is_dataclass_type(bare):
-        base = f"a mapping of {bare.__name__} keys"
-    elif _choose(meta) is not None:
-        base = "a mapping"
-    else:
-        base = getattr(bare, "__name__", str(bare))
-    if not words:
-        return base
-    if base in ("an integer", "a number"):
-        return f"{base} {' and '.join(words)}"
-    if base == "a string" and all(isinstance(m, Check) for m in meta if _meta_words([m])):
-        return " and ".join(words)  # a Check on a string says it all ("resnet_mini or ...")
-    if words == ["non-empty"] and base.startswith(("a string", "a list")):
-        return "a non-empty " + base[2:]
-    return f"{base} ({' and '.join(words)})"
-
-
-def _plural(words: str) -> str:
-    if words.startswith("a non-empty "):
-        return "non-empty " + _plural("a " + words[len("a non-empty "):])
-    return {"a string": "strings", "an integer": "integers", "a number": "numbers",
-            "true | false": "booleans"}.get(words, words)
-
-
-def _show(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, str) and (v.strip() != v or not v or _looks_typed(v)):
-        return repr(v)  # a string that reads like a number, a bool or null: quoted
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_show(x) for x in v) + "]"
-    return str(v)
-
-
-def _looks_typed(text: str) -> bool:
-    if text.lower() in ("true", "false", "null", "none"):
-        return True
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def nearest(word: str, candidates: Sequence[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
-    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=cutoff)
-
-
-def did_you_mean(word: str, candidates: Sequence[str], dotted: str = "") -> str:
-    """``"; did you mean x?"`` for the nearest candidate (prefixed ``dotted.``), or ``""``."""
-    near = nearest(word, candidates)
-    return f"; did you mean {dotted + '.' if dotted else ''}{near[0]}?" if near else ""
 
 
 # --- values ---------------------------------------------------------------------------------
@@ -350,14 +151,14 @@ def _within(value: Any, meta: Sequence[Any]) -> bool:
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
     """``value`` as a ``hint``, or _Reject. Nested dataclasses are built (with ``key``)."""
-    bare, meta = _split(hint)
-    if (ch := _choose(meta)) is not None:
+    bare, meta = split(hint)
+    if (ch := choose_of(meta)) is not None:
         if isinstance(value, Mapping):
             return build(ch.pick(value), value, key)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return value
         raise _Reject
-    arms = _arms(bare)
+    arms = union_arms(bare)
     if len(arms) > 1:
         for arm in arms:
             try:
@@ -376,7 +177,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
 
 def _convert_one(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Annotated or len(_arms(hint)) > 1:
+    if origin is Annotated or len(union_arms(hint)) > 1:
         return _convert(value, hint, key)
     if hint is Any:
         return value
@@ -425,7 +226,7 @@ def _convert_one(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, Mapping):
             return dict(value)
         raise _Reject
-    if _is_dataclass_type(hint):
+    if is_dataclass_type(hint):
         if isinstance(value, hint):
             return value
         if isinstance(value, Mapping):
@@ -435,16 +236,16 @@ def _convert_one(value: Any, hint: Any, key: str) -> Any:
 
 
 def _bad_value(key: str, value: Any, hint: Any) -> ConfigValueError:
-    bare, _ = _split(hint)
-    choices = [a for arm in _arms(bare) for a in typing.get_args(_split(arm)[0])
-               if typing.get_origin(_split(arm)[0]) is Literal and isinstance(a, str)]
+    bare, _ = split(hint)
+    choices = [a for arm in union_arms(bare) for a in typing.get_args(split(arm)[0])
+               if typing.get_origin(split(arm)[0]) is Literal and isinstance(a, str)]
     hint_ = did_you_mean(str(value), choices) if choices and isinstance(value, str) else ""
-    checks = [m for arm in [hint, *_arms(bare)] for m in _split(arm)[1] if isinstance(m, Check)]
+    checks = [m for arm in [hint, *union_arms(bare)] for m in split(arm)[1] if isinstance(m, Check)]
     for c in checks:
         if c.hint is not None and not hint_:
             with contextlib.suppress(TypeError, ValueError):
                 hint_ = c.hint(value)
-    return ConfigValueError(f"{key}={_show(value)} is not allowed: expected {describe(hint)}"
+    return ConfigValueError(f"{key}={show(value)} is not allowed: expected {describe(hint)}"
                             f"{hint_}", key)
 
 
@@ -462,7 +263,7 @@ def check_value(value: Any, hint: Any, key: str) -> Any:
 def check(obj: Any, key: str = "") -> None:
     """Check (and normalise in place) every field of the dataclass instance ``obj``."""
     cls = type(obj)
-    for f in _fields(cls):
+    for f in fields_of(cls):
         sub = f"{key}.{f.name}" if key else f.name
         value = check_value(getattr(obj, f.name), field_hint(cls, f.name), sub)
         object.__setattr__(obj, f.name, value)
@@ -482,7 +283,7 @@ def build(cls: type, data: Mapping[str, Any] | None, key: str = "", *,
     incomplete config) and no instance is made: the checked mapping is returned instead.
     """
     raw = dict(data or {})
-    names = [f.name for f in _fields(cls)]
+    names = [f.name for f in fields_of(cls)]
     tag = getattr(cls, "name", None) if "name" not in names else None
     if tag is not None and "name" in raw and raw.pop("name") != tag:
         raise ConfigValueError(f"{_join(key, 'name')} must be {tag!r} here", _join(key, "name"))
@@ -490,7 +291,7 @@ def build(cls: type, data: Mapping[str, Any] | None, key: str = "", *,
         if k not in names:
             raise ConfigValueError(unknown_key_message(_join(key, str(k)), names, key), _join(key, str(k)))
     values: dict[str, Any] = {}
-    for f in _fields(cls):
+    for f in fields_of(cls):
         sub = _join(key, f.name)
         if f.name in raw:
             value = raw[f.name]
@@ -514,18 +315,6 @@ def build(cls: type, data: Mapping[str, Any] | None, key: str = "", *,
     return cls(**values)
 
 
-def unknown_key_message(key: str, known: Sequence[str], parent: str = "") -> str:
-    leaf = key.rpartition(".")[2]
-    msg = f"unknown config key {key}"
-    near = nearest(leaf, known, n=3)
-    if near:
-        msg += f"; did you mean {' or '.join(_join(parent, n) for n in near)}?"
-    else:
-        shown = ", ".join(list(known)[:40]) + (", ..." if len(known) > 40 else "")
-        msg += f". Keys of {parent or 'the config'}: {shown}."
-    return msg
-
-
 # --- trees ----------------------------------------------------------------------------------
 
 
@@ -540,7 +329,7 @@ def _plain(v: Any) -> Any:
 
 
 def _with_tag(cls: type, out: dict[str, Any]) -> dict[str, Any]:
-    names = [f.name for f in _fields(cls)]
+    names = [f.name for f in fields_of(cls)]
     tag = getattr(cls, "name", None) if "name" not in names else None
     return {"name": tag, **out} if isinstance(tag, str) and tag else out
 
@@ -548,16 +337,16 @@ def _with_tag(cls: type, out: dict[str, Any]) -> dict[str, Any]:
 def to_container(obj: Any) -> dict[str, Any]:
     """The dataclass ``obj`` as plain dicts and lists (tuples become lists), led by its
     ``name`` ClassVar when it has one: what a composed config holds."""
-    return _with_tag(type(obj), {f.name: _plain(getattr(obj, f.name)) for f in _fields(type(obj))})
+    return _with_tag(type(obj), {f.name: _plain(getattr(obj, f.name)) for f in fields_of(type(obj))})
 
 
 def defaults(cls: type) -> dict[str, Any]:
     """Every field's default as plain containers (``???`` for a field without one); nested
     dataclasses expanded, Choose fields left out (their class depends on their value)."""
     out: dict[str, Any] = {}
-    for f in _fields(cls):
+    for f in fields_of(cls):
         hint = field_hint(cls, f.name)
-        if _choose(_split(hint)[1]) is not None:
+        if choose_of(split(hint)[1]) is not None:
             continue
         if f.default is not dataclasses.MISSING:
             out[f.name] = _plain(f.default)
@@ -574,9 +363,9 @@ def defaults(cls: type) -> dict[str, Any]:
 def walk_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, annotation) of every field below dataclass ``cls`` (Choose fields: the
     field itself only)."""
-    for f in _fields(cls):
+    for f in fields_of(cls):
         hint = field_hint(cls, f.name)
         key = _join(prefix, f.name)
         yield key, hint
-        if _choose(_split(hint)[1]) is None and (sub := sub_dataclass(hint)) is not None:
+        if choose_of(split(hint)[1]) is None and (sub := sub_dataclass(hint)) is not None:
             yield from walk_fields(sub, key)
