@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from sslstream.conf.typed import ConfigValueError, build, defaults, did_you_mean, to_container
-from sslstream.models.optim import OPTIMIZERS
+from sslstream.models.optim import OPTIMIZERS, optim_class
 from sslstream.orchestration.errors import ConfigError
 from sslstream.orchestration.schema.config import Config, method_config_class
 from sslstream.orchestration.schema.overrides import (
@@ -112,9 +112,9 @@ def _with_defaults(tree: DictConfig) -> DictConfig:
     base = defaults(Config)
     try:
         base["method"] = defaults(method_config_class(tree.get("method") or {}))
+        base["optim"] = defaults(optim_class(tree.get("optim") or {}))
     except ConfigValueError as e:
         raise ConfigError(str(e), e.key) from None
-    base["optim"] = defaults(OPTIMIZERS[str((tree.get("optim") or {}).get("name", "lars"))])
     merged = OmegaConf.merge(OmegaConf.create(base), tree)
     assert isinstance(merged, DictConfig)
     return merged
