@@ -31,11 +31,15 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 from sslstream.orchestration.errors import ConfigError
 from sslstream.orchestration.schema.compose import advisories, compose
-from sslstream.orchestration.schema.overrides import expand_sweep, quote_brace_patterns
+from sslstream.orchestration.schema.overrides import (
+    expand_sweep,
+    quote_brace_patterns,
+    swept_keys,
+)
 from sslstream.orchestration.schema.recipes import augment_recipe, load_recipe
 
 __all__ = ["ConfigError", "advisories", "augment_recipe", "compose_checked", "compose_config",
-           "expand_sweep", "load_recipe", "quote_brace_patterns"]
+           "expand_sweep", "load_recipe", "quote_brace_patterns", "swept_keys"]
 
 
 def compose_checked(overrides: Sequence[str] = (), *, allow_missing: bool = False) -> DictConfig:

@@ -25,7 +25,7 @@ from sslstream.conf.typed import field_hint, free_form, nearest, sub_dataclass
 from sslstream.orchestration.errors import ConfigError
 
 __all__ = ["CHOICES", "FOLDERS", "Override", "apply_values", "expand_sweep", "parse",
-           "quote_brace_patterns", "split_choices"]
+           "quote_brace_patterns", "split_choices", "swept_keys"]
 
 FOLDERS = ("data", "backbone", "tracking")  # conf/ folders of presets, chosen with Hydra
 CHOICES = ("method", "recipe", "optim", *FOLDERS)
@@ -78,6 +78,12 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
         head = o.input_line.partition("=")[0]
         options.append([f"{head}={v}" for v in o.sweep_string_iterator()])
     return [quote_brace_patterns(list(c)) for c in itertools.product(*options)]
+
+
+def swept_keys(overrides: Sequence[str]) -> set[str]:
+    """The keys (and choices) a sweep varies: ``method`` and ``optim.lr`` of
+    ``["method=byol,simclr", "optim.lr=0.5,1.0", "backbone.widths=[8,16]"]``."""
+    return {o.key_or_group for o in parse(overrides, sweeps=True) if o.is_sweep_override()}
 
 
 def split_choices(parsed: Sequence[Override]) -> tuple[dict[str, str], list[Override]]:

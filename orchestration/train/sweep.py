@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, open_dict
 from sslstream.orchestration.runtime.interrupt import Interrupted
+from sslstream.orchestration.schema import swept_keys
 
 log = logging.getLogger("sslstream.train")
 
@@ -31,9 +32,9 @@ EXIT_FAILED = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
 
-def child_run_name(base: str, sweep: Sequence[str], child: Sequence[str]) -> str:
-    """``base`` + the values this child takes for the swept keys: ``byol-synthetic-optim.lr=0.5``."""
-    swept = {o.partition("=")[0].lstrip("+~") for o in sweep if "," in o.partition("=")[2]}
+def child_run_name(base: str, swept: set[str], child: Sequence[str]) -> str:
+    """``base`` + the values this child takes for the ``swept`` keys:
+    ``byol-synthetic-optim.lr=0.5``."""
     parts = [o.lstrip("+~") for o in child if o.partition("=")[0].lstrip("+~") in swept]
     return "-".join([base, *(_UNSAFE.sub("_", p) for p in parts)]) if parts else base
 
@@ -42,13 +43,14 @@ def run_sweep(sweep: Sequence[str], children: Sequence[Sequence[str]],
               configs: Sequence[DictConfig], train: Callable[[DictConfig], int]) -> int:
     """Run each child config with `train` (returns an exit code), under one parent run."""
     parent = _ParentRun(configs[0], sweep, len(children))
+    swept = swept_keys(sweep)
     failed: list[str] = []
     try:
         for i, (child, cfg) in enumerate(zip(children, configs, strict=True), 1):
             what = " ".join(child)
             with open_dict(cfg):
                 if not any(o.lstrip("+").startswith("run_name=") for o in child):
-                    cfg.run_name = child_run_name(str(cfg.run_name), sweep, child)
+                    cfg.run_name = child_run_name(str(cfg.run_name), swept, child)
                 cfg.tracking.parent_run_id = parent.run_id
             print(f"sweep {i}/{len(children)}: {what} (run_name={cfg.run_name})", flush=True)
             try:

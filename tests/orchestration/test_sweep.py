@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 from sslstream.orchestration.cli import main
-from sslstream.orchestration.schema import expand_sweep
+from sslstream.orchestration.schema import expand_sweep, swept_keys
 from sslstream.orchestration.train.sweep import child_run_name
 
 from tests.orchestration.test_train import sqlite_uri, tiny
@@ -20,8 +20,10 @@ def test_combinations_come_in_hydras_order():
     assert expand_sweep(["data.train=s3://b/t-{000000..000003}.tar", "recipe=cifar,imagenet"]) == [
         ["data.train='s3://b/t-{000000..000003}.tar'", "recipe=cifar"],
         ["data.train='s3://b/t-{000000..000003}.tar'", "recipe=imagenet"]]
-    sweep = ["method=byol,simclr", "optim.lr=0.5"]
-    assert child_run_name("byol-synthetic", sweep, ["method=byol", "optim.lr=0.5"]) == \
+    sweep = ["method=byol,simclr", "optim.lr=0.5", "backbone.widths=[8,16,16,32]"]
+    assert swept_keys(sweep) == {"method"}  # a list value is not a sweep
+    assert child_run_name("byol-synthetic", swept_keys(sweep),
+                          ["method=byol", "optim.lr=0.5", "backbone.widths=[8,16,16,32]"]) == \
         "byol-synthetic-method=byol"
 
 
@@ -51,14 +53,14 @@ def test_each_child_is_a_run_under_the_parent_and_a_failure_does_not_stop_the_re
     captured = capsys.readouterr()
     assert "sweep 1/2" in captured.out and "sweep 2/2" in captured.out
     assert "sweep: 1/2 runs succeeded" in captured.out
-    assert "FAILED: optim=sgd optim.lr=1e30" in captured.err
+    assert "FAILED: optim=sgd optim.lr=1e+30" in captured.err  # as Hydra writes the value
     client = MlflowClient(sqlite_uri(in_tmp_cwd))
     runs = client.search_runs(client.get_experiment_by_name("sslstream").experiment_id)
     parent = next(r for r in runs if "sslstream.sweep" in r.data.tags)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FAILED" and len(children) == 2
     by_name = {r.data.tags["sslstream.run_name"]: r for r in children}
-    assert set(by_name) == {"byol-synthetic-optim.lr=1e30", "byol-synthetic-optim.lr=0.05"}
+    assert set(by_name) == {"byol-synthetic-optim.lr=1e+30", "byol-synthetic-optim.lr=0.05"}
     assert by_name["byol-synthetic-optim.lr=0.05"].info.status == "FINISHED"
-    assert by_name["byol-synthetic-optim.lr=1e30"].info.status == "FAILED"
+    assert by_name["byol-synthetic-optim.lr=1e+30"].info.status == "FAILED"
     assert (in_tmp_cwd / "out" / "byol-synthetic-optim.lr=0.05").is_dir()  # its own run_name
