@@ -36,9 +36,9 @@ __all__ = ["NO_WEIGHT_DECAY", "VIT_NAMES", "ResNetMini", "ViT", "build_backbone"
 # The ViT sizes by name -> timm's model (widths, depths and heads of Touvron et al. 2021 and
 # Dosovitskiy et al. 2021; image and patch size are set by the config).
 VIT_NAMES = {
-    "vit_tiny": "vit_tiny_patch16_224",    # 192 wide, 12 blocks, 3 heads, 5.7 M parameters
-    "vit_small": "vit_small_patch16_224",  # 384 wide, 12 blocks, 6 heads, 22 M
-    "vit_base": "vit_base_patch16_224",    # 768 wide, 12 blocks, 12 heads, 86 M
+    "vit_tiny": "vit_tiny_patch16_224",    # 192 wide, 12 blocks, 3 heads, 5.5 M parameters
+    "vit_small": "vit_small_patch16_224",  # 384 wide, 12 blocks, 6 heads, 21.7 M
+    "vit_base": "vit_base_patch16_224",    # 768 wide, 12 blocks, 12 heads, 85.8 M (at 224/16)
 }
 # Leaf names of the ViT parameters that take no weight decay besides biases and norms (timm's
 # ``no_weight_decay()``): the position embedding and the class / register / distillation tokens.
