@@ -226,9 +226,12 @@ class DINOCenter(nn.Module):
     give the center of 1 rank x W*B. The center is a buffer (``state_dict`` restores it).
 
     Example:
-        >>> center = DINOCenter(65536)
-        >>> loss, _ = dino_loss(student_crops, teacher_crops, center.center, teacher_temp=0.04)
-        >>> center.update(teacher_crops)        # after the loss, before the next step
+        >>> from sslstream.models.objectives import dino_loss
+        >>> center = DINOCenter(64)
+        >>> student = [torch.randn(8, 64) for _ in range(4)]   # 2 global + 2 local crops
+        >>> teacher = [torch.randn(8, 64) for _ in range(2)]   # the global crops
+        >>> loss, _ = dino_loss(student, teacher, center.center, teacher_temp=0.04)
+        >>> center.update(teacher)               # after the loss, before the next step
     """
 
     center: torch.Tensor
