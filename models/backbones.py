@@ -223,8 +223,14 @@ def build_backbone(cfg: Mapping[str, Any] | Any) -> nn.Module:
     if not name:
         raise ValueError("backbone.name is missing")
     name = str(name)
+    cifar_stem = bool(_get(cfg, "cifar_stem", False))
+    zero_init = bool(_get(cfg, "zero_init_residual", False))
+    model: nn.Module
     if name in VIT_NAMES:
-        return ViT(
+        if cifar_stem:
+            raise ValueError(f"backbone.cifar_stem=true needs a ResNet-style model; "
+                             f"backbone.name={name!r} is a ViT (set backbone.patch_size instead)")
+        model = ViT(
             name,
             image_size=int(_get(cfg, "image_size", 224)),
             patch_size=int(_get(cfg, "patch_size", 16)),
@@ -233,16 +239,13 @@ def build_backbone(cfg: Mapping[str, Any] | Any) -> nn.Module:
             freeze_patch_embed=bool(_get(cfg, "freeze_patch_embed", False)),
             **dict(_get(cfg, "kwargs", {}) or {}),
         )
-    cifar_stem = bool(_get(cfg, "cifar_stem", False))
-    zero_init = bool(_get(cfg, "zero_init_residual", False))
-    if name == "resnet_mini":
-        model: nn.Module = ResNetMini(
+    elif name == "resnet_mini":
+        model = ResNetMini(
             layers=tuple(_get(cfg, "layers", (1, 1, 1, 1))),
             widths=tuple(_get(cfg, "widths", (16, 32, 64, 128))),
             cifar_stem=cifar_stem,
             zero_init_residual=zero_init,
         )
-        feature_dim = model.feature_dim
     else:
         try:
             builder = tvm.get_model_builder(name)
@@ -255,8 +258,7 @@ def build_backbone(cfg: Mapping[str, Any] | Any) -> nn.Module:
         model = builder(weights=None, **extra)
         if cifar_stem:
             _cifar_stem(model, name)
-        feature_dim = _strip_classifier(model, name)
-        model.feature_dim = feature_dim  # type: ignore[assignment]
+        model.feature_dim = _strip_classifier(model, name)  # type: ignore[assignment]
     if bool(_get(cfg, "channels_last", False)):
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -268,7 +270,6 @@ def feature_dim_of(backbone: nn.Module) -> int:
     if not isinstance(dim, int):
         raise ValueError(f"{type(backbone).__name__} has no integer feature_dim attribute")
     return dim
-
 
 
 def requirements(cfg: Mapping[str, Any] | Any) -> list[str]:

@@ -116,6 +116,8 @@ def test_vit_sizes_patch_grids_and_features() -> None:
     assert feature_dim_of(base) == 768 and base.vit.blocks[0].attn.num_heads == 12
     cifar = _tiny_cifar()
     assert tuple(cifar.vit.pos_embed.shape) == (1, 1 + 8 * 8, 192)
+    assert _tiny_cifar(channels_last=True, kwargs={"depth": 1}).vit.patch_embed.proj.weight \
+        .is_contiguous(memory_format=torch.channels_last)
     assert cifar.vit.patch_embed.proj.kernel_size == (4, 4)
     assert not any(isinstance(m, nn.Linear) and m.out_features == 1000 for m in cifar.modules())
     cifar.eval()
@@ -199,6 +201,8 @@ def test_vit_config_errors_name_the_key() -> None:
         _tiny_cifar(pool="max")
     with pytest.raises(ValueError, match="drop_path_rate"):
         _tiny_cifar(drop_path_rate=1.0)
+    with pytest.raises(ValueError, match="cifar_stem.*'vit_tiny' is a ViT"):
+        _tiny_cifar(cifar_stem=True)
     with pytest.raises(ValueError, match="vit_tiny"):  # the unknown-name message lists ViTs
         build_backbone({"name": "vit_huge"})
     net = _tiny_cifar(kwargs={"depth": 1})
