@@ -53,8 +53,8 @@ from sslstream.pipelines.shards.storage import StorageError, get_fs, open_reader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheLimitError", "Expected", "ShardCache", "cache_options", "check_limit",
-           "is_remote", "open_shard"]
+__all__ = ["Expected", "ShardCache", "cache_options", "is_remote", "open_shard",
+           "too_big_for"]
 
 Count = Callable[[str, int], None]
 _CHUNK = 1 << 20
@@ -78,10 +78,6 @@ class Expected:
     sha256: str | None = None
 
 
-class CacheLimitError(ValueError):
-    """`cache_limit` is smaller than a shard it would have to hold."""
-
-
 class _Unusable(Exception):
     """The cache folder cannot be used (not writable, disk full): stream instead."""
 
@@ -99,19 +95,15 @@ def cache_options(data: Any) -> dict:
             "cache_limit": int(limit) if limit is not None else None}
 
 
-def check_limit(sizes: Iterable[tuple[str, int | None]], limit: int | None) -> None:
-    """Raise CacheLimitError when `limit` is smaller than a remote shard of known size
-    ((url, bytes) pairs; local shards and unknown sizes are not checked)."""
-    if limit is None:
-        return
+def too_big_for(limit: int | None, sizes: Iterable[tuple[str, int | None]]) -> tuple[str, int] | None:
+    """The largest object-store shard of known size ((url, bytes) pairs) when it is larger
+    than `limit`, else None. The cache never holds a shard larger than its limit: such a
+    shard is read from the store every time."""
     known = [(n, u) for u, n in sizes if n is not None and is_remote(u)]
-    if not known:
-        return
+    if limit is None or not known:
+        return None
     biggest, url = max(known)
-    if biggest > limit:
-        raise CacheLimitError(
-            f"cache_limit={limit} bytes is smaller than the shard {url} ({biggest} bytes): "
-            f"raise it to at least {biggest} (a shard the cache cannot hold is never cached)")
+    return (url, biggest) if biggest > limit else None
 
 
 class ShardCache:
@@ -123,7 +115,7 @@ class ShardCache:
                  storage_options: dict | None = None,
                  expected: Mapping[str, Expected] | None = None) -> None:
         if limit is not None and int(limit) < 1:
-            raise CacheLimitError(f"cache_limit={limit}: expected a positive number of bytes")
+            raise ValueError(f"cache_limit={limit}: expected a positive number of bytes")
         self.dir = Path(directory).expanduser().absolute()
         self.limit = int(limit) if limit is not None else None
         self.storage_options = storage_options

@@ -24,13 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from sslstream.pipelines.shards.cache import (
-    CacheLimitError,
-    Expected,
-    ShardCache,
-    check_limit,
-    is_remote,
-)
+from sslstream.pipelines.shards.cache import Expected, ShardCache, is_remote, too_big_for
 from sslstream.pipelines.shards.errors import DataError
 from sslstream.pipelines.shards.labels import (
     DEFAULT_IMAGE_KEYS,
@@ -145,10 +139,11 @@ class ShardStream:
         remote = [r for r in self._refs if is_remote(r.url)]
         if not directory or not remote:
             return None
-        try:
-            check_limit([(r.url, r.bytes) for r in remote], limit)
-        except CacheLimitError as e:  # the trainer refuses this config before reading data
-            log_.warning("%s; such shards are read without the cache", e)
+        if big := too_big_for(limit, [(r.url, r.bytes) for r in remote]):
+            # `sslstream train` refuses this config before reading data (train/job.py)
+            log_.warning("cache_limit=%d is smaller than the shard %s (%d bytes): shards "
+                         "larger than the limit are read from the store every time", limit,
+                         *big)
         return ShardCache(directory, limit, storage_options=self.storage_options,
                           expected={r.url: Expected(r.bytes, r.sha256) for r in remote})
 

@@ -255,3 +255,127 @@ def test_a_shard_without_a_manifest_checksum_is_refreshed_when_the_store_changes
     s3.fs().put_file(other.urls[0], "data/train/shard-000000.tar")  # rewritten in place
     assert read() == Path(other.urls[0]).read_bytes()
     assert counts["cache_fetched"] == 2 and counts["cache_corrupt"] == 0
+
+
+# ---------------------------------------------------------------------------- bad folders
+
+_CHILD = r"""
+import json, logging, sys
+from sslstream.pipelines.shards.stream import ShardStream
+
+said = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+
+logging.getLogger("sslstream").addHandler(Keep(logging.WARNING))
+url, cache_dir, opts = json.loads(sys.argv[1])
+s = ShardStream(url, storage_options=opts, cache_dir=cache_dir, num_workers=2, seed=3,
+                shuffle_buffer=8, exact_epoch=True)
+keys = []
+for e in range(2):
+    s.set_epoch(e)
+    keys.append([x.key for x in s])
+print(json.dumps({"keys": keys, "counters": s.counters, "warnings": said}))
+"""
+
+
+def _mount_ns_works() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "-r", "-m", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _child(url: str, cache_dir: Path, opts: dict, mount: str | None) -> dict:
+    """Two epochs of the stream in a new process; `mount`: a shell command run first in a
+    private mount namespace (unshare), e.g. a tiny or read-only tmpfs on the cache folder."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-c", _CHILD, json.dumps([url, str(cache_dir), opts])]
+    if mount:
+        args = ["unshare", "-r", "-m", "sh", "-c", f'{mount} && exec "$0" "$@"', *args]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _reference_keys(ss: ShardSet) -> list[list[str]]:
+    return [[k for k, _ in keys] for keys, _ in _epochs(ShardStream(str(ss.root), **KW), range(2))]
+
+
+def test_a_read_only_cache_folder_streams_with_one_warning(remote, s3: S3Env, tmp_path) -> None:
+    url, ss = remote
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    import os
+
+    if os.geteuid() != 0:  # permissions hold for this user
+        cache.chmod(0o555)
+        mount = None
+    elif _mount_ns_works():  # root ignores permissions: a read-only mount
+        mount = f"mount -t tmpfs -o ro,size=1m tmpfs {cache}"
+    else:
+        pytest.skip("running as root without mount namespaces: no read-only folder to test")
+    try:
+        out = _child(url, cache, s3.storage_options, mount)
+    finally:
+        cache.chmod(0o755)
+    assert out["keys"] == _reference_keys(ss)  # nothing lost
+    said = [w for w in out["warnings"] if "cannot be used" in w]
+    assert len(said) == 1 and f"data.cache_dir={cache}" in said[0], out["warnings"]
+    c = out["counters"]
+    assert c["cache_streamed"] >= 10 and c["cache_fetched"] == 0 and c["cache_hits"] == 0
+    assert not any(cache.iterdir())
+
+
+def test_a_full_disk_streams_with_one_warning(remote, s3: S3Env, tmp_path) -> None:
+    """A 64 KiB tmpfs: room for the first shard (50 KiB) and its record, not for a second."""
+    if not _mount_ns_works():
+        pytest.skip("no mount namespaces (unshare -r -m) for a tiny tmpfs")
+    url, ss = remote
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    out = _child(url, cache, s3.storage_options, f"mount -t tmpfs -o size=64k tmpfs {cache}")
+    assert out["keys"] == _reference_keys(ss)  # nothing lost
+    said = [w for w in out["warnings"] if "cannot be used" in w]
+    assert len(said) == 1 and "ENOSPC" in said[0], out["warnings"]
+    c = out["counters"]
+    assert c["cache_fetched"] == 1 and c["cache_streamed"] >= 9
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@pytest.mark.timeout(180)
+def test_reader_and_lane_processes_read_through_the_cache(remote, proxy, tmp_path) -> None:
+    """The loader with a reader process and a lane process: the same batches as with no
+    processes and no cache; epoch 2 asks the store for nothing; the counters of the cache
+    (counted in the lane processes) reach the loader's, which the trainer logs as data/*."""
+    from sslstream.pipelines.views.loader import TwoViewLoader
+    from sslstream.pipelines.views.recipes import PRESETS
+
+    url, ss = remote
+    kw = {"num_workers": 2, "seed": 2, "shuffle_buffer": 8}
+    out = {}
+    for workers, cache in ((0, None), (2, str(tmp_path / "cache"))):
+        stream = ShardStream(url, storage_options=s3_options(proxy.endpoint), cache_dir=cache, **kw)
+        with TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=5, device="cpu",
+                           backend="torchvision", seed=4, workers=workers) as loader:
+            keys, served = [], []
+            for epoch in range(2):
+                before = proxy.served("GET", "data/train/shard-")
+                loader.set_epoch(epoch)
+                keys += [b.keys for b in loader]
+                after = proxy.served("GET", "data/train/shard-")
+                served.append(after[0] - before[0])
+            out[workers] = (keys, served, loader.counters)
+    assert out[2][0] == out[0][0]
+    assert out[0][1][1] >= 5 and out[2][1] == [5, 0]
+    c = out[2][2]
+    assert c["cache_fetched"] == 5 and c["cache_hits"] >= 5 and c["cache_streamed"] == 0
