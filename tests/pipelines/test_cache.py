@@ -193,6 +193,10 @@ def test_a_mid_epoch_resume_reads_its_state_from_the_cache(remote, proxy, tmp_pa
     assert head + [x.key for x in resumed] == full
     assert resumed.counters["fast_forwarded"] == 23 and resumed.counters["cache_hits"] > 0
     assert proxy.served("GET", "data/train/shard-") == before
+    plain = ShardStream(url, **{**kw, "cache_dir": None})  # the cursor does not need the cache
+    plain.load_state_dict(state)
+    plain.set_epoch(1)
+    assert head + [x.key for x in plain] == full
 
 
 def _race(cache_dir: str, url: str, opts: dict, barrier) -> tuple[str, dict]:
@@ -379,3 +383,30 @@ def test_reader_and_lane_processes_read_through_the_cache(remote, proxy, tmp_pat
     assert out[0][1][1] >= 5 and out[2][1] == [5, 0]
     c = out[2][2]
     assert c["cache_fetched"] == 5 and c["cache_hits"] >= 5 and c["cache_streamed"] == 0
+
+
+def test_a_rewritten_shard_is_refreshed_and_bytes_unlike_the_manifest_are_not_kept(
+        s3: S3Env, tmp_path, shard_factory) -> None:
+    """A manifest that now describes other bytes refreshes the entry (not counted corrupt);
+    store bytes that match no manifest entry are read but never kept."""
+    one, other = shard_factory([6]), shard_factory([9], prefix="other")
+    a, b = Path(one.urls[0]).read_bytes(), Path(other.urls[0]).read_bytes()
+    s3.bucket("data")
+    s3.fs().pipe("data/train/shard-000000.tar", a)
+    shard = "s3://data/train/shard-000000.tar"
+    counts: collections.Counter = collections.Counter()
+
+    def read(expected: Expected) -> bytes:
+        cache = ShardCache(tmp_path / "cache", storage_options=s3.storage_options,
+                           expected={shard: expected})
+        with cache.open(shard, count=lambda k, n=1: counts.update({k: n})) as f:
+            return f.read()
+
+    digest = hashlib.sha256
+    assert read(Expected(len(a), digest(a).hexdigest())) == a
+    s3.fs().pipe("data/train/shard-000000.tar", b)  # rewritten, and re-indexed:
+    assert read(Expected(len(b), digest(b).hexdigest())) == b
+    assert counts["cache_fetched"] == 2 and counts["cache_corrupt"] == 0
+    # the manifest says `a`, the store holds `b`: read as it is, not cached
+    assert read(Expected(len(b), digest(a).hexdigest())) == b
+    assert counts["cache_streamed"] == 1 and not _cached(tmp_path / "cache")
