@@ -201,7 +201,10 @@ class ShardCache:
                 log.warning("cache file of %s is corrupt or truncated (%s): dropped, fetching "
                             "the shard again", url, self._data(key))
             if state != "missing":
-                self._drop(key)
+                try:
+                    self._drop(key)
+                except OSError as e:
+                    raise _Unusable(_why(e)) from None
             return self._fetch(key, url, count, on_retry)
 
     def _lookup(self, key: str, url: str) -> tuple[IO[bytes] | None, str]:
@@ -270,15 +273,23 @@ class ShardCache:
                on_retry: Callable[[BaseException], None] | None) -> IO[bytes]:
         """Download `url` into the cache (the key lock is held) and open it; when it does
         not fit or does not match its manifest, the bytes are read without being kept."""
+        exp = self.expected.get(url, Expected())
+        # without a manifest checksum the store's version is the record's; asked before the
+        # download, so a change during it shows as a new version at the next use
+        version = None if exp.sha256 is not None else self._store_version(url)
         src = open_reader(url, self.storage_options, on_retry=on_retry)
         size = src.raw.size  # type: ignore[attr-defined]
-        exp = self.expected.get(url, Expected())
         if exp.bytes is not None and exp.bytes != size:
             log.warning("%s is %d bytes, its manifest says %d: read without caching (sslstream "
                         "shards verify names what changed)", url, size, exp.bytes)
             count("cache_streamed", 1)
             return src
-        if not self._reserve(key, size, url, count):
+        try:
+            fits = self._reserve(key, size, url, count)
+        except BaseException:
+            src.close()
+            raise
+        if not fits:
             count("cache_streamed", 1)
             return src
         part = self.dir / "tmp" / f"{key}.{size}.part"
@@ -303,12 +314,6 @@ class ShardCache:
             count("cache_streamed", 1)
             return f
         try:
-            version = None if exp.sha256 is not None else self._store_version(url)
-        except BaseException:
-            f.close()
-            part.unlink()
-            raise
-        try:
             meta = {"url": url, "bytes": size, "sha256": digest, "version": version}
             tmp_meta = part.with_suffix(".json")
             tmp_meta.write_text(json.dumps(meta))
@@ -316,10 +321,9 @@ class ShardCache:
             os.replace(part, self._data(key))
         except OSError as e:
             f.close()
-            for p in (part, part.with_suffix(".json")):
+            for p in (part, part.with_suffix(".json"), self._data(key), self._meta(key)):
                 with contextlib.suppress(OSError):
                     p.unlink()
-            self._drop(key)
             raise _Unusable(_why(e)) from None
         count("cache_fetched", 1)
         count("cache_fetched_bytes", size)

@@ -356,6 +356,7 @@ def test_a_full_disk_streams_with_one_warning(remote, s3: S3Env, tmp_path) -> No
 # ---------------------------------------------------------------------------- processes
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_reader_and_lane_processes_read_through_the_cache(remote, proxy, tmp_path) -> None:
     """The loader with a reader process and a lane process: the same batches as with no
