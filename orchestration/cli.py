@@ -42,7 +42,7 @@ EXIT_SIGTERM = 143
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved config, unchecked (see orchestration/schema.py: `compose_checked`)."""
+    """The resolved config, unchecked (see orchestration/schema/: `compose_checked`)."""
     from sslstream.orchestration.schema import compose_config as compose
     from sslstream.orchestration.schema import quote_brace_patterns
 
