@@ -35,7 +35,7 @@ from sslstream.orchestration.runtime import distributed as D
 from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
 from sslstream.orchestration.train.job import Job, build_job, describe
 from sslstream.orchestration.train.monitor import Monitor
-from sslstream.orchestration.train.report import end_of_run_lines
+from sslstream.orchestration.train.report import end_of_run_lines, eval_data_overrides
 from sslstream.orchestration.train.result import TrainResult
 from sslstream.orchestration.train.runlog import REGISTERED_MARKER, RunLog
 from sslstream.orchestration.train.step import NonFiniteLossError, check_every, train_step
@@ -418,6 +418,7 @@ def run_from_config(cfg: DictConfig) -> int:
     if result.status == "preempted":
         return 128 + int(getattr(signal.Signals, result.stopped_by or "SIGTERM", signal.SIGTERM))
     if os.environ.get("RANK", "0") == "0" and result.status == "completed":
-        for line in end_of_run_lines(result, time.perf_counter() - t0):
+        for line in end_of_run_lines(result, time.perf_counter() - t0,
+                                     eval_data_overrides(cfg.data)):
             print(line, flush=True)
     return 0
