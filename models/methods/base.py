@@ -212,7 +212,7 @@ def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, Any], name
     shapes = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state_dict and hasattr(state_dict[k], "shape")
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor)
         and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if not (missing or unexpected or shapes):

@@ -416,7 +416,7 @@ def run_from_config(cfg: DictConfig) -> int:
     finally:
         D.cleanup()  # every rank, also after a signal: the others wait in its barrier
     if result.status == "preempted":
-        return 128 + int(getattr(signal.Signals, result.stopped_by or "SIGTERM", signal.SIGTERM))
+        return 128 + int(signal.Signals.__members__.get(result.stopped_by or "", signal.SIGTERM))
     if os.environ.get("RANK", "0") == "0" and result.status == "completed":
         for line in end_of_run_lines(result, time.perf_counter() - t0,
                                      eval_data_overrides(cfg.data)):
