@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -185,8 +186,15 @@ def test_the_wheel_installs_only_the_sslstream_namespace(tmp_path):
     """What `pip install` puts in site-packages: `sslstream/` (with the rooms and the
     config files inside) and its dist-info; no top-level models, pipelines, orchestration
     or conf."""
+    src = tmp_path / "src"  # a copy of the tracked files: the build leaves the checkout alone
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for name in filter(None, files):
+        if (REPO / name).is_file() and not name.startswith("benchmarks/results/"):
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                           "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+                           "--no-build-isolation", "-w", str(tmp_path), str(src)],
                           capture_output=True, text=True, timeout=500,
                           env={**os.environ, "PIP_NO_INPUT": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
