@@ -7,7 +7,7 @@ crop, normalised -- the standard protocol.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from sslstream.pipelines.shards.sample_stream import SampleStream
@@ -134,7 +134,7 @@ class EvalLoader:
         self._backend.close()
 
 
-def build_eval_loader(urls: str | list[str], *, image_size: int, batch_size: int,
+def build_eval_loader(urls: str | Sequence[str], *, image_size: int, batch_size: int,
                       device: torch.device | str, storage_options: dict | None = None,
                       rank: int = 0, world_size: int = 1, num_workers: int = 2,
                       backend: str = "auto", mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -153,7 +153,7 @@ def build_eval_loader(urls: str | list[str], *, image_size: int, batch_size: int
     from sslstream.pipelines.shards.plan import spread_shards
     from sslstream.pipelines.shards.stream import ShardStream
 
-    def make(spec: str | list[str]) -> ShardStream:
+    def make(spec: str | Sequence[str]) -> ShardStream:
         return ShardStream(spec, rank=rank, world_size=world_size, num_workers=num_workers,
                            shuffle=False, exact_epoch=False, partition=True,
                            storage_options=storage_options, max_bad_fraction=max_bad_fraction,
