@@ -42,7 +42,7 @@ EXIT_SIGTERM = 143
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved config, unchecked (see orchestration/schema.py: `compose_checked`)."""
+    """The resolved config, unchecked (see orchestration/schema/: `compose_checked`)."""
     from sslstream.orchestration.schema import compose_config as compose
     from sslstream.orchestration.schema import quote_brace_patterns
 
@@ -77,11 +77,19 @@ def _usage_error(msg: str) -> int:
 
 
 def _setup_logging() -> None:
+    """Our INFO lines on stderr; MLflow's own INFO lines (database set-up, "View run",
+    input-example validation) and its per-file "Downloading artifacts" bars would bury them
+    on a local store: MLflow says only warnings and errors, unless the environment already
+    sets MLFLOW_LOGGING_LEVEL / MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR (child processes, such
+    as retrain's torchrun ranks, inherit the same)."""
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
 
 
 def _parse(args: list[str], flags_with_value: Sequence[str] = ()

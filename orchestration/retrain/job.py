@@ -30,7 +30,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from sslstream.orchestration.retrain.exits import (
@@ -52,7 +52,16 @@ from sslstream.pipelines.shards.snapshot import Snapshot, source_base, take_snap
 log = logging.getLogger("sslstream.retrain")
 
 
-TrainFn = Callable[[DictConfig], Any]
+class TrainOutcome(Protocol):
+    """What retrain reads of a training run: `train`'s TrainResult, or the outcome rank 0 of
+    a torchrun training wrote (orchestration/retrain/torchrun.py: RunOutcome)."""
+
+    status: str  # "completed" | "preempted" (stopped by a signal after a checkpoint)
+    run_id: str | None
+    stopped_by: str | None  # "SIGINT" / "SIGTERM" when preempted
+
+
+TrainFn = Callable[[DictConfig], TrainOutcome]
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,8 @@ def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | No
     return tcfg
 
 
-def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s: float) -> Any:
+def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease,
+                  heartbeat_s: float) -> TrainOutcome:
     """train_fn under the lease's heartbeat; a lost lease interrupts the training.
 
     SIGINT / SIGTERM (orchestration/runtime/interrupt.py) stop the training with a resumable
@@ -220,7 +230,7 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
         raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {type(e).__name__}: {e}") from e
     finally:
         training.clear()  # a loss during the bookkeeping after training interrupts nothing
-    if lost_reason and getattr(result, "status", "completed") == "preempted":
+    if lost_reason and result.status == "preempted":
         # the lease's interrupt reached the trainer as a signal: it checkpointed and stopped
         raise RetrainExit(EXIT_LEASE_LOST, f"{lost_reason[0]}; training stopped after a "
                           "checkpoint (another holder may be running it); rerun to resume")
@@ -362,14 +372,14 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
                 if train_fn is None:
                     from sslstream.orchestration.train.loop import train as train_fn
                 result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
-            if getattr(result, "status", "completed") == "preempted":
-                by = getattr(result, "stopped_by", None) or "a signal"
+            if result.status == "preempted":
+                by = result.stopped_by or "a signal"
                 raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by {by} after a "
                                   "checkpoint; rerun to resume")
         except RetrainExit as e:
             _record_failure(reg, e, key, snap)
             raise
-        run_id = getattr(result, "run_id", None)
+        run_id = result.run_id
         try:
             existing = reg.find_version(key)
         except Exception as e:

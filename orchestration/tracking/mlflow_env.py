@@ -1,7 +1,7 @@
 """Where MLflow talks to, and how long it may take: URI resolution, HTTP limits, probing.
 
-Kept apart from the Tracker so that the registry helpers (used by the retraining job without
-a run) resolve the server exactly like training does.
+Used by the Tracker and by the registry helpers (which the retraining job calls without a
+run), so both resolve and reach the server the same way.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Tracking configuration (``cfg.tracking``) and config -> MLflow params flattening.
 
-Split from tracking.py so the settings can be read (and validated) without MLflow runs.
+Read (and validated) without importing MLflow or starting a run: the CLI's config check,
+the NullTracker and retrain's settings use them too.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -26,6 +26,11 @@ from sslstream.orchestration.runtime.resources import (
 )
 from sslstream.orchestration.train.step import autocast_dtype, wrap_model
 
+if TYPE_CHECKING:
+    from sslstream.models.methods import Method
+    from sslstream.models.optim import WarmupCosine
+    from sslstream.pipelines.views.loader import TwoViewLoader
+
 log = logging.getLogger("sslstream.train")
 
 
@@ -36,11 +41,11 @@ class Job:
     cfg: DictConfig
     env: D.DistEnv
     run_dir: Path
-    method: torch.nn.Module
-    model: torch.nn.Module  # what the step calls: StepModule (+ DDP)
-    loader: Any
+    method: Method
+    model: torch.nn.Module  # what the step calls: the method, or DDP around it
+    loader: TwoViewLoader
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: WarmupCosine
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
     steps_per_epoch: int
@@ -150,7 +155,7 @@ def describe(job: Job) -> str:
         parts.append("channels_last")
     if tr.get("compile", False):
         parts.append("compiled backbones")
-    backend = getattr(job.loader, "backend_name", type(job.loader).__name__)
+    backend = job.loader.backend_name
     res = job.resources or job_resources(cfg, env.device)
     return (f"training {cfg.method.name} ({cfg.backbone.name}) on {env.device}: "
             f"{env.world_size} rank(s) x batch {tr.batch_size} = {job.global_batch}, "
@@ -183,7 +188,7 @@ def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" if str(v) == "auto" else bool(v)
 
 
-def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> Any:
+def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> TwoViewLoader:
     from sslstream.pipelines.shards.cache import cache_options
     from sslstream.pipelines.shards.stream import ShardStream, sample_options
     from sslstream.pipelines.views.loader import TwoViewLoader

@@ -15,6 +15,7 @@
     resume.py      fast-forward to a cursor for exact mid-epoch resume
     stream.py      ShardStream: the rank's resumable, fault-tolerant sample stream
     sample.py      what it yields and reports: Sample, its counters, BadDataError
+    sample_stream.py  SampleStream: the Protocol the loaders take (ShardStream implements it)
     validate.py    header / decode checks of image bytes
     imagesize.py   image size from the header alone
     snapshot.py    fingerprint of a shard set (what a model was trained on)

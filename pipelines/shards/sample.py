@@ -1,7 +1,8 @@
 """What the shard stream yields and reports: a `Sample`, its counters, `BadDataError`.
 
-Plain data types, kept out of stream.py so that file holds the stream alone; stream.py
-re-exports them, and callers import them from there.
+Plain data types that a stream's producers and consumers share: the reader builds
+`Sample`s, the loaders consume them, every counter has its name here, and `BadDataError`
+carries the shard where the bad-sample limit was passed. stream.py re-exports them.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ import logging
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from sslstream.pipelines.shards.cache import Expected, ShardCache, is_remote, too_big_for
 from sslstream.pipelines.shards.errors import DataError
@@ -60,6 +61,9 @@ from sslstream.pipelines.shards.sample import (
 )
 from sslstream.pipelines.shards.storage import plain, redact
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, VALIDATE_MODES
+
+if TYPE_CHECKING:
+    from sslstream.pipelines.shards.lanes import LaneHandle
 
 log_ = logging.getLogger(__name__)
 
@@ -117,13 +121,15 @@ class ShardStream:
         # decoder) / met by this stream's copy in a reader process (`set_external_bad`); all
         # count toward max_bad_fraction
         self._stream_bad = self._late_bad = self._external_bad = 0
+        # set in a reader process (pipelines/views/workers.py): run the lanes in processes
+        self.lane_pool: LaneHandle | None = None
         log_.debug("ShardStream over %d shards, storage_options=%s", len(refs), redact(storage_options))
 
     def __getstate__(self) -> dict:
         """Picklable (spawned loader workers): the lock is recreated on the other side."""
         d = dict(self.__dict__)
         d.pop("_lock", None)
-        d.pop("lane_pool", None)  # a worker process's handle on its lane processes
+        d["lane_pool"] = None  # a reader process's handle on its lane processes stays there
         # the copy counts only what it meets itself: the trainer adds the two (loader.counters)
         d["_counters"] = Counter({k: 0 for k in COUNTER_NAMES})
         d["_late_bad"] = d["_external_bad"] = 0
@@ -309,7 +315,7 @@ class ShardStream:
                           storage_options=self.storage_options, num_classes=self.num_classes,
                           validate=self.validate, count=self._count, start=start,
                           spec=self.spec, cache=self.cache,
-                          pool=getattr(self, "lane_pool", None) if lanes is None else None)
+                          pool=self.lane_pool if lanes is None else None)
 
     def _valid(self, length: int, ff: FastForward | None = None) -> Iterator[Good]:
         """Exactly `length` good samples: the rank's slice, then top-ups by wrap-around.
@@ -413,7 +419,7 @@ class ShardStream:
                        workers=max(1, self.num_workers), spec=self.spec, cache=self.cache)
         return ff, buffer
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Generator[Sample, None, None]:
         """One epoch (the current one) for this rank, from the cursor on."""
         length = len(self)
         # the last pass finished (or a partition, which never resumes): the same epoch again

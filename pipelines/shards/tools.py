@@ -37,7 +37,7 @@ from sslstream.pipelines.shards.manifest import (
 )
 from sslstream.pipelines.shards.storage import StorageError, get_fs
 from sslstream.pipelines.shards.validate import CorruptImage, sniff_format, validate_image
-from sslstream.pipelines.shards.verify import ShardCheck, VerifyReport, verify
+from sslstream.pipelines.shards.verify import ShardCheck, VerifyReport, verify, verify_tree
 
 log = logging.getLogger(__name__)
 
@@ -270,28 +270,33 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
     def on_check(c: ShardCheck, done: int, total: int) -> None:
         nonlocal progress
-        progress = progress or _Progress(total, "shards")
+        if progress is None or done == 1:  # a new folder (verify_tree: one per sub-folder)
+            progress = _Progress(total, "shards")
         progress.line(done, f"{'ok ' if c.ok else 'BAD'} {c.shard}")
 
     try:
-        rep = verify(a.source, json.loads(a.storage_options) if a.storage_options else None,
-                     workers=a.workers, validate=a.validate, on_check=on_check)
+        reports = verify_tree(a.source, json.loads(a.storage_options) if a.storage_options
+                              else None, workers=a.workers, validate=a.validate,
+                              on_check=on_check)
     except (StorageError, ValueError, KeyError) as e:
         print(f"shards verify: {e}", file=sys.stderr)
         return 2
-    for c in rep.shards:
-        tag = f"{c.split}/" if c.split else ""
-        print(f"{'ok ' if c.ok else 'BAD'} {tag}{c.shard}: {c.samples} samples"
-              + ("" if c.ok else " -- " + "; ".join(c.problems)))
-    if rep.manifest.endswith(f"(no {MANIFEST_NAME})"):
-        print(f"no {MANIFEST_NAME}: checked that each shard reads, not its counts or checksums; "
-              "`sslstream shards index SOURCE` writes one")
-    if rep.ok:
-        print(f"all {len(rep.shards)} shards of {rep.manifest} verified")
-        return 0
-    print(f"{len(rep.bad)} of {len(rep.shards)} shards bad: {', '.join(c.shard for c in rep.bad)}",
-          file=sys.stderr)
-    return 1
+    bad: list[str] = []
+    for rep in reports:
+        for c in rep.shards:
+            tag = f"{c.split}/" if c.split else ""
+            print(f"{'ok ' if c.ok else 'BAD'} {tag}{c.shard}: {c.samples} samples"
+                  + ("" if c.ok else " -- " + "; ".join(c.problems)))
+        if rep.manifest.endswith(f"(no {MANIFEST_NAME})"):
+            print(f"no {MANIFEST_NAME}: checked that each shard reads, not its counts or "
+                  "checksums; `sslstream shards index SOURCE` writes one")
+        if rep.ok:
+            print(f"all {len(rep.shards)} shards of {rep.manifest} verified")
+        else:
+            print(f"{len(rep.bad)} of {len(rep.shards)} shards of {rep.manifest} bad: "
+                  f"{', '.join(c.shard for c in rep.bad)}", file=sys.stderr)
+            bad += [c.shard for c in rep.bad]
+    return 1 if bad else 0
 
 
 def _cmd_index(a: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ Why a full read: sha256 and byte counts find silent corruption and partial uploa
 member walk finds what the stream would skip (bad images, labels) and the one layout
 mistake of foreign tars that otherwise reads as corruption (members of a key not adjacent).
 Sources: a folder or prefix (its manifest.json, else its shards), a manifest URL, a brace
-pattern or a single shard.
+pattern or a single shard; a folder with neither but with sub-folders that have them (a
+data root whose splits sit in train/ and test/) is checked one level down (`verify_tree`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from sslstream.pipelines.shards.manifest import (
     join_url,
     load_manifest,
 )
-from sslstream.pipelines.shards.storage import ShardNotFound, StorageError, open_reader
+from sslstream.pipelines.shards.storage import ShardNotFound, StorageError, get_fs, open_reader
 from sslstream.pipelines.shards.tario import IMAGE_EXTS, ShardEnded, iter_tar_samples
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, CorruptImage, validate_image
 
-__all__ = ["ShardCheck", "VerifyReport", "verify"]
+__all__ = ["ShardCheck", "VerifyReport", "shard_folders", "verify", "verify_tree"]
 
 
 @dataclass
@@ -182,3 +183,36 @@ def verify(source: str, storage_options: dict | None = None, *, workers: int = 4
                 on_check(fut.result(), done, len(futures))
         checks = [f.result() for f in futures]
     return VerifyReport(label, checks)
+
+
+def shard_folders(source: str, storage_options: dict | None = None) -> list[str]:
+    """The sub-folders of the folder `source` that hold a manifest.json or shards, sorted
+    (one level down; [] for anything else)."""
+    if source.endswith((".json", *SHARD_SUFFIXES)) or "{" in source or "#" in source:
+        return []
+    fs, path = get_fs(source, storage_options)
+    try:
+        subs = sorted(d["name"] for d in fs.ls(path, detail=True) if d.get("type") == "directory")
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for sub in subs:
+        name = sub.rstrip("/").rsplit("/", 1)[-1]
+        inner = [fs.exists(f"{sub}/{MANIFEST_NAME}")] + [bool(fs.glob(f"{sub}/*{suf}"))
+                                                        for suf in SHARD_SUFFIXES]
+        if any(inner):
+            found.append(join_url(source, name))
+    return found
+
+
+def verify_tree(source: str, storage_options: dict | None = None, **kwargs) -> list[VerifyReport]:
+    """`verify(source)`; where `source` is a folder without a manifest.json or shards of its
+    own, `verify` of each sub-folder that has them (`./data/synthetic`: train/ and test/).
+    Raises `verify`'s ShardNotFound, naming the folder, when neither level has shards."""
+    try:
+        return [verify(source, storage_options, **kwargs)]
+    except ShardNotFound:
+        subs = shard_folders(str(source), storage_options)
+        if not subs:
+            raise
+    return [verify(sub, storage_options, **kwargs) for sub in subs]

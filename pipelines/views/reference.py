@@ -86,14 +86,12 @@ def eval_view(image: torch.Tensor, size: int, resize: int, mean, std) -> torch.T
     return normalize(x, mean, std)
 
 
-def as_uint8_array(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8)
-
-
 class TorchvisionTwoView:
-    """Two-view backend in torchvision v2 (thread pool; torch kernels release the GIL)."""
+    """Two-view backend in torchvision v2 (thread pool; torch kernels release the GIL).
+    One batch at a time (`depth` 1: the loader calls `run`, never `submit` / `collect`)."""
 
     name = "torchvision"
+    depth = 1
 
     def __init__(self, recipe, *, num_threads: int = 2, dtype: torch.dtype = torch.float32,
                  channels_last: bool = False) -> None:
@@ -129,6 +127,9 @@ class TorchvisionEval:
             return eval_view(decode(b), self.size, self.resize, self.mean, self.std)
 
         return torch.stack(list(self._pool.map(one, images)))
+
+    def reset(self) -> None:
+        """Nothing to rebuild after a failed batch (DaliEval recompiles its graph)."""
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
