@@ -26,6 +26,7 @@ from sslstream.pipelines.shards.errors import DataError
 __all__ = [
     "DEFAULT_IMAGE_KEYS",
     "JSON_FIELDS",
+    "LABEL_KEYS",
     "BadLabel",
     "LabelKey",
     "MissingLabels",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LABEL_KEYS = "cls, json:<field>, txt, none or auto"  # the choices, for messages
 JSON_FIELDS = ("label", "cls", "class", "target")  # tried in this order by `auto`
 DETECT_SAMPLES = 16
 
@@ -70,7 +72,7 @@ def parse_label_key(spec: str | LabelKey | None) -> LabelKey:
         return LabelKey("json", s[5:])
     if s == "json":
         return LabelKey("json", "label")
-    raise DataError(f"data.label_key={spec!r}: expected cls, json:<field>, txt, none or auto")
+    raise DataError(f"data.label_key={spec!r}: expected {LABEL_KEYS}")
 
 
 def _to_index(value: object, classes: Sequence[str] | None, where: str) -> int:
