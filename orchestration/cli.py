@@ -77,11 +77,26 @@ def _usage_error(msg: str) -> int:
 
 
 def _setup_logging() -> None:
+    """Log lines, and tracebacks this process prints, with credentials masked
+    (pipelines/shards/masking.py): a URL or an exception text may quote one."""
+    from sslstream.pipelines.shards.masking import install_log_masking
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    install_log_masking()
+    sys.excepthook = _masked_excepthook
+
+
+def _masked_excepthook(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+    """Python's traceback print for an error that reaches the top, credentials masked."""
+    import traceback
+
+    from sslstream.pipelines.shards.masking import mask
+
+    sys.stderr.write(mask("".join(traceback.format_exception(exc_type, exc, tb))))  # type: ignore[arg-type]
 
 
 def _parse(args: list[str], flags_with_value: Sequence[str] = ()
@@ -100,13 +115,17 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = ()
     # every key, type and range is checked here, before any data is touched
     cfg = compose_checked(overrides, allow_missing=bool(opts.get("--cfg")))
     if opts.get("--cfg"):
-        from sslstream.orchestration.tracking.settings import (
-            redact_config,  # no credential is printed
-        )
+        from sslstream.pipelines.shards.masking import mask  # no credential is printed
 
-        print(OmegaConf.to_yaml(OmegaConf.create(redact_config(
+        print(OmegaConf.to_yaml(OmegaConf.create(mask(
             OmegaConf.to_container(cfg, resolve=True)))), end="")
         return opts, None
+    tracking = cfg.get("tracking")
+    if tracking is not None and tracking.get("enabled", True):
+        from sslstream.orchestration.tracking.mlflow_env import resolve_tracking_uri
+
+        # credentials out of the URI, or a ConfigError: before any data or request
+        resolve_tracking_uri(tracking.get("uri"))
     return opts, cfg
 
 
@@ -184,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # usage errors here and argparse in `shards` exit with a code
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     except Interrupted as e:
-        print(f"sslstream {cmd}: {e}", file=sys.stderr)
+        print(_masked(f"sslstream {cmd}: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"sslstream {cmd}: interrupted", file=sys.stderr)
@@ -204,16 +223,23 @@ def _report(cmd: str, e: Exception) -> int:
 
     if isinstance(e, ConfigError | HydraException | OmegaConfBaseException) or _is_config_error(e):
         msg = str(e)
-        print(f"sslstream {cmd}: {msg if msg.startswith('config error') else 'config error: ' + msg}",
+        print(_masked(f"sslstream {cmd}: "
+                      f"{msg if msg.startswith('config error') else 'config error: ' + msg}"),
               file=sys.stderr)
         return EXIT_USAGE
     if isinstance(e, _user_errors()) and not os.environ.get("SSLSTREAM_TRACEBACK"):
         # a missing shard / file / split, refused credentials, corrupt data: the message
         # names the input; a traceback would bury it (our frames, not theirs)
-        print(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the traceback)",
-              file=sys.stderr)
+        print(_masked(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the "
+                      "traceback)"), file=sys.stderr)
         return EXIT_FAILED
     raise e
+
+
+def _masked(text: str) -> str:
+    from sslstream.pipelines.shards.masking import mask
+
+    return mask(text)
 
 
 def _is_config_error(e: BaseException) -> bool:

@@ -143,16 +143,23 @@ def detect_label_key(samples: Sequence[Mapping[str, bytes]],
 
 
 def first_samples(url: str, storage_options: dict | None = None, n: int = DETECT_SAMPLES,
+                  max_member_bytes: int | None = None,
                   **open_kw: object) -> list[tuple[str, dict[str, bytes]]]:
     """Up to `n` samples from the start of one shard (a short read; a broken tail is fine).
-    `open_kw` goes to storage.open_reader (e.g. on_retry)."""
+    `max_member_bytes`: tario's limit (None: its default); `open_kw` goes to
+    storage.open_reader (e.g. on_retry)."""
     from sslstream.pipelines.shards.storage import open_reader
-    from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
+    from sslstream.pipelines.shards.tario import (
+        DEFAULT_MAX_MEMBER_BYTES,
+        ShardEnded,
+        iter_tar_samples,
+    )
 
     out: list[tuple[str, dict[str, bytes]]] = []
     with open_reader(url, storage_options, **open_kw) as f:  # type: ignore[arg-type]
         try:
-            for key, parts in iter_tar_samples(f):
+            for key, parts in iter_tar_samples(
+                    f, max_member_bytes=max_member_bytes or DEFAULT_MAX_MEMBER_BYTES):
                 out.append((key, parts))
                 if len(out) >= n:
                     break

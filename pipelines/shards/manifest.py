@@ -14,7 +14,7 @@ import json
 import logging
 import posixpath
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -258,9 +258,16 @@ _count_cache: dict[tuple[str, int], int] = {}
 _count_lock = threading.Lock()
 
 
-def count_samples(url: str, storage_options: dict | None = None) -> int:
-    """Number of samples (keys) in a shard: one full read, cached per (URL, size) per process."""
-    from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
+def count_samples(url: str, storage_options: dict | None = None, *,
+                  max_member_bytes: int | None = None,
+                  stop: Callable[[], bool] | None = None) -> int:
+    """Number of samples (keys) in a shard: one full read, cached per (URL, size) per
+    process. `max_member_bytes` and `stop`: as in tario.iter_tar_samples."""
+    from sslstream.pipelines.shards.tario import (
+        DEFAULT_MAX_MEMBER_BYTES,
+        ShardEnded,
+        iter_tar_samples,
+    )
 
     with open_reader(url, storage_options) as f:
         size = f.raw.size  # type: ignore[attr-defined]
@@ -269,7 +276,8 @@ def count_samples(url: str, storage_options: dict | None = None) -> int:
                 return _count_cache[(url, size)]
         n = 0
         try:
-            for _ in iter_tar_samples(f):
+            for _ in iter_tar_samples(f, stop=stop,
+                                      max_member_bytes=max_member_bytes or DEFAULT_MAX_MEMBER_BYTES):
                 n += 1
         except ShardEnded as e:
             n = e.samples

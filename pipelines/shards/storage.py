@@ -5,8 +5,8 @@ bodies cut short), s3fs and botocore retry some of that but give up with errors 
 mix transient and permanent causes, and their messages may quote request details. Here
 every read goes through `RetryingReader`, which re-opens the object and seeks back to
 where it was on a transient error (so a cut body costs one ranged GET, not the shard),
-and every permanent error becomes a `ShardNotFound` / `AccessDenied` naming the URL and
-nothing else (no keys, no signed headers).
+and every permanent error becomes a `ShardNotFound` / `AccessDenied` / `StorageError`
+naming the URL -- masked (pipelines/shards/masking.py): no keys, no signed query strings.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
+from sslstream.pipelines.shards.masking import mask, mask_exception
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,13 +39,11 @@ __all__ = [
     "open_reader",
     "plain",
     "read_bytes",
-    "redact",
     "register_webdataset_gopen",
     "resolve_storage_options",
     "with_retries",
 ]
 
-_SECRET_HINTS = ("secret", "token", "password", "key", "credential", "session")
 _TRANSIENT_ERRNO = {
     errno.EBUSY,  # s3fs: 503 SlowDown
     errno.EIO,  # s3fs: unknown code; also local I/O hiccups (bounded anyway)
@@ -59,11 +58,12 @@ _TRANSIENT_ERRNO = {
 
 
 class StorageError(OSError):
-    """A storage operation failed for good; the message names the URL, never credentials."""
+    """A storage operation failed for good; the message names the URL, never credentials
+    (message and `url` are masked here, whoever built them)."""
 
     def __init__(self, message: str, url: str) -> None:
-        super().__init__(message)
-        self.url = url
+        super().__init__(mask(message))
+        self.url = mask(url)
 
 
 class ShardNotFound(StorageError, FileNotFoundError):
@@ -93,19 +93,6 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
         return [plain(v) for v in obj]
     return obj
-
-
-def redact(options: Mapping | None) -> dict:
-    """A copy of storage options safe to log: values of secret-looking keys replaced."""
-    out: dict[str, Any] = {}
-    for k, v in plain(options or {}).items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(h in str(k).lower() for h in _SECRET_HINTS):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
 
 
 def resolve_storage_options(url: str, storage_options: dict | None = None) -> dict:
@@ -210,7 +197,10 @@ def _permanent(exc: BaseException, url: str, what: str) -> BaseException:
             "CREDENTIALS) and data.storage_options",
             url,
         )
-    return StorageError(f"{what}: {url}: {type(exc).__name__}", url)
+    reason = mask_exception(exc)
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    return StorageError(f"{what}: {url}: {reason} -- check the URL and data.storage_options",
+                        url)
 
 
 def with_retries(
@@ -240,7 +230,8 @@ def with_retries(
                 raise _permanent(e, url, what) from None
             if on_retry:
                 on_retry(e)
-            log.warning("%s %s: transient %s, retry %d", what, url, type(e).__name__, attempt + 1)
+            log.warning("%s %s: transient %s, retry %d", what, mask(url), type(e).__name__,
+                        attempt + 1)
             time.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")
 
@@ -324,7 +315,7 @@ class RetryingReader(io.RawIOBase):
                     raise _permanent(e, self.url, "reading") from None
                 if self.on_retry:
                     self.on_retry(e)
-                log.warning("reading %s: transient %s at byte %d, retrying", self.url,
+                log.warning("reading %s: transient %s at byte %d, retrying", mask(self.url),
                             type(e).__name__, self.pos)
                 self._close_quiet()
                 time.sleep(self.policy.delay(fails - 1))
