@@ -57,6 +57,10 @@ _TRANSIENT_ERRNO = {
 }
 
 
+_UNREACHABLE_FIX = (" -- check the network and the endpoint (AWS_ENDPOINT_URL, "
+                    "data.storage_options.client_kwargs.endpoint_url)")
+
+
 class StorageError(OSError):
     """A storage operation failed for good; the message names the URL, never credentials
     (message and `url` are masked here, whoever built them)."""
@@ -224,7 +228,7 @@ def with_retries(
                 if kind == "transient":
                     raise StorageError(
                         f"{what}: {url}: gave up after {policy.attempts} attempts "
-                        f"({type(e).__name__})",
+                        f"({type(e).__name__}){_UNREACHABLE_FIX}",
                         url,
                     ) from None
                 raise _permanent(e, url, what) from None
@@ -309,7 +313,7 @@ class RetryingReader(io.RawIOBase):
                     if kind == "transient":
                         raise StorageError(
                             f"reading: {self.url}: gave up after {fails} attempts at byte "
-                            f"{self.pos} ({type(e).__name__})",
+                            f"{self.pos} ({type(e).__name__}){_UNREACHABLE_FIX}",
                             self.url,
                         ) from None
                     raise _permanent(e, self.url, "reading") from None
