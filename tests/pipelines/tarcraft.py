@@ -94,3 +94,11 @@ def gzip_member_of_zeros(name: str, size: int) -> bytes:
     parts.append(comp.compress(end()))
     parts.append(comp.flush())
     return b"".join(parts)
+
+
+def with_checksum(hdr: bytes | bytearray) -> bytes:
+    """`hdr` with its checksum recomputed (a mutated header that still passes the check)."""
+    h = bytearray(hdr[:BLOCK])
+    h[148:156] = b" " * 8
+    h[148:156] = f"{sum(h):06o}".encode() + b"\x00 "
+    return bytes(h)
