@@ -114,6 +114,9 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = ()
 
     # every key, type and range is checked here, before any data is touched
     cfg = compose_checked(overrides, allow_missing=bool(opts.get("--cfg")))
+    from sslstream.pipelines.shards.masking import remember
+
+    remember(OmegaConf.to_container(cfg, resolve=False))  # secrets of the config, masked anywhere
     if opts.get("--cfg"):
         from sslstream.pipelines.shards.masking import mask  # no credential is printed
 
@@ -196,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"unknown command {cmd!r}")
     _setup_logging()
     from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
+    from sslstream.pipelines.shards.masking import remember
 
+    remember(rest)  # credentials in the arguments (URLs, options): masked in every output
     interrupts.install()  # SIGINT / SIGTERM -> Interrupted (train keeps a resumable state)
     try:
         return COMMANDS[cmd](rest)

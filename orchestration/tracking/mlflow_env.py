@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 from sslstream.orchestration.errors import ConfigError, UserError
-from sslstream.pipelines.shards.masking import mask
+from sslstream.pipelines.shards.masking import mask, remember
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 # MLflow's own knobs; its defaults make a client wait ~250 s on a dead server.
@@ -71,6 +71,7 @@ def move_credentials(uri: str) -> str:
     password ``p@ss`` to ``host``. An ``@`` still left after that (a password holding an
     unencoded ``/``, ``?`` or ``#``) makes the host unknowable: ConfigError, with the URI
     masked, before any request."""
+    remember(uri, environment=False)
     m = _HTTP_USERINFO.match(uri)
     rest = uri[m.end():] if m else uri.split("://", 1)[-1]
     if is_http(uri) and "@" in rest:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
-from sslstream.pipelines.shards.masking import mask, mask_exception
+from sslstream.pipelines.shards.masking import mask, mask_exception, remember
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +66,7 @@ class StorageError(OSError):
     (message and `url` are masked here, whoever built them)."""
 
     def __init__(self, message: str, url: str) -> None:
+        remember(url, environment=False)  # its user info, wherever a library's text quotes it
         super().__init__(mask(message))
         self.url = mask(url)
 
@@ -203,8 +204,20 @@ def _permanent(exc: BaseException, url: str, what: str) -> BaseException:
         )
     reason = mask_exception(exc)
     reason = reason if len(reason) <= 300 else reason[:297] + "..."
-    return StorageError(f"{what}: {url}: {reason} -- check the URL and data.storage_options",
-                        url)
+    return StorageError(f"{what}: {url}: {reason} -- check the URL and data.storage_options"
+                        + _URL_CREDENTIALS_FIX * _has_userinfo(url), url)
+
+
+_URL_CREDENTIALS_FIX = (" (credentials in an object-store URL are not used: give them in the "
+                        "environment, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+                        "GOOGLE_APPLICATION_CREDENTIALS, or in data.storage_options)")
+
+
+def _has_userinfo(url: str) -> bool:
+    """`s3://KEY:SECRET@bucket/...`: fsspec's object stores read the user info as part of
+    the bucket name."""
+    scheme, sep, rest = url.partition("://")
+    return bool(sep) and scheme in ("s3", "s3a", "gs", "gcs") and "@" in rest.split("/", 1)[0]
 
 
 def with_retries(

@@ -35,7 +35,7 @@ from sslstream.pipelines.shards.manifest import (
     ShardEntry,
     join_url,
 )
-from sslstream.pipelines.shards.masking import install_log_masking, mask
+from sslstream.pipelines.shards.masking import install_log_masking, mask, remember
 from sslstream.pipelines.shards.storage import StorageError, get_fs
 from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from sslstream.pipelines.shards.validate import CorruptImage, sniff_format, validate_image
@@ -222,6 +222,7 @@ def _storage_options(text: str | None) -> dict | None:
         return None
     try:
         value = json.loads(text)
+        remember({"storage_options": value})
     except ValueError as e:
         raise ValueError(f"--storage-options is not valid JSON ({e.__class__.__name__} at "
                          f"character {getattr(e, 'pos', '?')}); pass a JSON object, e.g. "
@@ -382,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     x.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
                    help="largest tar member accepted (docs/data.md, Limits)")
+    remember(list(sys.argv[1:] if argv is None else argv))  # URLs, --storage-options
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_masking()
