@@ -135,18 +135,14 @@ def _registry(cfg: DictConfig):
 
 
 def _check_evaluation(cfg: DictConfig) -> None:
-    """Before the source is read: an evaluating run needs its labelled splits set; a run
-    without evaluation (unlabelled data) registers an unevaluated challenger, unless
-    tracking.registry.register_unevaluated=false, when retraining would have no outcome."""
+    """Before the source is read: a run without evaluation (unlabelled data) registers an
+    unevaluated challenger, unless tracking.registry.register_unevaluated=false, when
+    retraining would have no outcome. (An evaluating run without its labelled splits is
+    the config check's error, orchestration/schema.)"""
     ev = cfg.get("eval") or {}
     if bool(ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0)):
-        for key in ("test", "bank"):
-            if not cfg.data.get(key):
-                raise RetrainExit(EXIT_CONFIG, (
-                    f"evaluation needs a labelled split: data.{key} is not set (set it; for "
-                    "unlabelled data set eval.at_end=false eval.every_epochs=0, and an "
-                    "unevaluated challenger is registered: docs/retrain.md)"))
-    elif not OmegaConf.select(cfg, "tracking.registry.register_unevaluated", default=True):
+        return
+    if not OmegaConf.select(cfg, "tracking.registry.register_unevaluated", default=True):
         raise RetrainExit(EXIT_CONFIG, (
             "without evaluation (eval.at_end=false eval.every_epochs=0) and with "
             "tracking.registry.register_unevaluated=false a run registers nothing: "

@@ -273,7 +273,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"evaluation needs a labelled split: data.{key} is not set (set "
                 f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
-                "without evaluation and registration)", f"data.{key}"
+                "without evaluation: the encoder is registered unevaluated, never promoted; "
+                "docs/data.md, docs/retrain.md)", f"data.{key}"
             )
         specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
         urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]

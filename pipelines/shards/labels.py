@@ -213,5 +213,5 @@ def require_labels(split: str, spec: object, label_key: str | LabelKey = "auto",
         f"(first shard {refs[0].url}; members seen: {seen}). Fix: set data.label_key to "
         "the member holding the class index (cls, json:<field>, txt), or point "
         f"{split} at labelled shards; for unlabelled data set data.test=null data.bank=null "
-        "eval.at_end=false eval.every_epochs=0 (trains without evaluation or registration; "
-        "see docs/data.md)")
+        "eval.at_end=false eval.every_epochs=0 (trains without evaluation; the encoder is "
+        "registered unevaluated, never promoted: docs/data.md)")
