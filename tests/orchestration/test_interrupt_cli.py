@@ -88,9 +88,9 @@ def test_verify_stops_at_sigint_with_shard_reads_hung_in_its_pool(stall_server, 
 @pytest.mark.timeout(300)
 def test_index_stops_at_sigterm_with_shard_reads_hung_in_its_pool(stall_server, tmp_path):
     url = _serve_shards(stall_server, tmp_path / "data", 30)
-    rc, out, _ = _signal_when_stalled(["shards", "index", url, "--output",
-                                       str(tmp_path / "manifest.json")], stall_server,
-                                      signal.SIGTERM, tmp_path)
+    rc, out, _ = _signal_when_stalled(["shards", "index", url, "--label-key", "cls",  # no
+                                       "--output", str(tmp_path / "manifest.json")],  # detection
+                                      stall_server, signal.SIGTERM, tmp_path)  # read first
     assert rc == 143, out
     assert "stopped by SIGTERM" in out and "Traceback" not in out, out
     assert not (tmp_path / "manifest.json").exists()
