@@ -5,6 +5,7 @@ the size a header claims (pipelines/shards/tario.py)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def _with_good_first(tail: bytes) -> bytes:
     return tc.sample("good", IMG, 3) + tc.sample("good2", IMG, 4) + tail
 
 
+@functools.cache
 def hostile_archives() -> dict[str, tuple[bytes, str]]:
     """name -> (archive bytes, what the BAD line must say)."""
     neg_pax = b"-20 path=x\n"
