@@ -296,7 +296,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
         if key != "train" or (evaluating and bank_is_train):  # unlabelled training is fine
             name = f"data.{key}" if key != "train" else "data.bank"  # the bank defaults to train
             require_labels(name, specs[0] if len(specs) == 1 else specs,
-                           str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts)
+                           str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts,
+                           max_member_bytes=cfg.data.get("max_member_bytes"))
 
 
 def _holds_only_images(fs: Any, path: str) -> bool:

@@ -186,14 +186,16 @@ def describe_members(samples: Sequence[tuple[str, Mapping[str, bytes]]]) -> str:
 
 
 def require_labels(split: str, spec: object, label_key: str | LabelKey = "auto", *,
-                   storage_options: dict | None = None, n: int = DETECT_SAMPLES) -> LabelKey:
+                   storage_options: dict | None = None, n: int = DETECT_SAMPLES,
+                   max_member_bytes: int | None = None) -> LabelKey:
     """Check, before training, that `split` (e.g. "data.test") yields labels; return the
-    label key it will be read with. Reads the first `n` samples of its first shard."""
+    label key it will be read with. Reads the first `n` samples of its first shard
+    (`max_member_bytes`: tario's limit, None: its default)."""
     from sslstream.pipelines.shards.manifest import resolve_shards
 
     refs, classes = resolve_shards(spec if isinstance(spec, str) else [str(s) for s in spec],  # type: ignore[union-attr]
                                    storage_options)
-    samples = first_samples(refs[0].url, storage_options, n)
+    samples = first_samples(refs[0].url, storage_options, n, max_member_bytes)
     key = parse_label_key(label_key)
     if key.kind == "auto":
         key = detect_label_key([p for _, p in samples], classes)

@@ -20,7 +20,13 @@ from typing import Any
 
 import braceexpand
 from sslstream.pipelines.shards.errors import DataError
-from sslstream.pipelines.shards.storage import ShardNotFound, get_fs, open_reader, read_bytes
+from sslstream.pipelines.shards.storage import (
+    ShardNotFound,
+    get_fs,
+    open_reader,
+    read_bytes,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +235,9 @@ def _resolve_one(url: str, so: dict | None, cache: dict[str, Manifest | None]) -
 def _folder_shards(url: str, so: dict | None) -> list[str]:
     """URLs of the *.tar / *.tar.gz / *.tgz directly under a folder or prefix, sorted."""
     fs, path = get_fs(url, so)
-    found = {p for suf in SHARD_SUFFIXES for p in fs.glob(posixpath.join(path, "*" + suf))}
+    found = with_retries(
+        lambda: {p for suf in SHARD_SUFFIXES for p in fs.glob(posixpath.join(path, "*" + suf))},
+        url, what="listing")
     return [join_url(url, posixpath.basename(p)) for p in sorted(found)]
 
 
