@@ -41,7 +41,6 @@ MAX_PAX_RECORDS = 1024
 MAX_SAMPLE_MEMBERS = 64  # members of one key (an image, a label, a few metadata files)
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-_OCTAL = re.compile(rb"[0-7]*")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -77,9 +76,14 @@ def _number(field: bytes, what: str) -> int:
     if field[:1] == b"\xff":
         raise tarfile.ReadError(f"negative {what} field (GNU base-256 {field.hex()})")
     digits = field.split(b"\x00", 1)[0].strip(b" ")
-    if not _OCTAL.fullmatch(digits):
-        raise tarfile.ReadError(f"bad {what} field {field[:12]!r}")
-    return int(digits, 8) if digits else 0
+    if not digits:
+        return 0
+    if digits.isdigit():  # ASCII digits only: int() would also take "+", "-", "_", "0o"
+        try:
+            return int(digits, 8)
+        except ValueError:  # an 8 or a 9
+            pass
+    raise tarfile.ReadError(f"bad {what} field {field[:12]!r}")
 
 
 def _pax_records(data: bytes) -> dict[str, bytes]:
@@ -166,7 +170,8 @@ def _members(f: IO[bytes], max_member_bytes: int,
     long_name: str | None = None
     pax_size: int | None = None
     while True:
-        _check_stop(stop)
+        if stop is not None and stop():
+            raise Stopped("reading stopped (the process is being interrupted)")
         hdr = f.read(BLOCK)
         if len(hdr) == 0:
             return  # no end-of-archive blocks: treat a clean cut at a header as the end
@@ -196,10 +201,10 @@ def _members(f: IO[bytes], max_member_bytes: int,
             size, pax_size = pax_size, None
         if long_name is not None:
             name, long_name = long_name, None
-        else:
-            name = _name(hdr[:100].split(b"\x00", 1)[0])
+        else:  # at most 100 + 155 bytes: no length check needed
+            name = hdr[:100].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
             if hdr[257:262] == b"ustar" and hdr[345] != 0:
-                prefix = _name(hdr[345:500].split(b"\x00", 1)[0])
+                prefix = hdr[345:500].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
                 name = f"{prefix}/{name}"
         if size > max_member_bytes:
             raise tarfile.ReadError(
@@ -209,7 +214,15 @@ def _members(f: IO[bytes], max_member_bytes: int,
         if kind not in (b"0", b"\x00", b"7"):  # dirs, links, sparse files...: skipped
             _read_data(f, size, name, stop, keep=False)
             continue
-        yield name, _read_data(f, size, name, stop)
+        padded = size + (-size % BLOCK)
+        if padded <= _CHUNK:  # the common case, inline: one read (a small image's cost)
+            block = f.read(padded)
+            if len(block) < padded:
+                raise tarfile.ReadError(f"unexpected end of data in member {name[:200]!r} "
+                                        f"(its header claims {size} bytes)")
+            yield name, block[:size] if padded != size else block
+        else:
+            yield name, _read_data(f, size, name, stop)
 
 
 def iter_tar_samples(f: IO[bytes], *, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
