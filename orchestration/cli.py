@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -88,6 +89,7 @@ def _setup_logging() -> None:
     )
     install_log_masking()
     sys.excepthook = _masked_excepthook
+    threading.excepthook = _masked_thread_excepthook
 
 
 def _masked_excepthook(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
@@ -97,6 +99,15 @@ def _masked_excepthook(exc_type: type[BaseException], exc: BaseException, tb: ob
     from sslstream.pipelines.shards.masking import mask
 
     sys.stderr.write(mask("".join(traceback.format_exception(exc_type, exc, tb))))  # type: ignore[arg-type]
+
+
+def _masked_thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    """The same for an error that ends a thread."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    sys.stderr.write(f"Exception in thread {name}:\n")
+    _masked_excepthook(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
 
 
 def _parse(args: list[str], flags_with_value: Sequence[str] = ()
