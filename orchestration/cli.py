@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -77,11 +78,15 @@ def _usage_error(msg: str) -> int:
 
 
 def _setup_logging() -> None:
-    """Our INFO lines on stderr; MLflow's own INFO lines (database set-up, "View run",
-    input-example validation) and its per-file "Downloading artifacts" bars would bury them
-    on a local store: MLflow says only warnings and errors, unless the environment already
-    sets MLFLOW_LOGGING_LEVEL / MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR (child processes, such
-    as retrain's torchrun ranks, inherit the same)."""
+    """Our INFO lines on stderr, with credentials masked (pipelines/shards/masking.py: a URL
+    or an exception text may quote one), tracebacks this process prints masked too. MLflow's
+    own INFO lines (database set-up, "View run", input-example validation) and its per-file
+    "Downloading artifacts" bars would bury ours on a local store: MLflow says only warnings
+    and errors, unless the environment already sets MLFLOW_LOGGING_LEVEL /
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR (child processes, such as retrain's torchrun ranks,
+    inherit the same)."""
+    from sslstream.pipelines.shards.masking import install_log_masking
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -90,6 +95,27 @@ def _setup_logging() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    install_log_masking()
+    sys.excepthook = _masked_excepthook
+    threading.excepthook = _masked_thread_excepthook
+
+
+def _masked_excepthook(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+    """Python's traceback print for an error that reaches the top, credentials masked."""
+    import traceback
+
+    from sslstream.pipelines.shards.masking import mask
+
+    sys.stderr.write(mask("".join(traceback.format_exception(exc_type, exc, tb))))  # type: ignore[arg-type]
+
+
+def _masked_thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    """The same for an error that ends a thread."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    sys.stderr.write(f"Exception in thread {name}:\n")
+    _masked_excepthook(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
 
 
 def _parse(args: list[str], flags_with_value: Sequence[str] = ()
@@ -107,14 +133,21 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = ()
 
     # every key, type and range is checked here, before any data is touched
     cfg = compose_checked(overrides, allow_missing=bool(opts.get("--cfg")))
-    if opts.get("--cfg"):
-        from sslstream.orchestration.tracking.settings import (
-            redact_config,  # no credential is printed
-        )
+    from sslstream.pipelines.shards.masking import remember
 
-        print(OmegaConf.to_yaml(OmegaConf.create(redact_config(
+    remember(OmegaConf.to_container(cfg, resolve=False))  # secrets of the config, masked anywhere
+    if opts.get("--cfg"):
+        from sslstream.pipelines.shards.masking import mask  # no credential is printed
+
+        print(OmegaConf.to_yaml(OmegaConf.create(mask(
             OmegaConf.to_container(cfg, resolve=True)))), end="")
         return opts, None
+    tracking = cfg.get("tracking")
+    if tracking is not None and tracking.get("enabled", True):
+        from sslstream.orchestration.tracking.mlflow_env import resolve_tracking_uri
+
+        # credentials out of the URI, or a ConfigError: before any data or request
+        resolve_tracking_uri(tracking.get("uri"))
     return opts, cfg
 
 
@@ -185,14 +218,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"unknown command {cmd!r}")
     _setup_logging()
     from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
+    from sslstream.pipelines.shards.masking import remember
 
+    remember(rest)  # credentials in the arguments (URLs, options): masked in every output
     interrupts.install()  # SIGINT / SIGTERM -> Interrupted (train keeps a resumable state)
     try:
         return COMMANDS[cmd](rest)
     except SystemExit as e:  # usage errors here and argparse in `shards` exit with a code
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     except Interrupted as e:
-        print(f"sslstream {cmd}: {e}", file=sys.stderr)
+        print(_masked(f"sslstream {cmd}: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"sslstream {cmd}: interrupted", file=sys.stderr)
@@ -212,16 +247,23 @@ def _report(cmd: str, e: Exception) -> int:
 
     if isinstance(e, ConfigError | HydraException | OmegaConfBaseException) or _is_config_error(e):
         msg = str(e)
-        print(f"sslstream {cmd}: {msg if msg.startswith('config error') else 'config error: ' + msg}",
+        print(_masked(f"sslstream {cmd}: "
+                      f"{msg if msg.startswith('config error') else 'config error: ' + msg}"),
               file=sys.stderr)
         return EXIT_USAGE
     if isinstance(e, _user_errors()) and not os.environ.get("SSLSTREAM_TRACEBACK"):
         # a missing shard / file / split, refused credentials, corrupt data: the message
         # names the input; a traceback would bury it (our frames, not theirs)
-        print(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the traceback)",
-              file=sys.stderr)
+        print(_masked(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the "
+                      "traceback)"), file=sys.stderr)
         return EXIT_FAILED
     raise e
+
+
+def _masked(text: str) -> str:
+    from sslstream.pipelines.shards.masking import mask
+
+    return mask(text)
 
 
 def _is_config_error(e: BaseException) -> bool:

@@ -13,7 +13,9 @@ one likes; docs/retrain.md has the examples and the exit codes. One call:
    that run key already registered (a retry after a crash) or trains: `train(cfg)` with
    `run_name` = run key, so a rerun resumes the same checkpoints and MLflow run, on exactly
    the snapshot's shard URLs; train registers the encoder as challenger and promotes it to
-   champion by the registry's rule (margin, collapse check);
+   champion by the registry's rule (margin, collapse check). On unlabelled data (no
+   evaluation split, `eval.at_end=false`) it registers an unevaluated challenger, as
+   `sslstream train` does, which is never promoted (decision `registered-unevaluated`);
 4. tags the run and the version with the decision and the snapshot, logs the shard listing
    as `retrain/snapshot.json`, prints the decision, releases the lease.
 
@@ -139,6 +141,21 @@ def _registry(cfg: DictConfig):
     if (why := mlflow_env.probe(uri, ts.probe_timeout_s)) is not None:
         raise RetrainExit(EXIT_REGISTRY, f"MLflow at {uri} is unreachable: {why}")
     return RetrainRegistry(uri, ts.registry, ts.experiment)
+
+
+def _check_evaluation(cfg: DictConfig) -> None:
+    """Before the source is read: a run without evaluation (unlabelled data) registers an
+    unevaluated challenger, unless tracking.registry.register_unevaluated=false, when
+    retraining would have no outcome. (An evaluating run without its labelled splits is
+    the config check's error, orchestration/schema.)"""
+    ev = cfg.get("eval") or {}
+    if bool(ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0)):
+        return
+    if not OmegaConf.select(cfg, "tracking.registry.register_unevaluated", default=True):
+        raise RetrainExit(EXIT_CONFIG, (
+            "without evaluation (eval.at_end=false eval.every_epochs=0) and with "
+            "tracking.registry.register_unevaluated=false a run registers nothing: "
+            "retraining would have no outcome; drop one of them (docs/retrain.md)"))
 
 
 def _nothing_new(reg, snap: Snapshot) -> tuple[Any, str | None]:
@@ -289,6 +306,7 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RetrainExit(EXIT_CONFIG, "sslstream retrain runs as one process and launches "
                           "torchrun itself: use retrain.nproc_per_node=N instead of torchrun")
+    _check_evaluation(cfg)
     try:
         _generate_embedded_data(cfg)
         snap = take_snapshot(st.source, st.storage_options)
@@ -390,7 +408,9 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
     try:
         promoted = reg.is_champion(existing)
         vtags = reg.version_info(existing)[1]
-        decision = "promoted" if promoted else "registered-not-promoted"
+        evaluated = vtags.get("evaluated", "true") != "false"
+        decision = ("promoted" if promoted else "registered-not-promoted" if evaluated
+                    else "registered-unevaluated")
         why = vtags.get("promotion_reason", "")
         if champ is None and why.startswith("no champion yet"):  # said once, in `reason`
             why = why.partition("; ")[2]
@@ -399,5 +419,6 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
         reg.record_check(decision, tags["reason"], snap)
     except Exception as e:
         raise RetrainExit(EXIT_REGISTRY, f"tagging v{existing} of {reg.name!r}: {e}") from e
-    verdict = "champion" if promoted else "challenger only"
+    verdict = ("champion" if promoted else "challenger only" if evaluated
+               else "challenger, not evaluated: never promoted")
     return f"{reg.name} v{existing} ({verdict}): {tags['reason']}"

@@ -44,7 +44,6 @@ from sslstream.orchestration.tracking.encoder_model import CODE_MODULE, EncoderS
 from sslstream.orchestration.tracking.mlflow_env import (
     ensure_http_limits,
     quiet_downloads,
-    redact,
     require_store,
     scoped_tracking_uri,
 )
@@ -56,6 +55,7 @@ from sslstream.orchestration.tracking.promotion import (  # COMPARABLE_TAGS, Reg
     version_metric,
     version_of,
 )
+from sslstream.pipelines.shards.masking import mask
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
 # The backbone code shipped with every encoder (encoder_model.py: `import_code`).
@@ -157,8 +157,8 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
                 )
         except Exception as e:  # MLflow raises many types (HTTP, IO, schema)
             raise RegistrationError(
-                f"logging encoder {name!r} to run {run_id} at {redact(uri)} failed: "
-                f"{redact(str(e))}"
+                f"logging encoder {name!r} to run {run_id} at {mask(uri)} failed: "
+                f"{mask(str(e))}"
             ) from e
     return info.model_uri
 
@@ -223,8 +223,8 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
     except Exception as e:  # MLflow raises MlflowException, requests and OS errors
         done = "" if version is None else f" (version {version} was created; aliases/tags incomplete)"
         raise RegistrationError(
-            f"registering model {name!r} from {model_uri} at {redact(uri)} failed{done}: "
-            f"{redact(str(e))}"
+            f"registering model {name!r} from {model_uri} at {mask(uri)} failed{done}: "
+            f"{mask(str(e))}"
         ) from e
     return PromotionDecision(name=name, version=version, uri=f"models:/{name}/{version}",
                              promoted=promoted, reason=reason, metric=new_metric,
@@ -274,14 +274,14 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
             if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
                 raise
             raise ModelNotFound(
-                f"{model_uri} is not in the MLflow store at {redact(uri)} ({redact(str(e))}); "
+                f"{model_uri} is not in the MLflow store at {mask(uri)} ({mask(str(e))}); "
                 "if it was registered elsewhere, set MLFLOW_TRACKING_URI to the store its "
                 "training printed") from e
         conf = Model.load(str(local)).flavors["python_function"]
         paths = {k: local / (v["path"] if isinstance(v, dict) else v)
                  for k, v in conf.get("artifacts", {}).items()}
         if "spec" not in paths or "weights" not in paths:
-            raise ValueError(f"{model_uri} at {redact(uri)} is not an sslstream encoder (artifacts: "
+            raise ValueError(f"{model_uri} at {mask(uri)} is not an sslstream encoder (artifacts: "
                              f"{json.dumps(sorted(paths))})")
         spec = EncoderSpec.from_json(paths["spec"].read_text(encoding="utf-8"))
         return load_weights(str(paths["weights"])), spec

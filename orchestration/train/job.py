@@ -278,7 +278,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"evaluation needs a labelled split: data.{key} is not set (set "
                 f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
-                "without evaluation and registration)", f"data.{key}"
+                "without evaluation: the encoder is registered unevaluated, never promoted; "
+                "docs/data.md, docs/retrain.md)", f"data.{key}"
             )
         specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
         urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
@@ -300,7 +301,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
         if key != "train" or (evaluating and bank_is_train):  # unlabelled training is fine
             name = f"data.{key}" if key != "train" else "data.bank"  # the bank defaults to train
             require_labels(name, specs[0] if len(specs) == 1 else specs,
-                           str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts)
+                           str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts,
+                           max_member_bytes=cfg.data.get("max_member_bytes"))
 
 
 def evaluated_splits(cfg: DictConfig) -> list[str]:
