@@ -38,7 +38,12 @@ from sslstream.orchestration.errors import (  # re-exported: callers import it
     RegistrationError,
     UserError,
 )
-from sslstream.orchestration.tracking.encoder_model import CODE_MODULE, EncoderSpec, load_weights
+from sslstream.orchestration.tracking.encoder_model import (
+    CODE_MODULE,
+    INPUT_CONTRACT,
+    EncoderSpec,
+    load_weights,
+)
 from sslstream.orchestration.tracking.mlflow_env import (
     ensure_http_limits,
     quiet_downloads,
@@ -96,8 +101,10 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 
 def _signature(spec: EncoderSpec) -> ModelSignature:
+    """Outputs and params only: the pyfunc checks its inputs itself (encoder_model.py, "Why
+    no input schema"); `_metadata` describes them."""
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), name="images")]),
+        inputs=None,
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.feature_dim), name="embeddings")]),
         params=ParamSchema([ParamSpec("batch_size", "long", 256), ParamSpec("device", "string", "cpu")]),
     )
@@ -147,6 +154,8 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
                                "weights": str(tmp_path / WEIGHTS_FILE),
                                "code": str(code_dir)},
                     signature=_signature(spec), input_example=example,
+                    metadata={"sslstream_inputs": INPUT_CONTRACT,
+                              "image_size": spec.image_size, "feature_dim": spec.feature_dim},
                     pip_requirements=_requirements(),
                 )
         except Exception as e:  # MLflow raises many types (HTTP, IO, schema)
