@@ -288,3 +288,19 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
                              f"{json.dumps(sorted(paths))})")
         spec = EncoderSpec.from_json(paths["spec"].read_text(encoding="utf-8"))
         return load_weights(str(paths["weights"])), spec
+
+
+def resolve_version(uri: str, model_uri: str) -> str:
+    """``models:/<name>@<alias>`` -> ``models:/<name>/<version>`` (the version the alias
+    points at now); any other URI is returned as it is. Names what produced an output."""
+    rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    if not at or "/" in name:
+        return model_uri
+    ensure_http_limits(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    except MlflowException as e:
+        raise ModelNotFound(f"{model_uri} is not in the MLflow store at {redact(uri)} "
+                            f"({redact(str(e))})") from e
