@@ -90,14 +90,14 @@ def _setup_logging() -> None:
     )
 
 
-def _parse(args: list[str], flags_with_value: Sequence[str] = ()
+def _parse(args: list[str], flags_with_value: Sequence[str] = (), bool_flags: Sequence[str] = ()
            ) -> tuple[dict[str, str | bool], DictConfig | None]:
     """Split a subcommand's flags from its Hydra overrides and compose the config.
 
     Returns `(opts, None)` when the command is already answered (`--help` printed the usage,
     `--cfg` printed the resolved config), so every subcommand handles them the same way.
     """
-    opts, overrides = _split_flags(args, flags_with_value, ("--cfg", "-h", "--help"))
+    opts, overrides = _split_flags(args, flags_with_value, ("--cfg", "-h", "--help", *bool_flags))
     if opts.get("-h") or opts.get("--help"):
         print(USAGE)
         return opts, None
@@ -164,6 +164,43 @@ def cmd_retrain(args: list[str]) -> int:
     return int(retrain(cfg))
 
 
+def cmd_embed(args: list[str]) -> int:
+    flags, bools = ("--model", "--out", "--neighbours", "--queries"), ("--overwrite",)
+    opts, _ = _split_flags(args, flags, ("--cfg", "-h", "--help", *bools))
+    extra = []
+    for flag, key in (("--neighbours", "embed.neighbours"), ("--queries", "embed.queries")):
+        if flag in opts:
+            if not str(opts[flag]).isdigit():
+                return _usage_error(f"{flag} {opts[flag]}: expected a whole number")
+            extra.append(f"{key}={int(opts[flag])}")
+    if not (opts.get("-h") or opts.get("--help") or opts.get("--cfg")):
+        missing = [f for f in ("--model", "--out") if not opts.get(f)]
+        if missing:
+            return _usage_error(f"embed needs {' and '.join(missing)}")
+    opts, cfg = _parse([*_without_values(args, ("--neighbours", "--queries")), *extra],
+                       ("--model", "--out"), bools)
+    if cfg is None:
+        return 0
+    from sslstream.orchestration.embed.job import EmbedRequest, run
+
+    return run(cfg, EmbedRequest(model=str(opts["--model"]), out=str(opts["--out"]),
+                                 overwrite=bool(opts.get("--overwrite"))))
+
+
+def _without_values(args: list[str], flags: Sequence[str]) -> list[str]:
+    """``args`` without ``flags`` and their values (``--flag v`` or ``--flag=v``)."""
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif a.partition("=")[0] not in flags:
+            out.append(a)
+    return out
+
+
 def cmd_export(args: list[str]) -> int:
     flags = ("--model", "--format", "--out")
     opts, _ = _split_flags(args, flags, ("--cfg", "-h", "--help"))
@@ -197,8 +234,8 @@ def cmd_shards(args: list[str]) -> int:
     return int(shards_main(args))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "retrain": cmd_retrain, "export": cmd_export,
-            "shards": cmd_shards}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "retrain": cmd_retrain, "embed": cmd_embed,
+            "export": cmd_export, "shards": cmd_shards}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,11 @@ from torch import nn
 MODEL_SCHEMES = ("models:/", "runs:/")
 
 
+class ModelLoadError(UserError):
+    """--model names no loadable encoder: no such checkpoint, no backbone weights in it, or
+    weights that do not fit the backbone it describes."""
+
+
 @dataclass(frozen=True)
 class LoadedEncoder:
     """A backbone ready to embed (eval mode, CPU), what it expects, and where it came from."""
@@ -74,7 +79,7 @@ def load_encoder(cfg: DictConfig, source: str) -> LoadedEncoder:
     try:
         backbone.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"--model {source}: the weights do not fit backbone "
+        raise ModelLoadError(f"--model {source}: the weights do not fit backbone "
                         f"{spec.backbone.get('name')!r} ({str(e).splitlines()[0]})") from e
     return LoadedEncoder(backbone.eval(), spec, source, version, weights_digest(spec, state))
 
@@ -86,11 +91,11 @@ def _from_checkpoint(cfg: DictConfig, source: str) -> tuple[dict[str, torch.Tens
 
     path = Path(source).expanduser()
     if not path.is_file():
-        raise UserError(f"--model {source}: not a models:/ URI and no such checkpoint file")
+        raise ModelLoadError(f"--model {source}: not a models:/ URI and no such checkpoint file")
     model = load_checkpoint(path).get("model", {})
     state = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
     if not state:
-        raise UserError(f"--model {source}: the checkpoint holds no backbone.* weights")
+        raise ModelLoadError(f"--model {source}: the checkpoint holds no backbone.* weights")
     recipe = TwoViewRecipe.from_config(cfg.augment)
     backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)
     assert isinstance(backbone_cfg, dict)
