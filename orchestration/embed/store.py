@@ -42,6 +42,11 @@ class OutputStore:
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.url = url.rstrip("/") or url
         self.shown = redact(self.url)
+        # credentials written into the URL (scheme://user:secret@...): never in a message,
+        # also where a library quotes them in another form (e.g. as a "bucket name")
+        scheme, sep, rest = self.url.partition("://")
+        userinfo = rest.split("/", 1)[0].rpartition("@")[0] if sep else ""
+        self._secrets = [x for x in (userinfo, *userinfo.split(":")) if len(x) >= 3]
         try:
             self.fs, self.root = get_fs(self.url, storage_options)
         except Exception as e:  # a missing backend, bad options
@@ -55,11 +60,17 @@ class OutputStore:
     def url_of(self, name: str) -> str:
         return f"{self.url}/{name}"
 
+    def mask(self, text: str) -> str:
+        text = redact(text)
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
     def _error(self, what: str, e: BaseException) -> OutputUnreachable:
         kind = classify(e)
         why = {"denied": "access refused (check the credentials and data.storage_options)",
-               "not_found": "does not exist"}.get(kind, f"{type(e).__name__}: {redact(str(e))[:200]}")
-        return OutputUnreachable(f"--out {self.shown}: {what}: {why}", self.shown)
+               "not_found": "does not exist"}.get(kind, f"{type(e).__name__}: {str(e)[:200]}")
+        return OutputUnreachable(self.mask(f"--out {self.shown}: {what}: {why}"), self.shown)
 
     def probe(self) -> None:
         """Create the folder if needed, then write, read back and delete a small object:
