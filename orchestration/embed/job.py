@@ -142,7 +142,7 @@ def embed(cfg: DictConfig, request: EmbedRequest) -> EmbedResult:
     if env.is_main and settings.neighbours:
         from sslstream.orchestration.embed.neighbours import log_neighbours
 
-        figure_run = log_neighbours(cfg, settings, store, manifest, plan.urls)
+        figure_run = log_neighbours(cfg, settings, store, manifest, plan.label_key)
     D.cleanup()
     return EmbedResult(request.out, manifest, len(written), rows, time.perf_counter() - t0,
                        rate, figure_run)
