@@ -79,13 +79,28 @@ class Plan:
 
 
 @dataclass
+class LoopStats:
+    """This rank's embedding loop: what it wrote and where its time went."""
+
+    parts: int = 0
+    rows: int = 0
+    seconds: float = 0.0       # the whole loop
+    wait_s: float = 0.0        # waiting for the next decoded batch (reading, decoding)
+    forward_s: float = 0.0     # in the encoder, embeddings back on the host
+    write_s: float = 0.0       # collecting rows, Parquet encoding, publishing parts
+    cpu_s: float = 0.0         # CPU time of the whole process (every thread) during the loop
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class EmbedResult:
     out: str
     manifest: OutputManifest
-    parts_written: int         # by this rank in this run
-    rows_written: int
-    seconds: float
-    rate: float                # img/s of this rank's embedding loop
+    loop: LoopStats            # this rank's, this run's
+    seconds: float             # the whole command (planning, model load, manifest included)
     figure_run: str | None = None
 
 
@@ -130,7 +145,7 @@ def embed(cfg: DictConfig, request: EmbedRequest) -> EmbedResult:
                  "%d already there), %d rank(s)", encoder.version, encoder.spec.backbone.get("name"),
                  store.shown, manifest.input.samples, len(plan.urls), len(parts), left,
                  len(parts) - left, env.world_size)
-    written, rows, rate = _embed_parts(todo, plan, settings, encoder, store, env, manifest)
+    loop = _embed_parts(todo, plan, settings, encoder, store, env, manifest)
     D.barrier()
     if env.is_main and not plan.complete:
         manifest = _complete(store, manifest, parts, env.world_size)
@@ -144,8 +159,7 @@ def embed(cfg: DictConfig, request: EmbedRequest) -> EmbedResult:
 
         figure_run = log_neighbours(cfg, settings, store, manifest, plan.label_key)
     D.cleanup()
-    return EmbedResult(request.out, manifest, len(written), rows, time.perf_counter() - t0,
-                       rate, figure_run)
+    return EmbedResult(request.out, manifest, loop, time.perf_counter() - t0, figure_run)
 
 
 def _on_rank0(env: D.DistEnv, fn: Callable[[], T]) -> T:
@@ -242,9 +256,8 @@ def _plan(settings: EmbedSettings, request: EmbedRequest, encoder: LoadedEncoder
 
 
 def _embed_parts(todo: list[Part], plan: Plan, settings: EmbedSettings, encoder: LoadedEncoder,
-                 store: OutputStore, env: D.DistEnv, manifest: OutputManifest
-                 ) -> tuple[list, int, float]:
-    """Embed this rank's ``todo`` parts; (parts written, rows, img/s)."""
+                 store: OutputStore, env: D.DistEnv, manifest: OutputManifest) -> LoopStats:
+    """Embed this rank's ``todo`` parts and write them."""
     from sslstream.orchestration.embed.reader import PartStream, Prefetch
     from sslstream.orchestration.embed.writer import PartWriter
     from sslstream.pipelines.views.eval_loader import EvalLoader
@@ -252,7 +265,7 @@ def _embed_parts(todo: list[Part], plan: Plan, settings: EmbedSettings, encoder:
     planned = sum(p.samples for p in todo)
     progress = Progress(planned, every_s=settings.progress_every_s, enabled=env.is_main)
     if not todo:
-        return [], 0, 0.0
+        return LoopStats()
     stream = PartStream(todo, plan.urls, settings, plan.label_key)
     finished: dict[int, dict[str, int]] = {}
 
@@ -276,23 +289,38 @@ def _embed_parts(todo: list[Part], plan: Plan, settings: EmbedSettings, encoder:
     prefetch = Prefetch(loader.batches(), settings.prefetch)
     limit = settings.max_bad_fraction * planned
     bad: Counter[str] = Counter()
-    rows, t0 = 0, time.perf_counter()
+    stats = LoopStats()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    t = t0
+    batches = iter(prefetch)
     try:
-        for batch in prefetch:
+        while (batch := next(batches, None)) is not None:
+            t1 = time.perf_counter()
             emb = forward(batch.x) if len(batch.keys) else \
                 np.zeros((0, encoder.spec.feature_dim), np.float32)
+            t2 = time.perf_counter()
             done = writer.add(batch.keys, batch.shards, batch.index.cpu().numpy(),
                               batch.labels.cpu().numpy(), emb, batch.dropped)
-            rows += len(batch.keys)
+            stats.rows += len(batch.keys)
             progress.update(len(batch.keys) + len(batch.dropped))
             _check_bad(done, bad, limit, planned, plan.urls, settings)
+            t3 = time.perf_counter()
+            stats.wait_s, stats.forward_s, stats.write_s = (
+                stats.wait_s + t1 - t, stats.forward_s + t2 - t1, stats.write_s + t3 - t2)
+            t = t3
         _check_bad(writer.finish(), bad, limit, planned, plan.urls, settings)
+        stats.write_s += time.perf_counter() - t
     finally:
         prefetch.close()
         loader.close()
     progress.finish()
-    seconds = time.perf_counter() - t0
-    return writer.written, rows, rows / seconds if seconds > 0 else 0.0
+    stats.seconds, stats.cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    stats.parts = len(writer.written)
+    if env.is_main:
+        log.info("embed: rank 0 loop %.1fs (CPU %.1fs): waiting for data %.1fs, encoder %.1fs, "
+                 "writing %.1fs", stats.seconds, stats.cpu_s, stats.wait_s, stats.forward_s,
+                 stats.write_s)
+    return stats
 
 
 def _check_bad(done: list, bad: Counter[str], limit: float, planned: int, urls: list[str],
