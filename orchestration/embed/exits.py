@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 EXIT_OK = 0               # embedded (or nothing was left to embed)
 EXIT_CONFIG = 2           # bad embed/data config or flags: nothing was read
 EXIT_SOURCE = 4           # the input shards or --out unreachable / refused / invalid, or
@@ -21,15 +23,19 @@ class EmbedExit(Exception):
         self.code = code
 
 
+def _loaded(module: str, name: str) -> type | None:
+    """A class of ``module`` if that module was imported (else none of its errors exists):
+    classifying an error must not import MLflow into a run that never used it."""
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
+
+
 def classify(e: BaseException) -> int | None:
     """The exit code for an error an embedding run can meet; None: a bug (show its traceback)."""
-    from mlflow.exceptions import MlflowException
     from sslstream.orchestration.embed.manifest import OutputConflict
     from sslstream.orchestration.embed.model import ModelLoadError
     from sslstream.orchestration.embed.store import OutputUnreachable
     from sslstream.orchestration.errors import ConfigError, UserError
-    from sslstream.orchestration.tracking.mlflow_env import StoreNotFound
-    from sslstream.orchestration.tracking.registry import ModelNotFound
     from sslstream.pipelines.shards.errors import DataError
     from sslstream.pipelines.shards.sample import BadDataError
     from sslstream.pipelines.shards.storage import StorageError
@@ -40,7 +46,11 @@ def classify(e: BaseException) -> int | None:
         return EXIT_CONFIG
     if isinstance(e, OutputUnreachable | OutputConflict | StorageError | DataError):
         return EXIT_SOURCE
-    if isinstance(e, ModelNotFound | StoreNotFound | ModelLoadError | MlflowException):
+    model_errors = tuple(t for t in (
+        ModelLoadError, _loaded("mlflow.exceptions", "MlflowException"),
+        _loaded("sslstream.orchestration.tracking.registry", "ModelNotFound"),
+        _loaded("sslstream.orchestration.tracking.mlflow_env", "StoreNotFound")) if t is not None)
+    if isinstance(e, model_errors):
         return EXIT_MODEL
     if isinstance(e, BadDataError | UserError):
         return EXIT_FAILED

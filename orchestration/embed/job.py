@@ -50,11 +50,10 @@ from sslstream.orchestration.embed.plan import (
 )
 from sslstream.orchestration.embed.progress import Progress
 from sslstream.orchestration.embed.settings import EmbedSettings
-from sslstream.orchestration.embed.store import OutputStore
+from sslstream.orchestration.embed.store import OutputStore, mask_url
 from sslstream.orchestration.errors import UserError
 from sslstream.orchestration.runtime import distributed as D
 from sslstream.orchestration.runtime.interrupt import Interrupted
-from sslstream.orchestration.tracking.mlflow_env import redact
 
 log = logging.getLogger("sslstream.embed")
 T = TypeVar("T")
@@ -119,7 +118,7 @@ def run(cfg: DictConfig, request: EmbedRequest) -> int:
         code = X.classify(e)
         if code is None:
             raise
-        log.error("embed: %s", redact(str(e)))
+        log.error("embed: %s", mask_url(str(e)))
         return code
 
 
@@ -174,7 +173,7 @@ def _on_rank0(env: D.DistEnv, fn: Callable[[], T]) -> T:
         except Exception as e:
             code = X.classify(e)
             D.broadcast_object(("error", (X.EXIT_FAILED if code is None else code,
-                                          f"rank 0: {type(e).__name__}: {redact(str(e))}")))
+                                          f"rank 0: {type(e).__name__}: {mask_url(str(e))}")))
             raise
     else:
         outcome = ("", None)
@@ -201,7 +200,7 @@ def _prepare_data(cfg: DictConfig, settings: EmbedSettings, env: D.DistEnv) -> N
 
 
 def _shown_source(source: str | list[str]) -> str:
-    return redact(source if isinstance(source, str) else ", ".join(source))
+    return mask_url(source if isinstance(source, str) else ", ".join(source))
 
 
 def _plan(settings: EmbedSettings, request: EmbedRequest, encoder: LoadedEncoder,

@@ -17,12 +17,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from sslstream.orchestration.errors import UserError
-from sslstream.orchestration.tracking.encoder_model import EncoderSpec
 from torch import nn
+
+if TYPE_CHECKING:  # encoder_model imports MLflow: loaded where a spec is made or read
+    from sslstream.orchestration.tracking.encoder_model import EncoderSpec
 
 MODEL_SCHEMES = ("models:/", "runs:/")
 
@@ -87,6 +90,7 @@ def load_encoder(cfg: DictConfig, source: str) -> LoadedEncoder:
 def _from_checkpoint(cfg: DictConfig, source: str) -> tuple[dict[str, torch.Tensor], EncoderSpec]:
     from sslstream.models.backbones import build_backbone, feature_dim_of
     from sslstream.orchestration.runtime.checkpoint import load_checkpoint
+    from sslstream.orchestration.tracking.encoder_model import EncoderSpec
     from sslstream.pipelines.views.recipes import TwoViewRecipe
 
     path = Path(source).expanduser()

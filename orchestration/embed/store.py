@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 from sslstream.orchestration.errors import UserError
-from sslstream.orchestration.tracking.mlflow_env import redact
 from sslstream.pipelines.shards.storage import classify, get_fs
 
 TEMP_PREFIX = ".tmp-"  # local temporary files (removed by the next run)
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with URL credentials masked (``s3://key:secret@bucket`` -> ``s3://***@bucket``).
+    Here rather than tracking's `redact`, which would import MLflow into every run."""
+    return _USERINFO.sub(r"\1***@", str(text))
 
 
 class OutputUnreachable(UserError):
@@ -41,7 +48,7 @@ class OutputStore:
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.url = url.rstrip("/") or url
-        self.shown = redact(self.url)
+        self.shown = mask_url(self.url)
         # credentials written into the URL (scheme://user:secret@...): never in a message,
         # also where a library quotes them in another form (e.g. as a "bucket name")
         scheme, sep, rest = self.url.partition("://")
@@ -61,7 +68,7 @@ class OutputStore:
         return f"{self.url}/{name}"
 
     def mask(self, text: str) -> str:
-        text = redact(text)
+        text = mask_url(text)
         for secret in sorted(self._secrets, key=len, reverse=True):
             text = text.replace(secret, "***")
         return text
@@ -165,5 +172,5 @@ def publish_file(local: Path, url: str, storage_options: dict[str, Any] | None =
     """Copy one local file to ``url`` (its folder is an `OutputStore`), whole or not at all."""
     folder, _, name = url.rstrip("/").rpartition("/")
     if not name:
-        raise OutputUnreachable(f"{redact(url)}: not a file name", redact(url))
+        raise OutputUnreachable(f"{mask_url(url)}: not a file name", mask_url(url))
     OutputStore(folder or ".", storage_options).put_file(local, name)

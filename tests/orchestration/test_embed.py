@@ -256,3 +256,4 @@ def test_dali_and_torchvision_give_the_same_rows(data: ShardSet, tmp_path: Path)
     assert tables["dali"].column("key") == tables["torchvision"].column("key")
     np.testing.assert_allclose(embeddings_of(tables["dali"]), embeddings_of(tables["torchvision"]),
                                rtol=0, atol=1e-5)
+

@@ -40,7 +40,7 @@ def _keys(out: Path) -> Counter[str]:
     return Counter(pq.read_table(out).column("key").to_pylist())
 
 
-def test_sigkill_mid_run_then_rerun_gives_each_key_once(tmp_path: Path) -> None:
+def test_sigkill_and_sigterm_mid_run_then_rerun_gives_each_key_once(tmp_path: Path) -> None:
     # ResNet-18 on 12 one-shard parts: slow enough on one thread to be killed mid-run
     ss = write_shard_set(tmp_path / "shards", [16] * 12, image_size=32)
     checkpoint(tmp_path / "ckpt.pt", overrides=("backbone=resnet18_cifar",))
@@ -64,10 +64,25 @@ def test_sigkill_mid_run_then_rerun_gives_each_key_once(tmp_path: Path) -> None:
     # whatever the kill interrupted, every part there is whole: they all read
     assert sum(pq.read_metadata(out / n).num_rows for n in first) == 16 * len(first)
 
+    # a second run stopped by SIGTERM (a preemption): exit 8, what it wrote is kept
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    while len(list(out.glob("part-*.parquet"))) < len(first) + 1:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline + 240, "the second run wrote no part"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == X.EXIT_PREEMPTED, said[-3000:]
+    assert "stopped by SIGTERM" in said and "rerun the same command to resume" in said
+    second = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert {n: second[n] for n in first} == first and len(second) < 12
+
     rerun = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == X.EXIT_OK, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"{12 - len(first)} to embed, {len(first)} already there" in rerun.stderr
+    assert f"{12 - len(second)} to embed, {len(second)} already there" in rerun.stderr
+    first = second
     keys = _keys(out)
     assert set(keys) == ss.good_keys and max(keys.values()) == 1
     assert {n: (out / n).stat().st_mtime_ns for n in first} == first  # kept, not redone
