@@ -29,7 +29,7 @@ USAGE = """usage: sslstream {train,eval,retrain,embed,export,shards} ...
                                               kNN / linear-probe evaluation of an encoder
   sslstream retrain [key=value ...]           scheduled retraining (new shards -> promote)
   sslstream embed --model URI --out URL [--overwrite] [--neighbours K --queries Q]
-                  [key=value ...]             embeddings of data.source as Parquet files
+                  [key=value ...]             embeddings of embed.source as Parquet files
   sslstream export --model URI --format onnx|torchscript --out PATH [key=value ...]
                                               the encoder as one file (uint8 NHWC in)
   sslstream shards {make,verify,index} ...    write, verify or index WebDataset shards
