@@ -1,13 +1,13 @@
 """models: the learning side, free of data loading and of jobs.
 
-    backbones.py   ResNets (CIFAR stem, mini, 50)
-    heads.py       projector / predictor MLPs
+    backbones.py   ResNets (CIFAR stem, mini, 50), timm ViTs (Tiny/Small/Base, any patch)
+    heads.py       projector / predictor MLPs, DINO head, SwAV prototypes
     objectives/    one pure loss per file (exact under DDP with explicit gathers)
-    state.py       Queue, MomentumEncoder (checkpointable state)
+    state.py       Queue, MomentumEncoder, FeatureQueue, DINOCenter (checkpointable state)
     methods/       one SSL method per file on a small base class
     optim.py       LARS / SGD / AdamW, warmup-cosine schedules
     collapse.py    embedding std, effective rank
 
-May import: torch only (never pipelines or orchestration).
+May import: torch, torchvision, timm (ViTs only) -- never pipelines or orchestration.
 Imported by: orchestration, benchmarks, tests.
 """

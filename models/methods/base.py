@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Self
 
 import torch
-from sslstream.models.backbones import feature_dim_of
+from sslstream.models.backbones import NO_WEIGHT_DECAY, feature_dim_of
 from sslstream.models.state import MomentumEncoder
 from torch import nn
 
@@ -41,6 +41,7 @@ __all__ = [
     "MethodConfig",
     "MethodConfigError",
     "MomentumPair",
+    "no_weight_decay",
     "split_param_groups",
 ]
 
@@ -162,19 +163,28 @@ class MethodConfig:
         return cls(**values)
 
 
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """Whether a parameter takes no weight decay: biases and norm parameters (``ndim <= 1``)
+    and a ViT's position embedding and tokens (leaf name in ``backbones.NO_WEIGHT_DECAY``)."""
+    return p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY
+
+
 def split_param_groups(named: Iterable[tuple[str, nn.Parameter]], name: str,
                        **flags: Any) -> list[dict[str, Any]]:
-    """Split trainable parameters into weights and biases/norm parameters (``ndim <= 1``).
+    """Split trainable parameters into weights and the rest (:func:`no_weight_decay`: biases,
+    norm parameters, a ViT's position embedding and class token).
 
     The second group is flagged ``lars_exclude``: LARS neither adapts its lr nor decays it
-    (BYOL, SimCLR, VICReg, Barlow Twins). ``fixed_lr`` (default False) tells
-    :class:`~sslstream.models.optim.WarmupCosine` to leave the group's lr alone. Empty groups are dropped.
+    (BYOL, SimCLR, VICReg, Barlow Twins), and SGD / AdamW do not decay it with
+    ``optim.exclude_bias_and_norm_wd`` (timm's and MAE's rule for ViTs). ``fixed_lr``
+    (default False) tells :class:`~sslstream.models.optim.WarmupCosine` to leave the group's
+    lr alone. Empty groups are dropped.
     """
     weights: list[nn.Parameter] = []
     others: list[nn.Parameter] = []
-    for _, p in named:
+    for param_name, p in named:
         if p.requires_grad:
-            (others if p.ndim <= 1 else weights).append(p)
+            (others if no_weight_decay(param_name, p) else weights).append(p)
     groups = [
         {"name": name, "params": weights, "lars_exclude": False, "fixed_lr": False, **flags},
         {"name": f"{name}/bias_norm", "params": others, "lars_exclude": True, "fixed_lr": False,

@@ -96,6 +96,7 @@ def evaluate(
     replaces the augment recipe's (a registered encoder carries its own).
     """
     from sslstream.models.collapse import effective_rank, embedding_std
+    from sslstream.pipelines.shards.cache import cache_options
     from sslstream.pipelines.shards.stream import sample_options
     from sslstream.pipelines.views.eval_loader import build_eval_loader
 
@@ -129,7 +130,7 @@ def evaluate(
             mean=tuple(mean),
             std=tuple(std),
             num_threads=loader_threads(cfg.trainer.get("loader_threads", "auto")),
-            stream_options=sample_options(data, labelled=True),
+            stream_options={**sample_options(data, labelled=True), **cache_options(data)},
             max_samples=int(max_samples),
             with_index=True,
             max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),

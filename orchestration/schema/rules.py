@@ -141,6 +141,8 @@ RULES: dict[str, Rule] = {
     "data.generate": Rule("bool"),
     "data.generate_train_samples": Int(1),
     "data.generate_test_samples": Int(1),
+    "data.cache_dir": Rule("str", null=True),
+    "data.cache_limit": Int(1, null=True),  # bytes; the job also checks it holds the largest shard
     "optim.lr": Num(0),  # 0: frozen weights (a warm-start check)
     "optim.base_batch": Int(1),
     "optim.scaling": One("linear", "sqrt", "none"),

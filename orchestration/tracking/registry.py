@@ -19,6 +19,7 @@ Aliases are read with ``get_model_version_by_alias`` / ``get_registered_model().
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import shutil
@@ -34,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+from sslstream.models.backbones import requirements as backbone_requirements
 from sslstream.orchestration.errors import (  # re-exported: callers import it
     RegistrationError,
     UserError,
@@ -110,14 +112,20 @@ def _signature(spec: EncoderSpec) -> ModelSignature:
     )
 
 
-def _requirements() -> list[str]:
+def _requirements(spec: EncoderSpec) -> list[str]:
+    """The serving environment: this process's versions of mlflow, torch, torchvision, numpy,
+    pillow (encoded image files) and of what the backbone's code imports besides (timm for a
+    ViT: backbones.requirements)."""
     import torchvision
 
     def base(v: str) -> str:
         return v.split("+")[0]
 
+    extra = [f"{pkg}=={importlib.metadata.version(pkg)}"
+             for pkg in backbone_requirements(spec.backbone)]
     return [f"mlflow=={mlflow.__version__}", f"torch=={base(torch.__version__)}",
-            f"torchvision=={base(torchvision.__version__)}", f"numpy=={np.__version__}"]
+            f"torchvision=={base(torchvision.__version__)}", f"numpy=={np.__version__}",
+            f"pillow=={importlib.metadata.version('pillow')}", *extra]
 
 
 def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderSpec,
@@ -156,7 +164,7 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
                     signature=_signature(spec), input_example=example,
                     metadata={"sslstream_inputs": INPUT_CONTRACT,
                               "image_size": spec.image_size, "feature_dim": spec.feature_dim},
-                    pip_requirements=_requirements(),
+                    pip_requirements=_requirements(spec),
                 )
         except Exception as e:  # MLflow raises many types (HTTP, IO, schema)
             raise RegistrationError(

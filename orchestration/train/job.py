@@ -72,6 +72,7 @@ def build_job(cfg: DictConfig) -> Job:
     run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
     prepare_data(cfg, env)
     check_eval_splits(cfg)  # before training, not after it
+    check_cache_limit(cfg)
     if env.rank == 0:
         stale, size = ckpt.remove_stale_temp(run_dir)
         if stale:
@@ -183,6 +184,7 @@ def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
 
 
 def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> Any:
+    from sslstream.pipelines.shards.cache import cache_options
     from sslstream.pipelines.shards.stream import ShardStream, sample_options
     from sslstream.pipelines.views.loader import TwoViewLoader
     from sslstream.pipelines.views.recipes import TwoViewRecipe
@@ -203,6 +205,7 @@ def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) 
         validate=str(data.get("validate", "header")),
         num_classes=int(data.num_classes) if data.get("num_classes") else None,  # label check
         **sample_options(data),
+        **cache_options(data),
     )
     return TwoViewLoader(
         stream,
@@ -256,12 +259,9 @@ def check_eval_splits(cfg: DictConfig) -> None:
     are left to the stream, which reports them with retries. A folder of plain images is
     not shards: the message says how to make them.
     """
-    ev = cfg.eval
-    keys = ["train"]
-    evaluating = bool(ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0))
+    keys = evaluated_splits(cfg)
+    evaluating = len(keys) > 1
     bank_is_train = cfg.data.get("bank") == cfg.data.get("train")
-    if evaluating:
-        keys += ["test"] if bank_is_train else ["bank", "test"]
     import braceexpand
     from sslstream.pipelines.shards.labels import require_labels
     from sslstream.pipelines.shards.storage import ShardNotFound, get_fs
@@ -296,6 +296,43 @@ def check_eval_splits(cfg: DictConfig) -> None:
             name = f"data.{key}" if key != "train" else "data.bank"  # the bank defaults to train
             require_labels(name, specs[0] if len(specs) == 1 else specs,
                            str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts)
+
+
+def evaluated_splits(cfg: DictConfig) -> list[str]:
+    """The data keys a run reads: train, and the evaluation's bank and test when it
+    evaluates (bank only when it is not train itself)."""
+    ev = cfg.eval
+    if not bool(ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0)):
+        return ["train"]
+    return ["train", "test"] if cfg.data.get("bank") == cfg.data.get("train") \
+        else ["train", "bank", "test"]
+
+
+def check_cache_limit(cfg: DictConfig) -> None:
+    """`data.cache_limit` smaller than an object-store shard the run reads is a config error
+    (such a shard would never be cached): found from the manifests' sizes, before any shard
+    is read. Shards without a listed size are not checked (the cache streams those that do
+    not fit)."""
+    from sslstream.pipelines.shards.cache import is_remote, too_big_for
+    from sslstream.pipelines.shards.manifest import resolve_shards
+
+    data = cfg.data
+    limit = data.get("cache_limit")
+    if not data.get("cache_dir") or limit is None:
+        return
+    opts = dict(data.get("storage_options") or {})
+    for key in evaluated_splits(cfg):
+        spec = data.get(key)
+        specs = [str(x) for x in spec] if spec and not isinstance(spec, str) else [str(spec or "")]
+        if not any(is_remote(s) for s in specs if s):
+            continue
+        refs, _ = resolve_shards(specs, opts)
+        if big := too_big_for(int(limit), [(r.url, r.bytes) for r in refs]):
+            url, n = big
+            raise ConfigError(
+                f"data.cache_limit={limit} bytes is smaller than the shard {url} of data.{key} "
+                f"({n} bytes): set data.cache_limit to at least {n}, or data.cache_dir=null "
+                "to read without a cache", "data.cache_limit")
 
 
 def _holds_only_images(fs: Any, path: str) -> bool:

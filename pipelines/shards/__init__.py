@@ -7,6 +7,7 @@
     labels.py      which members hold the image and the label (label_key, image_keys, auto),
                    the before-training check that a labelled split has labels
     reader.py      per-lane shard reading with checks (Good / Bad / Short samples)
+    cache.py       the local shard cache: object-store shards on a node's disk, LRU, checked
     badsamples.py  consumers (the loader's decoder) report unusable samples toward the limit
     lanes.py       the reader lanes in worker processes (same lanes, same merge)
     procs.py       worker-process plumbing: spawn, parent watch, errors, stop

@@ -18,10 +18,14 @@ kNN then fails *after* training), so:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sslstream.pipelines.shards.errors import DataError
+
+if TYPE_CHECKING:
+    from sslstream.pipelines.shards.cache import ShardCache
 
 __all__ = [
     "DEFAULT_IMAGE_KEYS",
@@ -140,15 +144,18 @@ def detect_label_key(samples: Sequence[Mapping[str, bytes]],
     return LabelKey("none")
 
 
-def first_samples(url: str, storage_options: dict | None = None, n: int = DETECT_SAMPLES,
-                  **open_kw: object) -> list[tuple[str, dict[str, bytes]]]:
+def first_samples(url: str, storage_options: dict | None = None, n: int = DETECT_SAMPLES, *,
+                  cache: ShardCache | None = None, count: Callable[[str, int], None] | None = None,
+                  on_retry: Callable[[BaseException], None] | None = None,
+                  ) -> list[tuple[str, dict[str, bytes]]]:
     """Up to `n` samples from the start of one shard (a short read; a broken tail is fine).
-    `open_kw` goes to storage.open_reader (e.g. on_retry)."""
-    from sslstream.pipelines.shards.storage import open_reader
+    With `cache` the shard is read through the local shard cache (where the epoch finds it
+    again), its counters going to `count`."""
+    from sslstream.pipelines.shards.cache import open_shard
     from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
 
     out: list[tuple[str, dict[str, bytes]]] = []
-    with open_reader(url, storage_options, **open_kw) as f:  # type: ignore[arg-type]
+    with open_shard(url, storage_options, cache=cache, count=count, on_retry=on_retry) as f:
         try:
             for key, parts in iter_tar_samples(f):
                 out.append((key, parts))

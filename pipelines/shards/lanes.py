@@ -115,7 +115,8 @@ def _lane_main(index: int, tasks: Any, results: list, current: Any, parent: int)
         reader = LaneReader(spec["urls"], spec["segments"], lanes=spec["k"],
                             storage_options=spec["storage_options"],
                             num_classes=spec["num_classes"], validate=spec["validate"],
-                            count=count, start=spec["start"], spec=spec["sample_spec"])
+                            count=count, start=spec["start"], spec=spec["sample_spec"],
+                            cache=spec["cache"])
         _run_job(job, {j: reader._lane_items(j) for j in mine}, results, current, counts)
 
 

@@ -18,9 +18,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from sslstream.pipelines.shards.cache import ShardCache, open_shard
 from sslstream.pipelines.shards.labels import DEFAULT_IMAGE_KEYS, BadLabel, LabelKey, read_label
 from sslstream.pipelines.shards.plan import Segment
-from sslstream.pipelines.shards.storage import open_reader
 from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
 from sslstream.pipelines.shards.validate import CorruptImage, validate_image
 
@@ -130,7 +130,7 @@ class LaneReader:
                  storage_options: dict | None, num_classes: int | None, validate: str,
                  count: Callable[[str, int], None], queue_size: int = 8,
                  start: LanePositions | None = None, spec: SampleSpec = DEFAULT_SPEC,
-                 pool=None) -> None:
+                 pool=None, cache: ShardCache | None = None) -> None:
         self.urls, self.segments = urls, list(segments)
         self.threaded = lanes > 0
         self.k = max(1, lanes)
@@ -141,6 +141,7 @@ class LaneReader:
         self.queue_size = queue_size
         self.spec = spec
         self.pool = pool  # lanes.LaneHandle: run the lanes in processes instead of threads
+        self.cache = cache  # where object-store shards are kept on local disk (or None)
 
     def _segment_items(self, si: int, first: int) -> Iterator[Item]:
         """Items of segment `si` from sample index `first` (>= its start) on."""
@@ -148,7 +149,8 @@ class LaneReader:
         url = self.urls[seg.shard]
         self.count("shards_opened", 1)
         i = -1
-        with open_reader(url, self.so, on_retry=lambda e: self.count("retries", 1)) as f:
+        with open_shard(url, self.so, cache=self.cache, count=self.count,
+                        on_retry=lambda e: self.count("retries", 1)) as f:
             try:
                 for i, (key, parts) in enumerate(iter_tar_samples(f)):  # noqa: B007
                     if i < first:
@@ -244,7 +246,7 @@ class LaneReader:
         spec = {"urls": list(self.urls), "segments": self.segments, "k": self.k,
                 "sample_spec": self.spec,
                 "storage_options": self.so, "num_classes": self.num_classes,
-                "validate": self.validate, "start": self.start}
+                "validate": self.validate, "start": self.start, "cache": self.cache}
         pool.submit(job, spec, list(self.start.turns))
         try:
             yield from self._merge({j: pool.items(job, j, self.count) for j in self.start.turns})

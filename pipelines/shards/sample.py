@@ -17,6 +17,9 @@ COUNTER_NAMES = (
     "missing_label", "too_many_pixels", "undecodable",
     "truncated_shards", "lost", "padded", "topped_up", "retries", "shards_opened", "replayed",
     "fast_forwarded", "refetched",
+    # the local shard cache (pipelines/shards/cache.py)
+    "cache_hits", "cache_fetched", "cache_fetched_bytes", "cache_corrupt", "cache_evicted",
+    "cache_streamed", "cache_waited",
 )
 
 

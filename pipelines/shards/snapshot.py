@@ -119,7 +119,9 @@ def _relative(url: str, base: str) -> str:
     return url
 
 
-def _fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
+def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
+    """What identifies an object's content in its store's listing / info (ETag, md5,
+    crc32c, else size and mtime); None when the store reports none of them."""
     for key, label in (("ETag", "etag"), ("etag", "etag"), ("md5Hash", "md5"),
                        ("crc32c", "crc32c")):
         if info.get(key):
@@ -174,7 +176,7 @@ def take_snapshot(source: str | Sequence[str], storage_options: dict | None = No
         elif r.sha256:
             fp = f"sha256:{r.sha256}"
         else:
-            fp = _fingerprint_from_info(infos.get(r.url, {}))
+            fp = fingerprint_from_info(infos.get(r.url, {}))
         if fp is None:
             raise DataError(f"cannot fingerprint shard {r.url}: its store reports no "
                              "checksum, ETag, size or mtime; add a manifest.json with sha256")

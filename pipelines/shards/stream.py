@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from sslstream.pipelines.shards.cache import Expected, ShardCache, is_remote, too_big_for
 from sslstream.pipelines.shards.errors import DataError
 from sslstream.pipelines.shards.labels import (
     DEFAULT_IMAGE_KEYS,
@@ -75,7 +76,8 @@ class ShardStream:
                  validate: str = "header", num_classes: int | None = None,
                  label_key: str = "auto", image_keys: Sequence[str] | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, require_label: bool = False,
-                 partition: bool = False) -> None:
+                 partition: bool = False, cache_dir: str | None = None,
+                 cache_limit: int | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} outside world_size={world_size}")
         if validate not in VALIDATE_MODES:
@@ -99,6 +101,7 @@ class ShardStream:
         self.classes = classes
         self.num_classes = num_classes if num_classes is not None else (len(classes) if classes else None)
         self._refs: list[ShardRef] = refs
+        self.cache = self._make_cache(cache_dir, cache_limit)
         self._counts: list[int] | None = None
         self._fp: str | None = None  # cursor fingerprint, computed once
         self._log: EpochLog | None = EpochLog()  # bad samples met this epoch (for the cursor)
@@ -129,6 +132,20 @@ class ShardStream:
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
         self._lock = threading.Lock()
+
+    def _make_cache(self, directory: str | None, limit: int | None) -> ShardCache | None:
+        """The local shard cache (pipelines/shards/cache.py) when a folder is given and some
+        shards are in an object store; the order of samples is the same without it."""
+        remote = [r for r in self._refs if is_remote(r.url)]
+        if not directory or not remote:
+            return None
+        if big := too_big_for(limit, [(r.url, r.bytes) for r in remote]):
+            # `sslstream train` refuses this config before reading data (train/job.py)
+            log_.warning("cache_limit=%d is smaller than the shard %s (%d bytes): shards "
+                         "larger than the limit are read from the store every time", limit,
+                         *big)
+        return ShardCache(directory, limit, storage_options=self.storage_options,
+                          expected={r.url: Expected(r.bytes, r.sha256) for r in remote})
 
     # ------------------------------------------------------------------ sizes
 
@@ -191,6 +208,7 @@ class ShardStream:
             key = self._label_key
             if key.kind == "auto":
                 first = first_samples(self._refs[0].url, self.storage_options,
+                                      cache=self.cache, count=self._count,
                                       on_retry=lambda e: self._count("retries", 1))
                 key = detect_label_key([p for _, p in first], self.classes)
                 log_.info("label_key=auto: %s (from the first %d samples of %s)", key,
@@ -290,7 +308,7 @@ class ShardStream:
                           lanes=self.num_workers if lanes is None else lanes,
                           storage_options=self.storage_options, num_classes=self.num_classes,
                           validate=self.validate, count=self._count, start=start,
-                          spec=self.spec,
+                          spec=self.spec, cache=self.cache,
                           pool=getattr(self, "lane_pool", None) if lanes is None else None)
 
     def _valid(self, length: int, ff: FastForward | None = None) -> Iterator[Good]:
@@ -392,7 +410,7 @@ class ShardStream:
                           self.shuffle_buffer, self._shuffle_seed() if shuffled else None)
         buffer = fetch(ff.buffer, segs, self.shard_urls, storage_options=self.storage_options,
                        num_classes=self.num_classes, validate=self.validate, count=self._count,
-                       workers=max(1, self.num_workers), spec=self.spec)
+                       workers=max(1, self.num_workers), spec=self.spec, cache=self.cache)
         return ff, buffer
 
     def __iter__(self) -> Iterator[Sample]:
