@@ -187,7 +187,11 @@ class Preprocess(torch.nn.Module):
                 x = torch.nn.functional.interpolate(x, size=[new_h, new_w], mode="bilinear",
                                                     align_corners=False, antialias=True)
             top, left = _round_half_even_half(new_h - size), _round_half_even_half(new_w - size)
-            x = x[:, :, top : top + size, left : left + size]
+            # gathered rows and columns, not a slice: the result is size x size to torch.export
+            # too (a slice at a symbolic offset has a data-dependent length, on which a backbone
+            # that checks its input, a ViT, cannot be exported with symbolic height and width)
+            at = torch.arange(size, device=x.device)
+            x = x.index_select(2, at + top).index_select(3, at + left)
         return ((x - self.mean) / self.std).contiguous()
 
 

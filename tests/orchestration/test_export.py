@@ -68,22 +68,31 @@ def test_onnx_from_a_checkpoint_matches_torch(tmp_path: Path,
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
-def test_torchscript_of_another_family(tmp_path: Path) -> None:
-    """A MobileNet (no ResNet code path): the export is generic over the backbone."""
-    cfg = {"name": "mobilenet_v3_small"}
-    backbone = _trained_looking(cfg)
+VIT = {"name": "vit_tiny", "image_size": 32, "patch_size": 4}
+
+
+@pytest.mark.parametrize("cfg, fmt", [
+    pytest.param(VIT, "torchscript", id="vit-torchscript"),
+    pytest.param(VIT, "onnx", id="vit-onnx", marks=pytest.mark.slow),
+    pytest.param({"name": "mobilenet_v3_small"}, "torchscript", id="mobilenet-torchscript"),
+])
+def test_other_backbone_families(cfg: dict, fmt: str, tmp_path: Path) -> None:
+    """A timm ViT and a MobileNet export like the ResNet: the export is generic over the
+    backbone (the ViT checks that its input is a multiple of its patch size, which holds
+    for the crop's static size under torch.export's symbolic height and width)."""
+    backbone = _trained_looking(cfg) if cfg["name"] != "vit_tiny" else build_backbone(cfg).eval()
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     spec = EncoderSpec(backbone=cfg, feature_dim=feature_dim_of(backbone), image_size=32,
                        mean=mean, std=std)
     encoder = LoadedEncoder(backbone, spec, "test", "test",
                             weights_digest(spec, backbone.state_dict()))
-    out = tmp_path / "encoder.pt"
-    done = export_encoder(encoder, "torchscript", str(out))
+    out = tmp_path / f"encoder.{fmt}"
+    done = export_encoder(encoder, fmt, str(out))
     assert done.max_abs_diff <= 1e-4 and out.is_file()
     rng = np.random.default_rng(3)
     for shape in ((16, 32, 32), (2, 45, 33)):
         images = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-        np.testing.assert_allclose(run_exported("torchscript", out, images),
+        np.testing.assert_allclose(run_exported(fmt, out, images),
                                    _reference(backbone, images, 32, mean, std), rtol=0,
                                    atol=1e-4)
 
