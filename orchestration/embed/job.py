@@ -51,7 +51,7 @@ from sslstream.orchestration.embed.plan import (
 from sslstream.orchestration.embed.progress import Progress
 from sslstream.orchestration.embed.settings import EmbedSettings
 from sslstream.orchestration.embed.store import OutputStore, mask_url
-from sslstream.orchestration.errors import UserError
+from sslstream.orchestration.errors import ConfigError, UserError
 from sslstream.orchestration.runtime import distributed as D
 from sslstream.orchestration.runtime.interrupt import Interrupted
 
@@ -125,6 +125,10 @@ def run(cfg: DictConfig, request: EmbedRequest) -> int:
 def embed(cfg: DictConfig, request: EmbedRequest) -> EmbedResult:
     """Embed the source into ``request.out`` (see the module docstring)."""
     settings = EmbedSettings.from_config(cfg)  # ConfigError: exit 2, nothing read
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("embed.device=cuda, but this process sees no CUDA device "
+                          "(torch.cuda.is_available() is False): use embed.device=auto or cpu",
+                          "embed.device")
     t0 = time.perf_counter()
     env = D.init_distributed(settings.device)
     if settings.num_threads:

@@ -147,6 +147,7 @@ def test_rerun_resumes_and_another_model_is_refused(data: ShardSet, tmp_path: Pa
     assert after.keys() == before.keys()
     assert all(after[n] == before[n] for n in before if n != "part-000003.parquet")
     assert "resuming" in caplog.text and "1 to embed, 4 already there" in caplog.text
+    assert "embedded 24/24 samples (100.0%)" in caplog.text and "ETA 0:00" in caplog.text
     assert sorted(read(out).column("key").to_pylist()) == sorted(data.good_keys)
     # again: complete, nothing to do
     caplog.clear()
@@ -171,6 +172,8 @@ def test_rerun_resumes_and_another_model_is_refused(data: ShardSet, tmp_path: Pa
     ("embed.batch_size=0", "embed.batch_size=0"),
     ("embed.batchsize=8", "unknown config key embed.batchsize"),
     ("embed.precision=fp16", "embed.precision=fp16"),
+    pytest.param("embed.device=cuda", "embed.device=cuda", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_config_mistakes_exit_2_before_anything_is_read(override: str, words: str,
                                                         tmp_path: Path,
