@@ -1,8 +1,10 @@
-"""The `sslstream` command: train, eval, retrain, shards.
+"""The `sslstream` command: train, eval, retrain, embed, export, shards.
 
     sslstream train [--cfg] [key=value ...]      the main job (Hydra overrides)
     sslstream eval  (--checkpoint PATH | --model URI) [key=value ...]
     sslstream retrain [key=value ...]            the scheduled retraining job
+    sslstream embed --model URI --out URL [key=value ...]   embeddings of a data set
+    sslstream export --model URI --format onnx|torchscript --out PATH
     sslstream shards {make,verify,index} ...     write / check / index WebDataset shards
 
 The config is composed with Hydra's compose API over the installed `conf` package, so the
@@ -21,12 +23,16 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-USAGE = """usage: sslstream {train,eval,retrain,shards} ...
+USAGE = """usage: sslstream {train,eval,retrain,embed,export,shards} ...
 
   sslstream train [--cfg] [key=value ...]     train (and evaluate, register) an encoder
   sslstream eval (--checkpoint PATH | --model URI) [key=value ...]
                                               kNN / linear-probe evaluation of an encoder
   sslstream retrain [key=value ...]           scheduled retraining (new shards -> promote)
+  sslstream embed --model URI --out URL [--overwrite] [--neighbours K --queries Q]
+                  [key=value ...]             embeddings of embed.source as Parquet files
+  sslstream export --model URI --format onnx|torchscript --out PATH [key=value ...]
+                                              the encoder as one file (uint8 NHWC in)
   sslstream shards {make,verify,index} ...    write, verify or index WebDataset shards
 
 Overrides use Hydra syntax, e.g. `sslstream train method=simclr trainer.epochs=100`
@@ -118,14 +124,14 @@ def _masked_thread_excepthook(args: threading.ExceptHookArgs) -> None:
     _masked_excepthook(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
 
 
-def _parse(args: list[str], flags_with_value: Sequence[str] = ()
+def _parse(args: list[str], flags_with_value: Sequence[str] = (), bool_flags: Sequence[str] = ()
            ) -> tuple[dict[str, str | bool], DictConfig | None]:
     """Split a subcommand's flags from its Hydra overrides and compose the config.
 
     Returns `(opts, None)` when the command is already answered (`--help` printed the usage,
     `--cfg` printed the resolved config), so every subcommand handles them the same way.
     """
-    opts, overrides = _split_flags(args, flags_with_value, ("--cfg", "-h", "--help"))
+    opts, overrides = _split_flags(args, flags_with_value, ("--cfg", "-h", "--help", *bool_flags))
     if opts.get("-h") or opts.get("--help"):
         print(USAGE)
         return opts, None
@@ -199,13 +205,78 @@ def cmd_retrain(args: list[str]) -> int:
     return int(retrain(cfg))
 
 
+def cmd_embed(args: list[str]) -> int:
+    flags, bools = ("--model", "--out", "--neighbours", "--queries"), ("--overwrite",)
+    opts, _ = _split_flags(args, flags, ("--cfg", "-h", "--help", *bools))
+    extra = []
+    for flag, key in (("--neighbours", "embed.neighbours"), ("--queries", "embed.queries")):
+        if flag in opts:
+            if not str(opts[flag]).isdigit():
+                return _usage_error(f"{flag} {opts[flag]}: expected a whole number")
+            extra.append(f"{key}={int(opts[flag])}")
+    if not (opts.get("-h") or opts.get("--help") or opts.get("--cfg")):
+        missing = [f for f in ("--model", "--out") if not opts.get(f)]
+        if missing:
+            return _usage_error(f"embed needs {' and '.join(missing)}")
+    opts, cfg = _parse([*_without_values(args, ("--neighbours", "--queries")), *extra],
+                       ("--model", "--out"), bools)
+    if cfg is None:
+        return 0
+    from sslstream.orchestration.embed.job import EmbedRequest, run
+
+    return run(cfg, EmbedRequest(model=str(opts["--model"]), out=str(opts["--out"]),
+                                 overwrite=bool(opts.get("--overwrite"))))
+
+
+def _without_values(args: list[str], flags: Sequence[str]) -> list[str]:
+    """``args`` without ``flags`` and their values (``--flag v`` or ``--flag=v``)."""
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif a.partition("=")[0] not in flags:
+            out.append(a)
+    return out
+
+
+def cmd_export(args: list[str]) -> int:
+    flags = ("--model", "--format", "--out")
+    opts, _ = _split_flags(args, flags, ("--cfg", "-h", "--help"))
+    if not (opts.get("-h") or opts.get("--help") or opts.get("--cfg")):
+        missing = [f for f in flags if not opts.get(f)]
+        if missing:
+            return _usage_error(f"export needs {', '.join(missing)}")
+        from sslstream.orchestration.embed.export import FORMATS
+
+        if opts["--format"] not in FORMATS:
+            return _usage_error(f"--format {opts['--format']}: expected one of "
+                                f"{', '.join(FORMATS)}")
+    opts, cfg = _parse(args, flags)
+    if cfg is None:
+        return 0
+    from sslstream.orchestration.embed.export import export_encoder
+    from sslstream.orchestration.embed.model import load_encoder
+
+    encoder = load_encoder(cfg, str(opts["--model"]))
+    done = export_encoder(encoder, str(opts["--format"]), str(opts["--out"]),
+                          storage_options=dict(cfg.data.get("storage_options") or {}))
+    print(f"exported {encoder.version} as {done.format} to {done.path} (uint8 (N, H, W, 3) "
+          f"in, float32 (N, {encoder.spec.feature_dim}) out; checked on {done.checked} images, "
+          f"max |diff| {done.max_abs_diff:.2g})")
+    return 0
+
+
 def cmd_shards(args: list[str]) -> int:
     from sslstream.pipelines.shards.tools import main as shards_main
 
     return int(shards_main(args))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "retrain": cmd_retrain, "shards": cmd_shards}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "retrain": cmd_retrain, "embed": cmd_embed,
+            "export": cmd_export, "shards": cmd_shards}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,7 +40,12 @@ from sslstream.orchestration.errors import (  # re-exported: callers import it
     RegistrationError,
     UserError,
 )
-from sslstream.orchestration.tracking.encoder_model import CODE_MODULE, EncoderSpec, load_weights
+from sslstream.orchestration.tracking.encoder_model import (
+    CODE_MODULE,
+    INPUT_CONTRACT,
+    EncoderSpec,
+    load_weights,
+)
 from sslstream.orchestration.tracking.mlflow_env import (
     ensure_http_limits,
     quiet_downloads,
@@ -98,16 +103,19 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 
 def _signature(spec: EncoderSpec) -> ModelSignature:
+    """Outputs and params only: the pyfunc checks its inputs itself (encoder_model.py, "Why
+    no input schema"); `_metadata` describes them."""
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), name="images")]),
+        inputs=None,
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.feature_dim), name="embeddings")]),
         params=ParamSchema([ParamSpec("batch_size", "long", 256), ParamSpec("device", "string", "cpu")]),
     )
 
 
 def _requirements(spec: EncoderSpec) -> list[str]:
-    """The serving environment: this process's versions of mlflow, torch, torchvision, numpy
-    and of what the backbone's code imports besides (timm for a ViT: backbones.requirements)."""
+    """The serving environment: this process's versions of mlflow, torch, torchvision, numpy,
+    pillow (encoded image files) and of what the backbone's code imports besides (timm for a
+    ViT: backbones.requirements)."""
     import torchvision
 
     def base(v: str) -> str:
@@ -116,7 +124,8 @@ def _requirements(spec: EncoderSpec) -> list[str]:
     extra = [f"{pkg}=={importlib.metadata.version(pkg)}"
              for pkg in backbone_requirements(spec.backbone)]
     return [f"mlflow=={mlflow.__version__}", f"torch=={base(torch.__version__)}",
-            f"torchvision=={base(torchvision.__version__)}", f"numpy=={np.__version__}", *extra]
+            f"torchvision=={base(torchvision.__version__)}", f"numpy=={np.__version__}",
+            f"pillow=={importlib.metadata.version('pillow')}", *extra]
 
 
 def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderSpec,
@@ -153,6 +162,8 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
                                "weights": str(tmp_path / WEIGHTS_FILE),
                                "code": str(code_dir)},
                     signature=_signature(spec), input_example=example,
+                    metadata={"sslstream_inputs": INPUT_CONTRACT,
+                              "image_size": spec.image_size, "feature_dim": spec.feature_dim},
                     pip_requirements=_requirements(spec),
                 )
         except Exception as e:  # MLflow raises many types (HTTP, IO, schema)
@@ -285,3 +296,19 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
                              f"{json.dumps(sorted(paths))})")
         spec = EncoderSpec.from_json(paths["spec"].read_text(encoding="utf-8"))
         return load_weights(str(paths["weights"])), spec
+
+
+def resolve_version(uri: str, model_uri: str) -> str:
+    """``models:/<name>@<alias>`` -> ``models:/<name>/<version>`` (the version the alias
+    points at now); any other URI is returned as it is. Names what produced an output."""
+    rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    if not at or "/" in name:
+        return model_uri
+    ensure_http_limits(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    except MlflowException as e:
+        raise ModelNotFound(f"{model_uri} is not in the MLflow store at {mask(uri)} "
+                            f"({mask(str(e))})") from e

@@ -8,6 +8,7 @@ crop, normalised -- the standard protocol.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from sslstream.pipelines.shards.sample_stream import SampleStream
@@ -20,6 +21,21 @@ from sslstream.pipelines.views.recipes import IMAGENET_MEAN, IMAGENET_STD
 def eval_resize(size: int) -> int:
     """Shorter side before the centre crop: 256 for 224 (ratio 0.875); no resize at CIFAR sizes."""
     return size if size <= 64 else int(round(size * 256 / 224))
+
+
+@dataclass
+class EvalBatch:
+    """One batch with what identifies its rows: ``x`` (B, 3, S, S) normalised, ``labels``
+    (B,) (-1: none), ``index`` (B,) split positions, and each row's sample key and shard URL;
+    ``dropped``: the shard URL of each sample of this batch the decoder refused (skipped,
+    counted in `EvalLoader.skipped_corrupt`)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    keys: list[str]
+    shards: list[str]
+    dropped: list[str]
 
 
 class EvalLoader:
@@ -64,6 +80,7 @@ class EvalLoader:
 
             self._backend = TorchvisionEval(image_size, resize, mean, std, num_threads)
         self.skipped_corrupt = 0
+        self.image_size = int(image_size)
 
     @property
     def num_samples(self) -> int:
@@ -77,9 +94,16 @@ class EvalLoader:
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for b in self.batches():
+            yield (b.x, b.labels, b.index) if self.with_index else (b.x, b.labels)
+
+    def batches(self) -> Iterator[EvalBatch]:
+        """The batches with their rows' keys and shards (`sslstream embed` writes them)."""
         images: list[bytes] = []
         labels: list[int] = []
         index: list[int] = []
+        keys: list[str] = []
+        shards: list[str] = []
         seen: set[str] = set()
         for sample in self.stream:
             ident = (sample.shard, sample.key) if self.presplit else sample.key
@@ -97,17 +121,22 @@ class EvalLoader:
             images.append(sample.image)
             labels.append(int(sample.label))
             index.append(sample.index if sample.index >= 0 else pos)
+            keys.append(sample.key)
+            shards.append(sample.shard)
             if len(images) == self.batch_size:
-                yield self._emit(images, labels, index)
-                images, labels, index = [], [], []
+                yield self._emit(images, labels, index, keys, shards)
+                images, labels, index, keys, shards = [], [], [], [], []
         if images:
-            yield self._emit(images, labels, index)
+            yield self._emit(images, labels, index, keys, shards)
 
-    def _emit(self, images: list[bytes], labels: list[int], index: list[int]) -> tuple[torch.Tensor, ...]:
+    def _emit(self, images: list[bytes], labels: list[int], index: list[int], keys: list[str],
+              shards: list[str]) -> EvalBatch:
         x, y, keep = self._run(images, labels)
-        if not self.with_index:
-            return x, y
-        return x, y, torch.tensor([index[i] for i in keep], dtype=torch.int64, device=self.device)
+        kept = set(keep)
+        return EvalBatch(x, y, torch.tensor([index[i] for i in keep], dtype=torch.int64,
+                                            device=self.device),
+                         [keys[i] for i in keep], [shards[i] for i in keep],
+                         [shards[i] for i in range(len(shards)) if i not in kept])
 
     def _run(self, images: list[bytes], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         keep = list(range(len(images)))
@@ -121,10 +150,14 @@ class EvalLoader:
                     keep.append(i)
                 except CorruptImage:
                     self.skipped_corrupt += 1
-            if len(keep) == len(images) or not keep:
+            if len(keep) == len(images):
                 raise RuntimeError(f"eval backend {self.backend_name} failed on a batch: "
                                    f"{error}") from error
             self._backend.reset()
+            if not keep:  # every image of the batch was undecodable: an empty batch
+                s = self.image_size
+                return (torch.zeros(0, 3, s, s, device=self.device),
+                        torch.zeros(0, dtype=torch.int64, device=self.device), [])
             images, labels = [images[i] for i in keep], [labels[i] for i in keep]
             x = self._backend.run(images)
         return (x.to(self.device), torch.tensor(labels, dtype=torch.int64, device=self.device),

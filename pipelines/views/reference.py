@@ -80,9 +80,14 @@ def augment_batch(images: Sequence[torch.Tensor], view: ViewRecipe, params: View
 
 
 def eval_view(image: torch.Tensor, size: int, resize: int, mean, std) -> torch.Tensor:
-    """Deterministic eval transform: shorter side to `resize`, centre crop `size`, normalise."""
-    x = F.resize(image, [resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-    x = F.center_crop(x, [size, size])
+    """Deterministic eval transform: shorter side to `resize`, centre crop `size`, normalise.
+    A shorter side that is already `resize` skips the resize (an identity: ~75 of ~400 us
+    CPU per 32 px CIFAR image on this project's CPU box)."""
+    x = image
+    if min(image.shape[-2:]) != resize:
+        x = F.resize(image, [resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.center_crop(x, [size, size])
     return normalize(x, mean, std)
 
 
