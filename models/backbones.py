@@ -1,6 +1,6 @@
 """Backbones: image -> feature vector, with the classifier removed and the width exposed.
 
-Two families:
+Three families:
 
 * any torchvision classification model by name (``resnet18``, ``resnet50``, ``convnext_tiny``,
   ``vit_b_16``...): the final ``nn.Linear`` (the classifier) is replaced by ``nn.Identity`` and
@@ -9,6 +9,10 @@ Two families:
 * ``resnet_mini``: a small ResNet of torchvision ``BasicBlock`` s with configurable widths and
   depths, for CPU runs (the embedded default, tests). ``[1, 1, 1, 1]`` blocks of widths
   ``16/32/64/128`` cost ~16 MFLOP-MACs per 32 px image, ~1/35 of a CIFAR ResNet-18.
+* ``vit_tiny`` / ``vit_small`` / ``vit_base``: timm's VisionTransformer (the field's standard;
+  torchvision has no Tiny or Small) at any ``image_size`` and ``patch_size`` (224 / 16 for
+  ImageNet, 32 / 4 or 8 for CIFAR), classifier removed: :class:`ViT`. timm is imported only
+  when a ViT is built, so a ResNet encoder never needs it.
 
 The CIFAR stem (``cifar_stem: true``) replaces a ResNet's 7x7 stride-2 conv and its max-pool by
 one 3x3 stride-1 conv, as every CIFAR SSL recipe does (SimCLR appendix B.9, solo-learn): at
@@ -17,6 +21,7 @@ one 3x3 stride-1 conv, as every CIFAR SSL recipe does (SimCLR appendix B.9, solo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +30,20 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock
 
-__all__ = ["ResNetMini", "build_backbone", "feature_dim_of"]
+__all__ = ["NO_WEIGHT_DECAY", "VIT_NAMES", "ResNetMini", "ViT", "build_backbone",
+           "feature_dim_of", "requirements"]
+
+# The ViT sizes by name -> timm's model (widths, depths and heads of Touvron et al. 2021 and
+# Dosovitskiy et al. 2021; image and patch size are set by the config).
+VIT_NAMES = {
+    "vit_tiny": "vit_tiny_patch16_224",    # 192 wide, 12 blocks, 3 heads, 5.5 M parameters
+    "vit_small": "vit_small_patch16_224",  # 384 wide, 12 blocks, 6 heads, 21.7 M
+    "vit_base": "vit_base_patch16_224",    # 768 wide, 12 blocks, 12 heads, 85.8 M (at 224/16)
+}
+# Leaf names of the ViT parameters that take no weight decay besides biases and norms (timm's
+# ``no_weight_decay()``): the position embedding and the class / register / distillation tokens.
+NO_WEIGHT_DECAY = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
+_POOLS = {"token": "token", "mean": "avg"}
 
 
 def _cifar_stem(model: nn.Module, name: str) -> None:
@@ -132,6 +150,58 @@ class ResNetMini(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
+class ViT(nn.Module):
+    """A timm VisionTransformer without classifier: ``(B, 3, H, W) -> (B, embed_dim)``.
+
+    ``pool="token"``: the class token after the final norm (DINO, MoCo v3); ``"mean"``: the
+    mean of the patch tokens, then a LayerNorm (timm's ``global_pool="avg"``, as MAE).
+    ``drop_path_rate``: stochastic depth, rising linearly over the blocks to this rate (DINO
+    ViT-S: 0.1). Inputs of another size than ``image_size`` (multi-crop's local crops) get
+    the position embedding interpolated (timm's ``dynamic_img_size``); each side must be a
+    multiple of ``patch_size``. ``freeze_patch_embed``: MoCo v3's stabiliser, a random patch
+    projection that never trains (initialised as the official code: uniform Xavier over the
+    flattened patch). Weights are random (nothing is downloaded).
+    """
+
+    def __init__(self, name: str, *, image_size: int = 224, patch_size: int = 16,
+                 drop_path_rate: float = 0.0, pool: str = "token",
+                 freeze_patch_embed: bool = False, **timm_kwargs: Any) -> None:
+        super().__init__()
+        import timm  # here, not at the top: shipped ResNet encoders must import without timm
+
+        if name not in VIT_NAMES:
+            raise ValueError(f"backbone.name={name!r} is not a ViT; one of {sorted(VIT_NAMES)}")
+        if pool not in _POOLS:
+            raise ValueError(f"backbone.pool={pool!r} must be one of {sorted(_POOLS)}")
+        if patch_size < 1 or image_size < 1 or image_size % patch_size:
+            raise ValueError(
+                f"backbone.patch_size={patch_size} must divide backbone.image_size={image_size}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"backbone.drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.vit = timm.create_model(
+            VIT_NAMES[name], pretrained=False, num_classes=0, img_size=image_size,
+            patch_size=patch_size, drop_path_rate=drop_path_rate, global_pool=_POOLS[pool],
+            dynamic_img_size=True, **timm_kwargs)
+        self.image_size = int(image_size)
+        self.patch_size = int(patch_size)
+        self.pool = pool
+        self.feature_dim = int(self.vit.num_features)
+        if freeze_patch_embed:
+            proj = self.vit.patch_embed.proj
+            bound = math.sqrt(6.0 / float(3 * patch_size * patch_size + proj.out_channels))
+            with torch.no_grad():
+                nn.init.uniform_(proj.weight, -bound, bound)
+                nn.init.zeros_(proj.bias)
+            proj.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"ViT: input {h}x{w} is not a multiple of backbone.patch_size="
+                             f"{self.patch_size}")
+        return self.vit(x)
+
+
 def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
     """A key of a backbone spec. This file is shipped alone with every registered encoder
     (orchestration/tracking/encoder_model.py) and builds from the spec saved then: a spec
@@ -146,10 +216,13 @@ def build_backbone(cfg: Mapping[str, Any] | Any) -> nn.Module:
     """Build a backbone from its config (``cfg.backbone`` or a registered encoder's spec);
     ``.feature_dim`` is set.
 
-    Keys: ``name`` (``resnet_mini`` or a torchvision classification model name),
-    ``cifar_stem`` (bool), ``zero_init_residual`` (bool), ``channels_last`` (bool: convert the
-    weights to channels_last memory format, which tensor cores want for bf16/fp16 convs),
-    ``widths`` / ``layers`` (``resnet_mini`` only), ``kwargs`` (extra torchvision arguments).
+    Keys: ``name`` (``resnet_mini``, ``vit_tiny`` / ``vit_small`` / ``vit_base`` or a
+    torchvision classification model name), ``cifar_stem`` (bool), ``zero_init_residual``
+    (bool), ``channels_last`` (bool: convert the weights to channels_last memory format,
+    which tensor cores want for bf16/fp16 convs), ``widths`` / ``layers`` (``resnet_mini``
+    only), ``image_size`` / ``patch_size`` / ``drop_path_rate`` / ``pool`` /
+    ``freeze_patch_embed`` (ViTs only, see :class:`ViT`), ``kwargs`` (extra torchvision or
+    timm arguments, e.g. ``depth: 6`` for a ViT smaller than Tiny).
     """
     name = _get(cfg, "name", None)
     if not name:
@@ -157,19 +230,32 @@ def build_backbone(cfg: Mapping[str, Any] | Any) -> nn.Module:
     name = str(name)
     cifar_stem = bool(_get(cfg, "cifar_stem", False))
     zero_init = bool(_get(cfg, "zero_init_residual", False))
-    if name == "resnet_mini":
-        model: nn.Module = ResNetMini(
+    model: nn.Module
+    if name in VIT_NAMES:
+        if cifar_stem:
+            raise ValueError(f"backbone.cifar_stem=true needs a ResNet-style model; "
+                             f"backbone.name={name!r} is a ViT (set backbone.patch_size instead)")
+        model = ViT(
+            name,
+            image_size=int(_get(cfg, "image_size", 224)),
+            patch_size=int(_get(cfg, "patch_size", 16)),
+            drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
+            pool=str(_get(cfg, "pool", "token")),
+            freeze_patch_embed=bool(_get(cfg, "freeze_patch_embed", False)),
+            **dict(_get(cfg, "kwargs", {}) or {}),
+        )
+    elif name == "resnet_mini":
+        model = ResNetMini(
             layers=tuple(_get(cfg, "layers", (1, 1, 1, 1))),
             widths=tuple(_get(cfg, "widths", (16, 32, 64, 128))),
             cifar_stem=cifar_stem,
             zero_init_residual=zero_init,
         )
-        feature_dim = model.feature_dim
     else:
         try:
             builder = tvm.get_model_builder(name)
         except ValueError as err:
-            known = ", ".join(["resnet_mini", *tvm.list_models(module=tvm)])
+            known = ", ".join(["resnet_mini", *VIT_NAMES, *tvm.list_models(module=tvm)])
             raise ValueError(f"backbone.name={name!r} is not a known model; one of: {known}") from err
         extra = dict(_get(cfg, "kwargs", {}) or {})
         if zero_init:
@@ -177,8 +263,7 @@ def build_backbone(cfg: Mapping[str, Any] | Any) -> nn.Module:
         model = builder(weights=None, **extra)
         if cifar_stem:
             _cifar_stem(model, name)
-        feature_dim = _strip_classifier(model, name)
-        model.feature_dim = feature_dim  # type: ignore[assignment]
+        model.feature_dim = _strip_classifier(model, name)  # type: ignore[assignment]
     if bool(_get(cfg, "channels_last", False)):
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -191,3 +276,8 @@ def feature_dim_of(backbone: nn.Module) -> int:
         raise ValueError(f"{type(backbone).__name__} has no integer feature_dim attribute")
     return dim
 
+
+def requirements(cfg: Mapping[str, Any] | Any) -> list[str]:
+    """The packages, besides torch and torchvision, that building ``cfg`` imports
+    (``["timm"]`` for a ViT): a logged encoder's pip requirements add them."""
+    return ["timm"] if str(_get(cfg, "name", "")) in VIT_NAMES else []

@@ -4,8 +4,9 @@
   ``eta * ||w|| / (||g|| + wd * ||w||)`` (You et al. 2017, Eq. 6; solo-learn's LARS, which its
   CIFAR recipes were tuned with) or ``eta * ||w|| / ||g + wd * w||`` (``trust_ratio="update"``:
   the official VICReg / Barlow Twins code and BYOL's optax LARS). Groups flagged ``lars_exclude`` (biases and norm-layer parameters, i.e. every tensor
-  with ``ndim <= 1``; see ``Method.parameter_groups``) get neither adaptation nor weight decay:
-  the rule of BYOL, SimCLR, VICReg and Barlow Twins.
+  with ``ndim <= 1``, and a ViT's position embedding and tokens; see
+  ``Method.parameter_groups``) get neither adaptation nor weight decay: the rule of BYOL,
+  SimCLR, VICReg and Barlow Twins (and timm's for ViTs).
 * :class:`LARSConfig`, :class:`SGDConfig`, :class:`AdamWConfig` -- the ``optim.*`` keys of each
   optimiser (typed, with ranges and defaults); ``OPTIMIZERS`` maps ``optim.name`` to them.
 * :func:`build_optimizer` -- LARS / SGD / AdamW from such a config, the base lr scaled by the

@@ -1,23 +1,25 @@
-"""The state a method carries between steps: a momentum (EMA) target and a MoCo key queue.
+"""The state a method carries between steps: a momentum (EMA) target, a MoCo key queue,
+SwAV's feature queue and DINO's teacher center.
 
-Both are ``nn.Module`` s whose state lives in parameters and buffers only, so a method's
+All are ``nn.Module`` s whose state lives in parameters and buffers only, so a method's
 ``state_dict()`` captures it and ``load_state_dict()`` restores it bit-exactly -- including the
 EMA step counter that drives BYOL's tau schedule (solo-learn does not checkpoint it, so a
-resumed run restarts the schedule) and the queue pointer (lightly checkpoints neither).
+resumed run restarts the schedule), the queue pointers and fill counts (lightly checkpoints
+neither) and the center.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from sslstream.models.objectives.gather import gather_no_grad
+from sslstream.models.objectives.gather import gather_no_grad, get_rank, get_world_size
 from torch import nn
 
-__all__ = ["MomentumEncoder", "Queue", "cosine_tau"]
+__all__ = ["DINOCenter", "FeatureQueue", "MomentumEncoder", "Queue", "cosine_tau"]
 
 
 def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
@@ -161,3 +163,103 @@ class Queue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.keys.shape[1]}"
+
+
+class FeatureQueue(Queue):
+    """SwAV's queue of past projections (one queue per global crop), for small batches.
+
+    A :class:`Queue` (gathered from all ranks, identical on every rank) that starts empty
+    (zeros, as the official code) and counts the rows written so far (``filled``, a buffer):
+    SwAV adds the queue to the Sinkhorn columns only once it is :attr:`full`. Under DDP
+    each rank passes only its block of rows (:meth:`rank_rows`) to the loss, whose Sinkhorn
+    sums are all-reduced: the ranks' blocks together are the whole queue once, so W ranks
+    get the codes of 1 rank with the whole batch and the whole queue (the official code
+    keeps a separate queue of ``queue_length / W`` rows per rank instead, which a checkpoint
+    of rank 0 cannot restore on another number of ranks).
+    """
+
+    filled: torch.Tensor
+
+    def __init__(self, size: int, dim: int, *,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(size, dim, process_group=process_group)
+        self.keys.zero_()
+        self.register_buffer("filled", torch.zeros((), dtype=torch.int64))
+        self._filled = 0  # host mirror: reading the buffer each step would sync the device
+        self.register_load_state_dict_post_hook(FeatureQueue._sync_host_mirror)
+
+    @staticmethod
+    def _sync_host_mirror(module: nn.Module, _incompatible: object) -> None:
+        module._filled = int(module.filled)
+
+    @property
+    def full(self) -> bool:
+        """Whether every row holds a real projection (SwAV uses the queue from then on)."""
+        return self._filled >= self.size
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Gather ``keys`` (B, D) from all ranks, write them and count them."""
+        super().enqueue(keys)
+        written = int(keys.shape[0]) * get_world_size(self.process_group)
+        self._filled = min(self._filled + written, self.size)
+        self.filled.fill_(self._filled)
+
+    def rank_rows(self) -> torch.Tensor:
+        """This rank's block of the queue: rows ``[r * size / W, (r + 1) * size / W)``."""
+        world = get_world_size(self.process_group)
+        if self.size % world:
+            raise ValueError(
+                f"the SwAV queue size method.queue_size={self.size} must be divisible by the "
+                f"number of ranks ({world})")
+        n = self.size // world
+        start = get_rank(self.process_group) * n
+        return self.keys[start:start + n]
+
+
+class DINOCenter(nn.Module):
+    """DINO's teacher center: an EMA of the mean teacher output over the GLOBAL batch.
+
+    ``update`` takes this rank's teacher outputs (the global crops), all-reduces their sum
+    and count over the process group, and moves ``center <- m * center + (1 - m) * mean``
+    (the official ``update_center``; m = 0.9). The mean is exact under DDP: W ranks x B
+    give the center of 1 rank x W*B. The center is a buffer (``state_dict`` restores it).
+
+    Example:
+        >>> from sslstream.models.objectives import dino_loss
+        >>> center = DINOCenter(64)
+        >>> student = [torch.randn(8, 64) for _ in range(4)]   # 2 global + 2 local crops
+        >>> teacher = [torch.randn(8, 64) for _ in range(2)]   # the global crops
+        >>> loss, _ = dino_loss(student, teacher, center.center, teacher_temp=0.04)
+        >>> center.update(teacher)               # after the loss, before the next step
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, dim: int, momentum: float = 0.9, *,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"method.out_dim (the DINO center's width) must be >= 1, got {dim}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"method.center_momentum must be in [0, 1], got {momentum}")
+        self.momentum = float(momentum)
+        self.process_group = process_group
+        self.register_buffer("center", torch.zeros(1, int(dim)))
+
+    @torch.no_grad()
+    def update(self, teacher: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Fold the batch mean of ``teacher`` ((N, K) or a list of (B, K), all ranks) in."""
+        out = teacher if isinstance(teacher, torch.Tensor) else torch.cat(list(teacher))
+        if out.ndim != 2 or out.shape[1] != self.center.shape[1]:
+            raise ValueError(f"DINOCenter.update: teacher outputs must be (N, "
+                             f"{self.center.shape[1]}), got {tuple(out.shape)}")
+        total = out.detach().to(self.center.dtype).sum(dim=0, keepdim=True)
+        world = get_world_size(self.process_group)
+        if world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
+        batch_center = total / (out.shape[0] * world)
+        self.center.copy_(self.center * self.momentum + batch_center * (1.0 - self.momentum))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.center.shape[1]}, momentum={self.momentum}"

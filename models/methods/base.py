@@ -9,9 +9,11 @@ EMA step, queue and pointer) is in ``state_dict()``. The trainer only needs:
   moves the EMA targets a method declares in ``momentum_pairs`` (BYOL, MoCo), in one place;
 * ``parameter_groups()``: optimiser groups carrying ``lars_exclude`` / ``fixed_lr`` flags;
 * ``embed(x)``: backbone features for evaluation;
-* ``wants_sync_bn``: convert BN to SyncBatchNorm (CUDA + DDP only; the trainer does it).
+* ``wants_sync_bn``: convert BN to SyncBatchNorm (CUDA + DDP only; the trainer does it);
+* ``ddp_static_buffers``: buffers identical on every rank by construction, which DDP need
+  not broadcast (MoCo's queue).
 
-``forward`` is ``training_step``, so the method can be wrapped in DDP directly.
+``forward`` is ``training_step``, so DDP wraps the method directly.
 
 Each method's hyper-parameters are one frozen dataclass (a :class:`MethodConfig` subclass:
 typed fields with their ranges, conf/typed.py) that ``__init__`` takes whole; the
@@ -36,7 +38,7 @@ from sslstream.conf.typed import (
     Typed,
     build,
 )
-from sslstream.models.backbones import feature_dim_of
+from sslstream.models.backbones import NO_WEIGHT_DECAY, feature_dim_of
 from sslstream.models.state import MomentumEncoder
 from torch import nn
 
@@ -46,6 +48,7 @@ __all__ = [
     "MethodConfig",
     "MethodConfigError",
     "MomentumPair",
+    "no_weight_decay",
     "split_param_groups",
 ]
 
@@ -90,19 +93,28 @@ class MethodConfig(Typed):
         return build(cls, cfg, "method")
 
 
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """Whether a parameter takes no weight decay: biases and norm parameters (``ndim <= 1``)
+    and a ViT's position embedding and tokens (leaf name in ``backbones.NO_WEIGHT_DECAY``)."""
+    return p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY
+
+
 def split_param_groups(named: Iterable[tuple[str, nn.Parameter]], name: str,
                        **flags: Any) -> list[dict[str, Any]]:
-    """Split trainable parameters into weights and biases/norm parameters (``ndim <= 1``).
+    """Split trainable parameters into weights and the rest (:func:`no_weight_decay`: biases,
+    norm parameters, a ViT's position embedding and class token).
 
     The second group is flagged ``lars_exclude``: LARS neither adapts its lr nor decays it
-    (BYOL, SimCLR, VICReg, Barlow Twins). ``fixed_lr`` (default False) tells
-    :class:`~sslstream.models.optim.WarmupCosine` to leave the group's lr alone. Empty groups are dropped.
+    (BYOL, SimCLR, VICReg, Barlow Twins), and SGD / AdamW do not decay it with
+    ``optim.exclude_bias_and_norm_wd`` (timm's and MAE's rule for ViTs). ``fixed_lr``
+    (default False) tells :class:`~sslstream.models.optim.WarmupCosine` to leave the group's
+    lr alone. Empty groups are dropped.
     """
     weights: list[nn.Parameter] = []
     others: list[nn.Parameter] = []
-    for _, p in named:
+    for param_name, p in named:
         if p.requires_grad:
-            (others if p.ndim <= 1 else weights).append(p)
+            (others if no_weight_decay(param_name, p) else weights).append(p)
     groups = [
         {"name": name, "params": weights, "lars_exclude": False, "fixed_lr": False, **flags},
         {"name": f"{name}/bias_norm", "params": others, "lars_exclude": True, "fixed_lr": False,
@@ -138,7 +150,7 @@ def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, Any], name
     shapes = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state_dict and hasattr(state_dict[k], "shape")
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor)
         and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if not (missing or unexpected or shapes):
@@ -193,12 +205,6 @@ class Method(nn.Module):
         self.feature_dim = feature_dim_of(backbone)
         self.process_group = process_group
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any, backbone: nn.Module,
-                    process_group: Any = None) -> Self:
-        """The method for ``cfg`` (``cfg.method``, or a ready ``config_class`` instance)."""
-        return cls(backbone, cls.config_class.from_mapping(cfg), process_group=process_group)
-
     @property
     def wants_sync_bn(self) -> bool:
         """Whether BN should become SyncBatchNorm under multi-GPU DDP (the papers use
@@ -206,7 +212,14 @@ class Method(nn.Module):
         on CPU, so gloo runs keep per-rank BN."""
         return bool(getattr(self.config, "sync_bn", False))
 
+    @property
+    def ddp_static_buffers(self) -> list[str]:
+        """Names of buffers that are the same on every rank by construction, which DDP's
+        per-step buffer broadcast skips (none by default; MoCo lists its queue)."""
+        return []
+
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """``training_step``: what DDP, which hooks ``forward``, runs."""
         return self.training_step(view1, view2)
 
     def training_step(self, view1: torch.Tensor,

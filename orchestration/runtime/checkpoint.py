@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sslstream.orchestration.errors import UserError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
 
@@ -89,12 +90,23 @@ def remove_stale_temp(run_dir: str | Path) -> tuple[int, int]:
     return n, size
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file that is not there or not loadable; the message names it."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with weights_only=True (no pickled code); a clear error names the file."""
+    """Load with weights_only=True (no pickled code); CheckpointError names the file (one
+    line from the CLI: a mistyped --checkpoint is the user's input, not a bug)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): pass a "
+                              "step-*.pt file that training wrote under "
+                              "trainer.output_dir/<run_name>/")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from exc
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {why} (not a checkpoint of "
+                              "sslstream train, or damaged)") from exc
 
 
 def _fsync_dir(d: Path) -> None:

@@ -156,7 +156,7 @@ def _resolve(tree: DictConfig, allow_missing: bool) -> dict[str, Any]:
         raise ConfigError(f"{key} must be set (it has no default here: add {key}=<value> to "
                           "the command)", key) from None
     except OmegaConfBaseException as e:
-        key = str(getattr(e, "full_key", "") or "")
+        key = str(e.full_key or "")
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else f"config error: {msg}", key) from None
     assert isinstance(plain, dict)

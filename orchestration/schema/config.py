@@ -9,6 +9,7 @@
     augment                           pipelines/views/recipes.py
     tracking                          orchestration/schema/tracking.py
     retrain                           orchestration/schema/retrain.py
+    embed                             orchestration/schema/embed.py
 
 Adding a key is adding a field to its section's dataclass (type, range, default, a comment
 that says what it does); nothing else lists keys.
@@ -25,6 +26,7 @@ from sslstream.models.backbone_config import BackboneConfig
 from sslstream.models.methods import MethodConfig, method_class
 from sslstream.models.optim import OptimConfig, optim_class
 from sslstream.orchestration.schema.data import DataConfig
+from sslstream.orchestration.schema.embed import EmbedConfig
 from sslstream.orchestration.schema.retrain import RetrainConfig
 from sslstream.orchestration.schema.tracking import TrackingSettings
 from sslstream.orchestration.schema.trainer import EvalConfig, TrainerConfig
@@ -57,3 +59,4 @@ class Config(Typed):
     augment: TwoViewRecipe
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
 from sslstream.conf.typed import Check, Ge, Interval, MinLen, Typed
+from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS
 
 __all__ = ["DataConfig", "label_key_ok"]
@@ -52,3 +53,12 @@ class DataConfig(Typed):
     image_keys: Annotated[list[NonEmpty], MinLen(1)] = field(
         default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # image member extensions, tried in order
     max_pixels: Annotated[int, Ge(1)] | None = DEFAULT_MAX_PIXELS  # skip images declaring more pixels; null: no limit
+    # a tar member (and a sample's members together) past this ends its shard, counted
+    # (docs/data.md "Limits on what a shard may hold"); checked before any of it is read
+    max_member_bytes: Annotated[int, Ge(1024)] = DEFAULT_MAX_MEMBER_BYTES
+    # local shard cache for object-store shards (s3://, gs://), shared by the node's ranks;
+    # null: off (docs/data.md "Local shard cache")
+    cache_dir: Annotated[str, MinLen(1)] | None = None
+    # bytes the cache may hold (least recently used evicted); null: no limit but the disk;
+    # at least the largest shard (checked against the manifests before training)
+    cache_limit: Annotated[int, Ge(1)] | None = None

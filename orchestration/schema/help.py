@@ -29,6 +29,11 @@ HEADS = {
              "Evaluate a checkpoint or a registered encoder (kNN, linear probe) on data.bank / data.test."),
     "retrain": ("sslstream retrain [--cfg] [key=value ...]",
                 "Scheduled retraining: train on new shards, register, promote if better (docs/retrain.md)."),
+    "embed": ("sslstream embed --model URI --out URL [--overwrite] [--neighbours K --queries Q] "
+              "[--cfg] [key=value ...]",
+              "Embeddings of embed.source (default data.train) as Parquet files (docs/embed.md)."),
+    "export": ("sslstream export --model URI --format onnx|torchscript --out PATH [key=value ...]",
+               "The encoder as one ONNX or TorchScript file, preprocessing inside (docs/tracking.md)."),
 }
 
 # the keys a newcomer changes first, with what they do (their defaults come from the schema)

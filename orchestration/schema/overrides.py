@@ -22,6 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from sslstream.conf.typed import field_hint, free_form, nearest, sub_dataclass
+from sslstream.models.methods.base import MethodConfig
+from sslstream.models.optim import OptimConfig
 from sslstream.orchestration.errors import ConfigError
 
 __all__ = ["CHOICES", "FOLDERS", "Override", "apply_values", "expand_sweep", "parse",
@@ -129,7 +131,7 @@ def _schema_at(root: type, tree: DictConfig, key: str) -> Any:
                 continue
             raise KeyError((parent, []))
         names = [f.name for f in dataclasses.fields(cls) if f.init]
-        if part == "name" and isinstance(getattr(cls, "name", None), str) and "name" not in names:
+        if part == "name" and issubclass(cls, MethodConfig | OptimConfig) and "name" not in names:
             names = ["name", *names]  # a method's / optimiser's name: set by its choice
         if part not in names:
             raise KeyError((parent, names))

@@ -40,12 +40,12 @@ class LockConfig(Typed):
 
 
 RUN_KEY_IGNORE = [
-    "tracking", "retrain", "trainer.output_dir", "trainer.progress", "trainer.log_every_steps",
+    "tracking", "retrain", "embed", "trainer.output_dir", "trainer.progress", "trainer.log_every_steps",
     "trainer.loader_threads", "trainer.prefetch", "trainer.num_threads",
     "trainer.loader_processes", "trainer.nvjpeg_padding_mib", "trainer.dali_pipeline_depth",
     "trainer.resources", "trainer.dist_timeout_s", "data.root", "data.storage_options",
     "data.num_workers", "data.generate", "data.generate_train_samples",
-    "data.generate_test_samples",
+    "data.generate_test_samples", "data.cache_dir", "data.cache_limit",
 ]
 
 

@@ -1,7 +1,8 @@
 """What of a config MLflow sees: credentials redacted, nested keys flattened into params.
 
 The tracking settings themselves (``TrackingSettings``, every ``tracking.*`` key) are in
-orchestration/schema/tracking.py, with every other config key.
+orchestration/schema/tracking.py, with every other config key. Credentials go through the
+one masking function (pipelines/shards/masking.py: ``mask``).
 """
 
 from __future__ import annotations
@@ -13,51 +14,26 @@ from collections.abc import Mapping
 from typing import Any
 
 from sslstream.orchestration.schema.tracking import TrackingSettings
-from sslstream.orchestration.tracking import mlflow_env
+from sslstream.pipelines.shards.masking import mask
 
-__all__ = ["KEY_BAD", "MAX_KEY", "TrackingSettings", "flatten_params", "redact_config",
-           "redact_yaml"]
+__all__ = ["KEY_BAD", "MAX_KEY", "TrackingSettings", "flatten_params", "mask_yaml"]
 
 MAX_KEY = 250                       # MLflow's limit on param/metric key length
 KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")  # characters MLflow refuses in keys
 
 
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential", re.IGNORECASE)
-
-
-def redact_config(cfg: Any) -> Any:
-    """A copy of a config safe to log: no credentials in params or the config artifact.
-
-    ``*storage_options*`` subtrees go through ``sslstream.pipelines.shards.storage.redact`` (fsspec's
-    ``key`` / ``secret`` / ``token`` ...), keys that name a secret anywhere become ``***``,
-    and credentials inside URLs (``http://user:token@host``) are masked.
-    """
-    from sslstream.pipelines.shards.storage import redact as redact_storage
-
-    def walk(value: Any, key: str = "") -> Any:
-        if isinstance(value, Mapping):
-            if "storage_options" in key:
-                return redact_storage(value)
-            return {k: ("***" if _SECRET_KEY.search(str(k)) and not isinstance(v, Mapping)
-                        else walk(v, str(k))) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(v, key) for v in value]
-        return mlflow_env.redact(value) if isinstance(value, str) else value
-
-    return walk(cfg)
-
-
-def redact_yaml(text: str) -> str:
-    """YAML config text with credentials masked (re-dumped through ``redact_config``)."""
+def mask_yaml(text: str) -> str:
+    """YAML config text with credentials masked: parsed, masked as a mapping (secret keys
+    lose their values; pipelines/shards/masking.py) and dumped again."""
     import yaml
 
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:  # not ours to fix: still mask URL credentials
-        return mlflow_env.redact(text)
+        return mask(text)
     if not isinstance(data, Mapping):
-        return mlflow_env.redact(text)
-    return yaml.safe_dump(redact_config(data), sort_keys=False, default_flow_style=None)
+        return mask(text)
+    return yaml.safe_dump(mask(data), sort_keys=False, default_flow_style=None)
 
 
 def flatten_params(cfg: Mapping[str, Any], max_length: int = 500) -> dict[str, str]:

@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -26,6 +26,11 @@ from sslstream.orchestration.runtime.resources import (
 )
 from sslstream.orchestration.train.step import autocast_dtype, wrap_model
 
+if TYPE_CHECKING:
+    from sslstream.models.methods import Method
+    from sslstream.models.optim import WarmupCosine
+    from sslstream.pipelines.views.loader import TwoViewLoader
+
 log = logging.getLogger("sslstream.train")
 
 
@@ -36,11 +41,11 @@ class Job:
     cfg: DictConfig
     env: D.DistEnv
     run_dir: Path
-    method: torch.nn.Module
-    model: torch.nn.Module  # what the step calls: StepModule (+ DDP)
-    loader: Any
+    method: Method
+    model: torch.nn.Module  # what the step calls: the method, or DDP around it
+    loader: TwoViewLoader
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: WarmupCosine
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
     steps_per_epoch: int
@@ -72,6 +77,7 @@ def build_job(cfg: DictConfig) -> Job:
     run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
     prepare_data(cfg, env)
     check_eval_splits(cfg)  # before training, not after it
+    check_cache_limit(cfg)
     if env.rank == 0:
         stale, size = ckpt.remove_stale_temp(run_dir)
         if stale:
@@ -147,7 +153,7 @@ def describe(job: Job) -> str:
         parts.append("channels_last")
     if tr.compile:
         parts.append("compiled backbones")
-    backend = getattr(job.loader, "backend_name", type(job.loader).__name__)
+    backend = job.loader.backend_name
     res = job.resources or job_resources(cfg, env.device)
     return (f"training {cfg.method.name} ({cfg.backbone.name}) on {env.device}: "
             f"{env.world_size} rank(s) x batch {tr.batch_size} = {job.global_batch}, "
@@ -180,7 +186,8 @@ def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" if v == "auto" else bool(v)
 
 
-def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> Any:
+def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> TwoViewLoader:
+    from sslstream.pipelines.shards.cache import cache_options
     from sslstream.pipelines.shards.stream import ShardStream, sample_options
     from sslstream.pipelines.views.loader import TwoViewLoader
     from sslstream.pipelines.views.recipes import TwoViewRecipe
@@ -201,6 +208,7 @@ def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) 
         validate=data.validate,
         num_classes=data.num_classes,  # label check
         **sample_options(data),
+        **cache_options(data),
     )
     return TwoViewLoader(
         stream,
@@ -252,12 +260,9 @@ def check_eval_splits(cfg: DictConfig) -> None:
     are left to the stream, which reports them with retries. A folder of plain images is
     not shards: the message says how to make them.
     """
-    ev = cfg.eval
-    keys = ["train"]
-    evaluating = ev.at_end or ev.every_epochs > 0
+    keys = evaluated_splits(cfg)
+    evaluating = len(keys) > 1
     bank_is_train = cfg.data.bank == cfg.data.train
-    if evaluating:
-        keys += ["test"] if bank_is_train else ["bank", "test"]
     import braceexpand
     from sslstream.pipelines.shards.labels import require_labels
     from sslstream.pipelines.shards.storage import ShardNotFound, get_fs
@@ -269,7 +274,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"evaluation needs a labelled split: data.{key} is not set (set "
                 f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
-                "without evaluation and registration)", f"data.{key}"
+                "without evaluation: the encoder is registered unevaluated, never promoted; "
+                "docs/data.md, docs/retrain.md)", f"data.{key}"
             )
         specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
         urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
@@ -291,7 +297,44 @@ def check_eval_splits(cfg: DictConfig) -> None:
         if key != "train" or (evaluating and bank_is_train):  # unlabelled training is fine
             name = f"data.{key}" if key != "train" else "data.bank"  # the bank defaults to train
             require_labels(name, specs[0] if len(specs) == 1 else specs,
-                           cfg.data.label_key, storage_options=opts)
+                           cfg.data.label_key, storage_options=opts,
+                           max_member_bytes=cfg.data.max_member_bytes)
+
+
+def evaluated_splits(cfg: DictConfig) -> list[str]:
+    """The data keys a run reads: train, and the evaluation's bank and test when it
+    evaluates (bank only when it is not train itself)."""
+    ev = cfg.eval
+    if not (ev.at_end or ev.every_epochs > 0):
+        return ["train"]
+    return ["train", "test"] if cfg.data.bank == cfg.data.train else ["train", "bank", "test"]
+
+
+def check_cache_limit(cfg: DictConfig) -> None:
+    """`data.cache_limit` smaller than an object-store shard the run reads is a config error
+    (such a shard would never be cached): found from the manifests' sizes, before any shard
+    is read. Shards without a listed size are not checked (the cache streams those that do
+    not fit)."""
+    from sslstream.pipelines.shards.cache import is_remote, too_big_for
+    from sslstream.pipelines.shards.manifest import resolve_shards
+
+    data = cfg.data
+    limit = data.cache_limit
+    if not data.cache_dir or limit is None:
+        return
+    opts = dict(data.storage_options)
+    for key in evaluated_splits(cfg):
+        spec = data[key]
+        specs = [str(x) for x in spec] if spec and not isinstance(spec, str) else [str(spec or "")]
+        if not any(is_remote(s) for s in specs if s):
+            continue
+        refs, _ = resolve_shards(specs, opts)
+        if big := too_big_for(int(limit), [(r.url, r.bytes) for r in refs]):
+            url, n = big
+            raise ConfigError(
+                f"data.cache_limit={limit} bytes is smaller than the shard {url} of data.{key} "
+                f"({n} bytes): set data.cache_limit to at least {n}, or data.cache_dir=null "
+                "to read without a cache", "data.cache_limit")
 
 
 def _holds_only_images(fs: Any, path: str) -> bool:

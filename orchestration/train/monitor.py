@@ -260,6 +260,8 @@ def format_line(step: int, total: int, out: dict[str, float]) -> str:
     skipped = {k[5:]: int(v) for k, v in out.items() if k.startswith("data/") and "skip" in k and v}
     if skipped:
         parts.append("skipped " + ",".join(f"{k}={v}" for k, v in skipped.items()))
+    if out.get("data/cache_corrupt"):  # cache files found damaged, dropped and fetched again
+        parts.append(f"cache_corrupt={int(out['data/cache_corrupt'])}")
     return " | ".join(parts)
 
 

@@ -1,7 +1,8 @@
 """What the shard stream yields and reports: a `Sample`, its counters, `BadDataError`.
 
-Plain data types, kept out of stream.py so that file holds the stream alone; stream.py
-re-exports them, and callers import them from there.
+Plain data types that a stream's producers and consumers share: the reader builds
+`Sample`s, the loaders consume them, every counter has its name here, and `BadDataError`
+carries the shard where the bad-sample limit was passed. stream.py re-exports them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ COUNTER_NAMES = (
     "missing_label", "too_many_pixels", "undecodable",
     "truncated_shards", "lost", "padded", "topped_up", "retries", "shards_opened", "replayed",
     "fast_forwarded", "refetched",
+    # the local shard cache (pipelines/shards/cache.py)
+    "cache_hits", "cache_fetched", "cache_fetched_bytes", "cache_corrupt", "cache_evicted",
+    "cache_streamed", "cache_waited",
 )
 
 
@@ -37,10 +41,11 @@ class Sample:
 
 def sample_options(data: Any, *, labelled: bool = False) -> dict:
     """ShardStream keyword arguments from the ``data`` config section (label_key, image_keys,
-    max_pixels: every key set, orchestration/schema/data.py); ``labelled``: an evaluation
-    split, whose samples must carry a label."""
+    max_pixels, max_member_bytes: every key set, orchestration/schema/data.py); ``labelled``:
+    an evaluation split, whose samples must carry a label."""
     return {"label_key": str(data.label_key), "image_keys": [str(k) for k in data.image_keys],
-            "max_pixels": data.max_pixels, "require_label": labelled}
+            "max_pixels": data.max_pixels, "require_label": labelled,
+            "max_member_bytes": int(data.max_member_bytes)}
 
 
 class BadDataError(RuntimeError):

@@ -27,7 +27,7 @@ from typing import Any
 
 from sslstream.pipelines.shards.errors import DataError
 from sslstream.pipelines.shards.manifest import SHARD_SUFFIXES, ShardRef, resolve_shards
-from sslstream.pipelines.shards.storage import get_fs, open_reader
+from sslstream.pipelines.shards.storage import get_fs, open_reader, with_retries
 
 SNAPSHOT_VERSION = 1
 
@@ -119,7 +119,9 @@ def _relative(url: str, base: str) -> str:
     return url
 
 
-def _fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
+def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
+    """What identifies an object's content in its store's listing / info (ETag, md5,
+    crc32c, else size and mtime); None when the store reports none of them."""
     for key, label in (("ETag", "etag"), ("etag", "etag"), ("md5Hash", "md5"),
                        ("crc32c", "crc32c")):
         if info.get(key):
@@ -144,10 +146,12 @@ def _listing_infos(refs: list[ShardRef], storage_options: dict | None) -> dict[s
     for folder, members in by_dir.items():
         _, path = get_fs(folder, storage_options)
         listed = {posixpath.basename(str(i["name"]).rstrip("/")): i
-                  for i in fs.ls(path, detail=True)}
+                  for i in with_retries(lambda path=path: fs.ls(path, detail=True), folder,
+                                        what="listing")}
         for r in members:
             info = listed.get(posixpath.basename(r.url))
-            out[r.url] = info if info is not None else fs.info(get_fs(r.url, storage_options)[1])
+            out[r.url] = info if info is not None else with_retries(
+                lambda r=r: fs.info(get_fs(r.url, storage_options)[1]), r.url, what="listing")
     return out
 
 
@@ -174,7 +178,7 @@ def take_snapshot(source: str | Sequence[str], storage_options: dict | None = No
         elif r.sha256:
             fp = f"sha256:{r.sha256}"
         else:
-            fp = _fingerprint_from_info(infos.get(r.url, {}))
+            fp = fingerprint_from_info(infos.get(r.url, {}))
         if fp is None:
             raise DataError(f"cannot fingerprint shard {r.url}: its store reports no "
                              "checksum, ETag, size or mtime; add a manifest.json with sha256")

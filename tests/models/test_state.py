@@ -1,12 +1,15 @@
-"""MomentumEncoder and Queue: tau schedule, frozen target, state round trips, DDP enqueue."""
+"""MomentumEncoder, Queue, FeatureQueue and DINOCenter: tau schedule, frozen target, state
+round trips, DDP enqueue (the DDP exactness of the DINO center and the SwAV queue with their
+losses: tests/models/test_dino_swav_mocov3_ddp.py)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import sslstream.models.state as state_mod
 import torch
-from sslstream.models.state import MomentumEncoder, Queue, cosine_tau
+from sslstream.models.state import DINOCenter, FeatureQueue, MomentumEncoder, Queue, cosine_tau
 from torch import nn
 
 from tests.ddp import run_ddp
@@ -169,3 +172,77 @@ def test_queue_under_two_gloo_ranks_holds_all_keys_in_rank_order() -> None:
     # step 2 writes slots 2..7
     expected_step2 = [111.0, 112.0, 200.0, 201.0, 202.0, 210.0, 211.0, 212.0, 102.0, 110.0]
     assert snaps[2].tolist() == expected_step2
+
+
+def test_dino_center_is_the_ema_of_the_batch_mean_in_float64() -> None:
+    c = DINOCenter(4, momentum=0.9).double()
+    assert torch.equal(c.center, torch.zeros(1, 4, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    want = [0.0] * 4
+    for _ in range(3):
+        crops = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+        mean = [sum(float(t[i, k]) for t in crops for i in range(3)) / 6 for k in range(4)]
+        want = [0.9 * w + 0.1 * m for w, m in zip(want, mean, strict=True)]
+        c.update(crops)
+    torch.testing.assert_close(c.center, torch.tensor([want], dtype=torch.float64),
+                               rtol=1e-14, atol=1e-15)
+    # a (N, K) tensor and the list of its crops are the same update
+    a, b = DINOCenter(4).double(), DINOCenter(4).double()
+    t = torch.randn(6, 4, dtype=torch.float64)
+    a.update(t)
+    b.update([t[:3], t[3:]])
+    assert torch.equal(a.center, b.center)
+
+
+def test_dino_center_round_trips_bit_exactly_and_rejects_bad_input() -> None:
+    c = DINOCenter(8)
+    for i in range(5):
+        c.update(torch.randn(4, 8) + i)
+    fresh = DINOCenter(8)
+    fresh.load_state_dict(c.state_dict())
+    assert torch.equal(fresh.center, c.center)
+    nxt = torch.randn(4, 8)
+    c.update(nxt)
+    fresh.update(nxt)
+    assert torch.equal(fresh.center, c.center)
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        c.update(torch.zeros(4, 7))
+    with pytest.raises(ValueError, match="out_dim"):
+        DINOCenter(0)
+    with pytest.raises(ValueError, match="center_momentum"):
+        DINOCenter(4, momentum=1.5)
+
+
+def test_feature_queue_starts_empty_counts_rows_and_round_trips() -> None:
+    q = FeatureQueue(10, 2)
+    assert torch.count_nonzero(q.keys) == 0 and not q.full
+    for i in range(2):
+        q.enqueue(torch.full((4, 2), float(i + 1)))
+    assert int(q.filled) == 8 and not q.full  # 8 of 10 rows hold real projections
+    q.enqueue(torch.full((4, 2), 3.0))        # wraps: slots 8, 9, 0, 1
+    assert q.full and int(q.filled) == 10 and int(q.ptr) == 2
+    assert q.keys[:, 0].tolist() == [3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0]
+    assert torch.equal(q.rank_rows(), q.keys)  # one process: every row is this rank's
+
+    half = FeatureQueue(10, 2)
+    half.enqueue(torch.ones(4, 2))
+    fresh = FeatureQueue(10, 2)
+    fresh.load_state_dict(half.state_dict())
+    assert not fresh.full and int(fresh.filled) == 4  # the host mirror follows the buffer
+    for b in (torch.randn(4, 2), torch.randn(4, 2)):
+        half.enqueue(b)
+        fresh.enqueue(b)
+    assert fresh.full and half.full
+    for k, v in half.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_feature_queue_rank_rows_are_one_block_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = FeatureQueue(9, 2)
+    q.keys.copy_(torch.arange(18, dtype=torch.float32).view(9, 2))
+    monkeypatch.setattr(state_mod, "get_world_size", lambda group=None: 3)
+    monkeypatch.setattr(state_mod, "get_rank", lambda group=None: 1)
+    assert torch.equal(q.rank_rows(), q.keys[3:6])
+    with pytest.raises(ValueError, match="queue_size=10 must be divisible by the number of "
+                                         "ranks \\(3\\)"):
+        FeatureQueue(10, 2).rank_rows()

@@ -33,6 +33,17 @@ INTENDED: dict[str, str] = {
     "backbone.widths": "null for torchvision backbones: resnet_mini's key, declared once for all",
     "backbone.kwargs": "the torchvision builder's extra arguments, {} by default (read before, undeclared)",
     "tracking.parent_run_id": "new: a sweep's parent MLflow run (`sslstream train -m`)",
+    # keys added after the golden file was captured, by the features merged with this change
+    "backbone.image_size": "new: ViT key (issue 22), null on other networks",
+    "backbone.patch_size": "new: ViT key (issue 22), null on other networks",
+    "backbone.drop_path_rate": "new: ViT key (issue 22), null on other networks",
+    "backbone.pool": "new: ViT key (issue 22), null on other networks",
+    "backbone.freeze_patch_embed": "new: ViT key (issue 22), null on other networks",
+    "data.cache_dir": "new: the local shard cache (issue 25), off by default",
+    "data.cache_limit": "new: the local shard cache (issue 25)",
+    "data.max_member_bytes": "new: the per-member size cap of the tar reader (issue 27)",
+    "embed": "new: `sslstream embed`'s section (issue 23)",
+    "retrain.run_key_ignore": "embed and the cache keys (issues 23, 25) do not change the trained model",
 }
 
 

@@ -4,7 +4,8 @@ and through a proxy that injects 503 SlowDown, cut bodies and connection resets.
 from __future__ import annotations
 
 import pytest
-from sslstream.pipelines.shards.storage import AccessDenied, ShardNotFound, redact
+from sslstream.pipelines.shards.masking import mask
+from sslstream.pipelines.shards.storage import AccessDenied, ShardNotFound
 from sslstream.pipelines.shards.stream import ShardStream
 from sslstream.pipelines.shards.tools import main as shards_main
 from sslstream.pipelines.shards.tools import verify, write_shards
@@ -82,7 +83,7 @@ def test_refused_credentials_are_a_clear_error_without_secrets(s3: S3Env, s3_sha
     assert "access denied for s3://data/train/manifest.json" in msg and "credentials" in msg
     assert "very-secret-value-123" not in msg and CREDS["AWS_SECRET_ACCESS_KEY"] not in msg
     assert e.value.__cause__ is None and e.value.__suppress_context__
-    assert "very-secret-value-123" not in repr(redact(opts))  # what the stream would log
+    assert "very-secret-value-123" not in repr(mask(opts, options=True))  # what the stream would log
 
 
 @pytest.mark.parametrize("faults", [["503"] * 4, ["cut", "cut"], ["reset", "reset"]],
