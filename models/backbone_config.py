@@ -1,8 +1,8 @@
 """The backbone's config keys (``backbone.*``): which network, its stem, its init.
 
-Kept apart from models/backbones.py, which is shipped alone inside every logged encoder and
-imports nothing of sslstream: it builds a backbone from the plain mapping this config dumps
-to (a registered encoder's spec). The presets are conf/backbone/*.yaml.
+The typed side of models/backbones.py: that module is shipped alone inside every logged
+encoder and imports nothing of sslstream, so it builds a backbone from the plain mapping this
+config dumps to (a registered encoder's spec). The presets are conf/backbone/*.yaml.
 
 The timm ViTs (``vit_tiny``, ``vit_small``, ``vit_base``) have keys of their own
 (``image_size``, ``patch_size``, ``drop_path_rate``, ``pool``, ``freeze_patch_embed``; null

@@ -200,7 +200,8 @@ def _cross_checks(cfg: DictConfig) -> None:
                 raise ConfigError(
                     f"evaluation needs a labelled split: data.{key} is not set (set "
                     f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
-                    "without evaluation and registration)", f"data.{key}")
+                    "without evaluation: the encoder is registered unevaluated, never promoted; "
+                    "docs/data.md, docs/retrain.md)", f"data.{key}")
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri is not None and not tracking_uri_ok(env_uri):
         raise ConfigError(f"MLFLOW_TRACKING_URI={env_uri!r} is not a tracking store: expected "
