@@ -269,6 +269,7 @@ class RetryingReader(io.RawIOBase):
         policy: RetryPolicy | None = None,
         on_retry: Callable[[BaseException], None] | None = None,
         block_size: int = 8 << 20,
+        fresh: bool = False,
     ) -> None:
         super().__init__()
         self.url = url
@@ -276,6 +277,8 @@ class RetryingReader(io.RawIOBase):
         self.on_retry = on_retry
         self._fs, self._path = get_fs(url, storage_options)
         self._block = block_size
+        if fresh:  # an object that may have been rewritten: no size from an earlier listing
+            self._fs.invalidate_cache(self._path)
         self.size: int = with_retries(
             lambda: int(self._fs.size(self._path)), url, what="opening", policy=self.policy,
             on_retry=on_retry,
@@ -357,8 +360,10 @@ def open_reader(url: str, storage_options: dict | None = None, **kw: Any) -> io.
 
 
 def read_bytes(url: str, storage_options: dict | None = None, **kw: Any) -> bytes:
-    """The whole object (small files: manifests)."""
-    with open_reader(url, storage_options, **kw) as f:
+    """The whole object (small files: manifests). Its size is asked of the store, never taken
+    from a listing fsspec cached earlier in the process: a manifest is rewritten when its
+    shard set grows, and a stale size would cut the new one short."""
+    with open_reader(url, storage_options, fresh=True, **kw) as f:
         return f.read()
 
 

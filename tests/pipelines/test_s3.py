@@ -158,3 +158,25 @@ def test_a_server_that_keeps_failing_ends_in_bounded_retries_naming_the_url(
 
     secret = CREDS["AWS_SECRET_ACCESS_KEY"]
     assert secret not in msg and secret not in caplog.text
+
+
+def test_a_rewritten_manifest_is_read_whole_after_a_listing_cached_its_old_size(s3: S3Env) -> None:
+    """A growing shard set rewrites manifest.json; the process's fsspec instance may hold a
+    listing (sizes) from before. The manifest is read at its size now, not the cached one
+    (the stale size cut it short: "not valid JSON")."""
+    import json
+
+    from sslstream.pipelines.shards.manifest import load_manifest
+    from sslstream.pipelines.shards.storage import get_fs
+
+    s3.bucket("grow")
+    writer = s3.fs(skip_instance_cache=True)  # another client: the process's cache never sees it
+    small = {"shards": [{"shard": "a.tar", "samples": 1}]}
+    writer.pipe("grow/set/manifest.json", json.dumps(small).encode())
+    so = {"client_kwargs": {"endpoint_url": s3.endpoint}}  # s3fs's defaults: listings cached
+    fs, path = get_fs("s3://grow/set", so)
+    fs.ls(path, detail=True)  # the listing that caches manifest.json's size
+    big = {"shards": [{"shard": f"shard-{i:06d}.tar", "samples": 100} for i in range(50)]}
+    writer.pipe("grow/set/manifest.json", json.dumps(big).encode())
+    man = load_manifest("s3://grow/set/manifest.json", so)
+    assert len(man.shards) == 50
