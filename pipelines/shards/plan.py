@@ -1,12 +1,17 @@
 """The epoch plan: which samples each rank reads, as a pure function of the shard counts.
 
 Why this shape: DDP hangs when ranks take different step counts (webdataset's
-split_by_node over uneven shards gave two ranks 33 and 24 samples). Here the shards, in a
-(seed, epoch) permutation, are laid end to end into one global index space of N samples;
-rank r reads the contiguous slice [r*L, (r+1)*L). With `exact_epoch` L = ceil(N/W) and
-the last W*L - N positions wrap around to the start (padding, counted); without it
+split_by_node over uneven shards gave two ranks 33 and 24 samples). Here an epoch's
+*pieces* (whole shards, or parts of shards when sources are mixed: pipelines/shards/mix.py),
+in a (seed, epoch) permutation, are laid end to end into one global index space of N
+samples; rank r reads the contiguous slice [r*L, (r+1)*L). With `exact_epoch` L = ceil(N/W)
+and the last W*L - N positions wrap around to the start (padding, counted); without it
 L = floor(N/W) and the tail of the permuted order is dropped this epoch. A rank's slice
 touches few shards (good for object stores) and moves to other shards every epoch.
+
+The global order of positions depends on (seed, epoch) only, never on W: what W changes is
+where the slices are cut. That is what lets a run stopped at W ranks continue the same
+epoch on W' ranks (pipelines/shards/elastic.py lays out what is left of it with `layout`).
 """
 
 from __future__ import annotations
@@ -17,21 +22,72 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Segment", "mix_seed", "partition_bounds", "partition_segments", "per_rank",
-           "rank_segments", "shard_order", "spread_shards"]
+__all__ = ["Segment", "layout", "mix_seed", "partition_bounds", "partition_segments",
+           "per_rank", "picked", "pieces_of", "rank_segments", "shard_order",
+           "spread_shards"]
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples [start, stop) (key order inside the tar) of shard number `shard`."""
+    """Samples [start, stop) (key order inside the tar) of shard number `shard`; with
+    `picks`, only those sample indices (sorted, the first is `start`, the last `stop - 1`):
+    what is left of a shard that an earlier part of the epoch read in part (elastic.py)."""
 
     shard: int
     start: int
     stop: int
     padded: bool = False  # comes from a wrap-around position (exact_epoch padding)
+    picks: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.picks) if self.picks is not None else self.stop - self.start
+
+    def holds(self, i: int) -> bool:
+        """Whether sample index `i` of the shard belongs to this segment."""
+        if not self.start <= i < self.stop:
+            return False
+        if self.picks is None:
+            return True
+        j = bisect.bisect_left(self.picks, i)
+        return j < len(self.picks) and self.picks[j] == i
+
+    def after(self, i: int) -> int:
+        """The segment's next sample index after `i` (`stop` when there is none)."""
+        if self.picks is None:
+            return i + 1
+        j = bisect.bisect_right(self.picks, i)
+        return self.picks[j] if j < len(self.picks) else self.stop
+
+    def nth(self, n: int) -> int:
+        """The sample index of the segment's `n`-th sample (`stop` for n == len)."""
+        if self.picks is None:
+            return self.start + n
+        return self.picks[n] if n < len(self.picks) else self.stop
+
+    def count_below(self, x: int) -> int:
+        """How many of the segment's samples have an index below `x`."""
+        if self.picks is None:
+            return max(0, min(x, self.stop) - self.start)
+        return bisect.bisect_left(self.picks, x)
+
+    def indices(self) -> Sequence[int]:
+        return self.picks if self.picks is not None else range(self.start, self.stop)
+
+    def part(self, offset: int, take: int, padded: bool | None = None) -> Segment:
+        """The segment's samples [offset, offset + take) (positions within it)."""
+        pad = self.padded if padded is None else padded
+        if self.picks is None:
+            return Segment(self.shard, self.start + offset, self.start + offset + take, pad)
+        return picked(self.shard, self.picks[offset:offset + take], pad)
+
+
+def picked(shard: int, indices: Sequence[int], padded: bool = False) -> Segment:
+    """A segment of exactly `indices` (sorted, not empty) of `shard`: plain when they are
+    consecutive."""
+    lo, hi = indices[0], indices[-1] + 1
+    if hi - lo == len(indices):
+        return Segment(shard, lo, hi, padded)
+    return Segment(shard, lo, hi, padded, tuple(indices))
 
 
 def mix_seed(*parts: int) -> int:
@@ -52,31 +108,43 @@ def per_rank(total: int, world_size: int, exact_epoch: bool) -> int:
     return -(-total // world_size) if exact_epoch else total // world_size
 
 
+def pieces_of(counts: Sequence[int], order: Sequence[int]) -> list[Segment]:
+    """Whole shards in `order`: the pieces of an epoch without a weighted mix."""
+    return [Segment(s, 0, counts[s]) for s in order]
+
+
 def rank_segments(
     counts: Sequence[int], order: Sequence[int], rank: int, world_size: int, exact_epoch: bool
 ) -> list[Segment]:
     """The segments rank `rank` reads this epoch, in reading order."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} outside world_size={world_size}")
-    total = sum(counts)
-    length = per_rank(total, world_size, exact_epoch)
+    return layout(pieces_of(counts, order), rank, per_rank(sum(counts), world_size, exact_epoch))
+
+
+def layout(pieces: Sequence[Segment], rank: int, length: int) -> list[Segment]:
+    """Positions [rank*length, (rank+1)*length) of `pieces` laid end to end, as segments in
+    reading order; positions past the end wrap around to the start (padded=True)."""
+    total = sum(len(p) for p in pieces)
     lo, hi = rank * length, (rank + 1) * length
-    # Cumulative start of each shard in the permuted global order.
+    if hi > lo and total == 0:
+        raise ValueError("no samples to lay out")
+    # Cumulative start of each piece in the global order.
     starts, pos = [], 0
-    for s in order:
+    for p in pieces:
         starts.append(pos)
-        pos += counts[s]
+        pos += len(p)
     out: list[Segment] = []
     g = lo
     while g < hi:
         padded = g >= total
         x = g % total  # wrap-around for padding
-        # Rightmost shard starting at or before x: it contains x (empty shards share the
+        # Rightmost piece starting at or before x: it contains x (empty pieces share the
         # start of the next one, so they are never picked).
         i = bisect.bisect_right(starts, x) - 1
-        s, off = order[i], x - starts[i]
-        take = min(counts[s] - off, hi - g, (total - x))
-        out.append(Segment(s, off, off + take, padded))
+        off = x - starts[i]
+        take = min(len(pieces[i]) - off, hi - g, (total - x))
+        out.append(pieces[i].part(off, take, padded))
         g += take
     return out
 

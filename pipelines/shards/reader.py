@@ -79,7 +79,7 @@ class Short:
     lost: int
     reason: str
     seg: int = -1
-    got: int = 0  # samples of the segment that were read before it ended
+    got: int = 0  # how many of the segment's samples were read before it ended
 
 
 Item = Good | Bad | Short
@@ -158,19 +158,22 @@ class LaneReader:
             try:
                 samples = iter_tar_samples(f, max_member_bytes=self.spec.max_member_bytes,
                                            stop=stop)
+                sparse = seg.picks is not None  # only some samples of the shard
                 for i, (key, parts) in enumerate(samples):  # noqa: B007
                     if i < first:
                         continue
                     if i >= seg.stop:
                         return  # leave the rest of the shard unread
+                    if sparse and not seg.holds(i):
+                        continue
                     self.count("read", 1)
                     yield check_sample(key, parts, url, seg.padded, self.num_classes,
                                        self.validate, si, i, self.spec)
             except ShardEnded as e:
-                got = max(0, min(e.samples, seg.stop) - seg.start)
+                got = seg.count_below(e.samples)
                 yield Short(url, len(seg) - got, e.reason, si, got)
                 return
-        got = max(0, min(i + 1, seg.stop) - seg.start)
+        got = seg.count_below(i + 1)
         if got < len(seg):
             yield Short(url, len(seg) - got, f"shard has {i + 1} samples, fewer than listed", si, got)
 

@@ -14,6 +14,7 @@ uninterrupted stream.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 from sslstream.pipelines.shards.cache import ShardCache, open_shard
 from sslstream.pipelines.shards.parallel import run_each
-from sslstream.pipelines.shards.plan import Segment
+from sslstream.pipelines.shards.plan import Segment, picked
 from sslstream.pipelines.shards.reader import (
     DEFAULT_SPEC,
     Good,
@@ -31,7 +32,7 @@ from sslstream.pipelines.shards.reader import (
 )
 from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
 
-__all__ = ["EpochLog", "FastForward", "fast_forward", "fetch"]
+__all__ = ["EpochLog", "FastForward", "fast_forward", "fetch", "unfinished"]
 
 Ref = tuple[int, int]  # (segment number in the plan, sample index in the shard)
 
@@ -66,15 +67,17 @@ class _Walker:
         while self.n < len(self.order):
             si = self.order[self.n]
             seg = self.segs[si]
-            end = seg.start + self.log.got.get(si, len(seg))
+            read = self.log.got.get(si, len(seg))  # samples of it read before it ended
+            end = seg.nth(read)
+            plain = seg.picks is None
             while self.idx < end:
                 i = self.idx
-                self.idx += 1
+                self.idx = i + 1 if plain else seg.after(i)
                 if (si, i) in self.log.bad:
                     self.bad += 1
                     continue
                 return si, i
-            self.bad += len(seg) - (end - seg.start)
+            self.bad += len(seg) - read
             self.n += 1
             if self.n < len(self.order):
                 self.idx = self.segs[self.order[self.n]].start
@@ -99,14 +102,32 @@ class FastForward:
     topup: tuple[int, int, int] | None  # topup phase: (pass, n-th segment, next index)
 
 
-def fast_forward(segs: Sequence[Segment], k: int, log: EpochLog, length: int, position: int,
-                 shuffle_buffer: int, rng_seed: int | None) -> FastForward:
-    """Simulate the epoch up to `position` yielded samples (rng_seed None: no shuffle)."""
+@dataclass
+class _Run:
+    """A simulated epoch stopped after some yielded samples (`_simulate`)."""
+
+    lanes: dict[int, _Walker]
+    turns: collections.deque
+    top: _Walker
+    phase: str
+    n_good: int
+    passes: int
+    buffer: list[Ref]
+    draining: bool
+    rng: random.Random | None
+    topup_reads: collections.Counter  # refs read again by top-up passes
+
+
+def _simulate(segs: Sequence[Segment], k: int, log: EpochLog, length: int, position: int,
+              shuffle_buffer: int, rng_seed: int | None) -> _Run:
+    """The lane merge, the top-ups and the shuffle buffer on indices, up to `position`
+    yielded samples (rng_seed None: no shuffle)."""
     lanes = {j: _Walker(segs, list(range(j, len(segs), k)), log) for j in range(min(k, len(segs)))}
     turns = collections.deque(lanes)
-    state = {"phase": "main", "n": 0, "topup": None}
+    state = {"phase": "main", "n": 0}
     top = _Walker(segs, list(range(len(segs))), log)
     passes = [1]
+    topup_reads: collections.Counter = collections.Counter()
 
     def goods() -> Iterator[Ref]:
         while turns and state["n"] < length:
@@ -129,6 +150,7 @@ def fast_forward(segs: Sequence[Segment], k: int, log: EpochLog, length: int, po
                 continue
             in_pass += 1
             state["n"] += 1
+            topup_reads[r] += 1
             yield r
         state["phase"] = "done"
 
@@ -157,11 +179,89 @@ def fast_forward(segs: Sequence[Segment], k: int, log: EpochLog, length: int, po
                 rng.shuffle(buf)
                 draining = True
                 buf = buf[position - out :]
-    bad = sum(w.bad for w in lanes.values())
-    pos = LanePositions({j: w.position for j, w in lanes.items()}, list(turns))
-    return FastForward(buf, draining, rng.getstate() if rng else None, state["n"], bad,
-                       state["phase"], pos if state["phase"] == "main" else None,
-                       (passes[0], *top.position) if state["phase"] == "topup" else None)
+    return _Run(lanes, turns, top, state["phase"], state["n"], passes[0], buf, draining, rng,
+                topup_reads)
+
+
+def fast_forward(segs: Sequence[Segment], k: int, log: EpochLog, length: int, position: int,
+                 shuffle_buffer: int, rng_seed: int | None) -> FastForward:
+    """Simulate the epoch up to `position` yielded samples (rng_seed None: no shuffle)."""
+    run = _simulate(segs, k, log, length, position, shuffle_buffer, rng_seed)
+    bad = sum(w.bad for w in run.lanes.values())
+    pos = LanePositions({j: w.position for j, w in run.lanes.items()}, list(run.turns))
+    return FastForward(run.buffer, run.draining, run.rng.getstate() if run.rng else None,
+                       run.n_good, bad, run.phase, pos if run.phase == "main" else None,
+                       (run.passes, *run.top.position) if run.phase == "topup" else None)
+
+
+def unfinished(segs: Sequence[Segment], k: int, log: EpochLog, length: int, position: int,
+               shuffle_buffer: int, rng_seed: int | None) -> list[Segment]:
+    """The samples of this plan that the epoch, stopped after `position` yielded samples,
+    has not finished with, in plan order: those no lane reached yet and those read into
+    the shuffle buffer but never yielded. Known bad samples (the log) and padded segments
+    (copies of samples that are in another slice) are left out; the segments keep the
+    plan's shard numbers. What pipelines/shards/elastic.py hands to the ranks of a resume
+    on another number of ranks."""
+    run = _simulate(segs, k, log, length, position, shuffle_buffer, rng_seed)
+    kept: dict[int, list[int]] = collections.defaultdict(list)
+    in_buffer = collections.Counter(run.buffer)
+    for ref, held in in_buffer.items():
+        # read once by the lanes plus by each top-up pass that met it; every read went into
+        # the buffer, and `held` of them are still there: never yielded when all are
+        if 1 + run.topup_reads[ref] == held:
+            kept[ref[0]].append(ref[1])
+    lanes = max(1, min(k, len(segs)))
+    out: list[Segment] = []
+    for si, seg in enumerate(segs):
+        if seg.padded:
+            continue
+        walker = run.lanes.get(si % lanes)
+        nth = si // lanes  # the segment's place in its lane's order
+        if walker is None or walker.n > nth:
+            first = seg.stop  # the lane passed it
+        elif walker.n == nth:
+            first = walker.idx  # the lane stopped inside it
+        else:
+            first = seg.start
+        end = seg.nth(log.got[si]) if si in log.got else seg.stop
+        rest = [i for i in _held(seg, first, end) if (si, i) not in log.bad]
+        picks = sorted(kept.get(si, [])) + rest
+        if picks:
+            out.extend(_runs(seg.shard, picks))
+    return out
+
+
+def _held(seg: Segment, lo: int, hi: int) -> Sequence[int]:
+    """The segment's sample indices in [lo, hi)."""
+    if seg.picks is None:
+        return range(max(lo, seg.start), min(hi, seg.stop))
+    return seg.picks[bisect.bisect_left(seg.picks, lo):bisect.bisect_left(seg.picks, hi)]
+
+
+def _runs(shard: int, indices: Sequence[int]) -> list[Segment]:
+    """`indices` of `shard` as segments: one sparse segment for the scattered ones (one read
+    of the shard), plain ones for long consecutive runs."""
+    out: list[Segment] = []
+    scattered: list[int] = []
+    i = 0
+    while i < len(indices):
+        j = i
+        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+            j += 1
+        if j - i + 1 >= _RUN:
+            if scattered:
+                out.append(picked(shard, scattered))
+                scattered = []
+            out.append(Segment(shard, indices[i], indices[j] + 1))
+        else:
+            scattered.extend(indices[i:j + 1])
+        i = j + 1
+    if scattered:
+        out.append(picked(shard, scattered))
+    return out
+
+
+_RUN = 64  # consecutive samples worth a segment of their own (a shard open each)
 
 
 def fetch(refs: Sequence[Ref], segs: Sequence[Segment], urls: Sequence[str], *,

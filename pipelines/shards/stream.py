@@ -10,7 +10,12 @@ What it guarantees (docs/data.md has the long form):
   `load_state_dict` resumes mid-epoch exactly: the cursor logs the bad samples met, the
   epoch is fast-forwarded on indices (pipelines/shards/resume.py) and only the shuffle buffer's
   samples and the lanes' current shards are read again. A cursor without that log falls
-  back to replaying the epoch's reads up to the cursor.
+  back to replaying the epoch's reads up to the cursor;
+- the epoch's global order does not depend on world_size, so a stop at W ranks continues
+  the same epoch on W' ranks: every rank loads the same request built from all W cursors
+  (pipelines/shards/elastic.py) and reads its share of what they left;
+- `urls` may be a weighted mix of sources (pipelines/shards/mix.py): each epoch takes each
+  source's share, shard by shard, and interleaves them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from sslstream.pipelines.shards.cache import Expected, ShardCache, is_remote, too_big_for
+from sslstream.pipelines.shards.elastic import OldRank, Reshard, remainder
 from sslstream.pipelines.shards.errors import DataError
 from sslstream.pipelines.shards.labels import (
     DEFAULT_IMAGE_KEYS,
@@ -34,14 +40,16 @@ from sslstream.pipelines.shards.labels import (
 )
 from sslstream.pipelines.shards.manifest import ShardRef, count_samples, resolve_shards
 from sslstream.pipelines.shards.masking import mask
+from sslstream.pipelines.shards.mix import Mix, flat_urls, is_plain, parse_sources
 from sslstream.pipelines.shards.parallel import run_each
 from sslstream.pipelines.shards.plan import (
     Segment,
+    layout,
     mix_seed,
     partition_bounds,
     partition_segments,
     per_rank,
-    rank_segments,
+    pieces_of,
     shard_order,
 )
 from sslstream.pipelines.shards.reader import (
@@ -75,7 +83,7 @@ __all__ = ["BadDataError", "Sample", "ShardStream", "sample_options"]
 class ShardStream:
     """See the module docstring; arguments as in docs/contracts.md."""
 
-    def __init__(self, urls: str | Sequence[str], *, rank: int = 0, world_size: int = 1,
+    def __init__(self, urls: str | Sequence[str | dict], *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1000, exact_epoch: bool = False,
                  storage_options: dict | None = None, max_bad_fraction: float = 0.01,
@@ -104,13 +112,16 @@ class ShardStream:
         if partition and shuffle:
             raise ValueError("partition=True reads the shards in their listed order: shuffle=False")
         self.partition = bool(partition)
-        refs, classes = resolve_shards(urls, self.storage_options)
+        refs, classes, self.mix = self._resolve(urls)
         self.classes = classes
         self.num_classes = num_classes if num_classes is not None else (len(classes) if classes else None)
         self._refs: list[ShardRef] = refs
         self.cache = self._make_cache(cache_dir, cache_limit)
         self._counts: list[int] | None = None
-        self._fp: str | None = None  # cursor fingerprint, computed once
+        self._fp: dict[tuple[int, int], str] = {}  # cursor fingerprints per (rank, world_size)
+        self._data_fp: str | None = None
+        self._reshard: Reshard | None = None  # the epoch continued from another run's ranks
+        self._plans: dict[tuple, tuple[list[Segment], int, int]] = {}
         self._log: EpochLog | None = EpochLog()  # bad samples met this epoch (for the cursor)
         self.epoch, self.position = 0, 0
         self._counters: Counter[str] = Counter({k: 0 for k in COUNTER_NAMES})
@@ -146,6 +157,27 @@ class ShardStream:
         self.__dict__.update(d)
         self._lock = threading.Lock()
 
+    def _resolve(self, spec: str | Sequence[str | dict]
+                 ) -> tuple[list[ShardRef], list[str] | None, Mix | None]:
+        """The shards of `spec` and its mix (None: the shards concatenated, read once each).
+        An evaluation split (partition) reads every source's shards once, unweighted."""
+        sources = parse_sources(spec) if not isinstance(spec, str) else None
+        if sources is None or self.partition:
+            return (*resolve_shards(flat_urls(spec), self.storage_options), None)
+        refs: list[ShardRef] = []
+        spans: list[tuple[int, int]] = []
+        classes: list[str] | None = None
+        for i, src in enumerate(sources):
+            try:
+                got, c = resolve_shards(src.urls, self.storage_options)
+            except DataError as e:
+                raise type(e)(f"source {i} of the mix ({src.label}): {e}", *e.args[1:]) from None
+            spans.append((len(refs), len(refs) + len(got)))
+            refs.extend(got)
+            classes = classes or c
+        mix = None if is_plain(sources) else Mix(tuple(sources), tuple(spans))
+        return refs, classes, mix
+
     def _make_cache(self, directory: str | None, limit: int | None) -> ShardCache | None:
         """The local shard cache (pipelines/shards/cache.py) when a folder is given and some
         shards are in an object store; the order of samples is the same without it."""
@@ -180,6 +212,11 @@ class ShardStream:
             self._counts = [r.samples if r.samples is not None else found[r.url] for r in self._refs]
             if sum(self._counts) == 0:
                 raise DataError(f"no samples in the shards of {self.urls_spec!r}")
+            if self.mix is not None:
+                for i, n in enumerate(self.mix.sizes(self._counts)):
+                    if n == 0:
+                        raise DataError(f"source {i} of the mix ({self.mix.sources[i].label}) "
+                                        "holds no samples")
         return self._counts
 
     @property
@@ -187,23 +224,68 @@ class ShardStream:
         """Samples in the data set (all ranks), as listed."""
         return sum(self.shard_counts)
 
+    @property
+    def epoch_samples(self) -> int:
+        """Samples of one epoch over all ranks (before padding or dropping): the data set,
+        or the sum of the mix's per-source quotas."""
+        return sum(self.source_quotas) if self.mix is not None else self.num_samples
+
+    @property
+    def source_quotas(self) -> list[int]:
+        """Samples each source gives every epoch (one entry, the data set, without a mix)."""
+        return self.mix.quotas(self.shard_counts) if self.mix is not None else [self.num_samples]
+
     def __len__(self) -> int:
         if self.partition:
             lo, hi = partition_bounds(self.num_samples, self.rank, self.world_size)
             return hi - lo
-        n = per_rank(self.num_samples, self.world_size, self.exact_epoch)
+        return self._length(self.world_size)
+
+    def _length(self, world_size: int) -> int:
+        n = per_rank(self.epoch_samples, world_size, self.exact_epoch)
         if n == 0:
-            raise DataError(f"{self.num_samples} samples cannot fill {self.world_size} ranks "
-                             "without exact_epoch=True")
+            raise DataError(f"{self.epoch_samples} samples cannot fill {world_size} ranks "
+                            "without exact_epoch=True")
         return n
+
+    def pieces(self, epoch: int) -> list[Segment]:
+        """The epoch's pieces in their global order (plan.py): whole shards in a (seed,
+        epoch) permutation, or the mix's choice of them."""
+        if self.mix is not None:
+            return self.mix.pieces(self.shard_counts, self.seed, epoch, self.shuffle)
+        order = shard_order(len(self._refs), self.seed, epoch, self.shuffle)
+        return pieces_of(self.shard_counts, order)
 
     def segments(self, epoch: int | None = None) -> list[Segment]:
         """This rank's reading plan for `epoch` (default: the current one)."""
+        return self._plan(self.epoch if epoch is None else epoch)[0]
+
+    def _plan(self, epoch: int) -> tuple[list[Segment], int, int]:
+        """(segments, samples they yield, position they start at) of this rank in `epoch`."""
         if self.partition:
-            return partition_segments(self.shard_counts, self.rank, self.world_size)
-        e = self.epoch if epoch is None else epoch
-        order = shard_order(len(self._refs), self.seed, e, self.shuffle)
-        return rank_segments(self.shard_counts, order, self.rank, self.world_size, self.exact_epoch)
+            return partition_segments(self.shard_counts, self.rank, self.world_size), len(self), 0
+        rs = self._reshard if self._reshard is not None and self._reshard.epoch == epoch else None
+        return self._plan_for(epoch, self.rank, self.world_size, rs)
+
+    def _plan_for(self, epoch: int, rank: int, world_size: int, rs: Reshard | None
+                  ) -> tuple[list[Segment], int, int]:
+        """The plan of rank `rank` of `world_size` in `epoch`, continued from `rs` if given."""
+        key = (epoch, rank, world_size, rs.token if rs else None)
+        if key not in self._plans:
+            if len(self._plans) > 64:
+                self._plans.clear()
+            full = self._length(world_size)
+            if rs is None:
+                plan = (layout(self.pieces(epoch), rank, full), full, 0)
+            else:
+                length = max(0, full - rs.base)
+                if rs.left:
+                    segs = layout(rs.pieces, rank, length)
+                else:  # nothing left at all: padding from the whole epoch
+                    segs = [s.part(0, len(s), True) for s in layout(self.pieces(epoch), rank, length)]
+                plan = (segs, length, rs.base)
+            self._plans[key] = plan
+        return self._plans[key]
 
     # ------------------------------------------------------------------ cursor
 
@@ -212,6 +294,7 @@ class ShardStream:
         if int(epoch) != self.epoch:
             self.epoch, self.position, self._log = int(epoch), 0, EpochLog()
             self._late_bad = self._external_bad = 0
+            self._reshard = None
 
     # ------------------------------------------------------------------ samples
 
@@ -275,28 +358,60 @@ class ShardStream:
                 f"more than max_bad_fraction={self.max_bad_fraction}; limit passed in shard "
                 f"{shard}", shard)
 
-    def _fingerprint(self) -> str:
-        if self._fp is not None:
-            return self._fp
-        plan = [self.shard_urls, self.shard_counts, self.seed, self.shuffle, self.exact_epoch,
-                self.rank, self.world_size, max(1, self.num_workers), self.shuffle_buffer,
-                self.validate] + (["partition"] if self.partition else [])
-        self._fp = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
-        return self._fp
+    def _fingerprint(self, rank: int | None = None, world_size: int | None = None) -> str:
+        """What a cursor must match: the data, the order's parameters, rank and world size."""
+        r = self.rank if rank is None else rank
+        w = self.world_size if world_size is None else world_size
+        if (r, w) not in self._fp:
+            plan = [self.shard_urls, self.shard_counts, self.seed, self.shuffle,
+                    self.exact_epoch, r, w, max(1, self.num_workers), self.shuffle_buffer,
+                    self.validate] + (["partition"] if self.partition else [])
+            if self.mix is not None:
+                plan.append(["mix", [s.signature() for s in self.mix.sources],
+                             [list(sp) for sp in self.mix.spans]])
+            self._fp[(r, w)] = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+        return self._fp[(r, w)]
+
+    def _data_fingerprint(self) -> str:
+        """The part of the fingerprint that fixes the epoch's global order (not rank, world
+        size, lanes, buffer or checks): what a cursor of another world size must match."""
+        if self._data_fp is None:
+            plan = [self.shard_urls, self.shard_counts, self.seed, self.shuffle, self.exact_epoch]
+            if self.mix is not None:
+                plan.append(["mix", [s.signature() for s in self.mix.sources],
+                             [list(sp) for sp in self.mix.spans]])
+            self._data_fp = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+        return self._data_fp
 
     def state_dict(self, position: int | None = None) -> dict:
         """The cursor (plain Python types). A consumer that prefetches passes the number of
         samples it has really consumed this epoch as `position`. `log` lists the bad samples
-        met so far this epoch, which lets a resume skip re-reading the epoch."""
+        met so far this epoch, which lets a resume skip re-reading the epoch; `plan`,
+        `lanes` and `shuffle_buffer` let the ranks of a run on another number of ranks
+        replay it (pipelines/shards/elastic.py); `origin`, in an epoch continued from
+        another run's ranks, is where it came from."""
         pos = self.position if position is None else int(position)
         st = {"version": 2, "epoch": self.epoch, "position": pos, "seed": self.seed,
               "rank": self.rank, "world_size": self.world_size,
               "fingerprint": self._fingerprint()}
+        if not self.partition:
+            st.update(plan=self._data_fingerprint(), lanes=max(1, self.num_workers),
+                      shuffle_buffer=self.shuffle_buffer)
         if self._log is not None:
             st["log"] = self._log.to_state()
+        if self._reshard is not None and self._reshard.epoch == self.epoch:
+            st["origin"] = self._reshard.origin
         return st
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a cursor of this stream, or continue an epoch from the cursors of a run
+        on another number of ranks (a request of `elastic.request`: no rank of its own)."""
+        if "origin" in state and "rank" not in state:
+            self._reshard = self._continue(int(state["epoch"]), state["origin"])
+            self.epoch, self.position = self._reshard.epoch, self._reshard.base
+            self._log = EpochLog()
+            self._late_bad = self._external_bad = 0
+            return
         fp = self._fingerprint()
         if state.get("fingerprint") not in (None, fp):
             raise DataError(
@@ -304,8 +419,58 @@ class ShardStream:
                 f"exact_epoch, rank/world_size {self.rank}/{self.world_size}, num_workers, "
                 f"shuffle_buffer or validate changed): saved {state.get('fingerprint')}, now {fp}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._reshard = self._continue(self.epoch, state["origin"]) if "origin" in state else None
         # Without a log (older cursor) the epoch is replayed by reading it again.
         self._log = EpochLog.from_state(state["log"]) if "log" in state else None
+
+    def _continue(self, epoch: int, origin: dict) -> Reshard:
+        """`epoch` continued after the stop that `origin` describes (its ranks' cursors):
+        what they left, for this run's ranks (pipelines/shards/elastic.py)."""
+        if self.partition:
+            raise DataError("an evaluation split (partition=True) is never continued")
+        cursors = list(origin["cursors"])
+        world = len(cursors)
+        # a cursor saved before its rank read anything is the request it loaded
+        nested = next((c["origin"] for c in cursors if "origin" in c), None)
+        before = self._continue(epoch, nested) if nested is not None else None
+        olds = []
+        for r, c in enumerate(cursors):
+            if int(c["epoch"]) != epoch:
+                raise DataError(f"cannot continue epoch {epoch}: rank {r}'s cursor is in epoch "
+                                f"{c['epoch']}")
+            segs, length, base = self._plan_for(epoch, r, world, before)
+            if "rank" in c:
+                self._check_foreign(c, r, world)
+            log = EpochLog.from_state(c.get("log") or {})
+            lanes = int(c.get("lanes", max(1, self.num_workers)))
+            buffer = max(1, int(c.get("shuffle_buffer", self.shuffle_buffer)))
+            shuffled = self.shuffle and buffer > 1
+            seed = mix_seed(self.seed, epoch, r, 0xB0FF) if shuffled else None
+            olds.append(OldRank(segs, length, int(c["position"]) - base, log, lanes, buffer, seed))
+        pieces = tuple(remainder(olds))
+        left = sum(len(p) for p in pieces)
+        token = hashlib.sha256(json.dumps(origin, sort_keys=True).encode()).hexdigest()
+        rs = Reshard(epoch, int(origin["base"]), pieces, origin, left, token)
+        if self.rank == 0:
+            need = self.world_size * max(0, self._length(self.world_size) - rs.base)
+            how = (f"{need - left} padded" if need > left else
+                   f"{left - need} left out" if left > need else "none padded or left out")
+            log_.info("epoch %d continues on %d rank(s) from %d: %d samples left, %d per rank "
+                      "(%s)", epoch, self.world_size, world, left, need // self.world_size, how)
+        return rs
+
+    def _check_foreign(self, c: dict, rank: int, world: int) -> None:
+        """A cursor of rank `rank` of `world` must come from a stream over the same data in
+        the same order (its lanes and buffer may differ: they are replayed as they were)."""
+        if "plan" in c:
+            ok, now = c["plan"] == self._data_fingerprint(), self._data_fingerprint()
+        else:  # written before cursors carried `plan`: lanes and buffer must match too
+            ok, now = c.get("fingerprint") == self._fingerprint(rank, world), "-"
+        if not ok or "log" not in c:
+            why = "it has no bad-sample log" if ok else (
+                "the shards, counts, seed, shuffle, exact_epoch or mix changed")
+            raise DataError(f"cannot continue the epoch from rank {rank} of {world}'s cursor: "
+                            f"{why} (saved {c.get('plan', c.get('fingerprint'))}, now {now})")
 
     @property
     def counters(self) -> dict[str, int]:
@@ -332,7 +497,7 @@ class ShardStream:
         `ff` continues from a fast-forwarded state instead of the start of the epoch."""
         segs = self.segments()
         log = self._log if self._log is not None else EpochLog()
-        limit = self.max_bad_fraction * length
+        limit = self.max_bad_fraction * len(self)
         n, bad = (ff.n_good, ff.bad) if ff else (0, 0)
         self._stream_bad = bad
         per_shard: Counter[str] = Counter()
@@ -362,7 +527,7 @@ class ShardStream:
                     worst = ", ".join(f"{u} ({c})" for u, c in per_shard.most_common(3))
                     why = ", ".join(f"{k} {v}" for k in BAD_REASONS if (v := self.counters[k]))
                     raise BadDataError(
-                        f"{total} of this rank's {length} samples are corrupt or missing ({why}), more "
+                        f"{total} of this rank's {len(self)} samples are corrupt or missing ({why}), more "
                         f"than max_bad_fraction={self.max_bad_fraction}; limit passed in shard "
                         f"{item.shard} (worst: {worst}). `sslstream shards verify` names the "
                         "cause per shard (e.g. a tar whose members are not grouped by key)",
@@ -416,13 +581,14 @@ class ShardStream:
     def _shuffle_seed(self) -> int:
         return mix_seed(self.seed, self.epoch, self.rank, 0xB0FF)
 
-    def _fast_forward(self, length: int) -> tuple[FastForward, list[Good]]:
-        """The epoch's state at self.position, computed from the log; reads only the shuffle
-        buffer's samples (the lanes re-read their current shards up to where they were)."""
+    def _fast_forward(self, length: int, position: int) -> tuple[FastForward, list[Good]]:
+        """The plan's state after `position` of its `length` samples, computed from the log;
+        reads only the shuffle buffer's samples (the lanes re-read their current shards up
+        to where they were)."""
         assert self._log is not None
         segs = self.segments()
         shuffled = self.shuffle and self.shuffle_buffer > 1
-        ff = fast_forward(segs, max(1, self.num_workers), self._log, length, self.position,
+        ff = fast_forward(segs, max(1, self.num_workers), self._log, length, position,
                           self.shuffle_buffer, self._shuffle_seed() if shuffled else None)
         buffer = fetch(ff.buffer, segs, self.shard_urls, storage_options=self.storage_options,
                        num_classes=self.num_classes, validate=self.validate, count=self._count,
@@ -431,23 +597,24 @@ class ShardStream:
 
     def __iter__(self) -> Generator[Sample, None, None]:
         """One epoch (the current one) for this rank, from the cursor on."""
-        length = len(self)
-        # the last pass finished (or a partition, which never resumes): the same epoch again
-        if self.position >= length or self.partition:
-            self.position = 0
-        if self.position == 0:
+        # the last pass finished (or a partition, which never resumes): the same epoch again,
+        # whole (an epoch continued from another run's ranks is read whole the second time)
+        if self.position >= len(self) or self.partition:
+            self.position, self._reshard = 0, None
+        segs, length, base = self._plan(self.epoch)
+        if self.position == base:
             self._log = EpochLog()
             self._late_bad = 0
-        done = skip = self.position
+        done = skip = self.position - base  # samples of this rank's plan already yielded
         if skip and self._log is not None:  # fast-forward: no re-reading of the epoch
-            ff, buffer = self._fast_forward(length)
+            ff, buffer = self._fast_forward(length, skip)
             items = self._shuffled(self._valid(length, ff), ff, buffer)
             self._count("fast_forwarded", skip)
         else:  # replay: read the epoch again up to the cursor, yielding nothing
             self._log = EpochLog()
             items = self._shuffled(self._valid(length))
             done = 0
-        segs, starts, pos = self.segments(), [], 0
+        starts, pos = [], 0
         for n in self.shard_counts:
             starts.append(pos)
             pos += n
@@ -456,7 +623,7 @@ class ShardStream:
             if done <= skip:
                 self._count("replayed")
                 continue
-            self.position = done
+            self.position = base + done
             self._count("yielded")
             if g.padded:
                 self._count("padded")
