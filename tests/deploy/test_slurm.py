@@ -98,6 +98,7 @@ def test_its_torchrun_command_parses_and_its_config_passes_the_check(tmp_path):
     assert ns["training_script_args"][0] == "train" and "SIGUSR1" in ns["signals_to_handle"]
     assert "run_name: slurm-4242" in proc.stdout  # a requeued job resumes this run
     assert "output_dir: s3://my-bucket/sslstream/runs" in proc.stdout
+    assert "train: s3://my-bucket/imagenet/train-{000000..001023}.tar" in proc.stdout
     assert not (tmp_path / "scontrol.log").exists()
 
 
