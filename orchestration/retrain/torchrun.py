@@ -1,9 +1,10 @@
 """Multi-GPU training for `sslstream retrain`: the job stays one process, torchrun is its child.
 
-Why not run `sslstream retrain` itself under torchrun: every rank would snapshot the data,
-race for the lease and read the registry, and torchrun reports any worker failure as its
-own exit 1, which would erase the exit codes a scheduler acts on. So the decision, the lease
-and its heartbeat stay in this process, and only the training runs as
+Why not run `sslstream retrain` itself under torchrun on one node: torchrun reports any
+worker failure as its own exit 1, which would erase the exit codes a scheduler acts on. So
+the decision, the lease and its heartbeat stay in this process, and only the training runs
+as (across nodes, where one process cannot start every rank, the ranks run the job itself:
+orchestration/retrain/job.py `_across_nodes`)
 
     python -m torch.distributed.run --standalone --nproc-per-node N \\
         -m sslstream.orchestration.retrain.torchrun <train config.yaml> <result.json>

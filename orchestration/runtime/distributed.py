@@ -46,6 +46,14 @@ def torchrun_env() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+def launched_across_nodes() -> bool:
+    """Started by a launcher that spans several nodes: more ranks in the job (WORLD_SIZE)
+    than on this node (LOCAL_WORLD_SIZE, which torchrun sets; taken as WORLD_SIZE when
+    absent, i.e. one node)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cpu'/'cuda' explicit."""
     if spec == "auto":
