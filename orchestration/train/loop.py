@@ -186,7 +186,7 @@ def _resume(job: Job, latest: ckpt.Checkpoint, s: _State) -> None:
     state = ckpt.load_checkpoint(latest)  # CPU; load_state_dict moves to the device
     if int(state["total_steps"]) != job.total_steps and env.is_main:
         log.warning("resuming %s: total steps change from %s to %s (epochs/max_steps/"
-                    "batch size/world size changed)", latest, state["total_steps"], job.total_steps)
+                    "batch size changed)", latest, state["total_steps"], job.total_steps)
     job.method.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
