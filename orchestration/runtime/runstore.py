@@ -107,9 +107,6 @@ class RunStore:
 
         return self._retry(op, "", "listing")
 
-    def exists(self, name: str) -> bool:
-        return bool(self._retry(lambda: self.fs.exists(self._path(name)), name, "checking"))
-
     def read_bytes(self, name: str) -> bytes:
         return self._retry(lambda: self.fs.cat_file(self._path(name)), name, "reading")
 
@@ -152,7 +149,7 @@ class RunStore:
         """Write, read back and delete a small object: a store that refuses us, or cannot be
         reached, fails here (a StorageError naming the URL) instead of at the first
         checkpoint. Fewer retries than a checkpoint write: this runs before the first step."""
-        name = f"{TEMP_PREFIX}probe-{uuid.uuid4().hex[:12]}"
+        name = f"{TEMP_PREFIX}write-check-{uuid.uuid4().hex[:12]}"  # litter if we are killed
         payload = b"sslstream write check"
         quick = copy.copy(self)
         quick.policy = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0)

@@ -120,26 +120,33 @@ def checkpoint_writer(store: RunStore, env: D.DistEnv) -> bool:
 def open_run_store(cfg: DictConfig, env: D.DistEnv) -> RunStore:
     """The run folder, checked to take writes before anything else is done: an unreachable
     or refused store fails here on every rank, naming the URL (credentials masked). Then
-    what a killed writer left there (unpublished objects) is removed."""
+    what a killed writer left there (unpublished objects) is removed: after every rank's
+    check, so that no node removes another's check object on a shared file system."""
     from sslstream.pipelines.shards.storage import StorageError
 
     tr = cfg.trainer
     store = RunStore.for_run(str(tr.output_dir), str(cfg.run_name),
                              dict(tr.get("storage_options") or {}))
+    writer = checkpoint_writer(store, env)
     error: BaseException | None = None
-    if checkpoint_writer(store, env):
+    if writer:
         try:
             store.check_writable()
-            stale, size = ckpt.remove_unpublished(store)
-            if stale:
-                log.info("removed %d unpublished checkpoint file(s) (%.1f MB) of an interrupted "
-                         "checkpoint write in %s", stale, size / 1e6, store.url)
         except StorageError as e:
             error = StorageError(
                 f"trainer.output_dir={store.url.rsplit('/', 1)[0]}: cannot write checkpoints "
                 f"to {store.url}: {e} (check the URL, the store's credentials and "
                 "trainer.storage_options)", store.url)
     D.fail_together(error, env)
+    if writer:
+        try:
+            stale, size = ckpt.remove_unpublished(store)
+        except StorageError as e:  # litter is not worth stopping for
+            log.warning("could not remove unpublished checkpoint files in %s: %s", store.url, e)
+        else:
+            if stale:
+                log.info("removed %d unpublished checkpoint file(s) (%.1f MB) of an "
+                         "interrupted checkpoint write in %s", stale, size / 1e6, store.url)
     return store
 
 
