@@ -12,7 +12,10 @@ so that a change in the machine's load hits every configuration alike. Steps/s i
 between the starts of step 20 and of the last step (warm-up and the final upload excluded,
 every periodic checkpoint inside), from the times the loop calls the step; the seconds
 spent in the loop's `save()` (gathers, the CPU snapshot, the hand-over to the uploader: the
-stall itself) are timed directly, including the final checkpoint. The moto server
+stall itself) are timed directly, including the final checkpoint, and so is the upload's
+wall time in the background thread. On a shared machine steps/s moves by more than the
+stall from run to run; the save() time over the time of `--every` steps is the stall's
+share of steps/s without that noise. The moto server
 runs in its own process (it does not share the trainer's GIL), as a remote store would.
 """
 
@@ -42,9 +45,17 @@ import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 import sslstream.orchestration.train.loop as loop
+import sslstream.orchestration.runtime.uploader as uploader
 from sslstream.orchestration.cli import compose_config
-starts, saves = [], [0.0, 0]
+starts, saves, uploads = [], [0.0, 0], [0.0]
 real_step, real_save = loop.train_step, loop._Checkpointer.save
+real_close = uploader.CheckpointUploader.close
+def close(self, *a, **k):
+    try:
+        return real_close(self, *a, **k)
+    finally:
+        uploads[0] += self.upload_s
+uploader.CheckpointUploader.close = close
 def step(*a, **k):
     starts.append(time.perf_counter())
     return real_step(*a, **k)
@@ -62,7 +73,8 @@ res = loop.train(compose_config(json.loads(sys.argv[1])))
 w = starts[%(warmup)d:]
 rate = (len(w) - 1) / (w[-1] - w[0]) if len(w) > 1 else None
 print("RESULT " + json.dumps({"steps": res.step, "steps_per_s": rate,
-                             "save_s_on_step_path": saves[0], "saves": saves[1]}))
+                             "save_s_on_step_path": saves[0], "saves": saves[1],
+                             "upload_s_off_step_path": uploads[0]}))
 """
 
 
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             if not a.json:
                 print(f"{c:6s} run {r}: {res['steps_per_s']:.3f} steps/s, "
                       f"{res['saves']} checkpoint(s), {res['save_s_on_step_path']:.3f} s in "
-                      "save() on the step path", flush=True)
+                      f"save() on the step path, {res['upload_s_off_step_path']:.3f} s "
+                      "uploading in the background", flush=True)
     conn.send("stop")
     server.join(10)
     med = {c: statistics.median(x["steps_per_s"] for x in rows[c]) for c in configs}
@@ -147,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/checkpoint_stall.py " + " ".join(argv or sys.argv[1:]),
         "steps": a.steps, "every": a.every, "median_steps_per_s": med, "runs": rows,
     }
+    # the step-path stall as a share of steps/s: save() time per checkpoint over the time of
+    # `every` steps at the run's own rate (median over the runs)
+    share = {c: statistics.median(x["save_s_on_step_path"] / max(x["saves"], 1)
+                                  * x["steps_per_s"] / a.every for x in rows[c]
+                                  if x["saves"] and x["steps_per_s"]) if any(
+                                      x["saves"] for x in rows[c]) else 0.0 for c in configs}
+    summary["step_path_share"] = share
     if "local" in med and "s3" in med:
         summary["s3_vs_local"] = med["s3"] / med["local"] - 1
     if "none" in med and "s3" in med:
@@ -158,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c:6s} median {med[c]:.3f} steps/s")
         for k in ("s3_vs_local", "s3_vs_none"):
             if k in summary:
-                print(f"{k}: {summary[k] * 100:+.2f} %")
+                print(f"{k} (median steps/s): {summary[k] * 100:+.2f} %")
+        for c in configs:
+            print(f"{c:6s} save() on the step path: {share[c] * 100:.3f} % of the time of "
+                  f"{a.every} steps")
         print(f"load average (1 min) during the runs: {summary['load_avg_1min']}")
     return 0
 

@@ -53,8 +53,8 @@ def check_resumable(ckpt: Checkpoint, cfg: DictConfig, world_size: int,
     mine = identity(cfg)
     keys = sorted(k for k in set(found) | set(mine)
                   if k in ALWAYS or (k in found and k in mine))
-    diffs = [f"{k}={_show(found.get(k))} (this run: {_show(mine.get(k))})"
-             for k in keys if found.get(k) != mine.get(k)]
+    diffs = [f"{k}={_show(found.get(k, _UNSET))} (this run: {_show(mine.get(k, _UNSET))})"
+             for k in keys if found.get(k, _UNSET) != mine.get(k, _UNSET)]
     if diffs:
         more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
         raise UserError(
@@ -79,5 +79,8 @@ def _flatten(obj: Any, prefix: str) -> dict[str, Any]:
     return {prefix: obj}
 
 
+_UNSET = object()
+
+
 def _show(v: Any) -> str:
-    return "<unset>" if v is None else json.dumps(v) if not isinstance(v, str) else v
+    return "<unset>" if v is _UNSET else v if isinstance(v, str) else json.dumps(v)
