@@ -171,10 +171,11 @@ def _train(tmp: Path, *extra: str, steps: int = 4) -> int:
 
 @pytest.mark.timeout(300)
 def test_an_s3_output_dir_is_the_bucket_and_the_run_resumes_from_it(s3: S3Env, tmp_path,
-                                                                   monkeypatch, capsys):
+                                                                   monkeypatch, capsys, caplog):
     """`trainer.output_dir=s3://ckpt/runs` used to write a local folder named `s3:`. Now the
     checkpoints, their manifests and the registered marker are in the bucket, the run
-    resumes from there, and a rerun of a finished run reads the marker there."""
+    resumes from there, a rerun of a finished run reads the marker there, and a new run can
+    warm-start from a checkpoint there."""
     s3.bucket("ckpt")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     monkeypatch.chdir(tmp_path)
@@ -199,6 +200,15 @@ def test_an_s3_output_dir_is_the_bucket_and_the_run_resumes_from_it(s3: S3Env, t
     assert "resuming byol-synthetic from s3://ckpt/runs/byol-synthetic/step-00000004.pt" \
         in capsys.readouterr().out
     assert ckpt.latest_checkpoint("s3://ckpt/runs/byol-synthetic").step == 6
+    # a new run warm-started from a checkpoint in the bucket (trainer.init_from=s3://...)
+    import logging
+
+    caplog.set_level(logging.INFO, logger="sslstream.train")
+    assert _train(tmp_path, "trainer.output_dir=s3://ckpt/runs", "run_name=warm",
+                  "trainer.init_from=s3://ckpt/runs/byol-synthetic/step-00000006.pt",
+                  steps=1) == 0
+    assert ("warm start: backbone weights from s3://ckpt/runs/byol-synthetic/step-00000006.pt"
+            in caplog.text)
 
 
 @pytest.mark.timeout(300)
