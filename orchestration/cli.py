@@ -1,8 +1,10 @@
-"""The `sslstream` command: train, eval, retrain, shards.
+"""The `sslstream` command: train, eval, retrain, embed, export, shards.
 
     sslstream train [--cfg] [key=value ...]      the main job (Hydra overrides)
     sslstream eval  (--checkpoint PATH | --model URI) [key=value ...]
     sslstream retrain [key=value ...]            the scheduled retraining job
+    sslstream embed --model URI --out URL [key=value ...]   embeddings of a data set
+    sslstream export --model URI --format onnx|torchscript --out PATH
     sslstream shards {make,verify,index} ...     write / check / index WebDataset shards
 
 The config is composed with Hydra's compose API over the installed `conf` package, so the
@@ -16,16 +18,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-USAGE = """usage: sslstream {train,eval,retrain,shards} ...
+USAGE = """usage: sslstream {train,eval,retrain,embed,export,shards} ...
 
   sslstream train [--cfg] [key=value ...]     train (and evaluate, register) an encoder
   sslstream eval (--checkpoint PATH | --model URI) [key=value ...]
                                               kNN / linear-probe evaluation of an encoder
   sslstream retrain [key=value ...]           scheduled retraining (new shards -> promote)
+  sslstream embed --model URI --out URL [--overwrite] [--neighbours K --queries Q]
+                  [key=value ...]             embeddings of embed.source as Parquet files
+  sslstream export --model URI --format onnx|torchscript --out PATH [key=value ...]
+                                              the encoder as one file (uint8 NHWC in)
   sslstream shards {make,verify,index} ...    write, verify or index WebDataset shards
 
 Overrides use Hydra syntax, e.g. `sslstream train method=simclr trainer.epochs=100`
@@ -43,7 +50,7 @@ EXIT_SIGUSR1 = 138  # Slurm's notice before the time limit (docs/cluster.md: req
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved config, unchecked (see orchestration/schema.py: `compose_checked`)."""
+    """The resolved config, unchecked (see orchestration/schema/: `compose_checked`)."""
     from sslstream.orchestration.schema import compose_config as compose
     from sslstream.orchestration.schema import quote_brace_patterns
 
@@ -78,21 +85,54 @@ def _usage_error(msg: str) -> int:
 
 
 def _setup_logging() -> None:
+    """Our INFO lines on stderr, with credentials masked (pipelines/shards/masking.py: a URL
+    or an exception text may quote one), tracebacks this process prints masked too. MLflow's
+    own INFO lines (database set-up, "View run", input-example validation) and its per-file
+    "Downloading artifacts" bars would bury ours on a local store: MLflow says only warnings
+    and errors, unless the environment already sets MLFLOW_LOGGING_LEVEL /
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR (child processes, such as retrain's torchrun ranks,
+    inherit the same)."""
+    from sslstream.pipelines.shards.masking import install_log_masking
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    install_log_masking()
+    sys.excepthook = _masked_excepthook
+    threading.excepthook = _masked_thread_excepthook
 
 
-def _parse(args: list[str], flags_with_value: Sequence[str] = ()
+def _masked_excepthook(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+    """Python's traceback print for an error that reaches the top, credentials masked."""
+    import traceback
+
+    from sslstream.pipelines.shards.masking import mask
+
+    sys.stderr.write(mask("".join(traceback.format_exception(exc_type, exc, tb))))  # type: ignore[arg-type]
+
+
+def _masked_thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    """The same for an error that ends a thread."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    sys.stderr.write(f"Exception in thread {name}:\n")
+    _masked_excepthook(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+
+
+def _parse(args: list[str], flags_with_value: Sequence[str] = (), bool_flags: Sequence[str] = ()
            ) -> tuple[dict[str, str | bool], DictConfig | None]:
     """Split a subcommand's flags from its Hydra overrides and compose the config.
 
     Returns `(opts, None)` when the command is already answered (`--help` printed the usage,
     `--cfg` printed the resolved config), so every subcommand handles them the same way.
     """
-    opts, overrides = _split_flags(args, flags_with_value, ("--cfg", "-h", "--help"))
+    opts, overrides = _split_flags(args, flags_with_value, ("--cfg", "-h", "--help", *bool_flags))
     if opts.get("-h") or opts.get("--help"):
         print(USAGE)
         return opts, None
@@ -100,14 +140,21 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = ()
 
     # every key, type and range is checked here, before any data is touched
     cfg = compose_checked(overrides, allow_missing=bool(opts.get("--cfg")))
-    if opts.get("--cfg"):
-        from sslstream.orchestration.tracking.settings import (
-            redact_config,  # no credential is printed
-        )
+    from sslstream.pipelines.shards.masking import remember
 
-        print(OmegaConf.to_yaml(OmegaConf.create(redact_config(
+    remember(OmegaConf.to_container(cfg, resolve=False))  # secrets of the config, masked anywhere
+    if opts.get("--cfg"):
+        from sslstream.pipelines.shards.masking import mask  # no credential is printed
+
+        print(OmegaConf.to_yaml(OmegaConf.create(mask(
             OmegaConf.to_container(cfg, resolve=True)))), end="")
         return opts, None
+    tracking = cfg.get("tracking")
+    if tracking is not None and tracking.get("enabled", True):
+        from sslstream.orchestration.tracking.mlflow_env import resolve_tracking_uri
+
+        # credentials out of the URI, or a ConfigError: before any data or request
+        resolve_tracking_uri(tracking.get("uri"))
     return opts, cfg
 
 
@@ -159,13 +206,78 @@ def cmd_retrain(args: list[str]) -> int:
     return int(retrain(cfg))
 
 
+def cmd_embed(args: list[str]) -> int:
+    flags, bools = ("--model", "--out", "--neighbours", "--queries"), ("--overwrite",)
+    opts, _ = _split_flags(args, flags, ("--cfg", "-h", "--help", *bools))
+    extra = []
+    for flag, key in (("--neighbours", "embed.neighbours"), ("--queries", "embed.queries")):
+        if flag in opts:
+            if not str(opts[flag]).isdigit():
+                return _usage_error(f"{flag} {opts[flag]}: expected a whole number")
+            extra.append(f"{key}={int(opts[flag])}")
+    if not (opts.get("-h") or opts.get("--help") or opts.get("--cfg")):
+        missing = [f for f in ("--model", "--out") if not opts.get(f)]
+        if missing:
+            return _usage_error(f"embed needs {' and '.join(missing)}")
+    opts, cfg = _parse([*_without_values(args, ("--neighbours", "--queries")), *extra],
+                       ("--model", "--out"), bools)
+    if cfg is None:
+        return 0
+    from sslstream.orchestration.embed.job import EmbedRequest, run
+
+    return run(cfg, EmbedRequest(model=str(opts["--model"]), out=str(opts["--out"]),
+                                 overwrite=bool(opts.get("--overwrite"))))
+
+
+def _without_values(args: list[str], flags: Sequence[str]) -> list[str]:
+    """``args`` without ``flags`` and their values (``--flag v`` or ``--flag=v``)."""
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif a.partition("=")[0] not in flags:
+            out.append(a)
+    return out
+
+
+def cmd_export(args: list[str]) -> int:
+    flags = ("--model", "--format", "--out")
+    opts, _ = _split_flags(args, flags, ("--cfg", "-h", "--help"))
+    if not (opts.get("-h") or opts.get("--help") or opts.get("--cfg")):
+        missing = [f for f in flags if not opts.get(f)]
+        if missing:
+            return _usage_error(f"export needs {', '.join(missing)}")
+        from sslstream.orchestration.embed.export import FORMATS
+
+        if opts["--format"] not in FORMATS:
+            return _usage_error(f"--format {opts['--format']}: expected one of "
+                                f"{', '.join(FORMATS)}")
+    opts, cfg = _parse(args, flags)
+    if cfg is None:
+        return 0
+    from sslstream.orchestration.embed.export import export_encoder
+    from sslstream.orchestration.embed.model import load_encoder
+
+    encoder = load_encoder(cfg, str(opts["--model"]))
+    done = export_encoder(encoder, str(opts["--format"]), str(opts["--out"]),
+                          storage_options=dict(cfg.data.get("storage_options") or {}))
+    print(f"exported {encoder.version} as {done.format} to {done.path} (uint8 (N, H, W, 3) "
+          f"in, float32 (N, {encoder.spec.feature_dim}) out; checked on {done.checked} images, "
+          f"max |diff| {done.max_abs_diff:.2g})")
+    return 0
+
+
 def cmd_shards(args: list[str]) -> int:
     from sslstream.pipelines.shards.tools import main as shards_main
 
     return int(shards_main(args))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "retrain": cmd_retrain, "shards": cmd_shards}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "retrain": cmd_retrain, "embed": cmd_embed,
+            "export": cmd_export, "shards": cmd_shards}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,14 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"unknown command {cmd!r}")
     _setup_logging()
     from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
+    from sslstream.pipelines.shards.masking import remember
 
+    remember(rest)  # credentials in the arguments (URLs, options): masked in every output
     interrupts.install()  # SIGINT / SIGTERM / SIGUSR1 -> Interrupted (train keeps a resumable state)
     try:
         return COMMANDS[cmd](rest)
     except SystemExit as e:  # usage errors here and argparse in `shards` exit with a code
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     except Interrupted as e:
-        print(f"sslstream {cmd}: {e}", file=sys.stderr)
+        print(_masked(f"sslstream {cmd}: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"sslstream {cmd}: interrupted", file=sys.stderr)
@@ -205,16 +319,23 @@ def _report(cmd: str, e: Exception) -> int:
 
     if isinstance(e, ConfigError | HydraException | OmegaConfBaseException) or _is_config_error(e):
         msg = str(e)
-        print(f"sslstream {cmd}: {msg if msg.startswith('config error') else 'config error: ' + msg}",
+        print(_masked(f"sslstream {cmd}: "
+                      f"{msg if msg.startswith('config error') else 'config error: ' + msg}"),
               file=sys.stderr)
         return EXIT_USAGE
     if isinstance(e, _user_errors()) and not os.environ.get("SSLSTREAM_TRACEBACK"):
         # a missing shard / file / split, refused credentials, corrupt data: the message
         # names the input; a traceback would bury it (our frames, not theirs)
-        print(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the traceback)",
-              file=sys.stderr)
+        print(_masked(f"sslstream {cmd}: error: {e}\n(set SSLSTREAM_TRACEBACK=1 for the "
+                      "traceback)"), file=sys.stderr)
         return EXIT_FAILED
     raise e
+
+
+def _masked(text: str) -> str:
+    from sslstream.pipelines.shards.masking import mask
+
+    return mask(text)
 
 
 def _is_config_error(e: BaseException) -> bool:

@@ -5,7 +5,7 @@ Two families, which the CLI (orchestration/cli.py) treats differently:
 * `UserError`: the input is wrong and the message names it (a config key, a path). The CLI
   prints the message on one line, no traceback (our frames would bury the user's mistake).
   `ConfigError` is the configuration kind: exit 2 from every command, raised before any data
-  is touched (orchestration/schema.py checks the composed config) or, for checks that need
+  is touched (orchestration/schema/ checks the composed config) or, for checks that need
   the data, as soon as they can be made. It is also a ValueError so callers that guarded
   config parsing with `except ValueError` keep working.
 * everything else is a bug or an outage and shows its traceback.

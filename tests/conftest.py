@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.gcs",
     "tests.fixtures.mlflow_server",
+    "tests.fixtures.stall",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

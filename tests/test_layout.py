@@ -4,8 +4,9 @@ Every import counts, including the lazy ones inside functions: a lazy import hid
 from Python at start-up, not from the reader who has to understand the code. The rooms and
 their order are the ones docs/contracts.md draws:
 
-    cli -> retrain -> train -> evaluate -> tracking -> runtime/errors -> pipelines.views
-        -> pipelines.shards ; models (beside pipelines: neither imports the other)
+    cli -> retrain -> {train, embed} -> evaluate -> tracking -> runtime/errors
+        -> pipelines.views -> pipelines.shards ; models (beside pipelines: neither imports
+        the other; train and embed are side by side: neither imports the other)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ROOMS: list[tuple[str, int]] = [
     ("sslstream.orchestration.cli", 90),
     ("sslstream.orchestration.retrain", 80),
     ("sslstream.orchestration.train", 70),
+    ("sslstream.orchestration.embed", 70),  # beside train: from an encoder to embeddings
     ("sslstream.orchestration.evaluate", 60),
     ("sslstream.orchestration.tracking", 50),
     ("sslstream.orchestration.runtime", 40),

@@ -9,9 +9,11 @@ EMA step, queue and pointer) is in ``state_dict()``. The trainer only needs:
   moves the EMA targets a method declares in ``momentum_pairs`` (BYOL, MoCo), in one place;
 * ``parameter_groups()``: optimiser groups carrying ``lars_exclude`` / ``fixed_lr`` flags;
 * ``embed(x)``: backbone features for evaluation;
-* ``wants_sync_bn``: convert BN to SyncBatchNorm (CUDA + DDP only; the trainer does it).
+* ``wants_sync_bn``: convert BN to SyncBatchNorm (CUDA + DDP only; the trainer does it);
+* ``ddp_static_buffers``: buffers identical on every rank by construction, which DDP need
+  not broadcast (MoCo's queue).
 
-``forward`` is ``training_step``, so the method can be wrapped in DDP directly.
+``forward`` is ``training_step``, so DDP wraps the method directly.
 
 Each method's hyper-parameters are one frozen dataclass (a :class:`MethodConfig` subclass:
 typed fields, built from ``cfg.method`` by ``from_mapping``) that ``__init__`` takes whole;
@@ -220,7 +222,7 @@ def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, Any], name
     shapes = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state_dict and hasattr(state_dict[k], "shape")
+        if k in state_dict and isinstance(state_dict[k], torch.Tensor)
         and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if not (missing or unexpected or shapes):
@@ -271,12 +273,6 @@ class Method(nn.Module):
         self.feature_dim = feature_dim_of(backbone)
         self.process_group = process_group
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any, backbone: nn.Module,
-                    process_group: Any = None) -> Self:
-        """The method for ``cfg`` (``cfg.method``, or a ready ``config_class`` instance)."""
-        return cls(backbone, cls.config_class.from_mapping(cfg), process_group=process_group)
-
     @property
     def wants_sync_bn(self) -> bool:
         """Whether BN should become SyncBatchNorm under multi-GPU DDP (the papers use
@@ -284,7 +280,14 @@ class Method(nn.Module):
         on CPU, so gloo runs keep per-rank BN."""
         return bool(getattr(self.config, "sync_bn", False))
 
+    @property
+    def ddp_static_buffers(self) -> list[str]:
+        """Names of buffers that are the same on every rank by construction, which DDP's
+        per-step buffer broadcast skips (none by default; MoCo lists its queue)."""
+        return []
+
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """``training_step``: what DDP, which hooks ``forward``, runs."""
         return self.training_step(view1, view2)
 
     def training_step(self, view1: torch.Tensor,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
-from sslstream.models.objectives import gather as _gather
+from sslstream.models.objectives.gather import gather_with_grad, get_rank
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -68,16 +68,13 @@ def full_precision(device: torch.device) -> Iterator[None]:
 
 
 def global_batch(x: torch.Tensor, group: Any, gather: bool) -> torch.Tensor:
-    """The global batch (all ranks, rank order) with gradient, or ``x`` when not gathering.
-
-    Looks the gather up on the module at call time so tests can substitute a broken one.
-    """
-    return _gather.gather_with_grad(x, group) if gather else x
+    """The global batch (all ranks, rank order) with gradient, or ``x`` when not gathering."""
+    return gather_with_grad(x, group) if gather else x
 
 
 def local_offset(batch: int, group: Any, gather: bool) -> int:
     """Index of this rank's first sample inside :func:`global_batch`."""
-    return _gather.get_rank(group) * batch if gather else 0
+    return get_rank(group) * batch if gather else 0
 
 
 def anchors_and_candidates(

@@ -2,7 +2,7 @@
 
 `extract_local` keeps each rank's features on that rank (the bank stays sharded) with the
 samples' split positions, and times reading (waiting for the loader) and embedding
-separately; `extract_features` gathers them over ranks (the test split, small).
+separately; `gather_features` gathers them over ranks (the test split, small).
 """
 
 from __future__ import annotations
@@ -89,19 +89,3 @@ def gather_features(f: Features) -> Features:
     """Every rank's rows on every rank, in split order."""
     return Features(gather_rows(f.x), gather_rows(f.y), gather_rows(f.index), f.read_s,
                     f.embed_s).sorted()
-
-
-@torch.no_grad()
-def extract_features(
-    embed: Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterable[tuple[torch.Tensor, ...]],
-    device: torch.device,
-    *,
-    gather: bool = True,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every sample the loader yields, gathered over ranks."""
-    f = extract_local(embed, batches, device, progress=progress)
-    if gather:
-        return gather_rows(f.x), gather_rows(f.y)  # rank order, as loaded
-    return f.x, f.y

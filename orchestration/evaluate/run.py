@@ -43,9 +43,6 @@ from sslstream.orchestration.runtime.distributed import (
 from torch import nn
 
 log = logging.getLogger("sslstream.eval")
-# phase times and scoring progress: a child logger, so the feature-progress lines above
-# stay what they were (tests and log scrapers read them)
-log_phase = logging.getLogger("sslstream.eval.phase")
 
 PHASES = ("read", "extract", "select", "score", "probe")
 
@@ -136,10 +133,7 @@ def evaluate(
             max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
         )
         t_split, last = time.perf_counter(), [time.perf_counter()]
-        stream = getattr(loader, "stream", None)
-        per_rank = None
-        if stream is not None:
-            per_rank = len(stream) if loader.presplit else len(range(0, len(stream), env.world_size))
+        per_rank = loader.num_samples  # this rank's share (corrupt samples are skipped)
 
         def progress(n: int) -> None:  # rank 0 speaks for all: ranks run in step
             now = time.perf_counter()
@@ -195,7 +189,7 @@ def evaluate(
         now = time.perf_counter()
         if env.is_main and (now - last[0] >= PROGRESS_EVERY_S or done == of):
             last[0] = now
-            log_phase.info("eval: kNN scored %d/%d queries against %d bank rows (%.1fs)",
+            log.info("eval: kNN scored %d/%d queries against %d bank rows (%.1fs)",
                            done, of, bank_size, now - t)
 
     dtype = str(ev.get("knn_dtype", "float16"))
@@ -215,7 +209,7 @@ def evaluate(
         phases["probe"] = all_reduce_max(time.perf_counter() - t, env.device)
     seconds = time.perf_counter() - t0
     if env.is_main:
-        log_phase.info("eval: %.1fs: %s (slowest rank); bank %d, test %d, world %d", seconds,
+        log.info("eval: %.1fs: %s (slowest rank); bank %d, test %d, world %d", seconds,
                        ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), bank_size,
                        test.x.shape[0], env.world_size)
     return EvalResult(

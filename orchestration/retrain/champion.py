@@ -1,7 +1,8 @@
 """The retraining job's view of MLflow: champion, its data snapshot, versions by run key.
 
-Kept apart from orchestration/retrain/job.py so the decision logic reads without MLflow calls,
-and so tests can exercise both against a real tracking server. Promotion itself is
+Every registry read and write that `sslstream retrain` makes (orchestration/retrain/job.py
+decides on what these return): the champion and the snapshot it was trained on, the version
+a run key already registered, and the decision tags. Promotion itself is
 orchestration/tracking/registry.py's rule (`register_encoder`); nothing here re-implements it.
 
 Tags written (all prefixed `retrain.`, on the training run and on the model version):

@@ -13,7 +13,9 @@ one likes; docs/retrain.md has the examples and the exit codes. One call:
    that run key already registered (a retry after a crash) or trains: `train(cfg)` with
    `run_name` = run key, so a rerun resumes the same checkpoints and MLflow run, on exactly
    the snapshot's shard URLs; train registers the encoder as challenger and promotes it to
-   champion by the registry's rule (margin, collapse check);
+   champion by the registry's rule (margin, collapse check). On unlabelled data (no
+   evaluation split, `eval.at_end=false`) it registers an unevaluated challenger, as
+   `sslstream train` does, which is never promoted (decision `registered-unevaluated`);
 4. tags the run and the version with the decision and the snapshot, logs the shard listing
    as `retrain/snapshot.json`, prints the decision, releases the lease.
 
@@ -36,7 +38,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from sslstream.orchestration.retrain.exits import (
@@ -58,7 +60,16 @@ from sslstream.pipelines.shards.snapshot import Snapshot, source_base, take_snap
 log = logging.getLogger("sslstream.retrain")
 
 
-TrainFn = Callable[[DictConfig], Any]
+class TrainOutcome(Protocol):
+    """What retrain reads of a training run: `train`'s TrainResult, or the outcome rank 0 of
+    a torchrun training wrote (orchestration/retrain/torchrun.py: RunOutcome)."""
+
+    status: str  # "completed" | "preempted" (stopped by a signal after a checkpoint)
+    run_id: str | None
+    stopped_by: str | None  # "SIGINT" / "SIGTERM" when preempted
+
+
+TrainFn = Callable[[DictConfig], TrainOutcome]
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,21 @@ def _registry(cfg: DictConfig):
     return RetrainRegistry(uri, ts.registry, ts.experiment)
 
 
+def _check_evaluation(cfg: DictConfig) -> None:
+    """Before the source is read: a run without evaluation (unlabelled data) registers an
+    unevaluated challenger, unless tracking.registry.register_unevaluated=false, when
+    retraining would have no outcome. (An evaluating run without its labelled splits is
+    the config check's error, orchestration/schema.)"""
+    ev = cfg.get("eval") or {}
+    if bool(ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0)):
+        return
+    if not OmegaConf.select(cfg, "tracking.registry.register_unevaluated", default=True):
+        raise RetrainExit(EXIT_CONFIG, (
+            "without evaluation (eval.at_end=false eval.every_epochs=0) and with "
+            "tracking.registry.register_unevaluated=false a run registers nothing: "
+            "retraining would have no outcome; drop one of them (docs/retrain.md)"))
+
+
 def _nothing_new(reg, snap: Snapshot) -> tuple[Any, str | None]:
     """(champion, why there is nothing to do) - the reason is None when training is due."""
     champ = reg.champion()
@@ -185,7 +211,8 @@ def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | No
     return tcfg
 
 
-def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s: float) -> Any:
+def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease,
+                  heartbeat_s: float) -> TrainOutcome:
     """train_fn under the lease's heartbeat; a lost lease interrupts the training.
 
     SIGINT / SIGTERM (orchestration/runtime/interrupt.py) stop the training with a resumable
@@ -226,7 +253,7 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease, heartbeat_s
         raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {type(e).__name__}: {e}") from e
     finally:
         training.clear()  # a loss during the bookkeeping after training interrupts nothing
-    if lost_reason and getattr(result, "status", "completed") == "preempted":
+    if lost_reason and result.status == "preempted":
         # the lease's interrupt reached the trainer as a signal: it checkpointed and stopped
         raise RetrainExit(EXIT_LEASE_LOST, f"{lost_reason[0]}; training stopped after a "
                           "checkpoint (another holder may be running it); rerun to resume")
@@ -298,6 +325,7 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
         raise RetrainExit(EXIT_CONFIG, "sslstream retrain runs as one process on one node and "
                           "launches torchrun itself: use retrain.nproc_per_node=N instead of "
                           "torchrun (across nodes: one agent per node, docs/cluster.md)")
+    _check_evaluation(cfg)
     try:
         _generate_embedded_data(cfg)
         snap = take_snapshot(st.source, st.storage_options)
@@ -381,14 +409,14 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
                 if train_fn is None:
                     from sslstream.orchestration.train.loop import train as train_fn
                 result = _run_training(train_fn, tcfg, lease, st.heartbeat_s)
-            if getattr(result, "status", "completed") == "preempted":
-                by = getattr(result, "stopped_by", None) or "a signal"
+            if result.status == "preempted":
+                by = result.stopped_by or "a signal"
                 raise RetrainExit(EXIT_PREEMPTED, f"run {key} stopped by {by} after a "
                                   "checkpoint; rerun to resume")
         except RetrainExit as e:
             _record_failure(reg, e, key, snap)
             raise
-        run_id = getattr(result, "run_id", None)
+        run_id = result.run_id
         try:
             existing = reg.find_version(key)
         except Exception as e:
@@ -399,7 +427,9 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
     try:
         promoted = reg.is_champion(existing)
         vtags = reg.version_info(existing)[1]
-        decision = "promoted" if promoted else "registered-not-promoted"
+        evaluated = vtags.get("evaluated", "true") != "false"
+        decision = ("promoted" if promoted else "registered-not-promoted" if evaluated
+                    else "registered-unevaluated")
         why = vtags.get("promotion_reason", "")
         if champ is None and why.startswith("no champion yet"):  # said once, in `reason`
             why = why.partition("; ")[2]
@@ -408,7 +438,8 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
         reg.record_check(decision, tags["reason"], snap)
     except Exception as e:
         raise RetrainExit(EXIT_REGISTRY, f"tagging v{existing} of {reg.name!r}: {e}") from e
-    verdict = "champion" if promoted else "challenger only"
+    verdict = ("champion" if promoted else "challenger only" if evaluated
+               else "challenger, not evaluated: never promoted")
     return f"{reg.name} v{existing} ({verdict}): {tags['reason']}"
 
 

@@ -27,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -49,7 +49,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
-                 extra_args: tuple[str, ...] = ()) -> SimpleNamespace:
+                 extra_args: tuple[str, ...] = ()) -> RunOutcome:
     """Train under torchrun while holding `lease`; returns a TrainResult-like namespace.
 
     Raises RetrainExit with the code for a lost lease, a failed training or registration.
@@ -64,7 +64,7 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
 
 
 def _train_in(work: Path, tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
-              extra_args: tuple[str, ...]) -> SimpleNamespace:
+              extra_args: tuple[str, ...]) -> RunOutcome:
     from sslstream.orchestration.retrain.exits import EXIT_LEASE_LOST, RetrainExit
 
     cfg_path, result_path = work / CONFIG_NAME, work / RESULT_NAME
@@ -101,8 +101,19 @@ def _train_in(work: Path, tcfg: DictConfig, lease: Lease, heartbeat_s: float, np
     return outcome_of(proc.returncode, outcome)
 
 
-def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespace:
-    """The TrainResult-like answer for torchrun's exit status and rank 0's result file.
+@dataclass(frozen=True)
+class RunOutcome:
+    """Rank 0's outcome of a torchrun training (what retrain reads: job.TrainOutcome)."""
+
+    status: str  # "completed" | "preempted"
+    run_id: str | None = None
+    stopped_by: str | None = None
+    registered_uri: str | None = None
+    promoted: bool | None = None
+
+
+def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> RunOutcome:
+    """The outcome for torchrun's exit status and rank 0's result file.
 
     A preempted run counts as preempted whatever torchrun's status: on SIGTERM the agent
     itself exits non-zero (SignalException) after the ranks checkpointed and stopped.
@@ -115,7 +126,7 @@ def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespa
     )
 
     if outcome.get("status") == "preempted":
-        return SimpleNamespace(**outcome)
+        return RunOutcome(**outcome)
     if outcome.get("error") == "config":
         raise RetrainExit(EXIT_CONFIG, f"config error: {outcome.get('message')}")
     if outcome.get("error") == "registration":
@@ -124,7 +135,7 @@ def outcome_of(returncode: int | None, outcome: dict[str, Any]) -> SimpleNamespa
     if returncode != 0 or not outcome or "error" in outcome:
         why = outcome.get("message") or f"torchrun exited with {returncode}"
         raise RetrainExit(EXIT_TRAIN_FAILED, f"training failed: {why}")
-    return SimpleNamespace(**outcome)
+    return RunOutcome(**outcome)
 
 
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:

@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sslstream.orchestration.runtime.runstore import TEMP_PREFIX, RunStore, is_local_url, mask_url
+from sslstream.orchestration.errors import UserError
+from sslstream.orchestration.runtime.runstore import TEMP_PREFIX, RunStore, is_local_url
+from sslstream.pipelines.shards.masking import mask
 from sslstream.pipelines.shards.storage import RetryPolicy, StorageError, get_fs, with_retries
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
@@ -168,9 +170,14 @@ def remove_unpublished(run_dir: RunDir, storage_options: dict | None = None) -> 
     return n, size
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is not there or not loadable; the message names it."""
+
+
 def load_checkpoint(source: Checkpoint | str | Path, map_location: str | torch.device = "cpu",
                     storage_options: dict | None = None) -> dict[str, Any]:
-    """Load with weights_only=True (no pickled code); a clear error names the checkpoint.
+    """Load with weights_only=True (no pickled code); CheckpointError names the checkpoint
+    (one line from the CLI: a mistyped --checkpoint is the user's input, not a bug).
 
     A published `Checkpoint` is checked against its manifest (size, sha256) first; a path or
     URL (`trainer.init_from`, `sslstream eval --checkpoint`) is loaded as it is.
@@ -181,19 +188,29 @@ def load_checkpoint(source: Checkpoint | str | Path, map_location: str | torch.d
     elif isinstance(source, Path) or is_local_url(str(source)):
         where = str(source)
         path = Path(str(source).removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {where} does not exist (or is not a file): pass "
+                                  "a step-*.pt file that training wrote under "
+                                  "trainer.output_dir/<run_name>/")
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-            raise RuntimeError(f"cannot load checkpoint {where}: {exc}") from exc
+            raise _unloadable(where, exc) from exc
     else:
-        where = mask_url(str(source))
+        where = mask(str(source))
         fs, path = get_fs(str(source), storage_options)
         data = with_retries(lambda: fs.cat_file(path), where, what="reading",
                             policy=RetryPolicy())
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint's name
-        raise RuntimeError(f"cannot load checkpoint {where}: {exc}") from exc
+        raise _unloadable(where, exc) from exc
+
+
+def _unloadable(where: str, exc: BaseException) -> CheckpointError:
+    why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return CheckpointError(f"cannot load checkpoint {where}: {why} (not a checkpoint of "
+                           "sslstream train, or damaged)")
 
 
 def _verified_bytes(ckpt: Checkpoint) -> bytes:

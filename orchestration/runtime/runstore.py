@@ -8,7 +8,7 @@ folder named `s3:`.
 
 Every call is bounded and retried on transient store errors (503 SlowDown, reset
 connections; pipelines/shards/storage.py: `with_retries`), and every permanent error is a
-`StorageError` naming the URL with any credentials in it masked. A whole object is
+`StorageError` naming the URL with any credentials in it masked (pipelines/shards/masking.py). A whole object is
 written in one piece: locally to a temporary file renamed into place (atomic on POSIX),
 on an object store with one PUT (S3 and GCS never show a partial object).
 """
@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import re
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
+from sslstream.pipelines.shards.masking import mask
 from sslstream.pipelines.shards.storage import (
     RetryPolicy,
     StorageError,
@@ -31,16 +31,9 @@ from sslstream.pipelines.shards.storage import (
     with_retries,
 )
 
-__all__ = ["RunStore", "mask_url", "is_local_url"]
+__all__ = ["RunStore", "is_local_url"]
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
 TEMP_PREFIX = ".tmp-"
-
-
-def mask_url(url: str) -> str:
-    """`url` for messages: credentials in its user-info part (`s3://key:secret@b/p`,
-    `https://user:token@host/p`) replaced by `***`."""
-    return _USERINFO.sub(r"\1***@", str(url))
 
 
 def is_local_url(url: str) -> bool:
@@ -59,7 +52,7 @@ class RunStore:
         if self.local:
             text = str(Path(text.removeprefix("file://")).expanduser().absolute())
         self._raw = text.rstrip("/") or "/"
-        self.url = mask_url(self._raw)
+        self.url = mask(self._raw)  # what messages show (pipelines/shards/masking.py)
         self.policy = policy or RetryPolicy()
         try:
             self.fs, self.root = get_fs(self._raw, storage_options)
@@ -67,7 +60,7 @@ class RunStore:
             raise
         except Exception as e:  # a malformed URL or options the backend refuses
             raise StorageError(f"{self.url}: cannot open this store: {type(e).__name__}: "
-                               f"{mask_url(str(e))}", self.url) from None
+                               f"{mask(str(e))}", self.url) from None
         self.root = self.root.rstrip("/") or "/"
 
     @classmethod

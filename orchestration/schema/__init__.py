@@ -112,10 +112,11 @@ def compose_checked(overrides: Sequence[str] = (), *, allow_missing: bool = Fals
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"config error: {e}") from e
     check_overrides(values, reference)
+    quoted = _free_form_forced(quoted, values, reference)
     try:
         cfg = compose_config(quoted)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"config error: {_strip_plus_hint(str(e))}") from e
+        raise ConfigError(f"config error: {_without_values(_strip_plus_hint(str(e)))}") from e
     check_config(cfg, reference, allow_missing=allow_missing)
     return cfg
 
@@ -139,14 +140,34 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[Any]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        parsed = parser.parse_overrides(list(overrides))
     except HydraException as e:
-        raise ConfigError(f"cannot parse the overrides: {e}") from e
+        raise _parse_error(parser, overrides, e) from e
     groups, values = [], []
     for o in parsed:
         (groups if _is_group(o.key_or_group) else values).append(o)
     return [o.input_line for o in groups], values
+
+
+def _parse_error(parser: Any, overrides: Sequence[str], e: Exception) -> ConfigError:
+    """Which override does not parse, by its key; Hydra's text quotes the value (which may
+    be a secret), so quoted input is left out."""
+    from hydra.errors import HydraException
+
+    bad = ""
+    for line in overrides:
+        try:
+            parser.parse_overrides([line])
+        except HydraException:
+            bad = line.partition("=")[0]
+            break
+    why = re.sub(r"'[^'\n]*'", "'...'", str(e).split("\n", 1)[0])
+    where = f"the override of {bad}" if bad else "the overrides"
+    return ConfigError(f"cannot parse {where}: {why} (value not repeated here; Hydra's "
+                       "override syntax: https://hydra.cc/docs/advanced/override_grammar/basic/)",
+                       bad.lstrip("+~"))
 
 
 def _check_group_choices(groups: Sequence[str]) -> None:
@@ -232,8 +253,29 @@ def _unknown_key_message(key: str, reference: DictConfig, line: str) -> str:
 
 
 def _strip_plus_hint(text: str) -> str:
-    """Hydra suggests `+key=value` for an unknown key; that would run with the key ignored."""
-    return re.sub(r"\s*To append to your config use \+\S+", "", text)
+    """Hydra suggests `+key=value` for an unknown key; that would run with the key ignored.
+    The hint repeats the override's value (to the end of its line), which may be a secret."""
+    return re.sub(r"\s*To append to your config use \+[^\n]*", "", text)
+
+
+def _without_values(text: str) -> str:
+    """Hydra's `Error merging override key=value`: the key without the value (a secret?)."""
+    return re.sub(r"(override \+{0,2}[\w.\-/@]+)=[^\n]*", r"\1=...", text)
+
+
+def _free_form_forced(lines: list[str], values: Sequence[Any], reference: DictConfig) -> list[str]:
+    """`data.storage_options={anon: true}`: a free-form node (`{}` in the defaults, e.g.
+    storage options) takes any keys, so a plain override of it, or of a key below it, is
+    applied as `++` (Hydra refuses new keys in its struct mode otherwise)."""
+    forced = set()
+    for o in values:
+        if o.is_delete() or o.is_add() or o.is_force_add():
+            continue
+        node = _lookup(reference, o.key_or_group)
+        if node is _FREE or (isinstance(node, DictConfig) and len(node) == 0
+                             and isinstance(o.value(), dict)):
+            forced.add(o.input_line)
+    return [f"++{line}" if line in forced else line for line in lines]
 
 
 def _did_you_mean(word: str, options: Sequence[str]) -> str:
@@ -263,6 +305,9 @@ def check_config(cfg: DictConfig, reference: DictConfig | None = None, *,
                 default = _lookup(reference, key)
             except KeyError:
                 default = _FREE
+        if isinstance(default, DictConfig) and len(default) == 0 and value is not None:
+            raise ConfigError(f"{key} must be a mapping, e.g. {key}={{anon: true}} (a single "
+                              "value was given; not repeated here: it may be a secret)", key)
         if rule is None:
             if default is _FREE or default is None or default == "???":
                 continue
@@ -319,7 +364,8 @@ def _cross_checks(cfg: DictConfig) -> None:
                 raise ConfigError(
                     f"evaluation needs a labelled split: data.{key} is not set (set "
                     f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
-                    "without evaluation and registration)", f"data.{key}")
+                    "without evaluation: the encoder is registered unevaluated, never promoted; "
+                    "docs/data.md, docs/retrain.md)", f"data.{key}")
 
 
 def _show(v: Any) -> str:

@@ -138,6 +138,7 @@ RULES: dict[str, Rule] = {
     "data.num_workers": Int(1),
     "data.max_bad_fraction": Num(0, le=1),
     "data.validate": One("header", "decode"),
+    "data.max_member_bytes": Int(1024),
     "data.generate": Rule("bool"),
     "data.generate_train_samples": Int(1),
     "data.generate_test_samples": Int(1),

@@ -3,7 +3,7 @@
     tracker.py        Tracker: one MLflow run per training (params, metrics, artifacts, model)
     settings.py       TrackingSettings read from the `tracking` config group
     null.py           NullTracker: the same interface with no MLflow import (ranks > 0, off)
-    mlflow_env.py     tracking URI resolution, HTTP limits, credential redaction
+    mlflow_env.py     tracking URI resolution (credentials out of the URI), HTTP limits
     registry.py       register a version, aliases, load a registered encoder
     promotion.py      the promotion rule and its race-safe read-compare-set loop
     encoder_model.py  the pyfunc model (models-from-code: logged as a file, no pickles)

@@ -1,8 +1,9 @@
 """Figures as run artifacts: loss and kNN curves from the run's history, a PCA of embeddings.
 
-A mixin of :class:`~sslstream.orchestration.tracking.tracker.Tracker`, kept apart from the run's
-lifecycle and failure handling: it only uses the Tracker's guarded calls, so a plot can
-never stop training when MLflow is down. The drawing itself is in ``plots.py``.
+A mixin of :class:`~sslstream.orchestration.tracking.tracker.Tracker` that turns the run's
+metric history and the final embeddings into image artifacts. It only uses the Tracker's
+guarded calls, so a plot can never stop training when MLflow is down. The drawing itself is
+in ``plots.py``.
 """
 
 from __future__ import annotations

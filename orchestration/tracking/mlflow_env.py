@@ -1,7 +1,7 @@
 """Where MLflow talks to, and how long it may take: URI resolution, HTTP limits, probing.
 
-Kept apart from the Tracker so that the registry helpers (used by the retraining job without
-a run) resolve the server exactly like training does.
+Used by the Tracker and by the registry helpers (which the retraining job calls without a
+run), so both resolve and reach the server the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-from sslstream.orchestration.errors import UserError
+from sslstream.orchestration.errors import ConfigError, UserError
+from sslstream.pipelines.shards.masking import mask, remember
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 # MLflow's own knobs; its defaults make a client wait ~250 s on a dead server.
@@ -47,7 +48,9 @@ def resolve_tracking_uri(configured: str | None) -> str:
     MLflow's own ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (HTTP basic
     auth, the same header the URL form sends): MLflow then never holds them in a URI, so
     none of its own lines (``View run ... at: <uri>``), errors or logged tags can print
-    them. The environment's URI is rewritten too (child processes inherit it clean).
+    them. The environment's URI is rewritten too (child processes inherit it clean). A URI
+    whose credentials cannot be told from its host is refused (ConfigError, masked) before
+    anything is sent (see ``move_credentials``).
     """
     env = os.environ.get(ENV_URI)
     uri = env or configured or default_tracking_uri()
@@ -57,12 +60,26 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return clean
 
 
-_HTTP_USERINFO = re.compile(r"^(https?://)([^/@\s]*)@")
+# the user info ends at the authority's LAST '@' (a password may hold an unencoded '@')
+_HTTP_USERINFO = re.compile(r"^(https?://)([^/?#\s]*)@")
 
 
 def move_credentials(uri: str) -> str:
-    """``uri`` without its ``user:password@``; those go to the MLflow auth variables."""
+    """``uri`` without its ``user:password@``; those go to the MLflow auth variables.
+
+    The user info ends at the authority's last ``@``, so ``user:p@ss@host`` sends the
+    password ``p@ss`` to ``host``. An ``@`` still left after that (a password holding an
+    unencoded ``/``, ``?`` or ``#``) makes the host unknowable: ConfigError, with the URI
+    masked, before any request."""
+    remember(uri, environment=False)
     m = _HTTP_USERINFO.match(uri)
+    rest = uri[m.end():] if m else uri.split("://", 1)[-1]
+    if is_http(uri) and "@" in rest:
+        raise ConfigError(
+            f"config error: the MLflow tracking URI {mask(uri)} has an '@' after its host: "
+            "a user name or password in it holds an unencoded '/', '?' or '#' (or '@'). "
+            "Percent-encode them (%2F, %3F, %23, %40), or set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD and leave them out of the URI", ENV_URI)
     if not m:
         return uri
     from urllib.parse import unquote
@@ -78,7 +95,7 @@ def move_credentials(uri: str) -> str:
 def shown_uri(uri: str) -> str:
     """`uri` for messages: credentials masked; an HTTP store whose credentials were moved to
     MLFLOW_TRACKING_USERNAME shows `***@` where they go."""
-    shown = redact(uri)
+    shown = mask(uri)
     if is_http(shown) and "@" not in shown.split("/")[2] and os.environ.get(ENV_USER):
         scheme, rest = shown.split("://", 1)
         shown = f"{scheme}://***@{rest}"
@@ -122,17 +139,6 @@ def ensure_http_limits(uri: str) -> None:
         apply_http_limits(DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DEFAULT_BACKOFF_FACTOR)
 
 
-_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@")
-
-
-def redact(text: str) -> str:
-    """``text`` with URL credentials masked (``http://user:token@host`` -> ``http://***@host``).
-
-    Applied to every message that names the server, and to error texts that may quote it.
-    """
-    return _USERINFO.sub(r"\1***@", str(text))
-
-
 class StoreNotFound(UserError, FileNotFoundError):
     """A tracking store to read from does not exist (and must not be created by reading)."""
 
@@ -155,7 +161,7 @@ def require_store(uri: str, what: str) -> None:
     if path is None or path.exists():
         return
     raise StoreNotFound(
-        f"cannot load {what}: there is no MLflow store at {redact(uri)} (nothing was created). "
+        f"cannot load {what}: there is no MLflow store at {mask(uri)} (nothing was created). "
         f"A models:/ URI lives in the store of the run that registered it, which the run "
         f"printed: set MLFLOW_TRACKING_URI=<that store> (or tracking.uri=<that store>)")
 
@@ -184,7 +190,7 @@ def probe(uri: str, timeout_s: float) -> str | None:
     if not is_http(uri):
         return None
     # without user:password@ (urllib cannot send it; /health needs no auth), never shown
-    url = _USERINFO.sub(r"\1", uri.rstrip("/")) + "/health"
+    url = _HTTP_USERINFO.sub(r"\1", uri.rstrip("/")) + "/health"
     shown = url
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (http only)

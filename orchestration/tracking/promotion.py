@@ -1,9 +1,8 @@
 """The promotion rule: when alias champion moves to a newly registered version.
 
-Kept apart from registry.py (logging and registering the model, reading it back): this is
-the decision -- finite, not collapsed, evaluated like the champion, better by the margin --
-and the read-compare-set loop that keeps it right when two registrations race. docs/tracking.md
-"Registry" states the rule for users.
+The decision -- finite, not collapsed, evaluated like the champion, better by the margin --
+and the read-compare-set loop that keeps it right when two registrations race; registry.py
+calls it after registering a version. docs/tracking.md "Registry" states the rule for users.
 """
 
 from __future__ import annotations

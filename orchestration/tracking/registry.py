@@ -40,11 +40,15 @@ from sslstream.orchestration.errors import (  # re-exported: callers import it
     RegistrationError,
     UserError,
 )
-from sslstream.orchestration.tracking.encoder_model import CODE_MODULE, EncoderSpec, load_weights
+from sslstream.orchestration.tracking.encoder_model import (
+    CODE_MODULE,
+    INPUT_CONTRACT,
+    EncoderSpec,
+    load_weights,
+)
 from sslstream.orchestration.tracking.mlflow_env import (
     ensure_http_limits,
     quiet_downloads,
-    redact,
     require_store,
     scoped_tracking_uri,
 )
@@ -56,6 +60,7 @@ from sslstream.orchestration.tracking.promotion import (  # COMPARABLE_TAGS, Reg
     version_metric,
     version_of,
 )
+from sslstream.pipelines.shards.masking import mask
 
 ENCODER_CODE = Path(__file__).with_name("encoder_model.py")
 # The backbone code shipped with every encoder (encoder_model.py: `import_code`).
@@ -98,16 +103,19 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 
 def _signature(spec: EncoderSpec) -> ModelSignature:
+    """Outputs and params only: the pyfunc checks its inputs itself (encoder_model.py, "Why
+    no input schema"); `_metadata` describes them."""
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), name="images")]),
+        inputs=None,
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.feature_dim), name="embeddings")]),
         params=ParamSchema([ParamSpec("batch_size", "long", 256), ParamSpec("device", "string", "cpu")]),
     )
 
 
 def _requirements(spec: EncoderSpec) -> list[str]:
-    """The serving environment: this process's versions of mlflow, torch, torchvision, numpy
-    and of what the backbone's code imports besides (timm for a ViT: backbones.requirements)."""
+    """The serving environment: this process's versions of mlflow, torch, torchvision, numpy,
+    pillow (encoded image files) and of what the backbone's code imports besides (timm for a
+    ViT: backbones.requirements)."""
     import torchvision
 
     def base(v: str) -> str:
@@ -116,7 +124,8 @@ def _requirements(spec: EncoderSpec) -> list[str]:
     extra = [f"{pkg}=={importlib.metadata.version(pkg)}"
              for pkg in backbone_requirements(spec.backbone)]
     return [f"mlflow=={mlflow.__version__}", f"torch=={base(torch.__version__)}",
-            f"torchvision=={base(torchvision.__version__)}", f"numpy=={np.__version__}", *extra]
+            f"torchvision=={base(torchvision.__version__)}", f"numpy=={np.__version__}",
+            f"pillow=={importlib.metadata.version('pillow')}", *extra]
 
 
 def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderSpec,
@@ -153,12 +162,14 @@ def log_encoder(uri: str, run_id: str, backbone: torch.nn.Module, spec: EncoderS
                                "weights": str(tmp_path / WEIGHTS_FILE),
                                "code": str(code_dir)},
                     signature=_signature(spec), input_example=example,
+                    metadata={"sslstream_inputs": INPUT_CONTRACT,
+                              "image_size": spec.image_size, "feature_dim": spec.feature_dim},
                     pip_requirements=_requirements(spec),
                 )
         except Exception as e:  # MLflow raises many types (HTTP, IO, schema)
             raise RegistrationError(
-                f"logging encoder {name!r} to run {run_id} at {redact(uri)} failed: "
-                f"{redact(str(e))}"
+                f"logging encoder {name!r} to run {run_id} at {mask(uri)} failed: "
+                f"{mask(str(e))}"
             ) from e
     return info.model_uri
 
@@ -223,8 +234,8 @@ def register_encoder(uri: str, model_uri: str, settings: RegistrySettings, *,
     except Exception as e:  # MLflow raises MlflowException, requests and OS errors
         done = "" if version is None else f" (version {version} was created; aliases/tags incomplete)"
         raise RegistrationError(
-            f"registering model {name!r} from {model_uri} at {redact(uri)} failed{done}: "
-            f"{redact(str(e))}"
+            f"registering model {name!r} from {model_uri} at {mask(uri)} failed{done}: "
+            f"{mask(str(e))}"
         ) from e
     return PromotionDecision(name=name, version=version, uri=f"models:/{name}/{version}",
                              promoted=promoted, reason=reason, metric=new_metric,
@@ -274,14 +285,30 @@ def load_encoder_state_dict(uri: str, model_uri: str) -> tuple[dict[str, torch.T
             if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
                 raise
             raise ModelNotFound(
-                f"{model_uri} is not in the MLflow store at {redact(uri)} ({redact(str(e))}); "
+                f"{model_uri} is not in the MLflow store at {mask(uri)} ({mask(str(e))}); "
                 "if it was registered elsewhere, set MLFLOW_TRACKING_URI to the store its "
                 "training printed") from e
         conf = Model.load(str(local)).flavors["python_function"]
         paths = {k: local / (v["path"] if isinstance(v, dict) else v)
                  for k, v in conf.get("artifacts", {}).items()}
         if "spec" not in paths or "weights" not in paths:
-            raise ValueError(f"{model_uri} at {redact(uri)} is not an sslstream encoder (artifacts: "
+            raise ValueError(f"{model_uri} at {mask(uri)} is not an sslstream encoder (artifacts: "
                              f"{json.dumps(sorted(paths))})")
         spec = EncoderSpec.from_json(paths["spec"].read_text(encoding="utf-8"))
         return load_weights(str(paths["weights"])), spec
+
+
+def resolve_version(uri: str, model_uri: str) -> str:
+    """``models:/<name>@<alias>`` -> ``models:/<name>/<version>`` (the version the alias
+    points at now); any other URI is returned as it is. Names what produced an output."""
+    rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    if not at or "/" in name:
+        return model_uri
+    ensure_http_limits(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    except MlflowException as e:
+        raise ModelNotFound(f"{model_uri} is not in the MLflow store at {mask(uri)} "
+                            f"({mask(str(e))})") from e

@@ -1,6 +1,7 @@
 """Tracking configuration (``cfg.tracking``) and config -> MLflow params flattening.
 
-Split from tracking.py so the settings can be read (and validated) without MLflow runs.
+Read (and validated) without importing MLflow or starting a run: the CLI's config check,
+the NullTracker and retrain's settings use them too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from sslstream.orchestration.errors import ConfigError
 from sslstream.orchestration.tracking import mlflow_env
 from sslstream.orchestration.tracking.registry import RegistrySettings
+from sslstream.pipelines.shards.masking import mask
 
 MAX_KEY = 250                       # MLflow's limit on param/metric key length
 KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")  # characters MLflow refuses in keys
@@ -77,42 +79,18 @@ def _to_dict(cfg: Any) -> dict[str, Any]:
     return {k: (_to_dict(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()}
 
 
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential", re.IGNORECASE)
-
-
-def redact_config(cfg: Any) -> Any:
-    """A copy of a config safe to log: no credentials in params or the config artifact.
-
-    ``*storage_options*`` subtrees go through ``sslstream.pipelines.shards.storage.redact`` (fsspec's
-    ``key`` / ``secret`` / ``token`` ...), keys that name a secret anywhere become ``***``,
-    and credentials inside URLs (``http://user:token@host``) are masked.
-    """
-    from sslstream.pipelines.shards.storage import redact as redact_storage
-
-    def walk(value: Any, key: str = "") -> Any:
-        if isinstance(value, Mapping):
-            if "storage_options" in key:
-                return redact_storage(value)
-            return {k: ("***" if _SECRET_KEY.search(str(k)) and not isinstance(v, Mapping)
-                        else walk(v, str(k))) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(v, key) for v in value]
-        return mlflow_env.redact(value) if isinstance(value, str) else value
-
-    return walk(cfg)
-
-
-def redact_yaml(text: str) -> str:
-    """YAML config text with credentials masked (re-dumped through ``redact_config``)."""
+def mask_yaml(text: str) -> str:
+    """YAML config text with credentials masked: parsed, masked as a mapping (secret keys
+    lose their values; pipelines/shards/masking.py) and dumped again."""
     import yaml
 
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:  # not ours to fix: still mask URL credentials
-        return mlflow_env.redact(text)
+        return mask(text)
     if not isinstance(data, Mapping):
-        return mlflow_env.redact(text)
-    return yaml.safe_dump(redact_config(data), sort_keys=False, default_flow_style=None)
+        return mask(text)
+    return yaml.safe_dump(mask(data), sort_keys=False, default_flow_style=None)
 
 
 def flatten_params(cfg: Mapping[str, Any], max_length: int = 500) -> dict[str, str]:

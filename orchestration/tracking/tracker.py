@@ -58,10 +58,10 @@ from sslstream.orchestration.tracking.settings import (
     MAX_KEY,
     TrackingSettings,
     flatten_params,
-    redact_config,
-    redact_yaml,
+    mask_yaml,
 )
 from sslstream.orchestration.tracking.system_metrics import SystemMetrics
+from sslstream.pipelines.shards.masking import mask, mask_exception
 
 __all__ = ["Tracker", "TrackingSettings", "flatten_params", "RegistrationError"]
 
@@ -127,8 +127,8 @@ class Tracker(FigureLogging):
         data = (resolved_config or {}).get("data")
         # listed now, when the stream has just resolved its shards (a prefix may grow later)
         self._data = self._data_tags(data if isinstance(data, Mapping) else {})
-        self._start_args = (run_name, dict(redact_config(dict(resolved_config or {}))),
-                            {str(k): str(v) for k, v in (tags or {}).items()}, run_id)
+        self._start_args = (run_name, dict(mask(dict(resolved_config or {}))),
+                            {str(k): mask(str(v)) for k, v in (tags or {}).items()}, run_id)
         if (why := mlflow_env.probe(self.uri, self.settings.probe_timeout_s)) is not None:
             self._go_down(why)
             return None
@@ -227,7 +227,7 @@ class Tracker(FigureLogging):
     # -- logging ----------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self._ready():
-            clean = redact_config(dict(params))
+            clean = mask(dict(params))
             self._guarded("log_params", lambda: self._log_params(clean, existing={}))
 
     def log_metrics(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
@@ -250,7 +250,7 @@ class Tracker(FigureLogging):
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self._ready():
-            batch = [RunTag(str(k), str(v)) for k, v in tags.items()]
+            batch = [RunTag(str(k), mask(str(v))) for k, v in tags.items()]
             self._guarded("set_tags", lambda: self._batch(tags=batch))
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
@@ -265,8 +265,8 @@ class Tracker(FigureLogging):
 
     def log_config(self, yaml_text: str, name: str = "config.yaml") -> None:
         """The resolved config as an artifact ``config/<name>`` (what reproduces the run),
-        with credentials masked (see ``redact_config``)."""
-        yaml_text = redact_yaml(yaml_text)
+        with credentials masked (pipelines/shards/masking.py)."""
+        yaml_text = mask_yaml(yaml_text)
         if self._ready():
             self._guarded("log_config", lambda: self._client.log_text(
                 self.run_id, yaml_text, f"config/{name}"))
@@ -285,7 +285,7 @@ class Tracker(FigureLogging):
         (``evaluated=False``: an unlabelled run's encoder, registered, never promoted)."""
         self._require(f"register model {self.settings.registry.name!r}")
         version_tags = dict(self._data)
-        version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        version_tags.update({str(k): mask(str(v)) for k, v in (tags or {}).items()})
         return register_encoder(self.uri, model_uri, self.settings.registry,
                                 metrics={k: _scalar(v) for k, v in metrics.items()},
                                 feature_dim=feature_dim, run_id=self.run_id,
@@ -382,5 +382,5 @@ def _scalar(value: Any) -> float:
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
-    text = mlflow_env.redact(f"{type(e).__name__}: {e}".replace("\n", " "))
+    text = mask_exception(e)
     return text if len(text) <= limit else text[: limit - 3] + "..."

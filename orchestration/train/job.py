@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -26,6 +26,11 @@ from sslstream.orchestration.runtime.resources import (
 from sslstream.orchestration.runtime.runstore import RunStore
 from sslstream.orchestration.train.step import autocast_dtype, wrap_model
 
+if TYPE_CHECKING:
+    from sslstream.models.methods import Method
+    from sslstream.models.optim import WarmupCosine
+    from sslstream.pipelines.views.loader import TwoViewLoader
+
 log = logging.getLogger("sslstream.train")
 
 
@@ -36,11 +41,11 @@ class Job:
     cfg: DictConfig
     env: D.DistEnv
     store: RunStore  # the run's folder: ${trainer.output_dir}/${run_name}, on any store
-    method: torch.nn.Module
-    model: torch.nn.Module  # what the step calls: StepModule (+ DDP)
-    loader: Any
+    method: Method
+    model: torch.nn.Module  # what the step calls: the method, or DDP around it
+    loader: TwoViewLoader
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: WarmupCosine
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
     steps_per_epoch: int
@@ -206,7 +211,7 @@ def describe(job: Job) -> str:
         parts.append("channels_last")
     if tr.get("compile", False):
         parts.append("compiled backbones")
-    backend = getattr(job.loader, "backend_name", type(job.loader).__name__)
+    backend = job.loader.backend_name
     res = job.resources or job_resources(cfg, env.device)
     return (f"training {cfg.method.name} ({cfg.backbone.name}) on {env.device}: "
             f"{env.world_size} rank(s) x batch {tr.batch_size} = {job.global_batch}, "
@@ -239,7 +244,7 @@ def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" if str(v) == "auto" else bool(v)
 
 
-def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> Any:
+def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> TwoViewLoader:
     from sslstream.pipelines.shards.cache import cache_options
     from sslstream.pipelines.shards.stream import ShardStream, sample_options
     from sslstream.pipelines.views.loader import TwoViewLoader
@@ -329,7 +334,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"evaluation needs a labelled split: data.{key} is not set (set "
                 f"data.{key}=<shards>, or eval.at_end=false eval.every_epochs=0 to train "
-                "without evaluation and registration)", f"data.{key}"
+                "without evaluation: the encoder is registered unevaluated, never promoted; "
+                "docs/data.md, docs/retrain.md)", f"data.{key}"
             )
         specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
         urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
@@ -351,7 +357,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
         if key != "train" or (evaluating and bank_is_train):  # unlabelled training is fine
             name = f"data.{key}" if key != "train" else "data.bank"  # the bank defaults to train
             require_labels(name, specs[0] if len(specs) == 1 else specs,
-                           str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts)
+                           str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts,
+                           max_member_bytes=cfg.data.get("max_member_bytes"))
 
 
 def evaluated_splits(cfg: DictConfig) -> list[str]:

@@ -1,7 +1,7 @@
 """`sslstream train`: the main job, from shards to a registered encoder.
 
-One function, `train(cfg)` (built by orchestration/train/job.py: `build_job`), runs the same way under `python`, `sslstream train` and
-`torchrun` (any number of nodes):
+One function, `train(cfg)` (its job built by orchestration/train/job.py: `build_job`), runs
+the same way under `python`, `sslstream train` and `torchrun` (any number of nodes):
 
   data (generate the embedded default on first use) -> ShardStream -> TwoViewLoader
   -> Method (+ SyncBN on CUDA when it wants it) -> DDP -> optimizer + warmup-cosine
@@ -23,7 +23,8 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -35,12 +36,23 @@ from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
 from sslstream.orchestration.runtime.runstore import RunStore
 from sslstream.orchestration.train.job import Job, build_job, describe
 from sslstream.orchestration.train.monitor import Monitor
-from sslstream.orchestration.train.report import end_of_run_lines
+from sslstream.orchestration.train.report import end_of_run_lines, eval_data_overrides
 from sslstream.orchestration.train.result import TrainResult
 from sslstream.orchestration.train.runlog import REGISTERED_MARKER, RunLog
 from sslstream.orchestration.train.step import NonFiniteLossError, check_every, train_step
 
+if TYPE_CHECKING:
+    from sslstream.pipelines.views.loader import TwoViewLoader
+
 log = logging.getLogger("sslstream.train")
+
+
+class EpochEnd(Enum):
+    """How the steps of one epoch (`_epoch`) ended."""
+
+    EPOCH_DONE = "epoch_done"  # the loader's epoch is over: the next epoch follows
+    STOPPED = "stopped"  # a rank asked to stop (SIGINT / SIGTERM): checkpointed, preempted
+    LAST_STEP = "last_step"  # total_steps reached: the run is complete
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -302,14 +314,11 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
         job.method.train()
         s.phase, s.consistent = "training", False
         with interrupts.deferred():  # a signal stops the run at the next step boundary
-            seen = _epoch(job, s, ck, monitor, loader, grad_clip, every_ckpt, check)
-        if seen < 0:
-            return ("preempted" if seen == -1 else "completed"), t_eval
-        if s.epoch_step != 0 or seen == 0:  # the loader ended early: ranks would desync
-            raise RuntimeError(
-                f"the loader yielded fewer than len(loader)={job.steps_per_epoch} batches in "
-                f"epoch {s.epoch}; every rank must take the same number of steps"
-            )
+            end = _epoch(job, s, ck, monitor, loader, grad_clip, every_ckpt, check)
+        if end is EpochEnd.STOPPED:
+            return "preempted", t_eval
+        if end is EpochEnd.LAST_STEP:
+            return "completed", t_eval
         if every_eval and s.epoch % every_eval == 0:
             s.phase, s.consistent = "evaluating", True
             if interrupts.signum is not None:  # asked during the last steps (a CUDA check gap)
@@ -327,9 +336,10 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
     return "completed", t_eval
 
 
-def _epoch(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, loader: Any,
-           grad_clip: float | None, every_ckpt: int, check: int) -> int:
-    """The steps of one epoch: batches seen, or -1 (stopped by a signal), -2 (last step)."""
+def _epoch(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, loader: TwoViewLoader,
+           grad_clip: float | None, every_ckpt: int, check: int) -> EpochEnd:
+    """The steps of one epoch, until the loader's epoch, a stop or the last step ends them.
+    A loader that ends its epoch early raises: the ranks would take different step counts."""
     seen = 0
     monitor.clock.fetching()
     for batch in loader:
@@ -349,16 +359,21 @@ def _epoch(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, loader: Any
                        lambda: loader.counters, out.grad_norm)
         if out.stop:
             ck.save()
-            return -1
+            return EpochEnd.STOPPED
         if every_ckpt and s.step % every_ckpt == 0 and not ck.save():
             raise NonFiniteLossError(
                 f"non-finite weights after step {s.step} (no non-finite loss seen at the "
                 "checks); check optim.lr / the method config; the last good checkpoint is kept"
             )
         if s.step >= job.total_steps:
-            return -2
+            return EpochEnd.LAST_STEP
         monitor.clock.fetching()
-    return seen
+    if s.epoch_step != 0 or seen == 0:
+        raise RuntimeError(
+            f"the loader yielded fewer than len(loader)={job.steps_per_epoch} batches in "
+            f"epoch {s.epoch}; every rank must take the same number of steps"
+        )
+    return EpochEnd.EPOCH_DONE
 
 
 def _final_eval_and_register(job: Job, s: _State, runlog: RunLog, result: TrainResult) -> None:
@@ -436,8 +451,9 @@ def run_from_config(cfg: DictConfig) -> int:
     finally:
         D.cleanup()  # every rank, also after a signal: the others wait in its barrier
     if result.status == "preempted":
-        return 128 + int(getattr(signal.Signals, result.stopped_by or "SIGTERM", signal.SIGTERM))
+        return 128 + int(signal.Signals.__members__.get(result.stopped_by or "", signal.SIGTERM))
     if os.environ.get("RANK", "0") == "0" and result.status == "completed":
-        for line in end_of_run_lines(result, time.perf_counter() - t0):
+        for line in end_of_run_lines(result, time.perf_counter() - t0,
+                                     eval_data_overrides(cfg.data)):
             print(line, flush=True)
     return 0

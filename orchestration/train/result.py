@@ -1,5 +1,6 @@
 """What a training run returns: its status, where it stopped, its evaluation and its
-registry outcome (kept apart so the run log can name it without importing the loop).
+registry outcome. The loop builds it, the run log fills in the registry outcome, and the CLI
+and retrain read it.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 elsewhere and when tracking is off, and the final
 log -> register -> promote sequence.
 
-Kept out of train.py so the loop reads as training. The Tracker (orchestration/tracking/tracker.py)
-degrades when the server is unreachable (metrics are dropped with one warning); only
-`finish` may raise, with `RegistrationError`, because an encoder that was not registered
-must not look like success.
+The loop (orchestration/train/loop.py) calls it to open or resume the run, log metrics, and
+finish. The Tracker (orchestration/tracking/tracker.py) degrades when the server is
+unreachable (metrics are dropped with one warning); only `finish` may raise, with
+`RegistrationError`, because an encoder that was not registered must not look like success.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""One optimisation step, and the pieces it is made of (precision, DDP wrapper).
+"""One optimisation step, and the pieces it is made of (precision, DDP wrapping).
 
-Kept apart from the loop in train.py so the order of operations, which the momentum
-methods depend on, is in one short place:
+The order of operations, which the momentum methods depend on, in one short place:
 
   forward (autocast) -> [on check steps: agree across ranks that the loss is finite and
   whether a stop was requested] -> backward -> unscale + clip -> optimizer step (the fp16
@@ -16,7 +15,7 @@ the CPU's lead over the GPU (the input pipeline and kernel launches stop overlap
 previous step). So the check runs every `check_every` steps (trainer.check_every_steps,
 auto: every step on CPU, where a sync is free, and every log_every_steps on CUDA). A NaN
 in between is applied, poisons the weights and is caught at the next check; checkpoints
-are only ever written from finite weights (train.py), so the newest checkpoint is still
+are only ever written from finite weights (loop.py), so the newest checkpoint is still
 the last good state and nothing is registered. The fp16 grad scaler (not the default:
 bf16 needs none) reads its scale every step, which is one more sync.
 """
@@ -30,23 +29,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from sslstream.models.methods import Method
 from sslstream.orchestration.errors import ConfigError
 from torch import nn
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf: the run stops, nothing is registered."""
-
-
-class StepModule(nn.Module):
-    """Adapter so DDP (which hooks `forward`) can drive `Method.training_step`."""
-
-    def __init__(self, method: nn.Module) -> None:
-        super().__init__()
-        self.method = method
-
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self.method.training_step(view1, view2)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -63,20 +52,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise ConfigError(f"trainer.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
 
 
-def wants_sync_bn(method: nn.Module) -> bool:
-    w = getattr(method, "wants_sync_bn", False)
-    return bool(w() if callable(w) else w)
-
-
 def wrap_model(
-    method: nn.Module,
+    method: Method,
     device: torch.device,
     *,
     distributed: bool,
     compile: bool,
     compile_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """StepModule (+ SyncBN when the method wants it, on CUDA) (+ torch.compile) (+ DDP).
+    """The module a step calls: the method itself, or DDP around it (+ SyncBN when the
+    method wants it, on CUDA) (+ torch.compile of its backbones).
+
+    A `Method`'s `forward` is its `training_step`, so DDP (which hooks `forward`) wraps the
+    method directly; its state_dict keys are the method's own.
 
     SyncBatchNorm does not run on CPU (in training mode it raises "expected input on GPU"),
     so CPU/gloo runs keep per-rank BN. The
@@ -97,18 +85,18 @@ def wrap_model(
     declares identical on every rank by construction (`ddp_static_buffers`, e.g. MoCo's
     32 MB queue, which would otherwise be copied from rank 0 on every forward).
     """
-    if distributed and device.type == "cuda" and wants_sync_bn(method):
+    if distributed and device.type == "cuda" and method.wants_sync_bn:
         for name, child in list(method.named_children()):
             setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
     if compile:
         compile_backbones(method, **(compile_kwargs or {}))
-    model: nn.Module = StepModule(method)
+    model: nn.Module = method
     if distributed:
-        static = [f"method.{n}" for n in getattr(method, "ddp_static_buffers", ()) or ()]
+        static = method.ddp_static_buffers
         if static:
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, static)
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, static)
         model = nn.parallel.DistributedDataParallel(
-            model,
+            method,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=False,
             gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: no copy
@@ -116,12 +104,9 @@ def wrap_model(
     return model
 
 
-def compile_backbones(method: nn.Module, **kwargs: Any) -> list[nn.Module]:
+def compile_backbones(method: Method, **kwargs: Any) -> list[nn.Module]:
     """`nn.Module.compile` (in place) every submodule of the backbone's class."""
-    backbone = getattr(method, "backbone", None)
-    if not isinstance(backbone, nn.Module):
-        raise ConfigError(f"trainer.compile=true: {type(method).__name__} has no .backbone to compile")
-    done = [m for m in method.modules() if type(m) is type(backbone)]
+    done = [m for m in method.modules() if type(m) is type(method.backbone)]
     for m in done:
         m.compile(**kwargs)
     return done
@@ -156,7 +141,7 @@ def _agree(flags: list[float], device: torch.device) -> list[float]:
 
 def train_step(
     model: nn.Module,
-    method: nn.Module,
+    method: Method,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
@@ -170,7 +155,7 @@ def train_step(
     stop_requested: bool,
     check: bool = True,
 ) -> StepOutput:
-    """One step. On a check step (`check`, the same steps on every rank), raises
+    """One step of `model` (the method, or DDP around it). On a check step (`check`, the same steps on every rank), raises
     NonFiniteLossError on every rank before touching the weights, and agrees on a stop."""
     device = view1.device
     optimizer.zero_grad(set_to_none=True)

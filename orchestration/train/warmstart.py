@@ -40,7 +40,8 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
             )
         return weights
     from sslstream.orchestration.runtime.checkpoint import load_checkpoint
-    from sslstream.orchestration.runtime.runstore import is_local_url, mask_url
+    from sslstream.orchestration.runtime.runstore import is_local_url
+    from sslstream.pipelines.shards.masking import mask
     from sslstream.pipelines.shards.storage import StorageError
 
     if is_local_url(source):
@@ -53,7 +54,7 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
             model = load_checkpoint(source, storage_options=dict(
                 cfg.trainer.get("storage_options") or {})).get("model", {})
         except StorageError as e:
-            raise StorageError(f"trainer.init_from={mask_url(source)}: {e}", e.url) from None
+            raise StorageError(f"trainer.init_from={mask(source)}: {e}", e.url) from None
     weights = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
     if not weights:
         raise UserError(f"trainer.init_from={source}: the checkpoint has no backbone.* weights")

@@ -1,9 +1,11 @@
 """shards: WebDataset tar shards as a stream of (key, image bytes, label) samples.
 
-    storage.py     fsspec file systems, retries, error classification, credential redaction
+    storage.py     fsspec file systems, retries, error classification
+    masking.py     `mask`: the one rule hiding credentials in every message, log, param
     manifest.py    manifest.json, shard URL expansion (folders, braces, prefixes)
     errors.py      DataError: bad input data named in the message (CLI: no traceback)
-    tario.py       tar member iteration (plain and gzip) with clear errors
+    tario.py       tar member iteration (plain and gzip), every header number bounded
+    parallel.py    one job per shard on daemon threads, stopped at once on an interrupt
     labels.py      which members hold the image and the label (label_key, image_keys, auto),
                    the before-training check that a labelled split has labels
     reader.py      per-lane shard reading with checks (Good / Bad / Short samples)
@@ -15,6 +17,7 @@
     resume.py      fast-forward to a cursor for exact mid-epoch resume
     stream.py      ShardStream: the rank's resumable, fault-tolerant sample stream
     sample.py      what it yields and reports: Sample, its counters, BadDataError
+    sample_stream.py  SampleStream: the Protocol the loaders take (ShardStream implements it)
     validate.py    header / decode checks of image bytes
     imagesize.py   image size from the header alone
     snapshot.py    fingerprint of a shard set (what a model was trained on)

@@ -1,16 +1,17 @@
 """Counting samples a consumer of the stream found unusable, toward `max_bad_fraction`.
 
-Why here and not in the loader: the stream owns the limit (it names the shard when the
-limit is passed) and the per-reason counters that reach MLflow; the loader only learns
-*after* the stream yielded a sample that its decoder cannot use (a PNG whose IDAT is
-noise with valid CRCs, a WebP with a good RIFF header). This one call is all the loader
-needs; a stream without `count_bad` (a test double) is left alone.
+The stream owns the limit (it names the shard when the limit is passed) and the per-reason
+counters that reach MLflow; a consumer learns only *after* the stream yielded a sample that
+its decoder cannot use (a PNG whose IDAT is noise with valid CRCs, a WebP with a good RIFF
+header). These two functions turn such a rejection into the stream's counter name and
+report it (`SampleStream.count_bad`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sslstream.pipelines.shards.sample_stream import SampleStream
 from sslstream.pipelines.shards.validate import CorruptImage
 
 __all__ = ["reason_of", "report_bad"]
@@ -21,10 +22,7 @@ def reason_of(error: BaseException) -> str:
     return error.kind if isinstance(error, CorruptImage) else "undecodable"
 
 
-def report_bad(stream: object, bad: Iterable[tuple[str, str]]) -> None:
+def report_bad(stream: SampleStream, bad: Iterable[tuple[str, str]]) -> None:
     """Count each (reason, shard) with the stream; raises BadDataError past the limit."""
-    count = getattr(stream, "count_bad", None)
-    if count is None:
-        return
     for reason, shard in bad:
-        count(reason, shard)
+        stream.count_bad(reason, shard)

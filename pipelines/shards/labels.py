@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_IMAGE_KEYS",
     "JSON_FIELDS",
+    "LABEL_KEYS",
     "BadLabel",
     "LabelKey",
     "MissingLabels",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LABEL_KEYS = "cls, json:<field>, txt, none or auto"  # the choices, for messages
 JSON_FIELDS = ("label", "cls", "class", "target")  # tried in this order by `auto`
 DETECT_SAMPLES = 16
 
@@ -74,7 +76,7 @@ def parse_label_key(spec: str | LabelKey | None) -> LabelKey:
         return LabelKey("json", s[5:])
     if s == "json":
         return LabelKey("json", "label")
-    raise DataError(f"data.label_key={spec!r}: expected cls, json:<field>, txt, none or auto")
+    raise DataError(f"data.label_key={spec!r}: expected {LABEL_KEYS}")
 
 
 def _to_index(value: object, classes: Sequence[str] | None, where: str) -> int:
@@ -144,20 +146,27 @@ def detect_label_key(samples: Sequence[Mapping[str, bytes]],
     return LabelKey("none")
 
 
-def first_samples(url: str, storage_options: dict | None = None, n: int = DETECT_SAMPLES, *,
+def first_samples(url: str, storage_options: dict | None = None, n: int = DETECT_SAMPLES,
+                  max_member_bytes: int | None = None, *,
                   cache: ShardCache | None = None, count: Callable[[str, int], None] | None = None,
                   on_retry: Callable[[BaseException], None] | None = None,
                   ) -> list[tuple[str, dict[str, bytes]]]:
     """Up to `n` samples from the start of one shard (a short read; a broken tail is fine).
-    With `cache` the shard is read through the local shard cache (where the epoch finds it
-    again), its counters going to `count`."""
+    `max_member_bytes`: tario's limit (None: its default). With `cache` the shard is read
+    through the local shard cache (where the epoch finds it again), its counters going to
+    `count`."""
     from sslstream.pipelines.shards.cache import open_shard
-    from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
+    from sslstream.pipelines.shards.tario import (
+        DEFAULT_MAX_MEMBER_BYTES,
+        ShardEnded,
+        iter_tar_samples,
+    )
 
     out: list[tuple[str, dict[str, bytes]]] = []
     with open_shard(url, storage_options, cache=cache, count=count, on_retry=on_retry) as f:
         try:
-            for key, parts in iter_tar_samples(f):
+            for key, parts in iter_tar_samples(
+                    f, max_member_bytes=max_member_bytes or DEFAULT_MAX_MEMBER_BYTES):
                 out.append((key, parts))
                 if len(out) >= n:
                     break
@@ -184,14 +193,16 @@ def describe_members(samples: Sequence[tuple[str, Mapping[str, bytes]]]) -> str:
 
 
 def require_labels(split: str, spec: object, label_key: str | LabelKey = "auto", *,
-                   storage_options: dict | None = None, n: int = DETECT_SAMPLES) -> LabelKey:
+                   storage_options: dict | None = None, n: int = DETECT_SAMPLES,
+                   max_member_bytes: int | None = None) -> LabelKey:
     """Check, before training, that `split` (e.g. "data.test") yields labels; return the
-    label key it will be read with. Reads the first `n` samples of its first shard."""
+    label key it will be read with. Reads the first `n` samples of its first shard
+    (`max_member_bytes`: tario's limit, None: its default)."""
     from sslstream.pipelines.shards.manifest import resolve_shards
 
     refs, classes = resolve_shards(spec if isinstance(spec, str) else [str(s) for s in spec],  # type: ignore[union-attr]
                                    storage_options)
-    samples = first_samples(refs[0].url, storage_options, n)
+    samples = first_samples(refs[0].url, storage_options, n, max_member_bytes)
     key = parse_label_key(label_key)
     if key.kind == "auto":
         key = detect_label_key([p for _, p in samples], classes)
@@ -211,5 +222,5 @@ def require_labels(split: str, spec: object, label_key: str | LabelKey = "auto",
         f"(first shard {refs[0].url}; members seen: {seen}). Fix: set data.label_key to "
         "the member holding the class index (cls, json:<field>, txt), or point "
         f"{split} at labelled shards; for unlabelled data set data.test=null data.bank=null "
-        "eval.at_end=false eval.every_epochs=0 (trains without evaluation or registration; "
-        "see docs/data.md)")
+        "eval.at_end=false eval.every_epochs=0 (trains without evaluation; the encoder is "
+        "registered unevaluated, never promoted: docs/data.md)")

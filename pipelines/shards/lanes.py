@@ -117,7 +117,11 @@ def _lane_main(index: int, tasks: Any, results: list, current: Any, parent: int)
                             num_classes=spec["num_classes"], validate=spec["validate"],
                             count=count, start=spec["start"], spec=spec["sample_spec"],
                             cache=spec["cache"])
-        _run_job(job, {j: reader._lane_items(j) for j in mine}, results, current, counts)
+
+        def gone(job: int = job) -> bool:  # the consumer moved on: stop the read in progress
+            return current.value != job
+
+        _run_job(job, {j: reader._lane_items(j, gone) for j in mine}, results, current, counts)
 
 
 def _run_job(job: int, gens: dict, results: list, current: Any, counts: Counter) -> None:

@@ -14,13 +14,19 @@ import json
 import logging
 import posixpath
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import braceexpand
 from sslstream.pipelines.shards.errors import DataError
-from sslstream.pipelines.shards.storage import ShardNotFound, get_fs, open_reader, read_bytes
+from sslstream.pipelines.shards.storage import (
+    ShardNotFound,
+    get_fs,
+    open_reader,
+    read_bytes,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +95,25 @@ class Manifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "manifest") -> Manifest:
-        def entries(items: Any, where: str) -> list[ShardEntry]:
-            out = []
-            for i, it in enumerate(items):
-                try:
-                    out.append(ShardEntry(str(it["shard"]), int(it["samples"]),
-                                          it.get("sha256"), it.get("bytes")))
-                except (KeyError, TypeError, ValueError) as e:
-                    raise DataError(f"{source}: {where}[{i}] is not a shard entry ({e})") from None
-            return out
+    def from_dict(cls, d: Any, *, source: str = "manifest") -> Manifest:
+        """Parse a manifest's JSON document; every field is checked for its type, and a
+        wrong one is a DataError naming the manifest, the field and the fix."""
+        fix = ("rewrite it with `sslstream shards index <folder>` (or `shards make`), or "
+               "fix it by hand (docs/data.md, manifest.json)")
+        if not isinstance(d, dict):
+            raise DataError(f"{source}: a JSON object expected, not a {type(d).__name__}; {fix}")
 
-        m = cls(classes=list(d["classes"]) if d.get("classes") is not None else None)
+        def entries(items: Any, where: str) -> list[ShardEntry]:
+            if not isinstance(items, list):
+                raise DataError(f"{source}: {where} must be a list of shard entries, not a "
+                                f"{type(items).__name__}; {fix}")
+            return [_entry(it, f"{where}[{i}]", source, fix) for i, it in enumerate(items)]
+
+        classes = d.get("classes")
+        if classes is not None and not (isinstance(classes, list)
+                                        and all(isinstance(c, str | int) for c in classes)):
+            raise DataError(f"{source}: classes must be a list of class names; {fix}")
+        m = cls(classes=[str(c) for c in classes] if classes is not None else None)
         for k, v in d.items():
             if k == "shards":
                 m.shards = entries(v, k)
@@ -113,6 +126,34 @@ class Manifest:
         if not m.shards and not m.splits:
             raise DataError(f"{source}: no 'shards' list and no split lists of shard entries")
         return m
+
+
+def _entry(it: Any, where: str, source: str, fix: str) -> ShardEntry:
+    """One shard entry, every field of its type ({"shard": str, "samples": int >= 0,
+    "sha256": hex str | null, "bytes": int >= 0 | null})."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{source}: {where} {what}; {fix}")
+
+    if not isinstance(it, dict):
+        raise bad(f"is not a shard entry (a {type(it).__name__}, not an object)")
+    shard, samples = it.get("shard"), it.get("samples")
+    sha, size = it.get("sha256"), it.get("bytes")
+    if not isinstance(shard, str) or not shard:
+        raise bad('has no "shard" file name')
+    if not _count(samples):
+        raise bad('"samples" must be a count (an integer >= 0)')
+    if sha == "":
+        sha = None
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                and all(c in "0123456789abcdef" for c in sha.lower())):
+        raise bad('"sha256" must be 64 hex digits or null')
+    if size is not None and not _count(size):
+        raise bad('"bytes" must be an integer >= 0 or null')
+    return ShardEntry(shard, samples, sha, size)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclass(frozen=True)
@@ -194,7 +235,9 @@ def _resolve_one(url: str, so: dict | None, cache: dict[str, Manifest | None]) -
 def _folder_shards(url: str, so: dict | None) -> list[str]:
     """URLs of the *.tar / *.tar.gz / *.tgz directly under a folder or prefix, sorted."""
     fs, path = get_fs(url, so)
-    found = {p for suf in SHARD_SUFFIXES for p in fs.glob(posixpath.join(path, "*" + suf))}
+    found = with_retries(
+        lambda: {p for suf in SHARD_SUFFIXES for p in fs.glob(posixpath.join(path, "*" + suf))},
+        url, what="listing")
     return [join_url(url, posixpath.basename(p)) for p in sorted(found)]
 
 
@@ -258,9 +301,16 @@ _count_cache: dict[tuple[str, int], int] = {}
 _count_lock = threading.Lock()
 
 
-def count_samples(url: str, storage_options: dict | None = None) -> int:
-    """Number of samples (keys) in a shard: one full read, cached per (URL, size) per process."""
-    from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
+def count_samples(url: str, storage_options: dict | None = None, *,
+                  max_member_bytes: int | None = None,
+                  stop: Callable[[], bool] | None = None) -> int:
+    """Number of samples (keys) in a shard: one full read, cached per (URL, size) per
+    process. `max_member_bytes` and `stop`: as in tario.iter_tar_samples."""
+    from sslstream.pipelines.shards.tario import (
+        DEFAULT_MAX_MEMBER_BYTES,
+        ShardEnded,
+        iter_tar_samples,
+    )
 
     with open_reader(url, storage_options) as f:
         size = f.raw.size  # type: ignore[attr-defined]
@@ -269,7 +319,8 @@ def count_samples(url: str, storage_options: dict | None = None) -> int:
                 return _count_cache[(url, size)]
         n = 0
         try:
-            for _ in iter_tar_samples(f):
+            for _ in iter_tar_samples(f, stop=stop,
+                                      max_member_bytes=max_member_bytes or DEFAULT_MAX_MEMBER_BYTES):
                 n += 1
         except ShardEnded as e:
             n = e.samples

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from sslstream.pipelines.shards.cache import ShardCache, open_shard
 from sslstream.pipelines.shards.labels import DEFAULT_IMAGE_KEYS, BadLabel, LabelKey, read_label
 from sslstream.pipelines.shards.plan import Segment
-from sslstream.pipelines.shards.tario import ShardEnded, iter_tar_samples
+from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES, ShardEnded, iter_tar_samples
 from sslstream.pipelines.shards.validate import CorruptImage, validate_image
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,15 @@ __all__ = ["Bad", "Good", "Item", "LanePositions", "LaneReader", "SampleSpec", "
 class SampleSpec:
     """How a sample's members are read: image extensions tried in order, the label key
     (resolved: never "auto"), the manifest's class names (for string labels), whether a
-    sample without a label is bad (evaluation splits), and the pixel limit."""
+    sample without a label is bad (evaluation splits), the pixel limit and the tar
+    member size limit (pipelines/shards/tario.py)."""
 
     image_keys: tuple[str, ...] = DEFAULT_IMAGE_KEYS
     label_key: LabelKey = LabelKey("cls")
     classes: tuple[str, ...] | None = None
     require_label: bool = False
     max_pixels: int | None = None
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
 
 DEFAULT_SPEC = SampleSpec()
@@ -143,8 +145,10 @@ class LaneReader:
         self.pool = pool  # lanes.LaneHandle: run the lanes in processes instead of threads
         self.cache = cache  # where object-store shards are kept on local disk (or None)
 
-    def _segment_items(self, si: int, first: int) -> Iterator[Item]:
-        """Items of segment `si` from sample index `first` (>= its start) on."""
+    def _segment_items(self, si: int, first: int,
+                       stop: Callable[[], bool] | None = None) -> Iterator[Item]:
+        """Items of segment `si` from sample index `first` (>= its start) on; `stop()`
+        ends a read in progress (tario.Stopped) when the consumer has gone."""
         seg = self.segments[si]
         url = self.urls[seg.shard]
         self.count("shards_opened", 1)
@@ -152,7 +156,9 @@ class LaneReader:
         with open_shard(url, self.so, cache=self.cache, count=self.count,
                         on_retry=lambda e: self.count("retries", 1)) as f:
             try:
-                for i, (key, parts) in enumerate(iter_tar_samples(f)):  # noqa: B007
+                samples = iter_tar_samples(f, max_member_bytes=self.spec.max_member_bytes,
+                                           stop=stop)
+                for i, (key, parts) in enumerate(samples):  # noqa: B007
                     if i < first:
                         continue
                     if i >= seg.stop:
@@ -168,12 +174,13 @@ class LaneReader:
         if got < len(seg):
             yield Short(url, len(seg) - got, f"shard has {i + 1} samples, fewer than listed", si, got)
 
-    def _lane_items(self, lane: int) -> Iterator[Item]:
+    def _lane_items(self, lane: int, stop: Callable[[], bool] | None = None) -> Iterator[Item]:
         mine = list(range(lane, len(self.segments), self.k))
         q, first = self.start.pos.get(lane, (len(mine), 0))
         for n in range(q, len(mine)):
             si = mine[n]
-            yield from self._segment_items(si, first if n == q else self.segments[si].start)
+            yield from self._segment_items(si, first if n == q else self.segments[si].start,
+                                           stop)
 
     def _run_lane(self, lane: int, q: queue.Queue, stop: threading.Event) -> None:
         """Producer thread: items go to the queue in chunks (one queue operation per chunk,
@@ -187,7 +194,7 @@ class LaneReader:
                     continue
             return False
 
-        gen = self._lane_items(lane)
+        gen = self._lane_items(lane, stop.is_set)
         chunk: list[Item] = []
         try:
             for item in gen:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import collections
 import random
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sslstream.pipelines.shards.cache import ShardCache, open_shard
+from sslstream.pipelines.shards.parallel import run_each
 from sslstream.pipelines.shards.plan import Segment
 from sslstream.pipelines.shards.reader import (
     DEFAULT_SPEC,
@@ -173,12 +173,13 @@ def fetch(refs: Sequence[Ref], segs: Sequence[Segment], urls: Sequence[str], *,
     for si, i in refs:
         need[urls[segs[si].shard]].add(i)
 
-    def read(url: str) -> dict[int, tuple[str, dict[str, bytes]]]:
+    def read(url: str, stop: Callable[[], bool]) -> dict[int, tuple[str, dict[str, bytes]]]:
         want, last, got = need[url], max(need[url]), {}
         with open_shard(url, storage_options, cache=cache, count=count,
                         on_retry=lambda e: count("retries", 1)) as f:
             try:
-                for i, (key, parts) in enumerate(iter_tar_samples(f)):
+                samples = iter_tar_samples(f, max_member_bytes=spec.max_member_bytes, stop=stop)
+                for i, (key, parts) in enumerate(samples):
                     if i in want:
                         got[i] = (key, parts)
                         count("refetched", 1)
@@ -191,8 +192,8 @@ def fetch(refs: Sequence[Ref], segs: Sequence[Segment], urls: Sequence[str], *,
                                "refers to (the shards changed since it was saved)")
         return got
 
-    with ThreadPoolExecutor(max(1, min(workers, len(need)))) as ex:
-        data = dict(zip(need, ex.map(read, list(need)), strict=True))
+    data = dict(zip(need, run_each(read, list(need), workers=workers, name="sslstream-refetch"),
+                    strict=True))
     out = []
     for si, i in refs:
         url = urls[segs[si].shard]

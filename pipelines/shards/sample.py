@@ -1,13 +1,15 @@
 """What the shard stream yields and reports: a `Sample`, its counters, `BadDataError`.
 
-Plain data types, kept out of stream.py so that file holds the stream alone; stream.py
-re-exports them, and callers import them from there.
+Plain data types that a stream's producers and consumers share: the reader builds
+`Sample`s, the loaders consume them, every counter has its name here, and `BadDataError`
+carries the shard where the bad-sample limit was passed. stream.py re-exports them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS
 
 __all__ = ["BAD_REASONS", "COUNTER_NAMES", "BadDataError", "Sample", "sample_options"]
@@ -41,13 +43,15 @@ class Sample:
 
 def sample_options(data: object, *, labelled: bool = False) -> dict:
     """ShardStream keyword arguments from a `data` config (label_key, image_keys,
-    max_pixels); `labelled`: an evaluation split, whose samples must carry a label."""
+    max_pixels, max_member_bytes); `labelled`: an evaluation split, whose samples must
+    carry a label."""
     get = data.get  # type: ignore[attr-defined]
     keys = get("image_keys", None)
     mp = get("max_pixels", DEFAULT_MAX_PIXELS)
     return {"label_key": str(get("label_key", "auto") or "auto"),
             "image_keys": [str(k) for k in keys] if keys else None,
-            "max_pixels": int(mp) if mp else None, "require_label": labelled}
+            "max_pixels": int(mp) if mp else None, "require_label": labelled,
+            "max_member_bytes": int(get("max_member_bytes", None) or DEFAULT_MAX_MEMBER_BYTES)}
 
 
 class BadDataError(RuntimeError):

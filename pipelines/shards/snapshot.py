@@ -27,7 +27,7 @@ from typing import Any
 
 from sslstream.pipelines.shards.errors import DataError
 from sslstream.pipelines.shards.manifest import SHARD_SUFFIXES, ShardRef, resolve_shards
-from sslstream.pipelines.shards.storage import get_fs, open_reader
+from sslstream.pipelines.shards.storage import get_fs, open_reader, with_retries
 
 SNAPSHOT_VERSION = 1
 
@@ -146,10 +146,12 @@ def _listing_infos(refs: list[ShardRef], storage_options: dict | None) -> dict[s
     for folder, members in by_dir.items():
         _, path = get_fs(folder, storage_options)
         listed = {posixpath.basename(str(i["name"]).rstrip("/")): i
-                  for i in fs.ls(path, detail=True)}
+                  for i in with_retries(lambda path=path: fs.ls(path, detail=True), folder,
+                                        what="listing")}
         for r in members:
             info = listed.get(posixpath.basename(r.url))
-            out[r.url] = info if info is not None else fs.info(get_fs(r.url, storage_options)[1])
+            out[r.url] = info if info is not None else with_retries(
+                lambda r=r: fs.info(get_fs(r.url, storage_options)[1]), r.url, what="listing")
     return out
 
 

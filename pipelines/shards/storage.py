@@ -5,8 +5,8 @@ bodies cut short), s3fs and botocore retry some of that but give up with errors 
 mix transient and permanent causes, and their messages may quote request details. Here
 every read goes through `RetryingReader`, which re-opens the object and seeks back to
 where it was on a transient error (so a cut body costs one ranged GET, not the shard),
-and every permanent error becomes a `ShardNotFound` / `AccessDenied` naming the URL and
-nothing else (no keys, no signed headers).
+and every permanent error becomes a `ShardNotFound` / `AccessDenied` / `StorageError`
+naming the URL -- masked (pipelines/shards/masking.py): no keys, no signed query strings.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
+from sslstream.pipelines.shards.masking import mask, mask_exception, remember
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,13 +39,11 @@ __all__ = [
     "open_reader",
     "plain",
     "read_bytes",
-    "redact",
     "register_webdataset_gopen",
     "resolve_storage_options",
     "with_retries",
 ]
 
-_SECRET_HINTS = ("secret", "token", "password", "key", "credential", "session")
 _TRANSIENT_ERRNO = {
     errno.EBUSY,  # s3fs: 503 SlowDown
     errno.EIO,  # s3fs: unknown code; also local I/O hiccups (bounded anyway)
@@ -58,12 +57,18 @@ _TRANSIENT_ERRNO = {
 }
 
 
+_UNREACHABLE_FIX = (" -- check the network and the endpoint (AWS_ENDPOINT_URL, "
+                    "data.storage_options.client_kwargs.endpoint_url)")
+
+
 class StorageError(OSError):
-    """A storage operation failed for good; the message names the URL, never credentials."""
+    """A storage operation failed for good; the message names the URL, never credentials
+    (message and `url` are masked here, whoever built them)."""
 
     def __init__(self, message: str, url: str) -> None:
-        super().__init__(message)
-        self.url = url
+        remember(url, environment=False)  # its user info, wherever a library's text quotes it
+        super().__init__(mask(message))
+        self.url = mask(url)
 
 
 class ShardNotFound(StorageError, FileNotFoundError):
@@ -93,19 +98,6 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
         return [plain(v) for v in obj]
     return obj
-
-
-def redact(options: Mapping | None) -> dict:
-    """A copy of storage options safe to log: values of secret-looking keys replaced."""
-    out: dict[str, Any] = {}
-    for k, v in plain(options or {}).items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(h in str(k).lower() for h in _SECRET_HINTS):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
 
 
 def resolve_storage_options(url: str, storage_options: dict | None = None) -> dict:
@@ -210,7 +202,22 @@ def _permanent(exc: BaseException, url: str, what: str) -> BaseException:
             "CREDENTIALS) and data.storage_options",
             url,
         )
-    return StorageError(f"{what}: {url}: {type(exc).__name__}", url)
+    reason = mask_exception(exc)
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    return StorageError(f"{what}: {url}: {reason} -- check the URL and data.storage_options"
+                        + _URL_CREDENTIALS_FIX * _has_userinfo(url), url)
+
+
+_URL_CREDENTIALS_FIX = (" (credentials in an object-store URL are not used: give them in the "
+                        "environment, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+                        "GOOGLE_APPLICATION_CREDENTIALS, or in data.storage_options)")
+
+
+def _has_userinfo(url: str) -> bool:
+    """`s3://KEY:SECRET@bucket/...`: fsspec's object stores read the user info as part of
+    the bucket name."""
+    scheme, sep, rest = url.partition("://")
+    return bool(sep) and scheme in ("s3", "s3a", "gs", "gcs") and "@" in rest.split("/", 1)[0]
 
 
 def with_retries(
@@ -234,13 +241,14 @@ def with_retries(
                 if kind == "transient":
                     raise StorageError(
                         f"{what}: {url}: gave up after {policy.attempts} attempts "
-                        f"({type(e).__name__})",
+                        f"({type(e).__name__}){_UNREACHABLE_FIX}",
                         url,
                     ) from None
                 raise _permanent(e, url, what) from None
             if on_retry:
                 on_retry(e)
-            log.warning("%s %s: transient %s, retry %d", what, url, type(e).__name__, attempt + 1)
+            log.warning("%s %s: transient %s, retry %d", what, mask(url), type(e).__name__,
+                        attempt + 1)
             time.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")
 
@@ -261,6 +269,7 @@ class RetryingReader(io.RawIOBase):
         policy: RetryPolicy | None = None,
         on_retry: Callable[[BaseException], None] | None = None,
         block_size: int = 8 << 20,
+        fresh: bool = False,
     ) -> None:
         super().__init__()
         self.url = url
@@ -268,6 +277,8 @@ class RetryingReader(io.RawIOBase):
         self.on_retry = on_retry
         self._fs, self._path = get_fs(url, storage_options)
         self._block = block_size
+        if fresh:  # an object that may have been rewritten: no size from an earlier listing
+            self._fs.invalidate_cache(self._path)
         self.size: int = with_retries(
             lambda: int(self._fs.size(self._path)), url, what="opening", policy=self.policy,
             on_retry=on_retry,
@@ -318,13 +329,13 @@ class RetryingReader(io.RawIOBase):
                     if kind == "transient":
                         raise StorageError(
                             f"reading: {self.url}: gave up after {fails} attempts at byte "
-                            f"{self.pos} ({type(e).__name__})",
+                            f"{self.pos} ({type(e).__name__}){_UNREACHABLE_FIX}",
                             self.url,
                         ) from None
                     raise _permanent(e, self.url, "reading") from None
                 if self.on_retry:
                     self.on_retry(e)
-                log.warning("reading %s: transient %s at byte %d, retrying", self.url,
+                log.warning("reading %s: transient %s at byte %d, retrying", mask(self.url),
                             type(e).__name__, self.pos)
                 self._close_quiet()
                 time.sleep(self.policy.delay(fails - 1))
@@ -349,8 +360,10 @@ def open_reader(url: str, storage_options: dict | None = None, **kw: Any) -> io.
 
 
 def read_bytes(url: str, storage_options: dict | None = None, **kw: Any) -> bytes:
-    """The whole object (small files: manifests)."""
-    with open_reader(url, storage_options, **kw) as f:
+    """The whole object (small files: manifests). Its size is asked of the store, never taken
+    from a listing fsspec cached earlier in the process: a manifest is rewritten when its
+    shard set grows, and a stale size would cut the new one short."""
+    with open_reader(url, storage_options, fresh=True, **kw) as f:
         return f.read()
 
 

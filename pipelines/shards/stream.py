@@ -21,8 +21,8 @@ import logging
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from sslstream.pipelines.shards.cache import Expected, ShardCache, is_remote, too_big_for
 from sslstream.pipelines.shards.errors import DataError
@@ -33,6 +33,8 @@ from sslstream.pipelines.shards.labels import (
     parse_label_key,
 )
 from sslstream.pipelines.shards.manifest import ShardRef, count_samples, resolve_shards
+from sslstream.pipelines.shards.masking import mask
+from sslstream.pipelines.shards.parallel import run_each
 from sslstream.pipelines.shards.plan import (
     Segment,
     mix_seed,
@@ -58,8 +60,12 @@ from sslstream.pipelines.shards.sample import (
     Sample,
     sample_options,
 )
-from sslstream.pipelines.shards.storage import plain, redact
+from sslstream.pipelines.shards.storage import plain
+from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, VALIDATE_MODES
+
+if TYPE_CHECKING:
+    from sslstream.pipelines.shards.lanes import LaneHandle
 
 log_ = logging.getLogger(__name__)
 
@@ -77,7 +83,8 @@ class ShardStream:
                  label_key: str = "auto", image_keys: Sequence[str] | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, require_label: bool = False,
                  partition: bool = False, cache_dir: str | None = None,
-                 cache_limit: int | None = None) -> None:
+                 cache_limit: int | None = None,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} outside world_size={world_size}")
         if validate not in VALIDATE_MODES:
@@ -111,19 +118,25 @@ class ShardStream:
         self._label_key = parse_label_key(label_key)
         self.image_keys = tuple(str(k).lower().lstrip(".") for k in (image_keys or DEFAULT_IMAGE_KEYS))
         self.max_pixels = int(max_pixels) if max_pixels else None
+        if int(max_member_bytes) < 1:
+            raise ValueError(f"max_member_bytes={max_member_bytes}: expected a positive size")
+        self.max_member_bytes = int(max_member_bytes)
         self.require_label = bool(require_label)
         self._spec: SampleSpec | None = None
         # bad samples of this epoch: met by the reader / reported by a consumer (the loader's
         # decoder) / met by this stream's copy in a reader process (`set_external_bad`); all
         # count toward max_bad_fraction
         self._stream_bad = self._late_bad = self._external_bad = 0
-        log_.debug("ShardStream over %d shards, storage_options=%s", len(refs), redact(storage_options))
+        # set in a reader process (pipelines/views/workers.py): run the lanes in processes
+        self.lane_pool: LaneHandle | None = None
+        log_.debug("ShardStream over %d shards, storage_options=%s", len(refs),
+                   mask(storage_options or {}, options=True))
 
     def __getstate__(self) -> dict:
         """Picklable (spawned loader workers): the lock is recreated on the other side."""
         d = dict(self.__dict__)
         d.pop("_lock", None)
-        d.pop("lane_pool", None)  # a worker process's handle on its lane processes
+        d["lane_pool"] = None  # a reader process's handle on its lane processes stays there
         # the copy counts only what it meets itself: the trainer adds the two (loader.counters)
         d["_counters"] = Counter({k: 0 for k in COUNTER_NAMES})
         d["_late_bad"] = d["_external_bad"] = 0
@@ -160,8 +173,10 @@ class ShardStream:
             missing = [r.url for r in self._refs if r.samples is None]
             if missing:
                 log_.warning("no manifest counts for %d shards: counting them (one full read)", len(missing))
-                with ThreadPoolExecutor(max(1, self.num_workers)) as ex:
-                    found = dict(zip(missing, ex.map(lambda u: count_samples(u, self.storage_options), missing), strict=True))
+                counted = run_each(lambda u, stop: count_samples(
+                    u, self.storage_options, max_member_bytes=self.max_member_bytes, stop=stop),
+                    missing, workers=self.num_workers, name="sslstream-count")
+                found = dict(zip(missing, counted, strict=True))
             self._counts = [r.samples if r.samples is not None else found[r.url] for r in self._refs]
             if sum(self._counts) == 0:
                 raise DataError(f"no samples in the shards of {self.urls_spec!r}")
@@ -208,6 +223,7 @@ class ShardStream:
             key = self._label_key
             if key.kind == "auto":
                 first = first_samples(self._refs[0].url, self.storage_options,
+                                      max_member_bytes=self.max_member_bytes,
                                       cache=self.cache, count=self._count,
                                       on_retry=lambda e: self._count("retries", 1))
                 key = detect_label_key([p for _, p in first], self.classes)
@@ -215,7 +231,7 @@ class ShardStream:
                           len(first), self._refs[0].url)
             self._spec = SampleSpec(self.image_keys, key,
                                     tuple(self.classes) if self.classes else None,
-                                    self.require_label, self.max_pixels)
+                                    self.require_label, self.max_pixels, self.max_member_bytes)
         return self._spec
 
     @property
@@ -309,7 +325,7 @@ class ShardStream:
                           storage_options=self.storage_options, num_classes=self.num_classes,
                           validate=self.validate, count=self._count, start=start,
                           spec=self.spec, cache=self.cache,
-                          pool=getattr(self, "lane_pool", None) if lanes is None else None)
+                          pool=self.lane_pool if lanes is None else None)
 
     def _valid(self, length: int, ff: FastForward | None = None) -> Iterator[Good]:
         """Exactly `length` good samples: the rank's slice, then top-ups by wrap-around.
@@ -413,7 +429,7 @@ class ShardStream:
                        workers=max(1, self.num_workers), spec=self.spec, cache=self.cache)
         return ff, buffer
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Generator[Sample, None, None]:
         """One epoch (the current one) for this rank, from the cursor on."""
         length = len(self)
         # the last pass finished (or a partition, which never resumes): the same epoch again

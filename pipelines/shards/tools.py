@@ -35,9 +35,11 @@ from sslstream.pipelines.shards.manifest import (
     ShardEntry,
     join_url,
 )
+from sslstream.pipelines.shards.masking import install_log_masking, mask, remember
 from sslstream.pipelines.shards.storage import StorageError, get_fs
+from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from sslstream.pipelines.shards.validate import CorruptImage, sniff_format, validate_image
-from sslstream.pipelines.shards.verify import ShardCheck, VerifyReport, verify
+from sslstream.pipelines.shards.verify import ShardCheck, VerifyReport, verify, verify_tree
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,35 @@ class _Progress:
 # ---------------------------------------------------------------- CLI
 
 
+def _say(text: str, file: IO[str] | None = None) -> None:
+    """One output line of the shard commands, credentials masked (a source URL may hold
+    them: `s3://KEY:SECRET@bucket/...`)."""
+    print(mask(text), file=file or sys.stdout)
+
+
+def _storage_options(text: str | None) -> dict | None:
+    """--storage-options: a JSON object (the error never repeats it: it may hold secrets)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+        remember({"storage_options": value})
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options is not valid JSON ({e.__class__.__name__} at "
+                         f"character {e.pos}); pass a JSON object, e.g. "
+                         """'{"anon": true}'""") from None
+    if not isinstance(value, dict):
+        raise ValueError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return value
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line (KeyError quotes its message: unquoted here)."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) \
+        else str(e)
+    return text.replace("\n", " ")
+
+
 def _scan_folder(src: Path) -> tuple[list[tuple[str, Path, int | None]], list[str] | None]:
     dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in _SRC_EXTS)
@@ -256,8 +287,8 @@ def _cmd_make(a: argparse.Namespace) -> int:
                        max_bytes=a.max_bytes, reencode_baseline=a.reencode, compress=a.gzip,
                        classes=classes, quality=a.quality, on_shard=on_shard)
     skipped = man.extra.get("skipped", [])
-    print(f"wrote {len(man.shards)} shards, {man.num_samples} samples"
-          f"{f', {len(classes)} classes' if classes else ' (unlabelled)'} to {a.out}")
+    _say(f"wrote {len(man.shards)} shards, {man.num_samples} samples"
+         f"{f', {len(classes)} classes' if classes else ' (unlabelled)'} to {a.out}")
     if skipped:
         hint = "" if a.reencode else " (not JPEG/PNG/WebP or corrupt; --reencode converts other formats)"
         print(f"skipped {len(skipped)} images{hint}: {', '.join(skipped[:5])}"
@@ -270,28 +301,33 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
     def on_check(c: ShardCheck, done: int, total: int) -> None:
         nonlocal progress
-        progress = progress or _Progress(total, "shards")
-        progress.line(done, f"{'ok ' if c.ok else 'BAD'} {c.shard}")
+        if progress is None or done == 1:  # a new folder (verify_tree: one per sub-folder)
+            progress = _Progress(total, "shards")
+        progress.line(done, mask(f"{'ok ' if c.ok else 'BAD'} {c.shard}"))
 
     try:
-        rep = verify(a.source, json.loads(a.storage_options) if a.storage_options else None,
-                     workers=a.workers, validate=a.validate, on_check=on_check)
+        reports = verify_tree(a.source, _storage_options(a.storage_options),
+                              workers=a.workers, validate=a.validate,
+                              max_member_bytes=a.max_member_bytes, on_check=on_check)
     except (StorageError, ValueError, KeyError) as e:
-        print(f"shards verify: {e}", file=sys.stderr)
+        _say(f"shards verify: {_one_line(e)}", sys.stderr)
         return 2
-    for c in rep.shards:
-        tag = f"{c.split}/" if c.split else ""
-        print(f"{'ok ' if c.ok else 'BAD'} {tag}{c.shard}: {c.samples} samples"
-              + ("" if c.ok else " -- " + "; ".join(c.problems)))
-    if rep.manifest.endswith(f"(no {MANIFEST_NAME})"):
-        print(f"no {MANIFEST_NAME}: checked that each shard reads, not its counts or checksums; "
-              "`sslstream shards index SOURCE` writes one")
-    if rep.ok:
-        print(f"all {len(rep.shards)} shards of {rep.manifest} verified")
-        return 0
-    print(f"{len(rep.bad)} of {len(rep.shards)} shards bad: {', '.join(c.shard for c in rep.bad)}",
-          file=sys.stderr)
-    return 1
+    bad: list[str] = []
+    for rep in reports:
+        for c in rep.shards:
+            tag = f"{c.split}/" if c.split else ""
+            _say(f"{'ok ' if c.ok else 'BAD'} {tag}{c.shard}: {c.samples} samples"
+                 + ("" if c.ok else " -- " + "; ".join(c.problems)))
+        if rep.manifest.endswith(f"(no {MANIFEST_NAME})"):
+            _say(f"no {MANIFEST_NAME}: checked that each shard reads, not its counts or "
+                 "checksums; `sslstream shards index SOURCE` writes one")
+        if rep.ok:
+            _say(f"all {len(rep.shards)} shards of {rep.manifest} verified")
+        else:
+            _say(f"{len(rep.bad)} of {len(rep.shards)} shards of {rep.manifest} bad: "
+                 f"{', '.join(c.shard for c in rep.bad)}", sys.stderr)
+            bad += [c.shard for c in rep.bad]
+    return 1 if bad else 0
 
 
 def _cmd_index(a: argparse.Namespace) -> int:
@@ -300,19 +336,23 @@ def _cmd_index(a: argparse.Namespace) -> int:
     def on_shard(r: IndexedShard, done: int, total: int) -> None:
         nonlocal progress
         progress = progress or _Progress(total, "shards")
-        progress.line(done, f"{'ok ' if not r.problem else 'BAD'} {r.url.rsplit('/', 1)[-1]}: "
-                      f"{r.samples} samples, {r.bytes / 1e6:.1f} MB")
+        progress.line(done, mask(f"{'ok ' if not r.problem else 'BAD'} "
+                                 f"{r.url.rsplit('/', 1)[-1]}: {r.samples} samples, "
+                                 f"{r.bytes / 1e6:.1f} MB"))
 
     try:
-        murl, man, _ = index_shards(a.source, json.loads(a.storage_options) if a.storage_options
-                                    else None, workers=a.workers, label_key=a.label_key,
-                                    output=a.output, on_shard=on_shard)
+        murl, man, shards = index_shards(a.source, _storage_options(a.storage_options),
+                                         workers=a.workers, label_key=a.label_key,
+                                    output=a.output, max_member_bytes=a.max_member_bytes,
+                                    on_shard=on_shard)
     except (StorageError, ValueError, KeyError) as e:
-        print(f"shards index: {e}", file=sys.stderr)
+        _say(f"shards index: {_one_line(e)}", sys.stderr)
         return 2
     cls = f", {len(man.classes)} classes" if man.classes else " (unlabelled)"
-    print(f"wrote {murl}: {len(man.shards)} shards, {man.num_samples} samples{cls}, "
-          f"label_key={man.extra.get('label_key')}")
+    unlabelled = sum(s.unlabelled for s in shards)
+    _say(f"wrote {murl}: {len(man.shards)} shards, {man.num_samples} samples{cls}, "
+         f"label_key={man.extra.get('label_key')}"
+         + (f"; {unlabelled} samples have no label under it" if unlabelled else ""))
     return 0
 
 
@@ -337,14 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--workers", type=int, default=4)
     v.add_argument("--validate", choices=("header", "decode"), default="header")
     v.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    v.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                   help="largest tar member accepted (docs/data.md, Limits)")
     x = sub.add_parser("index", help="write manifest.json for shards made by any tool")
     x.add_argument("source", help="folder, object-store prefix, brace pattern or one shard")
     x.add_argument("--output", default=None, help="manifest URL (default: beside the shards)")
     x.add_argument("--label-key", default="auto", help="cls | json:<field> | txt | none | auto")
     x.add_argument("--workers", type=int, default=4)
     x.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    x.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                   help="largest tar member accepted (docs/data.md, Limits)")
+    remember(list(sys.argv[1:] if argv is None else argv))  # URLs, --storage-options
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_masking()
     return {"make": _cmd_make, "verify": _cmd_verify, "index": _cmd_index}[a.cmd](a)
 
 

@@ -5,15 +5,16 @@ Why a full read: sha256 and byte counts find silent corruption and partial uploa
 member walk finds what the stream would skip (bad images, labels) and the one layout
 mistake of foreign tars that otherwise reads as corruption (members of a key not adjacent).
 Sources: a folder or prefix (its manifest.json, else its shards), a manifest URL, a brace
-pattern or a single shard.
+pattern or a single shard; a folder with neither but with sub-folders that have them (a
+data root whose splits sit in train/ and test/) is checked one level down (`verify_tree`).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 
 from sslstream.pipelines.shards.indexer import NON_ADJACENT_FIX, HashingReader, list_shards
 from sslstream.pipelines.shards.manifest import (
@@ -24,11 +25,18 @@ from sslstream.pipelines.shards.manifest import (
     join_url,
     load_manifest,
 )
-from sslstream.pipelines.shards.storage import ShardNotFound, StorageError, open_reader
-from sslstream.pipelines.shards.tario import IMAGE_EXTS, ShardEnded, iter_tar_samples
+from sslstream.pipelines.shards.parallel import run_each
+from sslstream.pipelines.shards.storage import ShardNotFound, StorageError, get_fs, open_reader
+from sslstream.pipelines.shards.tario import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    IMAGE_EXTS,
+    ShardEnded,
+    Stopped,
+    iter_tar_samples,
+)
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, CorruptImage, validate_image
 
-__all__ = ["ShardCheck", "VerifyReport", "verify"]
+__all__ = ["ShardCheck", "VerifyReport", "shard_folders", "verify", "verify_tree"]
 
 
 @dataclass
@@ -58,10 +66,13 @@ class VerifyReport:
         return [s for s in self.shards if not s.ok]
 
 
-def _check_shard(entry: ShardEntry, url: str, split: str | None, so: dict | None,
-                 num_classes: int | None, validate: str) -> ShardCheck:
-    """Read one shard through; compare with its manifest entry (`entry.samples < 0`: no
-    manifest lists it, so only readability, images and labels are checked)."""
+def _check_shard(job: tuple[ShardEntry, str, str | None], stop: Callable[[], bool], *,
+                 so: dict | None, num_classes: int | None, validate: str,
+                 max_member_bytes: int) -> ShardCheck:
+    """Read one shard (`job`: its entry, URL and split) through; compare with its manifest
+    entry (`entry.samples < 0`: no manifest lists it, so only readability, images and
+    labels are checked). Returns early, unfinished, once `stop()` is true."""
+    entry, url, split = job
     chk = ShardCheck(entry.shard, url, split)
     seen: set[str] = set()
     repeated: list[str] = []
@@ -70,7 +81,8 @@ def _check_shard(entry: ShardEntry, url: str, split: str | None, so: dict | None
             hr = HashingReader(raw)
             bad: dict[str, int] = {}
             try:
-                for key, parts in iter_tar_samples(io.BufferedReader(hr, 1 << 20)):
+                for key, parts in iter_tar_samples(io.BufferedReader(hr, 1 << 20), stop=stop,
+                                                   max_member_bytes=max_member_bytes):
                     if key in seen:  # half a sample again: members not adjacent
                         repeated.append(key)
                         continue
@@ -84,8 +96,10 @@ def _check_shard(entry: ShardEntry, url: str, split: str | None, so: dict | None
                             chk.problems.append(f"first bad sample {key}: {why}")
             except ShardEnded as e:
                 chk.problems.append(f"unreadable after {e.samples} samples ({e.reason})")
-            while hr.read(1 << 20):  # hash the tail the tar reader did not need
+            while not stop() and hr.read(1 << 20):  # hash the tail the reader did not need
                 pass
+    except Stopped:
+        return chk
     except StorageError as e:
         chk.problems.append(str(e))
         return chk
@@ -156,14 +170,15 @@ def _verify_jobs(src: str, so: dict | None) -> tuple[str, str, list[tuple[ShardE
 
 
 def verify(source: str, storage_options: dict | None = None, *, workers: int = 4,
-           validate: str = "header",
+           validate: str = "header", max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
            on_check: Callable[[ShardCheck, int, int], None] | None = None) -> VerifyReport:
     """Check every shard of `source` (a folder or prefix, a manifest.json URL, a brace
     pattern or one shard): present, sha256, bytes and count against the manifest where one
     lists the shard, every member readable and grouped by key, every image passing
     `validate`. `source#split` restricts the check to one split of a CIFAR-layout
     manifest. `on_check(check, done, total)` is called as each shard's check completes
-    (progress); the report keeps the listing order."""
+    (progress); the report keeps the listing order. An interrupt (KeyboardInterrupt or
+    the CLI's Interrupted) ends every shard's read within a chunk (parallel.run_each)."""
     src, _, split = str(source).partition("#")
     label, base, jobs = _verify_jobs(src, storage_options)
     ncls = None
@@ -174,11 +189,41 @@ def verify(source: str, storage_options: dict | None = None, *, workers: int = 4
         jobs = [(e, s) for e, s in jobs if s == split or (s is None and split == "shards")]
         if not jobs:
             raise KeyError(f"{label} has no split {split!r}")
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        futures = [ex.submit(_check_shard, e, join_url(base, e.shard), s, storage_options, ncls,
-                             validate) for e, s in jobs]
-        for done, fut in enumerate(as_completed(futures), 1):
-            if on_check is not None:
-                on_check(fut.result(), done, len(futures))
-        checks = [f.result() for f in futures]
+    check = partial(_check_shard, so=storage_options, num_classes=ncls, validate=validate,
+                    max_member_bytes=max_member_bytes)
+    checks = run_each(check, [(e, join_url(base, e.shard), s) for e, s in jobs],
+                      workers=workers, on_done=on_check, name="sslstream-verify")
     return VerifyReport(label, checks)
+
+
+def shard_folders(source: str, storage_options: dict | None = None) -> list[str]:
+    """The sub-folders of the folder `source` that hold a manifest.json or shards, sorted
+    (one level down; [] for anything else)."""
+    if source.endswith((".json", *SHARD_SUFFIXES)) or "{" in source or "#" in source:
+        return []
+    fs, path = get_fs(source, storage_options)
+    try:
+        subs = sorted(d["name"] for d in fs.ls(path, detail=True) if d.get("type") == "directory")
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for sub in subs:
+        name = sub.rstrip("/").rsplit("/", 1)[-1]
+        inner = [fs.exists(f"{sub}/{MANIFEST_NAME}")] + [bool(fs.glob(f"{sub}/*{suf}"))
+                                                        for suf in SHARD_SUFFIXES]
+        if any(inner):
+            found.append(join_url(source, name))
+    return found
+
+
+def verify_tree(source: str, storage_options: dict | None = None, **kwargs) -> list[VerifyReport]:
+    """`verify(source)`; where `source` is a folder without a manifest.json or shards of its
+    own, `verify` of each sub-folder that has them (`./data/synthetic`: train/ and test/).
+    Raises `verify`'s ShardNotFound, naming the folder, when neither level has shards."""
+    try:
+        return [verify(source, storage_options, **kwargs)]
+    except ShardNotFound:
+        subs = shard_folders(str(source), storage_options)
+        if not subs:
+            raise
+    return [verify(sub, storage_options, **kwargs) for sub in subs]

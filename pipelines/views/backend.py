@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+from sslstream.pipelines.shards.sample_stream import SampleStream
 from sslstream.pipelines.views import dali as dali_mod
 from sslstream.pipelines.views.hostprep import image_hw
 
@@ -30,9 +31,9 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def effective_validation(validate: str, stream) -> str:
+def effective_validation(validate: str, stream: SampleStream) -> str:
     """'auto': skip the header check when the stream already ran one (ShardStream does), so
     the host thread only reads sizes; otherwise check headers here."""
     if validate != "auto":
         return validate
-    return "none" if getattr(stream, "validate", None) in ("header", "decode") else "header"
+    return "none" if stream.validate in ("header", "decode") else "header"

@@ -279,9 +279,8 @@ class DaliTwoView:
         self._started, self._last = False, None
 
     def close(self) -> None:
-        if hasattr(self, "_pending"):
-            self._pending.drain()
-        pipe, self._pipe = getattr(self, "_pipe", None), None
+        self._pending.drain()
+        pipe, self._pipe = self._pipe, None
         del pipe  # DALI's worker threads go with the last reference
 
 

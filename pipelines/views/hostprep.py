@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from sslstream.pipelines.shards.badsamples import reason_of, report_bad
 from sslstream.pipelines.shards.imagesize import image_hw as read_hw
+from sslstream.pipelines.shards.sample import Sample
+from sslstream.pipelines.shards.sample_stream import SampleStream
 from sslstream.pipelines.shards.validate import CorruptImage, validate_image
 from sslstream.pipelines.views.recipes import (
     TwoViewRecipe,
@@ -62,8 +64,8 @@ def nearest(good: list[int], i: int) -> int:
     return min(good, key=lambda g: (abs(g - i), g))
 
 
-def prepare(index: int, samples: list, state: dict, batch_size: int, validate: str,
-            stream: object = None) -> HostBatch:
+def prepare(index: int, samples: list[Sample], state: dict, batch_size: int, validate: str,
+            stream: SampleStream) -> HostBatch:
     """Validate, read sizes, replace bad samples by good neighbours, pad a short batch.
     Rejected samples are reported to `stream` (toward max_bad_fraction, per reason)."""
     hw: list[tuple[int, int] | None] = []
@@ -98,7 +100,8 @@ def draw_params(recipe: TwoViewRecipe, seed: int, epoch: int, rank: int, index: 
     return v1, v2
 
 
-def position_stream(stream, epoch: int, position: int, stream_state: dict | None) -> None:
+def position_stream(stream: SampleStream, epoch: int, position: int,
+                    stream_state: dict | None) -> None:
     """Put `stream` where batch `position` of `epoch` starts: a saved cursor, or the epoch's
     start (set_epoch keeps a same-epoch cursor, so the start is loaded explicitly)."""
     if position > 0 and stream_state is not None:
@@ -107,18 +110,14 @@ def position_stream(stream, epoch: int, position: int, stream_state: dict | None
     if position > 0:
         raise RuntimeError("loader resumed at batch > 0 without a stream cursor")
     stream.set_epoch(epoch)
-    try:
-        start = stream.state_dict(position=0)
-    except TypeError:  # a stream without the prefetching-consumer hook: set_epoch is all
-        return
-    stream.load_state_dict(start)
+    stream.load_state_dict(stream.state_dict(position=0))
 
 
-def host_batches(stream, recipe: TwoViewRecipe, *, epoch: int, start: int, total: int,
+def host_batches(stream: SampleStream, recipe: TwoViewRecipe, *, epoch: int, start: int, total: int,
                  batch_size: int, validate: str, seed: int, rank: int,
                  stopped: Callable[[], bool]) -> Iterator[HostBatch]:
     """Batches start..total-1 of the epoch the stream is positioned at, with parameters."""
-    it = iter(stream)
+    it = iter(stream)  # a generator: closing it stops the stream's reading
     try:
         for index in range(start, total):
             samples = []
@@ -137,6 +136,4 @@ def host_batches(stream, recipe: TwoViewRecipe, *, epoch: int, start: int, total
             host.params = draw_params(recipe, seed, epoch, rank, index, host.hw)
             yield host
     finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+        it.close()

@@ -27,9 +27,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from sslstream.pipelines.shards.badsamples import reason_of, report_bad
+from sslstream.pipelines.shards.sample_stream import SampleStream
 from sslstream.pipelines.shards.validate import VALIDATE_MODES, CorruptImage, validate_image
 from sslstream.pipelines.views import dali as dali_mod
 from sslstream.pipelines.views.backend import effective_validation, image_hw, resolve_backend
@@ -49,6 +51,9 @@ from sslstream.pipelines.views.hostprep import (
 )
 from sslstream.pipelines.views.recipes import TwoViewRecipe
 
+if TYPE_CHECKING:
+    from sslstream.pipelines.views.reference import TorchvisionTwoView
+
 __all__ = ["Batch", "TwoViewLoader", "effective_validation", "image_hw", "resolve_backend"]
 
 
@@ -61,9 +66,9 @@ class Batch:
 
 
 class TwoViewLoader:
-    """Iterate two-view batches of a ShardStream-like stream (see docs/contracts.md)."""
+    """Iterate two-view batches of a `SampleStream` (see docs/contracts.md)."""
 
-    def __init__(self, stream, recipe: TwoViewRecipe, *, batch_size: int, device: torch.device | str,
+    def __init__(self, stream: SampleStream, recipe: TwoViewRecipe, *, batch_size: int, device: torch.device | str,
                  backend: str = "auto", seed: int = 0, num_threads: int = 2,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, prefetch: int = 2,
                  validate: str = "auto", hw_decoder_load: float = 0.65,
@@ -78,7 +83,7 @@ class TwoViewLoader:
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N"
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.seed, self.prefetch = int(seed), max(1, prefetch)
-        self.rank = int(rank if rank is not None else getattr(stream, "rank", 0))
+        self.rank = int(rank if rank is not None else stream.rank)
         self.backend_name = resolve_backend(backend)
         if validate != "auto" and validate not in VALIDATE_MODES:
             raise ValueError(f"loader validate={validate!r}: expected 'auto' or one of "
@@ -87,7 +92,8 @@ class TwoViewLoader:
         self.workers = max(0, int(workers))
         self._nvjpeg_padding = nvjpeg_padding
         self.pipeline_depth = max(1, int(pipeline_depth))
-        self._backend = self._build_backend(num_threads, dtype, channels_last, hw_decoder_load)
+        self._backend: dali_mod.DaliTwoView | TorchvisionTwoView | None = self._build_backend(
+            num_threads, dtype, channels_last, hw_decoder_load)
         self.data_wait_s = 0.0
         self.last_wait_s = 0.0
         self._aug = {"aug_skipped_corrupt": 0, "aug_backend_errors": 0, "aug_padded": 0,
@@ -103,7 +109,8 @@ class TwoViewLoader:
         self._feed_state: dict | None = None
 
     # ------------------------------------------------------------------ construction
-    def _build_backend(self, num_threads, dtype, channels_last, hw_decoder_load):
+    def _build_backend(self, num_threads: int, dtype: torch.dtype, channels_last: bool,
+                       hw_decoder_load: float) -> dali_mod.DaliTwoView | TorchvisionTwoView:
         if self.backend_name == "dali":
             device_id = self.device.index if self.device.type == "cuda" else None
             pad = {"nvjpeg_padding": self._nvjpeg_padding} if self._nvjpeg_padding else {}
@@ -124,7 +131,7 @@ class TwoViewLoader:
     @property
     def counters(self) -> dict[str, int]:
         feed = self._feed
-        base = dict(getattr(self.stream, "counters", {}) or {})
+        base = self.stream.counters
         if feed is not None and feed.counters:
             # the reader process counts what it read; this process's stream copy only what
             # the decoder here rejected (count_bad): the sum, per reason
@@ -208,7 +215,7 @@ class TwoViewLoader:
         self._feed = ProcessFeed(self.stream, self.recipe, batch_size=self.batch_size,
                                  validate=self.validate, seed=self.seed, rank=self.rank,
                                  workers=self.workers, prefetch=self.prefetch,
-                                 depth=getattr(self._backend, "depth", 1))
+                                 depth=self._backend.depth)
         return True
 
     @property
@@ -316,11 +323,12 @@ class TwoViewLoader:
                     self._aug["aug_skipped_corrupt"] += host.n_bad
                     self._aug["aug_padded"] += host.n_pad
                 feed = self._feed
-                if feed is not None and feed.position is not None and hasattr(self.stream, "position"):
-                    self.stream.position = feed.position  # how far the reading got
-                if feed is not None and hasattr(self.stream, "set_external_bad"):
+                if feed is not None:
+                    if feed.position is not None:
+                        self.stream.position = feed.position  # how far the reading got
                     # the reader's bad samples + this process's decoder rejections: one limit
-                    self.stream.set_external_bad(feed.epoch_bad, host.shards[-1] if host.shards else "?")
+                    self.stream.set_external_bad(feed.epoch_bad,
+                                                 host.shards[-1] if host.shards else "?")
                 if not put(host_q, host, stop):
                     return
         except BaseException as e:  # hand the error to the consumer instead of dying silently
@@ -331,7 +339,7 @@ class TwoViewLoader:
         """Run the backend on each host batch. A pipelined backend (DALI, depth >= 2) gets
         batch k+1 submitted before batch k is collected, so its decode overlaps; batches
         still leave in order, and a reading error comes after the batches read before it."""
-        depth = getattr(self._backend, "depth", 1)
+        depth = self._backend.depth  # _run_epoch checked that the loader is open
         inflight: collections.deque[HostBatch] = collections.deque()
         submitted = 0
         try:

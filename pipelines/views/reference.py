@@ -80,20 +80,23 @@ def augment_batch(images: Sequence[torch.Tensor], view: ViewRecipe, params: View
 
 
 def eval_view(image: torch.Tensor, size: int, resize: int, mean, std) -> torch.Tensor:
-    """Deterministic eval transform: shorter side to `resize`, centre crop `size`, normalise."""
-    x = F.resize(image, [resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-    x = F.center_crop(x, [size, size])
+    """Deterministic eval transform: shorter side to `resize`, centre crop `size`, normalise.
+    A shorter side that is already `resize` skips the resize (an identity: ~75 of ~400 us
+    CPU per 32 px CIFAR image on this project's CPU box)."""
+    x = image
+    if min(image.shape[-2:]) != resize:
+        x = F.resize(image, [resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.center_crop(x, [size, size])
     return normalize(x, mean, std)
 
 
-def as_uint8_array(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8)
-
-
 class TorchvisionTwoView:
-    """Two-view backend in torchvision v2 (thread pool; torch kernels release the GIL)."""
+    """Two-view backend in torchvision v2 (thread pool; torch kernels release the GIL).
+    One batch at a time (`depth` 1: the loader calls `run`, never `submit` / `collect`)."""
 
     name = "torchvision"
+    depth = 1
 
     def __init__(self, recipe, *, num_threads: int = 2, dtype: torch.dtype = torch.float32,
                  channels_last: bool = False) -> None:
@@ -129,6 +132,9 @@ class TorchvisionEval:
             return eval_view(decode(b), self.size, self.resize, self.mean, self.std)
 
         return torch.stack(list(self._pool.map(one, images)))
+
+    def reset(self) -> None:
+        """Nothing to rebuild after a failed batch (DaliEval recompiles its graph)."""
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

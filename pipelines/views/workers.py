@@ -50,7 +50,9 @@ from sslstream.pipelines.shards.procs import (
     start_process,
     stop_process,
 )
+from sslstream.pipelines.shards.sample_stream import SampleStream
 from sslstream.pipelines.views.hostprep import HostBatch, host_batches, position_stream
+from sslstream.pipelines.views.recipes import TwoViewRecipe
 from sslstream.pipelines.views.shm import SlotReader, SlotWriter
 
 __all__ = ["ProcessFeed", "WorkerError", "pack", "unpack"]
@@ -88,6 +90,7 @@ def _feeder_main(payload: bytes, tasks: Any, out: Any, current: Any, parent: int
 
 def _feed(payload: bytes, tasks: Any, out: Any, current: Any, lanes: Any,
           writer: SlotWriter) -> None:
+    stream: SampleStream
     stream, recipe, cfg = pickle.loads(payload)
     if lanes is not None:  # the stream's reader lanes go to the lane processes
         stream.lane_pool = lanes
@@ -111,12 +114,12 @@ def _feed(payload: bytes, tasks: Any, out: Any, current: Any, lanes: Any,
             for host in host_batches(stream, recipe, epoch=epoch, start=start, total=total,
                                      batch_size=cfg["batch_size"], validate=cfg["validate"],
                                      seed=cfg["seed"], rank=cfg["rank"], stopped=cancelled):
-                counters = dict(getattr(stream, "counters", {}) or {})
+                counters = stream.counters
                 slot = writer.acquire(cancelled)
                 if slot is None:
                     break
                 if not send((job, "batch", pack(host, writer, slot), counters,
-                             getattr(stream, "position", None), getattr(stream, "epoch_bad", 0))):
+                             stream.position, stream.epoch_bad)):
                     writer.give_back(slot)
                     break
         except BaseException as e:  # the consumer raises it, with its type where possible
@@ -134,12 +137,13 @@ def _ctx():
 class ProcessFeed:
     """The parent's handle on one rank's reader process (and its lane processes)."""
 
-    def __init__(self, stream, recipe, *, batch_size: int, validate: str, seed: int,
-                 rank: int, workers: int = 1, prefetch: int = 2, depth: int = 1) -> None:
+    def __init__(self, stream: SampleStream, recipe: TwoViewRecipe, *, batch_size: int,
+                 validate: str, seed: int, rank: int, workers: int = 1, prefetch: int = 2,
+                 depth: int = 1) -> None:
         ctx = _ctx()
         self.workers = max(1, int(workers))
         self._lanes = None
-        if self.workers > 1 and getattr(stream, "num_workers", 0) > 0:
+        if self.workers > 1 and stream.num_workers > 0:
             from sslstream.pipelines.shards.lanes import LanePool
 
             self._lanes = LanePool(self.workers - 1, lanes=stream.num_workers, ctx=ctx)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import sslstream.models.objectives.gather as gather_mod
+import sslstream.models.objectives._common as common_mod
 import torch
 import torch.distributed as dist
 from sslstream.models.objectives import (
@@ -81,14 +81,14 @@ def _ddp_body(rank: int, world: int, z1: torch.Tensor, z2: torch.Tensor) -> dict
     # an explicit process group takes the same path
     sub = dist.new_group(list(range(world)))
     out["exact_group"] = _loss_and_grads(CASES["nt_xent"], l1, l2, group=sub)
-    # the buggy gather, looked up by the losses at call time
-    real = gather_mod.gather_with_grad
-    gather_mod.gather_with_grad = _detached_gather
+    # the buggy gather, patched where the losses look it up (their shared global_batch)
+    real = common_mod.gather_with_grad
+    common_mod.gather_with_grad = _detached_gather
     try:
         for name, fn in CASES.items():
             out["detached"][name] = _loss_and_grads(fn, l1, l2)
     finally:
-        gather_mod.gather_with_grad = real
+        common_mod.gather_with_grad = real
     # the primitives: rank order, and the backward sums every rank's gradient
     x = torch.full((2, 3), float(rank), dtype=torch.float64, requires_grad=True)
     gathered = gather_with_grad(x)

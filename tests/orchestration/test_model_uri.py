@@ -54,6 +54,29 @@ def test_end_of_run_lines_name_the_store_masked_with_a_load_command():
     assert end_of_run_lines(off, 36.0) == ["done in 36s: 2 steps, tracking off"]
 
 
+def test_the_load_command_names_the_evaluation_data_from_any_folder(tmp_path, monkeypatch):
+    """Relative data paths (the default ./data/synthetic) become absolute, URLs and brace
+    patterns stay as they are (shell-quoted), lists stay lists, num_classes goes along."""
+    from sslstream.orchestration.train.report import eval_data_overrides
+
+    monkeypatch.chdir(tmp_path)
+    data = OmegaConf.create({"root": "./data/synthetic", "train": "${.root}/train",
+                             "test": "${.root}/test", "bank": "${.train}", "num_classes": 10})
+    assert eval_data_overrides(data) == [f"data.bank={tmp_path}/data/synthetic/train",
+                                         f"data.test={tmp_path}/data/synthetic/test",
+                                         "data.num_classes=10"]
+    remote = OmegaConf.create({"bank": "s3://b/train-{000000..000009}.tar",
+                               "test": ["s3://b/val-0.tar", "val-1.tar"], "num_classes": None})
+    assert eval_data_overrides(remote) == ["data.bank=s3://b/train-{000000..000009}.tar",
+                                           f"data.test=[s3://b/val-0.tar,{tmp_path}/val-1.tar]",
+                                           "data.num_classes=null"]
+    res = TrainResult("completed", 6, 6, 1, Path("/x"), registered_uri="models:/enc/1",
+                      promoted=True, tracking_uri="sqlite:////tmp/s/mlflow.db")
+    text = "\n".join(end_of_run_lines(res, 1.0, eval_data_overrides(remote)))
+    assert ("sslstream eval --model models:/enc/1 'data.bank=s3://b/train-{000000..000009}.tar' "
+            f"'data.test=[s3://b/val-0.tar,{tmp_path}/val-1.tar]' data.num_classes=null") in text
+
+
 def test_a_model_the_store_does_not_hold_is_one_line_naming_the_store(tmp_path):
     from mlflow.tracking import MlflowClient
     from sslstream.orchestration.errors import UserError

@@ -81,7 +81,7 @@ class FakeTrain:
                      "eval/effective_rank": 20.0},
             feature_dim=128, run_id=run_id)
         client.set_terminated(run_id)
-        return SimpleNamespace(status="completed", run_id=run_id,
+        return SimpleNamespace(status="completed", run_id=run_id, stopped_by=None,
                                registered_uri=decision.uri, promoted=decision.promoted)
 
 
@@ -250,7 +250,7 @@ def test_exit_codes_for_lock_source_tracking_and_training_failures(setup, capsys
     assert versions(setup.uri, setup.model) == []
 
     def preempted(cfg: DictConfig) -> SimpleNamespace:  # SIGTERM: checkpoint, then stop
-        return SimpleNamespace(status="preempted", run_id=None)
+        return SimpleNamespace(status="preempted", run_id=None, stopped_by="SIGTERM")
 
     assert R.retrain(setup.cfg(), train_fn=preempted) == R.EXIT_PREEMPTED
     assert "rerun to resume" in capsys.readouterr().err

@@ -71,3 +71,40 @@ def test_cron_a_shard_dropped_beside_the_manifest_is_trained_on(in_tmp_cwd, caps
     assert main(args) == R.EXIT_OK  # listed now, same bytes: same snapshot, no warning
     out = capsys.readouterr().out
     assert "nothing to do" in out and "taken in" not in out
+
+
+UNLABELLED = ("data.test=null", "data.bank=null", "eval.at_end=false", "eval.every_epochs=0")
+
+
+@pytest.mark.timeout(240)
+def test_unlabelled_data_registers_an_unevaluated_challenger_as_train_does(in_tmp_cwd, capsys):
+    """docs/retrain.md, "Unlabelled data": trained and registered, never promoted, said so
+    (decision registered-unevaluated); the same snapshot again trains nothing."""
+    args = ["retrain", f"data.root={in_tmp_cwd / 'data'}", "data.generate_train_samples=96",
+            "data.generate_test_samples=32", *UNLABELLED, *tiny(in_tmp_cwd, 3)]
+    assert main(args) == R.EXIT_OK
+    out = capsys.readouterr().out
+    assert "sslstream-encoder v1 (challenger, not evaluated: never promoted)" in out, out
+    client = MlflowClient(f"sqlite:///{in_tmp_cwd / 'mlflow.db'}")
+    v1 = client.get_model_version("sslstream-encoder", "1")
+    assert v1.tags["evaluated"] == "false" and v1.tags["promoted"] == "false"
+    assert v1.tags["retrain.decision"] == "registered-unevaluated"
+    assert "champion" not in client.get_registered_model("sslstream-encoder").aliases
+    tags = client.get_registered_model("sslstream-encoder").tags
+    assert tags["retrain.last_decision"] == "registered-unevaluated"
+
+    assert main(args) == R.EXIT_OK  # same snapshot: its run key finds v1, nothing is trained
+    assert "already registered v1" in capsys.readouterr().out
+    assert len(client.search_model_versions("name = 'sslstream-encoder'")) == 1
+
+
+@pytest.mark.parametrize("extra", [("data.test=null",),
+                                   (*UNLABELLED, "tracking.registry.register_unevaluated=false")],
+                         ids=["evaluating-without-a-test-split", "nothing-to-register"])
+def test_retrain_without_an_outcome_is_a_config_error_before_the_source_is_read(
+        in_tmp_cwd, capsys, extra):
+    args = ["retrain", f"data.root={in_tmp_cwd / 'data'}", *extra, *tiny(in_tmp_cwd, 3)]
+    assert main(args) == R.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "docs/retrain.md" in err, err
+    assert not (in_tmp_cwd / "data").exists()  # nothing generated, listed or leased

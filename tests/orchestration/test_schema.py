@@ -1,4 +1,4 @@
-"""The config schema (orchestration/schema.py): unknown keys, types and ranges fail before any
+"""The config schema (orchestration/schema/): unknown keys, types and ranges fail before any
 data is touched, naming the key and what is allowed; every command exits 2 for them."""
 
 from __future__ import annotations

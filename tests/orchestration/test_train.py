@@ -325,7 +325,8 @@ def test_evaluation_reports_progress_while_extracting_features(in_tmp_cwd, caplo
     caplog.set_level(logging.INFO, logger="sslstream.eval")
     assert main(["train", *tiny(in_tmp_cwd, "tracking.enabled=false", "eval.probe=false",
                                 steps=2)]) == 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "sslstream.eval"]
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "sslstream.eval" and " features " in r.getMessage()]
     assert [ln.split(" samples")[0] for ln in lines if "features of" not in ln] == [
         "eval: bank features 64/160", "eval: bank features 128/160", "eval: bank features 160/160",
         "eval: test features 60/60"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
+from sslstream.models.methods import Method, MethodConfig
 from sslstream.orchestration.train.monitor import DataWaitClock, Monitor
 from sslstream.orchestration.train.step import (
     NonFiniteLossError,
-    StepModule,
     autocast_dtype,
     check_every,
     compile_backbones,
@@ -17,11 +19,26 @@ from sslstream.orchestration.train.step import (
 from torch import nn
 
 
-class Probe(nn.Module):
+def _backbone(*layers: nn.Module, dim: int = 4) -> nn.Module:
+    """A backbone as build_backbone makes them: a module with its `feature_dim`."""
+    backbone = nn.Sequential(*layers)
+    backbone.feature_dim = dim
+    return backbone
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig(MethodConfig):
+    scale: float = 1.0
+
+
+class Probe(Method):
     """A minimal method recording what the trainer calls, and when."""
 
+    name = "probe"
+    config_class = ProbeConfig
+
     def __init__(self, scale: float = 1.0) -> None:
-        super().__init__()
+        super().__init__(_backbone(nn.Identity()), ProbeConfig(scale=scale))
         self.w = nn.Parameter(torch.ones(3))
         self.scale = scale
         self.calls: list[tuple[str, object]] = []
@@ -45,7 +62,7 @@ def test_momentum_update_sees_the_stepped_weights_and_the_step_index():
     opt, sched = _opt(m)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x = torch.ones(2, 3, 4, 4)
-    out = train_step(StepModule(m), m, opt, sched, scaler, x, x, step=7, total_steps=10,
+    out = train_step(m, m, opt, sched, scaler, x, x, step=7, total_steps=10,
                      amp_dtype=None, grad_clip=None, stop_requested=False)
     assert out.stepped and not out.stop
     (name, (step, total, w_seen)), = m.calls
@@ -59,7 +76,7 @@ def test_skipped_step_does_not_move_the_target():
     opt, sched = _opt(m)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     x = torch.ones(2, 3, 4, 4)
-    out = train_step(StepModule(m), m, opt, sched, scaler, x, x, step=0, total_steps=10,
+    out = train_step(m, m, opt, sched, scaler, x, x, step=0, total_steps=10,
                      amp_dtype=None, grad_clip=None, stop_requested=False)
     assert not out.stepped and m.calls == []
     assert torch.equal(m.w.detach(), torch.ones(3))  # weights untouched
@@ -70,7 +87,7 @@ def test_non_finite_loss_raises_before_touching_weights():
     opt, sched = _opt(m)
     x = torch.full((2, 3, 4, 4), float("nan"))
     with pytest.raises(NonFiniteLossError, match="step 3"):
-        train_step(StepModule(m), m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), x, x,
+        train_step(m, m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), x, x,
                    step=3, total_steps=10, amp_dtype=None, grad_clip=1.0, stop_requested=False)
     assert torch.equal(m.w.detach(), torch.ones(3)) and m.calls == []
 
@@ -79,7 +96,7 @@ def test_gradient_clipping_bounds_the_update():
     m = Probe(scale=100.0)
     opt, sched = _opt(m)
     x = torch.ones(2, 3, 4, 4)
-    out = train_step(StepModule(m), m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), x, x,
+    out = train_step(m, m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), x, x,
                      step=0, total_steps=1, amp_dtype=None, grad_clip=1.0, stop_requested=True)
     assert float(out.grad_norm) == pytest.approx(200.0 * 3**0.5, rel=1e-5)  # reported before clipping
     assert torch.linalg.vector_norm(torch.ones(3) - m.w.detach()) == pytest.approx(0.1, rel=1e-5)
@@ -128,7 +145,7 @@ def test_non_check_steps_and_non_report_updates_read_nothing_on_the_host(no_host
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     no_host_reads()
     for k in range(4):
-        out = train_step(StepModule(m), m, opt, sched, scaler, x, x, step=k, total_steps=10,
+        out = train_step(m, m, opt, sched, scaler, x, x, step=k, total_steps=10,
                          amp_dtype=None, grad_clip=1.0, stop_requested=False, check=False)
         assert mon.update(k + 1, 0, out.loss, out.metrics, 0.1, {"skipped": 0}, out.grad_norm) is None
 
@@ -138,12 +155,12 @@ def test_nan_between_checks_is_applied_then_caught_at_the_check():
     opt, sched = _opt(m)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     nan = torch.full((2, 3, 4, 4), float("nan"))
-    out = train_step(StepModule(m), m, opt, sched, scaler, nan, nan, step=0, total_steps=10,
+    out = train_step(m, m, opt, sched, scaler, nan, nan, step=0, total_steps=10,
                      amp_dtype=None, grad_clip=None, stop_requested=True, check=False)
     assert not out.stop  # a stop is only agreed at check steps
     assert torch.isnan(m.w.detach()).all()  # documented: the unchecked step was applied
     with pytest.raises(NonFiniteLossError, match="step 1"):
-        train_step(StepModule(m), m, opt, sched, scaler, torch.ones_like(nan), nan, step=1,
+        train_step(m, m, opt, sched, scaler, torch.ones_like(nan), nan, step=1,
                    total_steps=10, amp_dtype=None, grad_clip=None, stop_requested=False, check=True)
 
 
@@ -181,17 +198,20 @@ def test_data_wait_clock_sums_only_fetch_gaps():
     assert c.collect() == pytest.approx(0.02, abs=0.015) and c.collect() == 0.0
 
 
-class Queued(nn.Module):
+class Queued(Method):
     """A method shape with a backbone, a momentum copy and a rank-identical buffer."""
 
+    name = "queued"
+
     def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(4, 4))
+        super().__init__(_backbone(nn.Linear(4, 4)), MethodConfig())
         self.target = nn.Sequential(nn.Linear(4, 4))
         self.head = nn.Linear(4, 2)
         self.register_buffer("queue_keys", torch.zeros(8, 4))
 
-    ddp_static_buffers = ["queue_keys"]
+    @property
+    def ddp_static_buffers(self) -> list[str]:
+        return ["queue_keys"]
 
     def training_step(self, v1, v2):
         return self.head(self.backbone(v1)).pow(2).mean() + 0 * self.target(v2).sum(), {}
@@ -205,7 +225,8 @@ def test_ddp_skips_the_methods_static_buffers(tmp_path):
         m = Queued()
         ddp = wrap_model(m, torch.device("cpu"), distributed=True, compile=False)
         assert isinstance(ddp, nn.parallel.DistributedDataParallel)
-        assert "method.queue_keys" in ddp.parameters_to_ignore
+        assert ddp.module is m  # DDP wraps the method itself: its forward is training_step
+        assert "queue_keys" in ddp.parameters_to_ignore
         assert all(b is not m.queue_keys for b in ddp.modules_buffers)
         assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) is True
         assert not ddp.find_unused_parameters
@@ -220,7 +241,7 @@ def test_compile_targets_the_backbones_in_place_and_keeps_state_dict_keys():
     done = compile_backbones(m, backend="eager")
     assert {id(x) for x in done} == {id(m.backbone), id(m.target)}
     assert list(m.state_dict()) == keys  # checkpoints load with or without compile
-    loss, _ = StepModule(m)(torch.ones(2, 4), torch.ones(2, 4))
+    loss, _ = m(torch.ones(2, 4), torch.ones(2, 4))
     loss.backward()
     assert m.backbone[0].weight.grad is not None
 

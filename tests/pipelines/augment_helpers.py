@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Generator
 
 import numpy as np
 from PIL import Image
@@ -50,14 +51,33 @@ def make_samples(n: int, *, h: int = 40, w: int = 48, shard: str = "mem://0") ->
 
 
 class FakeStream:
-    """ShardStream's interface over a list: the epoch permutes the order (seeded), the cursor
-    is the position within the epoch, `delay_s` simulates slow storage per sample."""
+    """A `SampleStream` over a list: the epoch permutes the order (seeded), the cursor is the
+    position within the epoch, `delay_s` simulates slow storage per sample. Bad samples a
+    consumer reports are counted (`count_bad`, `set_external_bad`); no limit applies."""
+
+    validate = "none"  # the loader checks the headers itself
+    partition = False  # the whole list, on every rank
+    num_workers = 0
+    lane_pool = None
 
     def __init__(self, samples: list[Sample], *, seed: int = 0, delay_s: float = 0.0,
-                 rank: int = 0) -> None:
-        self.samples, self.seed, self.delay_s, self.rank = samples, seed, delay_s, rank
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.samples, self.seed, self.delay_s = samples, seed, delay_s
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self.counters = {"read": 0}
+        self.reported: list[tuple[str, str]] = []  # (reason, shard) per count_bad
+        self.external_bad = 0
+
+    @property
+    def epoch_bad(self) -> int:
+        return len(self.reported) + self.external_bad
+
+    def count_bad(self, reason: str, shard: str, n: int = 1) -> None:
+        self.reported += [(reason, shard)] * n
+
+    def set_external_bad(self, n: int, shard: str) -> None:
+        self.external_bad = n
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -72,7 +92,7 @@ class FakeStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
 
-    def __iter__(self):
+    def __iter__(self) -> Generator[Sample, None, None]:
         if self.position >= len(self):
             self.position = 0
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.samples))

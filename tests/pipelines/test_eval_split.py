@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from sslstream.pipelines.shards import reader as reader_mod
+from sslstream.pipelines.shards import cache as cache_mod
 from sslstream.pipelines.shards.plan import partition_bounds, partition_segments, spread_shards
 from sslstream.pipelines.views.eval_loader import build_eval_loader
 
@@ -62,9 +62,9 @@ def test_each_rank_reads_only_its_share(shard_factory, monkeypatch):
     the bytes each rank's parser takes from storage are about its share, not the split."""
     shards = shard_factory([7, 5, 9, 4], corrupt={(2, 3): "bad_header"})
     sizes = [os.path.getsize(u) for u in shards.urls]
-    real_open = reader_mod.open_reader
+    real_open = cache_mod.open_reader
     tally = [0]
-    monkeypatch.setattr(reader_mod, "open_reader", lambda *a, **k: _Counting(real_open(*a, **k), tally))
+    monkeypatch.setattr(cache_mod, "open_reader", lambda *a, **k: _Counting(real_open(*a, **k), tally))
     index, labels, read, nbytes, skipped = [], [], [], [], 0
     for rank in range(3):
         tally[0] = 0

@@ -24,7 +24,7 @@ from sslstream.pipelines.shards.stream import ShardStream
 from sslstream.pipelines.shards.validate import CorruptImage
 from sslstream.pipelines.views import dali as dali_mod
 from sslstream.pipelines.views import loader as loader_mod
-from sslstream.pipelines.views.eval_loader import build_eval_loader
+from sslstream.pipelines.views.eval_loader import EvalLoader, build_eval_loader
 from sslstream.pipelines.views.loader import TwoViewLoader
 from sslstream.pipelines.views.recipes import PRESETS
 
@@ -310,8 +310,8 @@ def test_eval_loader_yields_each_sample_once_across_ranks(backend):
     samples[4] = dataclasses.replace(samples[4], image=b"<html>oops</html>")
     labels, outputs = [], {}
     for rank in range(3):
-        ev = build_eval_loader(None, image_size=32, batch_size=4, device="cpu", rank=rank,
-                               world_size=3, backend=backend, stream=FakeStream(samples))
+        ev = EvalLoader(FakeStream(samples), image_size=32, batch_size=4, device="cpu",
+                        rank=rank, world_size=3, backend=backend)
         try:
             first = list(ev)
             outputs[rank] = ev.skipped_corrupt

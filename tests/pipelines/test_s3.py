@@ -4,7 +4,8 @@ and through a proxy that injects 503 SlowDown, cut bodies and connection resets.
 from __future__ import annotations
 
 import pytest
-from sslstream.pipelines.shards.storage import AccessDenied, ShardNotFound, redact
+from sslstream.pipelines.shards.masking import mask
+from sslstream.pipelines.shards.storage import AccessDenied, ShardNotFound
 from sslstream.pipelines.shards.stream import ShardStream
 from sslstream.pipelines.shards.tools import main as shards_main
 from sslstream.pipelines.shards.tools import verify, write_shards
@@ -82,7 +83,7 @@ def test_refused_credentials_are_a_clear_error_without_secrets(s3: S3Env, s3_sha
     assert "access denied for s3://data/train/manifest.json" in msg and "credentials" in msg
     assert "very-secret-value-123" not in msg and CREDS["AWS_SECRET_ACCESS_KEY"] not in msg
     assert e.value.__cause__ is None and e.value.__suppress_context__
-    assert "very-secret-value-123" not in repr(redact(opts))  # what the stream would log
+    assert "very-secret-value-123" not in repr(mask(opts, options=True))  # what the stream would log
 
 
 @pytest.mark.parametrize("faults", [["503"] * 4, ["cut", "cut"], ["reset", "reset"]],
@@ -157,3 +158,25 @@ def test_a_server_that_keeps_failing_ends_in_bounded_retries_naming_the_url(
 
     secret = CREDS["AWS_SECRET_ACCESS_KEY"]
     assert secret not in msg and secret not in caplog.text
+
+
+def test_a_rewritten_manifest_is_read_whole_after_a_listing_cached_its_old_size(s3: S3Env) -> None:
+    """A growing shard set rewrites manifest.json; the process's fsspec instance may hold a
+    listing (sizes) from before. The manifest is read at its size now, not the cached one
+    (the stale size cut it short: "not valid JSON")."""
+    import json
+
+    from sslstream.pipelines.shards.manifest import load_manifest
+    from sslstream.pipelines.shards.storage import get_fs
+
+    s3.bucket("grow")
+    writer = s3.fs(skip_instance_cache=True)  # another client: the process's cache never sees it
+    small = {"shards": [{"shard": "a.tar", "samples": 1}]}
+    writer.pipe("grow/set/manifest.json", json.dumps(small).encode())
+    so = {"client_kwargs": {"endpoint_url": s3.endpoint}}  # s3fs's defaults: listings cached
+    fs, path = get_fs("s3://grow/set", so)
+    fs.ls(path, detail=True)  # the listing that caches manifest.json's size
+    big = {"shards": [{"shard": f"shard-{i:06d}.tar", "samples": 100} for i in range(50)]}
+    writer.pipe("grow/set/manifest.json", json.dumps(big).encode())
+    man = load_manifest("s3://grow/set/manifest.json", so)
+    assert len(man.shards) == 50

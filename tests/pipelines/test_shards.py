@@ -209,7 +209,30 @@ def test_cli_verify_names_tampered_missing_and_truncated_shards(tmp_path: Path, 
     assert "BAD shard-000001.tar" in out and "sha256" in out
     assert "BAD shard-000002.tar" in out and "unreadable after" in out
     assert "BAD shard-000003.tar" in out and "does not exist" in out
-    assert "3 of 4 shards bad: shard-000001.tar, shard-000002.tar, shard-000003.tar" in err
+    assert (f"3 of 4 shards of {tmp_path / 'manifest.json'} bad: shard-000001.tar, "
+            "shard-000002.tar, shard-000003.tar") in err
+
+
+def test_cli_verify_of_a_data_root_checks_its_split_folders(tmp_path: Path, capsys) -> None:
+    """The embedded default's root (./data/synthetic) holds its shards in train/ and test/:
+    `verify ROOT` checks both; a bad shard in one is named with that folder's manifest."""
+    from sslstream.pipelines.shards.synthetic import ensure_synthetic
+
+    root = tmp_path / "synthetic"
+    ensure_synthetic(root, train_samples=24, test_samples=8, image_size=8, seed=0)
+    (root / "notes").mkdir()  # a folder without shards is not a split
+    assert main(["verify", str(root)]) == 0
+    out = capsys.readouterr().out
+    for split in ("train", "test"):
+        assert f"shards of {root / split / 'manifest.json'} verified" in out
+    shard = sorted((root / "test").glob("*.tar*"))[0]
+    shard.write_bytes(shard.read_bytes()[:600])
+    assert main(["verify", str(root)]) == 1
+    out, err = capsys.readouterr()
+    assert f"shards of {root / 'train' / 'manifest.json'} verified" in out
+    assert f"1 of 1 shards of {root / 'test' / 'manifest.json'} bad: {shard.name}" in err
+    assert main(["verify", str(root / "notes")]) == 2  # nothing here or one level down
+    assert "no *.tar / *.tar.gz / *.tgz shards under" in capsys.readouterr().err
 
 
 def test_cli_verify_unlabelled_folder_as_module(tmp_path: Path) -> None:
