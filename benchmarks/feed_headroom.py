@@ -34,9 +34,9 @@ import time
 
 import numpy as np
 import torch
+from sslstream.orchestration.schema import augment_recipe
 from sslstream.pipelines.shards.stream import ShardStream
 from sslstream.pipelines.views.loader import TwoViewLoader
-from sslstream.pipelines.views.recipes import PRESETS
 
 
 class NullBackend:
@@ -68,7 +68,7 @@ def busy(seconds: float) -> None:
 def make_loader(url: str, workers: int, batch: int, backend: str, recipe: str,
                 lanes: int) -> TwoViewLoader:
     stream = ShardStream(url, num_workers=lanes, shuffle_buffer=1000, seed=0)
-    loader = TwoViewLoader(stream, PRESETS[recipe], batch_size=batch, device="cpu",
+    loader = TwoViewLoader(stream, augment_recipe(recipe), batch_size=batch, device="cpu",
                            backend="torchvision" if backend == "none" else backend,
                            num_threads=1, workers=workers, prefetch=2)
     if backend == "none":
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--busy", type=int, nargs="+", default=[0, 50, 80])
     ap.add_argument("--backend", default="none", choices=["none", "dali", "torchvision"])
-    ap.add_argument("--recipe", default="cifar_byol")
+    ap.add_argument("--recipe", default="byol_cifar")  # a conf/recipe/ file
     ap.add_argument("--lanes", type=int, default=2, help="the stream's reader lanes")
     ap.add_argument("--step-ms", type=float, default=None,
                     help="fix T (ms per batch) instead of the old design's alone time; "

@@ -49,13 +49,13 @@ step "pytest dali+gpu" pytest_gpu.log python3 -m pytest -q -p no:cacheprovider -
 grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1 | tee -a "$SUMMARY"
 
 step "pipeline 32px (CIFAR)" pipeline_32.log python3 benchmarks/pipeline_throughput.py \
-    "$SSLSTREAM_CIFAR10#train" --recipe cifar_byol --batch-size 512 --seconds "$SECS" \
+    "$SSLSTREAM_CIFAR10#train" --recipe byol_cifar --batch-size 512 --seconds "$SECS" \
     --threads "$THREADS" --samples 2048
 LARGE=${TMPDIR:-/tmp}/sslstream_large
 [ -d "$LARGE" ] || python3 benchmarks/make_large_jpeg_shards.py "$LARGE" --count 2048 \
     --per-shard 256 > "$OUT/make_large.log" 2>&1
 step "pipeline 224px (500x375)" pipeline_224.log python3 benchmarks/pipeline_throughput.py \
-    "$LARGE" --recipe byol --batch-size 256 --seconds "$SECS" --threads "$THREADS" --samples 512
+    "$LARGE" --recipe byol_imagenet --batch-size 256 --seconds "$SECS" --threads "$THREADS" --samples 512
 grep -h '^{' "$OUT"/pipeline_32.log "$OUT"/pipeline_224.log > "$OUT/pipeline.jsonl"
 
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then

@@ -10,9 +10,9 @@ Two measurements per backend, in images per second (one image = both of its view
 plus `torchvision-dataloader`: the classic baseline, a torch DataLoader whose workers decode
 with PIL and run the recipe as a torchvision v2 Compose per sample.
 
-    python benchmarks/pipeline_throughput.py ../shared/data/cifar10 --recipe cifar_byol
+    python benchmarks/pipeline_throughput.py ../shared/data/cifar10 --recipe byol_cifar
     python benchmarks/make_large_jpeg_shards.py /tmp/large && \\
-    python benchmarks/pipeline_throughput.py /tmp/large --recipe byol --batch-size 64
+    python benchmarks/pipeline_throughput.py /tmp/large --recipe byol_imagenet --batch-size 64
 
 Each variant runs for about `--seconds` after one warm-up batch. Record results in
 BENCHMARKS.md with the machine and the command.
@@ -155,7 +155,7 @@ def torchvision_dataloader(recipe, samples, batch_size: int, seconds: float,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("source", help="shard folder / manifest / brace pattern")
-    ap.add_argument("--recipe", default="cifar_byol")
+    ap.add_argument("--recipe", default="byol_cifar")  # a conf/recipe/ file
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2))
@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                          "torchvision-dataloader (dali/torchvision: as graph and as loader)")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))
+    from sslstream.orchestration.schema import augment_recipe
     from sslstream.pipelines.views.dali import DALI_AVAILABLE
-    from sslstream.pipelines.views.recipes import PRESETS
 
-    recipe = PRESETS[a.recipe]
+    recipe = augment_recipe(a.recipe)
     gpu = torch.cuda.is_available()
     wanted = ["host", "dali-gpu", "dali-cpu", "torchvision", "torchvision-dataloader"] \
         if a.variants == "all" else a.variants.split(",")

@@ -41,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/quality_cpu.py` from the repo root
     sys.path.insert(0, str(REPO))
-METHODS = ("byol", "simclr", "mocov2", "simsiam", "vicreg", "barlow_twins", "contrastive")
+from sslstream.models.methods import METHODS  # noqa: E402 (after the path set-up above)
 
 
 def load_split(root: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:

@@ -203,13 +203,18 @@ class ViT(nn.Module):
 
 
 def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
+    """A key of a backbone spec. This file is shipped alone with every registered encoder
+    (orchestration/tracking/encoder_model.py) and builds from the spec saved then: a spec
+    registered before a key existed lacks it, so absent keys read as the builder's
+    default. The config's keys and defaults are models/backbone_config.py's."""
     getter = getattr(cfg, "get", None)
     value = getter(key, default) if getter is not None else getattr(cfg, key, default)
     return default if value is None else value
 
 
 def build_backbone(cfg: Mapping[str, Any] | Any) -> nn.Module:
-    """Build a backbone from its config (``conf/backbone/*.yaml``); ``.feature_dim`` is set.
+    """Build a backbone from its config (``cfg.backbone`` or a registered encoder's spec);
+    ``.feature_dim`` is set.
 
     Keys: ``name`` (``resnet_mini``, ``vit_tiny`` / ``vit_small`` / ``vit_base`` or a
     torchvision classification model name), ``cifar_stem`` (bool), ``zero_init_residual``

@@ -7,8 +7,10 @@
   with ``ndim <= 1``, and a ViT's position embedding and tokens; see
   ``Method.parameter_groups``) get neither adaptation nor weight decay: the rule of BYOL,
   SimCLR, VICReg and Barlow Twins (and timm's for ViTs).
-* :func:`build_optimizer` -- LARS / SGD / AdamW from ``conf/optim/*.yaml``, the base lr scaled
-  by the global batch (:func:`scale_lr`), per-group ``lr_mult``.
+* :class:`LARSConfig`, :class:`SGDConfig`, :class:`AdamWConfig` -- the ``optim.*`` keys of each
+  optimiser (typed, with ranges and defaults); ``OPTIMIZERS`` maps ``optim.name`` to them.
+* :func:`build_optimizer` -- LARS / SGD / AdamW from such a config, the base lr scaled by the
+  global batch (:func:`scale_lr`), per-group ``lr_mult``.
 * :class:`WarmupCosine` -- per-step linear warmup then cosine decay; groups flagged
   ``fixed_lr`` (SimSiam's predictor) keep their initial lr.
 """
@@ -17,13 +19,98 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from sslstream.conf.typed import (
+    Check,
+    ConfigValueError,
+    Ge,
+    Gt,
+    Interval,
+    Typed,
+    build,
+    did_you_mean,
+)
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["LARS", "WarmupCosine", "build_optimizer", "scale_lr"]
+__all__ = ["LARS", "OPTIMIZERS", "AdamWConfig", "LARSConfig", "OptimConfig", "SGDConfig",
+           "WarmupCosine", "build_optimizer", "optim_config", "scale_lr"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig(Typed):
+    """The keys every optimiser has; ``name`` is the registry name (``optim.name``)."""
+
+    name: ClassVar[str] = ""
+    config_key: ClassVar[str] = "optim"
+    lr: Annotated[float, Ge(0)] = 1.0          # at base_batch; 0 freezes the weights (warm-start checks)
+    base_batch: Annotated[int, Ge(1)] = 256
+    scaling: Literal["linear", "sqrt", "none"] = "linear"  # lr = lr x (global batch / base_batch)^(1 | 1/2 | 0)
+    weight_decay: Annotated[float, Ge(0)] = 1.0e-4
+    warmup_epochs: Annotated[float, Ge(0)] | None = None  # null: trainer.warmup_epochs
+
+
+@dataclass(frozen=True, kw_only=True)
+class LARSConfig(OptimConfig):
+    """LARS (You et al. 2017) over SGD momentum; biases and norm parameters get neither
+    trust-ratio adaptation nor weight decay. Defaults: BYOL's CIFAR recipe (solo-learn)."""
+
+    name = "lars"
+    lr: Annotated[float, Ge(0)] = 1.0
+    weight_decay: Annotated[float, Ge(0)] = 1.0e-5
+    momentum: Annotated[float, Interval(ge=0, le=1)] = 0.9
+    eta: Annotated[float, Gt(0)] = 0.02          # trust coefficient (papers at batch 4096: 0.001)
+    clip_lr: bool = True                          # LARC clipping: per-tensor lr = min(eta|w|/|g|, lr)
+    trust_ratio: Literal["paper", "update"] = "paper"  # paper: eta|w|/(|g| + wd|w|); update: eta|w|/|g + wd w|
+
+
+@dataclass(frozen=True, kw_only=True)
+class SGDConfig(OptimConfig):
+    """SGD with momentum (MoCo v2, SimSiam): weight decay on every parameter, as their code."""
+
+    name = "sgd"
+    lr: Annotated[float, Ge(0)] = 0.05
+    momentum: Annotated[float, Interval(ge=0, le=1)] = 0.9
+    nesterov: bool = False
+    exclude_bias_and_norm_wd: bool = False
+
+
+def _betas_ok(betas: tuple[float, float]) -> bool:
+    return all(0 <= b < 1 for b in betas)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdamWConfig(OptimConfig):
+    """AdamW: not a paper recipe for these ResNet methods; useful for ViT backbones."""
+
+    name = "adamw"
+    lr: Annotated[float, Ge(0)] = 1.0e-3
+    weight_decay: Annotated[float, Ge(0)] = 0.05
+    betas: Annotated[tuple[float, float], Check(_betas_ok, "each in [0, 1)")] = (0.9, 0.999)
+    exclude_bias_and_norm_wd: bool = True
+
+
+# The registry: `optim.name` (and `optim=<name>` on the command line) picks one of these.
+OPTIMIZERS: dict[str, type[OptimConfig]] = {c.name: c for c in (LARSConfig, SGDConfig, AdamWConfig)}
+
+
+def optim_class(optim_cfg: Mapping[str, Any]) -> type[OptimConfig]:
+    """The config class named by ``optim_cfg["name"]`` (ConfigValueError naming the choices)."""
+    name = optim_cfg.get("name")
+    if name not in OPTIMIZERS:
+        raise ConfigValueError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}"
+                               f"{did_you_mean(str(name), list(OPTIMIZERS))}", "optim.name")
+    return OPTIMIZERS[str(name)]
+
+
+def optim_config(optim_cfg: OptimConfig | Mapping[str, Any]) -> OptimConfig:
+    """``cfg.optim`` as its typed config (a ready one is returned as is)."""
+    if isinstance(optim_cfg, OptimConfig):
+        return optim_cfg
+    return build(optim_class(optim_cfg), optim_cfg, "optim")
 
 
 class LARS(Optimizer):
@@ -141,33 +228,20 @@ def scale_lr(base_lr: float, global_batch: int, rule: str = "linear", base_batch
     raise ValueError(f"optim.scaling must be linear, sqrt or none, got {rule!r}")
 
 
-def _cfg(cfg: Mapping[str, Any] | Any, key: str, default: Any = ...) -> Any:
-    getter = getattr(cfg, "get", None)
-    value = getter(key, None) if getter is not None else getattr(cfg, key, None)
-    if value is None:
-        if default is ...:
-            raise ValueError(f"optim.{key} is missing")
-        return default
-    return value
-
-
-def build_optimizer(param_groups: list[dict[str, Any]], optim_cfg: Mapping[str, Any] | Any,
+def build_optimizer(param_groups: list[dict[str, Any]], optim_cfg: OptimConfig | Mapping[str, Any],
                     global_batch_size: int) -> Optimizer:
-    """An optimiser over ``Method.parameter_groups()`` configured by ``conf/optim/*.yaml``.
+    """An optimiser over ``Method.parameter_groups()`` configured by ``optim_cfg``
+    (``cfg.optim`` or a ready :class:`OptimConfig`; its keys: the config classes above).
 
-    Config keys: ``name`` (lars | sgd | adamw), ``lr`` (at ``base_batch``), ``base_batch``,
-    ``scaling`` (linear | sqrt | none), ``weight_decay``, ``momentum`` (lars, sgd), ``eta``
-    (lars), ``clip_lr`` (lars), ``trust_ratio`` (lars: paper | update), ``nesterov`` (sgd),
-    ``betas`` (adamw), ``exclude_bias_and_norm_wd`` (sgd, adamw:
-    no weight decay on groups flagged ``lars_exclude``; LARS always excludes them).
-    Group keys honoured: ``lr_mult`` (multiplies the scaled lr), ``lars_exclude``,
-    ``fixed_lr`` (read by :class:`WarmupCosine`). Extra keys stay in the group.
+    The lr is ``lr`` at ``base_batch`` scaled to ``global_batch_size`` by ``scaling``.
+    Groups flagged ``lars_exclude`` get no weight decay under LARS (always) and under SGD /
+    AdamW with ``exclude_bias_and_norm_wd``. Group keys honoured: ``lr_mult`` (multiplies the
+    scaled lr), ``lars_exclude``, ``fixed_lr`` (read by :class:`WarmupCosine`). Extra keys
+    stay in the group.
     """
-    name = str(_cfg(optim_cfg, "name")).lower()
-    lr = scale_lr(float(_cfg(optim_cfg, "lr")), int(global_batch_size),
-                  str(_cfg(optim_cfg, "scaling", "linear")), int(_cfg(optim_cfg, "base_batch", 256)))
-    wd = float(_cfg(optim_cfg, "weight_decay", 0.0))
-    exclude_wd = bool(_cfg(optim_cfg, "exclude_bias_and_norm_wd", name == "lars"))
+    c = optim_config(optim_cfg)
+    lr = scale_lr(c.lr, int(global_batch_size), c.scaling, c.base_batch)
+    exclude_wd = c.exclude_bias_and_norm_wd if isinstance(c, SGDConfig | AdamWConfig) else True
     groups: list[dict[str, Any]] = []
     for i, g in enumerate(param_groups):
         if "params" not in g:
@@ -177,24 +251,20 @@ def build_optimizer(param_groups: list[dict[str, Any]], optim_cfg: Mapping[str, 
         group.setdefault("lars_exclude", False)
         group.setdefault("fixed_lr", False)
         group["lr"] = lr * float(group.get("lr_mult", 1.0))
-        group["weight_decay"] = 0.0 if (exclude_wd and group["lars_exclude"]) else wd
+        group["weight_decay"] = 0.0 if (exclude_wd and group["lars_exclude"]) else c.weight_decay
         if group["params"]:
             groups.append(group)
     if not groups:
         raise ValueError("build_optimizer: no trainable parameters")
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=float(_cfg(optim_cfg, "momentum", 0.9)),
-                    weight_decay=wd, eta=float(_cfg(optim_cfg, "eta", 0.001)),
-                    clip=bool(_cfg(optim_cfg, "clip_lr", False)),
-                    trust_ratio=str(_cfg(optim_cfg, "trust_ratio", "paper")))
+    if isinstance(c, LARSConfig):
+        return LARS(groups, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, eta=c.eta,
+                    clip=c.clip_lr, trust_ratio=c.trust_ratio)
     # The LARS flag means nothing to torch's optimisers: keep it only as group metadata.
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=float(_cfg(optim_cfg, "momentum", 0.9)),
-                               weight_decay=wd, nesterov=bool(_cfg(optim_cfg, "nesterov", False)))
-    if name == "adamw":
-        betas = tuple(float(b) for b in _cfg(optim_cfg, "betas", (0.9, 0.999)))
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=wd)  # type: ignore[arg-type]
-    raise ValueError(f"optim.name must be lars, sgd or adamw, got {name!r}")
+    if isinstance(c, SGDConfig):
+        return torch.optim.SGD(groups, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                               nesterov=c.nesterov)
+    assert isinstance(c, AdamWConfig)
+    return torch.optim.AdamW(groups, lr=lr, betas=c.betas, weight_decay=c.weight_decay)
 
 
 class WarmupCosine(LRScheduler):

@@ -1,6 +1,6 @@
 """The `sslstream` command: train, eval, retrain, embed, export, shards.
 
-    sslstream train [--cfg] [key=value ...]      the main job (Hydra overrides)
+    sslstream train [-m] [--cfg] [key=value ...] the main job (Hydra overrides; -m: a sweep)
     sslstream eval  (--checkpoint PATH | --model URI) [key=value ...]
     sslstream retrain [key=value ...]            the scheduled retraining job
     sslstream embed --model URI --out URL [key=value ...]   embeddings of a data set
@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 USAGE = """usage: sslstream {train,eval,retrain,embed,export,shards} ...
 
-  sslstream train [--cfg] [key=value ...]     train (and evaluate, register) an encoder
+  sslstream train [-m] [--cfg] [key=value ...]
+                                              train (and evaluate, register) an encoder
   sslstream eval (--checkpoint PATH | --model URI) [key=value ...]
                                               kNN / linear-probe evaluation of an encoder
   sslstream retrain [key=value ...]           scheduled retraining (new shards -> promote)
@@ -37,7 +38,8 @@ USAGE = """usage: sslstream {train,eval,retrain,embed,export,shards} ...
 
 Overrides use Hydra syntax, e.g. `sslstream train method=simclr trainer.epochs=100`
 or `sslstream train data=shards data.train=s3://bucket/train-{000000..000127}.tar`.
-`--cfg` prints the resolved config and exits.
+`--cfg` prints the resolved config and exits; `sslstream train --help` lists the choices
+(data, method, recipe, ...) and the common keys.
 """
 
 EXIT_FAILED = 1
@@ -50,11 +52,10 @@ EXIT_SIGUSR1 = 138  # Slurm's notice before the time limit (docs/cluster.md: req
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved config, unchecked (see orchestration/schema/: `compose_checked`)."""
+    """The resolved config for tools and tests (orchestration/schema: `compose_config`)."""
     from sslstream.orchestration.schema import compose_config as compose
-    from sslstream.orchestration.schema import quote_brace_patterns
 
-    return compose(quote_brace_patterns(overrides))
+    return compose(overrides)
 
 
 def _split_flags(args: list[str], flags_with_value: Sequence[str], bool_flags: Sequence[str]) -> tuple[dict[str, str | bool], list[str]]:
@@ -125,7 +126,8 @@ def _masked_thread_excepthook(args: threading.ExceptHookArgs) -> None:
     _masked_excepthook(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
 
 
-def _parse(args: list[str], flags_with_value: Sequence[str] = (), bool_flags: Sequence[str] = ()
+def _parse(args: list[str], flags_with_value: Sequence[str] = (), bool_flags: Sequence[str] = (),
+           *, command: str = "train"
            ) -> tuple[dict[str, str | bool], DictConfig | None]:
     """Split a subcommand's flags from its Hydra overrides and compose the config.
 
@@ -134,7 +136,9 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = (), bool_flags: Se
     """
     opts, overrides = _split_flags(args, flags_with_value, ("--cfg", "-h", "--help", *bool_flags))
     if opts.get("-h") or opts.get("--help"):
-        print(USAGE)
+        from sslstream.orchestration.schema.help import help_text
+
+        print(help_text(command))
         return opts, None
     from sslstream.orchestration.schema import compose_checked
 
@@ -144,24 +148,42 @@ def _parse(args: list[str], flags_with_value: Sequence[str] = (), bool_flags: Se
 
     remember(OmegaConf.to_container(cfg, resolve=False))  # secrets of the config, masked anywhere
     if opts.get("--cfg"):
-        from sslstream.pipelines.shards.masking import mask  # no credential is printed
-
-        print(OmegaConf.to_yaml(OmegaConf.create(mask(
-            OmegaConf.to_container(cfg, resolve=True)))), end="")
+        _print_config(cfg)
         return opts, None
-    tracking = cfg.get("tracking")
-    if tracking is not None and tracking.get("enabled", True):
+    _warn(cfg, command)
+    if cfg.tracking.enabled:
         from sslstream.orchestration.tracking.mlflow_env import resolve_tracking_uri
 
         # credentials out of the URI, or a ConfigError: before any data or request
-        resolve_tracking_uri(tracking.get("uri"))
+        resolve_tracking_uri(cfg.tracking.uri)
     return opts, cfg
 
 
+def _print_config(cfg: DictConfig) -> None:
+    from sslstream.pipelines.shards.masking import mask  # no credential is printed
+
+    print(OmegaConf.to_yaml(OmegaConf.create(mask(
+        OmegaConf.to_container(cfg, resolve=True)))), end="")
+
+
+def _warn(cfg: DictConfig, command: str) -> None:
+    """Settings that run but are probably not meant (orchestration/schema: `advisories`)."""
+    from sslstream.orchestration.schema import advisories
+
+    for line in advisories(cfg):
+        print(f"sslstream {command}: warning: {line}", file=sys.stderr)
+
+
 def cmd_train(args: list[str]) -> int:
+    if "-m" in args or "--multirun" in args:
+        return _sweep([a for a in args if a not in ("-m", "--multirun")])
     _, cfg = _parse(args)
     if cfg is None:
         return 0
+    return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> int:
     from sslstream.orchestration.errors import RegistrationError
     from sslstream.orchestration.train.loop import run_from_config
     from sslstream.orchestration.train.step import NonFiniteLossError
@@ -177,12 +199,36 @@ def cmd_train(args: list[str]) -> int:
         return EXIT_FAILED
 
 
+def _sweep(args: list[str]) -> int:
+    """`sslstream train -m a=1,2 b=x,y`: every combination checked first, then run in turn
+    (orchestration/train/sweep.py)."""
+    opts, overrides = _split_flags(args, (), ("--cfg", "-h", "--help"))
+    if opts.get("-h") or opts.get("--help"):
+        _parse(["--help"])
+        return 0
+    from sslstream.orchestration.schema import compose_checked, expand_sweep
+
+    children = expand_sweep(overrides)
+    # every child is composed and checked before any of them runs
+    configs = [compose_checked(child, allow_missing=bool(opts.get("--cfg"))) for child in children]
+    if opts.get("--cfg"):
+        for child, cfg in zip(children, configs, strict=True):
+            print(f"# {' '.join(child)}")
+            _print_config(cfg)
+        return 0
+    for cfg in configs:
+        _warn(cfg, "train")
+    from sslstream.orchestration.train.sweep import run_sweep
+
+    return run_sweep(overrides, children, configs, _train)
+
+
 def cmd_eval(args: list[str]) -> int:
     opts, _ = _split_flags(args, ("--checkpoint", "--model"), ("--cfg", "-h", "--help"))
     if not (opts.get("-h") or opts.get("--help")) and (
             bool(opts.get("--checkpoint")) == bool(opts.get("--model"))):
         return _usage_error("eval needs exactly one of --checkpoint PATH or --model URI")
-    opts, cfg = _parse(args, ("--checkpoint", "--model"))
+    opts, cfg = _parse(args, ("--checkpoint", "--model"), command="eval")
     if cfg is None:
         return 0
     from sslstream.orchestration.evaluate.run import evaluate_saved
@@ -198,7 +244,7 @@ def cmd_eval(args: list[str]) -> int:
 
 
 def cmd_retrain(args: list[str]) -> int:
-    _, cfg = _parse(args)
+    _, cfg = _parse(args, command="retrain")
     if cfg is None:
         return 0
     from sslstream.orchestration.retrain.job import retrain
@@ -220,7 +266,7 @@ def cmd_embed(args: list[str]) -> int:
         if missing:
             return _usage_error(f"embed needs {' and '.join(missing)}")
     opts, cfg = _parse([*_without_values(args, ("--neighbours", "--queries")), *extra],
-                       ("--model", "--out"), bools)
+                       ("--model", "--out"), bools, command="embed")
     if cfg is None:
         return 0
     from sslstream.orchestration.embed.job import EmbedRequest, run
@@ -255,7 +301,7 @@ def cmd_export(args: list[str]) -> int:
         if opts["--format"] not in FORMATS:
             return _usage_error(f"--format {opts['--format']}: expected one of "
                                 f"{', '.join(FORMATS)}")
-    opts, cfg = _parse(args, flags)
+    opts, cfg = _parse(args, flags, command="export")
     if cfg is None:
         return 0
     from sslstream.orchestration.embed.export import export_encoder
@@ -263,7 +309,7 @@ def cmd_export(args: list[str]) -> int:
 
     encoder = load_encoder(cfg, str(opts["--model"]))
     done = export_encoder(encoder, str(opts["--format"]), str(opts["--out"]),
-                          storage_options=dict(cfg.data.get("storage_options") or {}))
+                          storage_options=dict(cfg.data.storage_options))
     print(f"exported {encoder.version} as {done.format} to {done.path} (uint8 (N, H, W, 3) "
           f"in, float32 (N, {encoder.spec.feature_dim}) out; checked on {done.checked} images, "
           f"max |diff| {done.max_abs_diff:.2g})")
@@ -339,11 +385,12 @@ def _masked(text: str) -> str:
 
 
 def _is_config_error(e: BaseException) -> bool:
-    """A bad `method.*` key: models cannot import orchestration, so its error is its own
-    class (models.methods.base.MethodConfigError), mapped to the same exit code here."""
-    from sslstream.models.methods.base import MethodConfigError
+    """A bad key found by a config dataclass outside the schema's compose (models/ and
+    pipelines/ cannot import orchestration: their error is conf/typed.py's
+    ConfigValueError, which orchestration's ConfigError extends): the same exit code."""
+    from sslstream.conf.typed import ConfigValueError
 
-    return isinstance(e, MethodConfigError)
+    return isinstance(e, ConfigValueError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -6,8 +6,9 @@ Two families, which the CLI (orchestration/cli.py) treats differently:
   prints the message on one line, no traceback (our frames would bury the user's mistake).
   `ConfigError` is the configuration kind: exit 2 from every command, raised before any data
   is touched (orchestration/schema/ checks the composed config) or, for checks that need
-  the data, as soon as they can be made. It is also a ValueError so callers that guarded
-  config parsing with `except ValueError` keep working.
+  the data, as soon as they can be made. It is the orchestration room's kind of
+  `ConfigValueError` (conf/typed.py, which every config dataclass raises), so a
+  ValueError too: callers that guarded config parsing with `except ValueError` keep working.
 * everything else is a bug or an outage and shows its traceback.
 
 `RegistrationError` lives here rather than in the tracking room so that the CLI and the
@@ -16,6 +17,8 @@ trainer can catch it without importing MLflow: an untracked run never loads it.
 
 from __future__ import annotations
 
+from sslstream.conf.typed import ConfigValueError
+
 __all__ = ["ConfigError", "RegistrationError", "UserError"]
 
 
@@ -23,15 +26,14 @@ class UserError(Exception):
     """Bad input named by the message: one line for the user, no traceback (CLI exit 1)."""
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(UserError, ConfigValueError):
     """A configuration key has a wrong name, type or value (CLI exit 2 for every command).
 
     `key` is the dotted config key ("" when the error is not about one key).
     """
 
     def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(message)
-        self.key = key
+        ConfigValueError.__init__(self, message, key)
 
 
 class RegistrationError(RuntimeError):

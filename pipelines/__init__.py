@@ -5,6 +5,7 @@
     views/    pixels: augmentation recipes, the DALI graph, the torchvision reference,
               the two-view loader and the eval loader
 
-May import: nothing in orchestration or models; views may import shards, never the reverse.
+May import: nothing in orchestration or models (sslstream.conf.typed, the config vocabulary,
+yes); views may import shards, never the reverse.
 Imported by: orchestration (every room), benchmarks, tests.
 """

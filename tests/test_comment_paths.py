@@ -2,7 +2,7 @@
 
 Walks every comment and docstring of the Python files in pipelines/, models/, orchestration/,
 sslstream/, benchmarks/ and tests/, and every line of docs/*.md, README.md and BENCHMARKS.md,
-for things that look like repository paths (`orchestration/train/step.py`, `conf/augment/`,
+for things that look like repository paths (`orchestration/train/step.py`, `conf/recipe/`,
 `shards/stream.py`, a bare `loop.py`), and checks each against the files git tracks now
 (so it holds for whatever tree it runs on):
 
@@ -10,7 +10,7 @@ for things that look like repository paths (`orchestration/train/step.py`, `conf
   must be a tracked file or folder, exactly;
 - a path that starts inside the tree (`shards/stream.py`, `train/step.py`) must be the end of
   a tracked path;
-- a bare file name (`loop.py`, `byol.yaml`) must be the name of a tracked file.
+- a bare file name (`loop.py`, `byol_cifar.yaml`) must be the name of a tracked file.
 
 Not paths of this repository, so not checked: URLs and URIs (`https://...`, `s3://...`,
 `models:/...`, `runs:/...`), shell globs and templates (`*`, `{..}`, `<name>`, `$VAR`, `X`),
@@ -37,6 +37,13 @@ ELSEWHERE = {
     "augmentations.py": "facebookresearch/vicreg's augmentations",
     "main_moco.py": "facebookresearch/moco's training script",
     "main_dino.py": "facebookresearch/dino's training script",
+    "simsiam.yaml": "solo-learn's scripts/pretrain/cifar/simsiam.yaml",
+    "simclr.yaml": "solo-learn's scripts/pretrain/cifar/simclr.yaml",
+    "symmetric_weak.yaml": "solo-learn's scripts/pretrain/cifar/augmentations/symmetric_weak.yaml",
+    "dcl.py": "the method docs/adding-a-method.md adds and removes again",
+    "test_dcl.py": "the method docs/adding-a-method.md adds and removes again",
+    "dcl_cifar.yaml": "the method docs/adding-a-method.md adds and removes again",
+    "dcl_imagenet.yaml": "the method docs/adding-a-method.md adds and removes again",
     "main_swav.py": "facebookresearch/swav's training script",
     "builder.py": "facebookresearch/moco(-v3)'s model builder",
     "resnet50.py": "facebookresearch/swav's model file",

@@ -7,6 +7,7 @@ their order are the ones docs/contracts.md draws:
     cli -> retrain -> {train, embed} -> evaluate -> tracking -> runtime/errors
         -> pipelines.views -> pipelines.shards ; models (beside pipelines: neither imports
         the other; train and embed are side by side: neither imports the other)
+        ; conf (conf/typed.py, the config vocabulary: below everything, imports nothing)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("orchestration", "pipelines", "models")
+PACKAGES = ("orchestration", "pipelines", "models", "conf")
 
 # A module may import its own room and any room with a lower rank; never a higher one.
 ROOMS: list[tuple[str, int]] = [
@@ -36,6 +37,7 @@ ROOMS: list[tuple[str, int]] = [
     ("sslstream.pipelines.shards", 20),
     ("sslstream.pipelines", 20),
     ("sslstream.models", 10),
+    ("sslstream.conf", 0),  # typed.py: how config keys are declared and checked
 ]
 
 

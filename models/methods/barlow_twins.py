@@ -14,27 +14,35 @@ from typing import Any
 
 import torch
 from sslstream.models.heads import barlow_projector
-from sslstream.models.methods.base import Method, MethodConfig, Metrics, split_param_groups
+from sslstream.models.methods.base import (
+    Method,
+    MethodConfig,
+    Metrics,
+    NonNegative,
+    Positive,
+    Width,
+    split_param_groups,
+)
 from sslstream.models.objectives import barlow_twins_loss
 from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
 class BarlowTwinsConfig(MethodConfig):
-    """``conf/method/barlow_twins.yaml``."""
+    """Hyper-parameters (values: conf/recipe/barlow_twins_*.yaml)."""
 
-    method_name = "barlow_twins"
-    proj_hidden_dim: int
-    proj_output_dim: int
-    lambd: float               # off-diagonal weight
-    proj_layers: int = 3
-    scale_loss: float = 1.0    # solo-learn's CIFAR factor 0.1; 1.0 is the paper
-    bias_lr_mult: float = 1.0  # lr multiplier of biases and norm parameters
+    name = "barlow_twins"
+    proj_hidden_dim: Width
+    proj_output_dim: Width
+    lambd: NonNegative               # off-diagonal weight
+    proj_layers: Width = 3
+    scale_loss: Positive = 1.0       # solo-learn's CIFAR factor 0.1; 1.0 is the paper
+    bias_lr_mult: NonNegative = 1.0  # lr multiplier of biases and norm parameters
     gather: bool = True
     sync_bn: bool = True
 
+
 class BarlowTwins(Method):
-    name = "barlow_twins"
     config_class = BarlowTwinsConfig
 
     def __init__(self, backbone: nn.Module, config: BarlowTwinsConfig, *,

@@ -16,23 +16,28 @@ EMA step, queue and pointer) is in ``state_dict()``. The trainer only needs:
 ``forward`` is ``training_step``, so DDP wraps the method directly.
 
 Each method's hyper-parameters are one frozen dataclass (a :class:`MethodConfig` subclass:
-typed fields, built from ``cfg.method`` by ``from_mapping``) that ``__init__`` takes whole;
-configuration mistakes raise :class:`MethodConfigError`.
+typed fields with their ranges, conf/typed.py) that ``__init__`` takes whole; the
+values come from the method's recipe files (conf/recipe/<method>_<regime>.yaml) and the
+command line. Mistakes raise :class:`MethodConfigError` naming ``method.<key>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import itertools
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Self
+from typing import Annotated, Any, ClassVar, NamedTuple, Self
 
 import torch
+from sslstream.conf.typed import (
+    ConfigValueError,
+    Ge,
+    Gt,
+    Interval,
+    Typed,
+    build,
+)
 from sslstream.models.backbones import NO_WEIGHT_DECAY, feature_dim_of
 from sslstream.models.state import MomentumEncoder
 from torch import nn
@@ -49,91 +54,31 @@ __all__ = [
 
 Metrics = dict[str, Any]
 
+# Ranges the methods' configs share (conf/typed.py reads them)
+Width = Annotated[int, Ge(1)]                      # a head's layer width or layer count
+Momentum = Annotated[float, Interval(ge=0, le=1)]  # an EMA coefficient tau (1: frozen target)
+Positive = Annotated[float, Gt(0)]                 # a temperature, a margin, a loss scale
+NonNegative = Annotated[float, Ge(0)]              # a loss weight, an lr multiplier
 
-class MethodConfigError(ValueError):
-    """A ``method.*`` key that is unknown, missing or of the wrong type.
-
-    A ``ValueError``, so callers that catch those keep working; a type of its own, so the
-    CLI can tell a configuration mistake (exit 2, no traceback) from a bug. The message
-    names the key as ``method.<key>`` and, for an unknown key, the allowed keys and the
-    nearest one ("did you mean").
-    """
-
-
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """``" (did you mean 'x'?)"`` for the closest candidate, ``""`` when none is close."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint))
-
-
-def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
-    """``value`` checked against ``hint`` (int, float, bool, str, Literal[...], X | None)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]  # only ``X | None`` is used
-        return _coerce(value, inner, key, where)
-    if origin is typing.Literal:
-        if isinstance(value, str) and value.lower() in args:
-            return value.lower()
-        hint_ = did_you_mean(value.lower(), args) if isinstance(value, str) else ""
-        raise MethodConfigError(f"method.{key} must be one of {', '.join(args)}, got "
-                                f"{value!r}{hint_} ({where})")
-    ok = (
-        (hint is bool and isinstance(value, bool))
-        or (hint is int and isinstance(value, int) and not isinstance(value, bool))
-        or (hint is float and isinstance(value, int | float) and not isinstance(value, bool))
-        or (hint is str and isinstance(value, str))
-    )
-    if not ok:
-        raise MethodConfigError(f"method.{key} must be {_type_name(hint)}, got {value!r} "
-                                f"({type(value).__name__}) ({where})")
-    return float(value) if hint is float else value
-
-
-def _as_dict(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """A DictConfig (interpolations resolved by ``items()``), a mapping or a namespace."""
-    items = getattr(cfg, "items", None)
-    return dict(items()) if items is not None else dict(vars(cfg))
+MethodConfigError = ConfigValueError
+"""A ``method.*`` key that is unknown, missing, of the wrong type or out of range: the one
+config error of conf/typed.py (a ``ValueError``; the CLI exits 2 for it). The
+message names the key as ``method.<key>`` and, for an unknown key, the nearest one."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class MethodConfig:
+class MethodConfig(Typed):
     """Base of the per-method hyper-parameter dataclasses (``BYOLConfig``, ...).
 
-    Why: each ``method.*`` key is declared once, as a typed field of its method's config;
-    the yaml (``conf/method/<name>.yaml``) supplies the values and presets, and the method's
-    ``__init__`` takes the config whole. A field without a default is required in the yaml.
-
-    :meth:`from_mapping` builds a config from ``cfg.method``: an unknown key, a missing
-    required key or a wrong type raises :class:`MethodConfigError`; a key set to ``null``
-    counts as absent (the default applies). The yaml's bookkeeping keys (``META_KEYS``:
-    ``name``, ``preset``, ``presets``) are not hyper-parameters and are skipped. Types are
-    checked in ``__post_init__``, so a config built in Python obeys the same rules: ``int``
-    takes an int (not a bool), ``float`` an int or a float (stored as float), ``bool`` a
-    bool only (no ``bool("false") == True``), ``Literal[...]`` one of its strings
-    (case-insensitive, stored lower-case), ``X | None`` also None.
+    Each ``method.*`` key is declared once, as a typed field of its method's config, with its
+    range and its default (a field without a default must come from the recipe file). The
+    class's ``name`` is the method's registry name (``method.name`` in the config).
+    :meth:`from_mapping` builds a config from ``cfg.method``; the checks run in
+    ``__post_init__`` too, so a config written in Python obeys the same rules.
     """
 
-    method_name: ClassVar[str] = ""
-    META_KEYS: ClassVar[frozenset[str]] = frozenset({"name", "preset", "presets"})
-
-    def __post_init__(self) -> None:
-        hints = _field_types(type(self))
-        where = f"method {self.method_name!r}"
-        for f in dataclasses.fields(self):
-            value = _coerce(getattr(self, f.name), hints[f.name], f.name, where)
-            object.__setattr__(self, f.name, value)
+    name: ClassVar[str] = ""
+    config_key: ClassVar[str] = "method"
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -145,24 +90,7 @@ class MethodConfig:
         """The config for ``cfg`` (``cfg.method``); an instance of ``cls`` is returned as is."""
         if isinstance(cfg, cls):
             return cfg
-        raw = _as_dict(cfg)
-        keys = cls.keys()
-        where = f"method {cls.method_name!r}"
-        for key in raw:
-            if key not in keys and key not in cls.META_KEYS:
-                allowed = ", ".join(sorted(keys))
-                raise MethodConfigError(
-                    f"method.{key} is not a key of {where}{did_you_mean(key, keys)}; "
-                    f"allowed keys: {allowed} (and {', '.join(sorted(cls.META_KEYS))})"
-                )
-        values = {k: v for k, v in raw.items() if k in keys and v is not None}
-        missing = [f"method.{f.name}" for f in dataclasses.fields(cls)
-                   if f.name not in values and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
-        if missing:
-            verb = "is" if len(missing) == 1 else "are"
-            raise MethodConfigError(f"{', '.join(missing)} {verb} missing ({where})")
-        return cls(**values)
+        return build(cls, cfg, "method")
 
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
@@ -253,11 +181,15 @@ class MomentumPair(NamedTuple):
 
 
 class Method(nn.Module):
-    """Base class: subclasses set ``name`` and ``config_class``, build heads/state from their
-    config, implement ``training_step``, and declare EMA targets in ``momentum_pairs``."""
+    """Base class: subclasses set ``config_class`` (whose ``name`` becomes theirs), build
+    heads/state from their config, implement ``training_step``, and declare EMA targets in ``momentum_pairs``."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # the config class's name (set for every subclass)
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.config_class.name
 
     def __init__(self, backbone: nn.Module, config: MethodConfig, *,
                  process_group: Any = None) -> None:

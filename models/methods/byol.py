@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 from sslstream.models.heads import byol_mlp
-from sslstream.models.methods.base import Method, MethodConfig, Metrics, MomentumPair
+from sslstream.models.methods.base import (
+    Method,
+    MethodConfig,
+    Metrics,
+    Momentum,
+    MomentumPair,
+    Width,
+)
 from sslstream.models.objectives import byol_loss
 from sslstream.models.state import MomentumEncoder
 from torch import nn
@@ -24,19 +31,18 @@ from torch import nn
 
 @dataclass(frozen=True, kw_only=True)
 class BYOLConfig(MethodConfig):
-    """``conf/method/byol.yaml``: the heads' widths and the target's tau schedule."""
+    """The heads' widths and the target's tau schedule (values: conf/recipe/byol_*.yaml)."""
 
-    method_name = "byol"
-    proj_hidden_dim: int
-    proj_output_dim: int
-    pred_hidden_dim: int
-    tau_base: float          # tau at k = 0; 1 freezes the target at its random init
-    tau_final: float = 1.0   # tau at k = K
-    sync_bn: bool = True     # cross-replica BN under multi-GPU DDP (CUDA only)
+    name = "byol"
+    proj_hidden_dim: Width
+    proj_output_dim: Width
+    pred_hidden_dim: Width
+    tau_base: Momentum           # tau at k = 0; 1 freezes the target at its random init
+    tau_final: Momentum = 1.0    # tau at k = K: tau_k = 1 - (1 - tau_base)(cos(pi k/K) + 1)/2
+    sync_bn: bool = True         # cross-replica BN under multi-GPU DDP (CUDA only)
 
 
 class BYOL(Method):
-    name = "byol"
     config_class = BYOLConfig
 
     def __init__(self, backbone: nn.Module, config: BYOLConfig, *,

@@ -16,25 +16,25 @@ from typing import Any
 
 import torch
 from sslstream.models.heads import simclr_projector
-from sslstream.models.methods.base import Method, MethodConfig, Metrics
+from sslstream.models.methods.base import Method, MethodConfig, Metrics, Positive, Width
 from sslstream.models.objectives import contrastive_margin
 from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
 class ContrastiveConfig(MethodConfig):
-    """``conf/method/contrastive.yaml``."""
+    """Hyper-parameters (values: conf/recipe/contrastive_*.yaml)."""
 
-    method_name = "contrastive"
-    proj_hidden_dim: int
-    proj_output_dim: int
-    margin: float
+    name = "contrastive"
+    proj_hidden_dim: Width
+    proj_output_dim: Width
+    margin: Positive
     normalize: bool = True   # L2-normalise before measuring distances
     gather: bool = True      # negatives from every rank (with gradient)
     sync_bn: bool = True
 
+
 class Contrastive(Method):
-    name = "contrastive"
     config_class = ContrastiveConfig
 
     def __init__(self, backbone: nn.Module, config: ContrastiveConfig, *,

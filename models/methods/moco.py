@@ -28,7 +28,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sslstream.models.heads import moco_projector
-from sslstream.models.methods.base import Method, MethodConfig, Metrics, MomentumPair
+from sslstream.models.methods.base import (
+    Method,
+    MethodConfig,
+    Metrics,
+    Momentum,
+    MomentumPair,
+    Positive,
+    Width,
+)
 from sslstream.models.objectives import gather_no_grad, get_rank, get_world_size, info_nce
 from sslstream.models.state import MomentumEncoder, Queue
 from torch import nn
@@ -36,15 +44,15 @@ from torch import nn
 
 @dataclass(frozen=True, kw_only=True)
 class MoCoV2Config(MethodConfig):
-    """``conf/method/mocov2.yaml``: heads, temperature, queue, key-encoder momentum, BN mode."""
+    """Heads, temperature, queue, key-encoder momentum, BN mode (values: conf/recipe/mocov2_*.yaml)."""
 
-    method_name = "mocov2"
-    proj_hidden_dim: int
-    proj_output_dim: int
-    temperature: float
-    queue_size: int                  # keys per queue (>= the global batch)
-    tau_base: float
-    tau_final: float | None = None   # None: tau_base (MoCo's constant m)
+    name = "mocov2"
+    proj_hidden_dim: Width
+    proj_output_dim: Width
+    temperature: Positive
+    queue_size: Width                # keys per queue (>= the global batch)
+    tau_base: Momentum
+    tau_final: Momentum | None = None  # None: tau_base (MoCo's constant m)
     bn: Literal["shuffle", "sync", "none"] = "shuffle"
     symmetric: bool = False          # MoCo v2+: both directions, one queue per view
 
@@ -55,7 +63,6 @@ class MoCoV2Config(MethodConfig):
 
 
 class MoCoV2(Method):
-    name = "mocov2"
     config_class = MoCoV2Config
 
     def __init__(self, backbone: nn.Module, config: MoCoV2Config, *,

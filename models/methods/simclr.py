@@ -12,24 +12,24 @@ from typing import Any
 
 import torch
 from sslstream.models.heads import simclr_projector
-from sslstream.models.methods.base import Method, MethodConfig, Metrics
+from sslstream.models.methods.base import Method, MethodConfig, Metrics, Positive, Width
 from sslstream.models.objectives import nt_xent
 from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
 class SimCLRConfig(MethodConfig):
-    """``conf/method/simclr.yaml``."""
+    """Hyper-parameters (values: conf/recipe/simclr_*.yaml)."""
 
-    method_name = "simclr"
-    proj_hidden_dim: int
-    proj_output_dim: int
-    temperature: float
+    name = "simclr"
+    proj_hidden_dim: Width
+    proj_output_dim: Width
+    temperature: Positive
     gather: bool = True      # negatives from every rank (with gradient)
     sync_bn: bool = True
 
+
 class SimCLR(Method):
-    name = "simclr"
     config_class = SimCLRConfig
 
     def __init__(self, backbone: nn.Module, config: SimCLRConfig, *,

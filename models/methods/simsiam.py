@@ -17,27 +17,27 @@ from typing import Any
 
 import torch
 from sslstream.models.heads import simsiam_predictor, simsiam_projector
-from sslstream.models.methods.base import Method, MethodConfig, Metrics, split_param_groups
+from sslstream.models.methods.base import Method, MethodConfig, Metrics, Width, split_param_groups
 from sslstream.models.objectives import simsiam_loss
 from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
 class SimSiamConfig(MethodConfig):
-    """``conf/method/simsiam.yaml``."""
+    """Hyper-parameters (values: conf/recipe/simsiam_*.yaml)."""
 
-    method_name = "simsiam"
-    proj_hidden_dim: int
-    proj_output_dim: int
-    pred_hidden_dim: int
-    proj_layers: int = 3
+    name = "simsiam"
+    proj_hidden_dim: Width
+    proj_output_dim: Width
+    pred_hidden_dim: Width
+    proj_layers: Width = 3
     proj_last_bn: bool = True    # BN (no affine) on the projector output, as the paper
     stop_gradient: bool = True   # false: the paper's collapse experiment (Fig. 2)
     fix_pred_lr: bool = True     # the predictor keeps its initial lr
     sync_bn: bool = True
 
+
 class SimSiam(Method):
-    name = "simsiam"
     config_class = SimSiamConfig
 
     def __init__(self, backbone: nn.Module, config: SimSiamConfig, *,

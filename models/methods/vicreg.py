@@ -13,27 +13,27 @@ from typing import Any
 
 import torch
 from sslstream.models.heads import vicreg_expander
-from sslstream.models.methods.base import Method, MethodConfig, Metrics
+from sslstream.models.methods.base import Method, MethodConfig, Metrics, NonNegative, Width
 from sslstream.models.objectives import vicreg_loss
 from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
 class VICRegConfig(MethodConfig):
-    """``conf/method/vicreg.yaml``: expander and the loss weights (lambda, mu, nu)."""
+    """Expander and the loss weights lambda, mu, nu (values: conf/recipe/vicreg_*.yaml)."""
 
-    method_name = "vicreg"
-    proj_hidden_dim: int
-    proj_output_dim: int
-    sim_coeff: float
-    std_coeff: float         # for the official (halved) variance term
-    cov_coeff: float
-    proj_layers: int = 3
+    name = "vicreg"
+    proj_hidden_dim: Width
+    proj_output_dim: Width
+    sim_coeff: NonNegative       # lambda
+    std_coeff: NonNegative       # mu, for the official (halved) variance term
+    cov_coeff: NonNegative       # nu
+    proj_layers: Width = 3
     gather: bool = True      # variance/covariance over the global batch (with gradient)
     sync_bn: bool = True
 
+
 class VICReg(Method):
-    name = "vicreg"
     config_class = VICRegConfig
 
     def __init__(self, backbone: nn.Module, config: VICRegConfig, *,

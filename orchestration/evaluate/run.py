@@ -99,7 +99,7 @@ def evaluate(
 
     data, ev = cfg.data, cfg.eval
     for key in ("bank", "test"):
-        if not data.get(key):
+        if not data[key]:
             raise ConfigError(f"evaluation needs labelled shards: data.{key} is not set", f"data.{key}")
     t0 = time.perf_counter()
 
@@ -117,20 +117,20 @@ def evaluate(
         loader = build_eval_loader(
             urls,
             image_size=int(size),
-            batch_size=int(ev.batch_size),
+            batch_size=ev.batch_size,
             device=env.device,
-            storage_options=dict(data.get("storage_options") or {}),
+            storage_options=dict(data.storage_options),
             rank=env.rank,
             world_size=env.world_size,
-            num_workers=int(data.get("num_workers", 2)),
-            backend=str(cfg.trainer.get("loader_backend", "auto")),
+            num_workers=data.num_workers,
+            backend=cfg.trainer.loader_backend,
             mean=tuple(mean),
             std=tuple(std),
-            num_threads=loader_threads(cfg.trainer.get("loader_threads", "auto")),
+            num_threads=loader_threads(cfg.trainer.loader_threads),
             stream_options={**sample_options(data, labelled=True), **cache_options(data)},
             max_samples=int(max_samples),
             with_index=True,
-            max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
+            max_bad_fraction=data.max_bad_fraction,
         )
         t_split, last = time.perf_counter(), [time.perf_counter()]
         per_rank = loader.num_samples  # this rank's share (corrupt samples are skipped)
@@ -160,7 +160,7 @@ def evaluate(
     was_training = method.training
     method.eval()
     try:
-        bank = features("bank", data.bank, int(ev.get("bank_samples", 0) or 0)).sorted()
+        bank = features("bank", data.bank, ev.bank_samples).sorted()
         test = gather_features(features("test", data.test))
     finally:
         method.train(was_training)
@@ -170,14 +170,14 @@ def evaluate(
     if lowest < 0 or (test.y.numel() and int(test.y.min()) < 0):
         raise UserError("evaluation needs labelled shards: data.bank / data.test have "
                          "samples without a label")
-    keep = select_local(bank.y, bank.index, max_per_class=int(ev.get("bank_max_per_class", 0) or 0),
-                        samples=int(ev.get("bank_samples", 0) or 0), seed=int(cfg.get("seed", 0)))
+    keep = select_local(bank.y, bank.index, max_per_class=ev.bank_max_per_class,
+                        samples=ev.bank_samples, seed=cfg.seed)
     if not bool(keep.all()):
         bank = Features(bank.x[keep], bank.y[keep], bank.index[keep], bank.read_s, bank.embed_s)
     bank_size = int(all_reduce_sum(float(bank.x.shape[0]), env.device))
     if bank_size == 0 or test.x.shape[0] == 0:
         raise UserError("kNN needs a non-empty bank and query set (check data.bank / data.test)")
-    num_classes = data.get("num_classes") or None
+    num_classes = data.num_classes
     if num_classes is None:
         top = float(bank.y.max()) if bank.y.numel() else 0.0
         num_classes = int(max(all_reduce_max(top, env.device), float(test.y.max()))) + 1
@@ -192,20 +192,20 @@ def evaluate(
             log.info("eval: kNN scored %d/%d queries against %d bank rows (%.1fs)",
                            done, of, bank_size, now - t)
 
-    dtype = str(ev.get("knn_dtype", "float16"))
+    dtype = ev.knn_dtype
     preds = sharded_knn_predict(
         quantize(test.x, dtype), quantize(bank.x, dtype), bank.y, bank.index, int(num_classes),
-        int(ev.knn_k), float(ev.knn_t), query_chunk=int(ev.get("knn_query_chunk", 1024)),
-        bank_chunk=int(ev.get("knn_bank_chunk", 16384)), progress=scored)
+        ev.knn_k, ev.knn_t, query_chunk=ev.knn_query_chunk, bank_chunk=ev.knn_bank_chunk,
+        progress=scored)
     knn = accuracy(preds, test.y)
     phases["score"] = all_reduce_max(time.perf_counter() - t, env.device)
     probe = None
-    if ev.get("probe", True):
+    if ev.probe:
         t = time.perf_counter()
         probe = linear_probe_sharded(
             bank.x, bank.y, bank.index, test.x, test.y, int(num_classes),
-            epochs=int(ev.probe_epochs), lr=float(ev.probe_lr),
-            batch_size=int(ev.probe_batch_size), seed=int(cfg.get("seed", 0)))
+            epochs=ev.probe_epochs, lr=ev.probe_lr, batch_size=ev.probe_batch_size,
+            seed=cfg.seed)
         phases["probe"] = all_reduce_max(time.perf_counter() - t, env.device)
     seconds = time.perf_counter() - t0
     if env.is_main:
@@ -248,7 +248,7 @@ def evaluate_saved(cfg: DictConfig, *, checkpoint: str | None = None, model_uri:
     from sslstream.orchestration.runtime.checkpoint import load_checkpoint
     from sslstream.orchestration.runtime.distributed import init_distributed
 
-    env = init_distributed(str(cfg.trainer.get("device", "auto")))
+    env = init_distributed(cfg.trainer.device)
     inputs = None
     if checkpoint is not None:
         from sslstream.models.methods import build_method
@@ -268,7 +268,7 @@ def evaluate_saved(cfg: DictConfig, *, checkpoint: str | None = None, model_uri:
         from sslstream.orchestration.tracking.mlflow_env import resolve_tracking_uri
         from sslstream.orchestration.tracking.registry import load_encoder_state_dict
 
-        uri = resolve_tracking_uri(cfg.tracking.get("uri"))
+        uri = resolve_tracking_uri(cfg.tracking.uri)
         weights, spec = load_encoder_state_dict(uri, model_uri)
         backbone = build_backbone(spec.backbone)
         backbone.load_state_dict(weights)

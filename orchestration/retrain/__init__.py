@@ -9,6 +9,6 @@
     runkey.py     run key = model + snapshot id + config hash
 
 May import: orchestration.train, orchestration.evaluate, orchestration.tracking,
-orchestration.runtime, orchestration.errors, pipelines, models.
+orchestration.schema, orchestration.runtime, orchestration.errors, pipelines, models.
 Imported by: orchestration.cli.
 """

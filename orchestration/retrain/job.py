@@ -55,6 +55,7 @@ from sslstream.orchestration.retrain.exits import (
 from sslstream.orchestration.retrain.lease import Lease, LeaseHeld
 from sslstream.orchestration.retrain.runkey import config_hash, run_key
 from sslstream.orchestration.retrain.stores import LeaseStoreError, open_store
+from sslstream.orchestration.schema.retrain import lease_url_ok
 from sslstream.pipelines.shards.snapshot import Snapshot, source_base, take_snapshot
 
 log = logging.getLogger("sslstream.retrain")
@@ -74,7 +75,13 @@ TrainFn = Callable[[DictConfig], TrainOutcome]
 
 @dataclass(frozen=True)
 class RetrainSettings:
-    """`cfg.retrain` (conf/retrain/default.yaml documents every field)."""
+    """`cfg.retrain` resolved for one model: the lease URL and the heartbeat filled in.
+
+    The keys, their types, ranges and defaults are orchestration/schema/retrain.py's; this
+    adds what follows from them (a lease beside the source unless retrain.lock.url names
+    one, a heartbeat of ttl_s / 3 unless set) and refuses what only then shows: a source
+    whose folder cannot hold a lease.
+    """
 
     source: str | list[str]
     storage_options: dict
@@ -92,38 +99,22 @@ class RetrainSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, model_name: str) -> RetrainSettings:
-        r = cfg.get("retrain") or {}
-        source = r.get("source") or cfg.data.get("train")
+        r, lock = cfg.retrain, cfg.retrain.lock
+        source = r.source if r.source is not None else cfg.data.train
         if not source:
             raise ValueError("retrain.source (or data.train) must name the shards to watch")
         source = source if isinstance(source, str) else [str(s) for s in source]
-        so = r.get("storage_options")
-        so = dict(so) if so is not None else dict(cfg.data.get("storage_options") or {})
-        init = str(r.get("init", "scratch"))
-        if init not in ("scratch", "champion"):
-            raise ValueError(f"retrain.init must be scratch or champion, got {init!r}")
-        lock = r.get("lock") or {}
-        ttl = float(lock.get("ttl_s", 300))
-        if ttl <= 0:
-            raise ValueError(f"retrain.lock.ttl_s must be > 0, got {ttl}")
-        hb = float(lock.get("heartbeat_s") or ttl / 3.0)
-        if not 0 < hb < ttl:
-            raise ValueError(f"retrain.lock.heartbeat_s must be in (0, ttl_s={ttl}), got {hb}")
-        url = lock.get("url") or (
-            f"{source_base(source).rstrip('/')}/_sslstream_retrain.{model_name}.lease")
-        nproc = int(r.get("nproc_per_node", 1) or 1)
-        if nproc < 1:
-            raise ValueError(f"retrain.nproc_per_node must be >= 1, got {nproc}")
-        held = lock.get("held_exit_code")
-        held = EXIT_LOCK_HELD if held is None else int(held)
-        if held not in (0, EXIT_LOCK_HELD):
-            raise ValueError(f"retrain.lock.held_exit_code must be 0 or {EXIT_LOCK_HELD}, "
-                             f"got {held}")
-        return cls(source, so, init, str(url), ttl, hb, float(lock.get("wait_s", 0)),
-                   float(lock.get("grace_s", 10)),
-                   tuple(str(k) for k in r.get("run_key_ignore") or ()),
-                   bool(r.get("enabled", True)), nproc,
-                   tuple(str(a) for a in r.get("torchrun_args") or ()), held)
+        so = dict(r.storage_options if r.storage_options is not None else cfg.data.storage_options)
+        ttl = lock.ttl_s
+        hb = lock.heartbeat_s if lock.heartbeat_s is not None else ttl / 3.0
+        url = lock.url or f"{source_base(source).rstrip('/')}/_sslstream_retrain.{model_name}.lease"
+        if not lease_url_ok(url):
+            raise ValueError(
+                f"the lease would be {url} (beside retrain.source), a store without atomic "
+                "conditional writes: set retrain.lock.url to an s3://, gs:// or local path")
+        return cls(source, so, r.init, str(url), ttl, hb, lock.wait_s, lock.grace_s,
+                   tuple(r.run_key_ignore), r.enabled, r.nproc_per_node,
+                   tuple(r.torchrun_args), lock.held_exit_code)
 
 
 def _say(msg: str) -> None:
@@ -136,14 +127,11 @@ def _registry(cfg: DictConfig):
     from sslstream.orchestration.tracking import mlflow_env
     from sslstream.orchestration.tracking.tracker import TrackingSettings
 
-    ts = TrackingSettings.from_config(cfg.get("tracking"))
-    if not ts.enabled:
-        raise RetrainExit(EXIT_CONFIG, "tracking.enabled=false: retraining needs the model "
-                          "registry to know the champion")
+    ts = TrackingSettings.from_config(cfg.tracking)
     uri = mlflow_env.resolve_tracking_uri(ts.uri)
     if mlflow_env.is_http(uri):
-        mlflow_env.apply_http_limits(ts.http_max_retries, ts.http_timeout_s,
-                                     ts.http_backoff_factor)
+        mlflow_env.apply_http_limits(ts.http.max_retries, ts.http.timeout_s,
+                                     ts.http.backoff_factor)
     if (why := mlflow_env.probe(uri, ts.probe_timeout_s)) is not None:
         raise RetrainExit(EXIT_REGISTRY, f"MLflow at {uri} is unreachable: {why}")
     return RetrainRegistry(uri, ts.registry, ts.experiment)
@@ -184,7 +172,7 @@ def _run_key(cfg: DictConfig, st: RetrainSettings, model: str, snap: Snapshot) -
     not: a retry after a crash that already promoted the new version must find that run,
     not start a second one warm-started from it."""
     ignore = list(st.run_key_ignore) + ["data.train", "run_name"]
-    if cfg.data.get("bank") == cfg.data.get("train"):
+    if cfg.data.bank == cfg.data.train:
         ignore.append("data.bank")
     chash = config_hash(cfg, ignore)
     if st.init == "champion":
@@ -197,7 +185,7 @@ def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | No
     """The job's config with run_name = run key and data = exactly the snapshot's shards."""
     tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(tcfg):
-        bank_is_train = tcfg.data.get("bank") == tcfg.data.get("train")
+        bank_is_train = tcfg.data.bank == tcfg.data.train
         tcfg.run_name = key
         tcfg.data.train = snap.urls
         if bank_is_train:
@@ -262,7 +250,7 @@ def _run_training(train_fn: TrainFn, tcfg: DictConfig, lease: Lease,
 
 def _generate_embedded_data(cfg: DictConfig) -> None:
     """The embedded default (data.generate=true) works in a fresh directory, as with train."""
-    if not cfg.data.get("generate", False):
+    if not cfg.data.generate:
         return
     import torch
     from sslstream.orchestration.runtime.distributed import DistEnv
@@ -314,13 +302,16 @@ run = retrain  # `sslstream.orchestration.retrain.job.run(cfg) -> int`, the name
 def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str:
     from sslstream.orchestration.runtime.distributed import launched_across_nodes
 
-    model = str(OmegaConf.select(cfg, "tracking.registry.name", default="sslstream-encoder"))
+    model = cfg.tracking.registry.name
     try:
         st = RetrainSettings.from_config(cfg, model)
     except (ValueError, TypeError) as e:
         raise RetrainExit(EXIT_CONFIG, str(e)) from e
     if not st.enabled:
         return "retrain.enabled=false: nothing to do"
+    if not cfg.tracking.enabled:  # before any data is generated or any store is touched
+        raise RetrainExit(EXIT_CONFIG, "tracking.enabled=false: retraining needs the model "
+                          "registry to know the champion")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not launched_across_nodes():
         raise RetrainExit(EXIT_CONFIG, "sslstream retrain runs as one process on one node and "
                           "launches torchrun itself: use retrain.nproc_per_node=N instead of "
@@ -463,8 +454,7 @@ def _across_nodes(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -
 
     if train_fn is None:
         from sslstream.orchestration.train.loop import train as train_fn
-    tr = cfg.trainer
-    env = D.init_distributed(str(tr.get("device", "auto")), float(tr.get("dist_timeout_s", 1800)))
+    env = D.init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     if not env.is_main:
         return _follow(train_fn)
     leader = _Leader(train_fn)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 from sslstream.orchestration.errors import ConfigError, UserError
+from sslstream.orchestration.schema.tracking import HttpSettings
 from sslstream.pipelines.shards.masking import mask, remember
 
 ENV_URI = "MLFLOW_TRACKING_URI"
@@ -23,12 +24,9 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 ENV_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 ENV_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
 ENV_BACKOFF = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
-# Our defaults (tracking.http.* in conf/tracking/local.yaml): a refused connection fails a
+# Our defaults (tracking.http.*: orchestration/schema/tracking.py): a refused connection fails a
 # call in ~3 s (backoff 1 + 2 s), a hung server in (max_retries + 1) * timeout + backoff
 # ~ 33 s, instead of MLflow's ~250 s.
-DEFAULT_MAX_RETRIES = 2
-DEFAULT_TIMEOUT_S = 10.0
-DEFAULT_BACKOFF_FACTOR = 1
 
 
 def default_tracking_uri(cwd: str | Path | None = None) -> str:
@@ -136,7 +134,8 @@ def ensure_http_limits(uri: str) -> None:
     job, warm starts, user scripts) where nothing else would bound MLflow's retries.
     """
     if is_http(uri):
-        apply_http_limits(DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DEFAULT_BACKOFF_FACTOR)
+        h = HttpSettings()  # tracking.http's defaults
+        apply_http_limits(h.max_retries, h.timeout_s, h.backoff_factor)
 
 
 class StoreNotFound(UserError, FileNotFoundError):

@@ -8,11 +8,11 @@ calls it after registering a version. docs/tracking.md "Registry" states the rul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sslstream.orchestration.schema.tracking import RegistrySettings  # tracking.registry.*
 
 __all__ = ["COMPARABLE_TAGS", "RegistrySettings", "collapse_reason", "version_of", "current_champion", "decide", "incomparable",
            "promote", "version_metric"]
@@ -20,25 +20,6 @@ __all__ = ["COMPARABLE_TAGS", "RegistrySettings", "collapse_reason", "version_of
 # Version tags that say what an evaluation measured (orchestration/train/evalid.py): two kNN
 # accuracies are compared only when both are equal (the same labelled split, the same protocol)
 COMPARABLE_TAGS = ("eval.split_fingerprint", "eval.protocol")
-
-
-@dataclass(frozen=True)
-class RegistrySettings:
-    """``tracking.registry`` in the config (see conf/tracking/local.yaml)."""
-
-    name: str = "sslstream-encoder"
-    metric: str = "eval/knn_acc"              # higher is better; compared with the champion
-    margin: float = 0.0                       # promote only if new > champion + margin
-    std_metric: str = "eval/embedding_std"    # collapse: std of L2-normalised embeddings
-    min_std_ratio: float | None = 0.1         # collapsed if std * sqrt(D) below (healthy ~1)
-    rank_metric: str = "eval/effective_rank"
-    min_effective_rank: float | None = 2.0    # collapsed if effective rank below
-    champion_alias: str = "champion"
-    challenger_alias: str = "challenger"
-    await_ready_s: int = 60
-    require_comparable: bool = True           # compare only evaluations with equal COMPARABLE_TAGS
-    register_unevaluated: bool = True         # a run without a labelled split registers its
-                                              # encoder as a challenger, never the champion
 
 
 def collapse_reason(metrics: dict[str, float], feature_dim: int,

@@ -93,8 +93,8 @@ class Tracker(FigureLogging):
         self._system = SystemMetrics(self.settings.system_metrics_interval_s)
         if self.active and mlflow_env.is_http(self.uri):
             s = self.settings
-            mlflow_env.apply_http_limits(s.http_max_retries, s.http_timeout_s,
-                                         s.http_backoff_factor)
+            mlflow_env.apply_http_limits(s.http.max_retries, s.http.timeout_s,
+                                         s.http.backoff_factor)
 
     @classmethod
     def from_config(cls, cfg: Any, *, active: bool = True) -> Tracker:

@@ -11,8 +11,9 @@
     lineage.py     which run wrote a checkpoint; refuse another run's, method's, config's
     evalid.py      what an evaluation measured (split fingerprint, protocol) for promotion
     report.py      the end-of-run lines (model URI, its store, how to load it anywhere)
+    sweep.py       `sslstream train -m`: each combination a run under one parent MLflow run
 
-May import: orchestration.evaluate, orchestration.tracking, orchestration.runtime,
-orchestration.errors, pipelines, models.
+May import: orchestration.evaluate, orchestration.tracking, orchestration.schema,
+orchestration.runtime, orchestration.errors, pipelines, models.
 Imported by: orchestration.retrain, orchestration.cli.
 """

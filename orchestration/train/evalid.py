@@ -30,9 +30,9 @@ PROTOCOL_KEYS = ("knn_k", "knn_t", "probe", "probe_epochs", "probe_lr", "probe_b
 def eval_identity(cfg: DictConfig) -> dict[str, str]:
     """`{eval.split_fingerprint, eval.protocol}` for the run's evaluation."""
     data = cfg.data
-    so = dict(data.get("storage_options") or {})
-    test = _split_id(data.get("test"), so)
-    bank = "train" if data.get("bank") == data.get("train") else _split_id(data.get("bank"), so)
+    so = dict(data.storage_options)
+    test = _split_id(data.test, so)
+    bank = "train" if data.bank == data.train else _split_id(data.bank, so)
     return {SPLIT_TAG: f"test:{test},bank:{bank}", PROTOCOL_TAG: protocol(cfg)}
 
 
@@ -42,12 +42,11 @@ def protocol(cfg: DictConfig) -> str:
     assert isinstance(ev, dict)
     keys = [k for k in ev if k in PROTOCOL_KEYS or "max_samples" in str(k)]
     doc: dict[str, Any] = {k: ev[k] for k in sorted(keys)}
-    view = cfg.augment.get("view1") or {}
-    doc["input"] = {"size": view.get("size"), "mean": list(view.get("mean") or []),
-                    "std": list(view.get("std") or [])}
+    view = cfg.augment.view1
+    doc["input"] = {"size": view.size, "mean": list(view.mean), "std": list(view.std)}
     text = json.dumps(doc, sort_keys=True, default=str)
-    knn = f"knn k={ev.get('knn_k')} t={ev.get('knn_t')}"
-    return f"{knn}, {view.get('size')}px, {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    knn = f"knn k={ev['knn_k']} t={ev['knn_t']}"
+    return f"{knn}, {view.size}px, {hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def _split_id(spec: Any, storage_options: dict) -> str:

@@ -70,12 +70,12 @@ def build_job(cfg: DictConfig) -> Job:
     from sslstream.orchestration.train.warmstart import backbone_weights, build_method_warm
 
     tr = cfg.trainer
-    env = D.init_distributed(str(tr.get("device", "auto")), float(tr.get("dist_timeout_s", 1800)))
+    env = D.init_distributed(tr.device, tr.dist_timeout_s)
     res = job_resources(cfg, env.device)
     torch.set_num_threads(res.torch_threads)
     with open_dict(cfg):  # the resolved sizes go to the run's params and config artifact
         cfg.trainer.resources = res.as_config()
-    if tr.get("deterministic", False):
+    if tr.deterministic:
         apply_deterministic(env.device)
     elif env.device.type == "cuda":
         # fixed input sizes: let cuDNN pick the fastest conv algorithms once; TF32 for the
@@ -89,7 +89,7 @@ def build_job(cfg: DictConfig) -> Job:
     check_eval_splits(cfg)  # before training, not after it
     check_cache_limit(cfg)
     warm = None
-    if latest is None and tr.get("init_from"):  # a resumed run's checkpoint holds everything
+    if latest is None and tr.init_from:  # a resumed run's checkpoint holds everything
         warm = backbone_weights(cfg, str(tr.init_from))
     method = build_method_warm(cfg, warm, D.process_group()).to(env.device)
     if _channels_last(cfg, env.device):
@@ -101,15 +101,15 @@ def build_job(cfg: DictConfig) -> Job:
             f"data.train={cfg.data.train} gives no full batch of trainer.batch_size="
             f"{tr.batch_size} per rank ({env.world_size} rank(s)); lower the batch size"
         )
-    total_steps = int(tr.max_steps) if tr.get("max_steps") else int(tr.epochs) * steps_per_epoch
-    global_batch = int(tr.batch_size) * env.world_size
+    total_steps = tr.max_steps if tr.max_steps is not None else tr.epochs * steps_per_epoch
+    global_batch = tr.batch_size * env.world_size
     # SyncBN conversion (CUDA DDP) happens here, before the optimizer collects parameters
     model = wrap_model(method, env.device, distributed=env.distributed,
-                       compile=bool(tr.get("compile", False)))
+                       compile=tr.compile)
     optimizer = build_optimizer(method.parameter_groups(), cfg.optim, global_batch)
     warmup = int(round(_warmup_epochs(cfg) * steps_per_epoch))
     scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps)
-    amp = autocast_dtype(str(tr.get("precision", "auto")), env.device)
+    amp = autocast_dtype(tr.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     return Job(cfg, env, store, method, model, loader, optimizer, scheduler, scaler, amp,
                steps_per_epoch, total_steps, global_batch, res, latest)
@@ -130,8 +130,7 @@ def open_run_store(cfg: DictConfig, env: D.DistEnv) -> RunStore:
     from sslstream.pipelines.shards.storage import StorageError
 
     tr = cfg.trainer
-    store = RunStore.for_run(str(tr.output_dir), str(cfg.run_name),
-                             dict(tr.get("storage_options") or {}))
+    store = RunStore.for_run(tr.output_dir, str(cfg.run_name), dict(tr.storage_options))
     writer = checkpoint_writer(store, env)
     error: BaseException | None = None
     if writer:
@@ -161,7 +160,7 @@ def resume_point(cfg: DictConfig, env: D.DistEnv, store: RunStore) -> ckpt.Check
     from sslstream.orchestration.train.lineage import check_resumable
 
     tr = cfg.trainer
-    if not tr.get("resume", True):
+    if not tr.resume:
         if ckpt.latest_checkpoint(store) is not None:
             raise UserError(
                 f"trainer.resume=false but {store.url} already holds checkpoints of run_name="
@@ -169,7 +168,7 @@ def resume_point(cfg: DictConfig, env: D.DistEnv, store: RunStore) -> ckpt.Check
         return None
     latest = D.agree_on_checkpoint(store, env)
     if latest is not None:
-        check_resumable(latest, cfg, env.world_size, int(tr.batch_size) * env.world_size)
+        check_resumable(latest, cfg, env.world_size, tr.batch_size * env.world_size)
     return latest
 
 
@@ -179,11 +178,9 @@ def job_resources(cfg: DictConfig, device: torch.device, cpus: int | None = None
     tr = cfg.trainer
     return plan_resources(
         cpus=usable_cpus() if cpus is None else cpus, local_ranks=local_ranks(),
-        gpu=device.type == "cuda", torch_threads=tr.get("num_threads"),
-        loader_threads=tr.get("loader_threads", "auto"),
-        reader_processes=tr.get("loader_processes", "auto"),
-        image_side=int(cfg.data.get("image_size", 224) or 224),
-        nvjpeg_padding_mib=tr.get("nvjpeg_padding_mib", "auto"))
+        gpu=device.type == "cuda", torch_threads=tr.num_threads,
+        loader_threads=tr.loader_threads, reader_processes=tr.loader_processes,
+        image_side=cfg.data.image_size, nvjpeg_padding_mib=tr.nvjpeg_padding_mib)
 
 
 def apply_deterministic(device: torch.device) -> None:
@@ -209,7 +206,7 @@ def describe(job: Job) -> str:
     parts = [f"{dtype_name[job.amp]} autocast" if job.amp is not None else "fp32"]
     if _channels_last(cfg, env.device):
         parts.append("channels_last")
-    if tr.get("compile", False):
+    if tr.compile:
         parts.append("compiled backbones")
     backend = job.loader.backend_name
     res = job.resources or job_resources(cfg, env.device)
@@ -223,7 +220,7 @@ def describe(job: Job) -> str:
 def prepare_data(cfg: DictConfig, env: D.DistEnv) -> None:
     """Generate the embedded synthetic data set on first use (local rank 0; others wait)."""
     data = cfg.data
-    if not data.get("generate", False):
+    if not data.generate:
         return
     from sslstream.pipelines.shards.synthetic import ensure_synthetic, is_complete
 
@@ -231,17 +228,17 @@ def prepare_data(cfg: DictConfig, env: D.DistEnv) -> None:
         log.info("generating the synthetic data set under %s (first use)", data.root)
         ensure_synthetic(
             data.root,
-            train_samples=int(data.generate_train_samples),
-            test_samples=int(data.generate_test_samples),
-            image_size=int(data.image_size),
-            seed=int(data.get("generate_seed", 0)),
+            train_samples=data.generate_train_samples,
+            test_samples=data.generate_test_samples,
+            image_size=data.image_size,
+            seed=data.generate_seed,
         )
     D.barrier()
 
 
 def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
-    v = cfg.trainer.get("channels_last", "auto")
-    return device.type == "cuda" if str(v) == "auto" else bool(v)
+    v = cfg.trainer.channels_last
+    return device.type == "cuda" if v == "auto" else bool(v)
 
 
 def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> TwoViewLoader:
@@ -256,54 +253,52 @@ def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) 
         data.train,
         rank=env.rank,
         world_size=env.world_size,
-        num_workers=int(data.get("num_workers", 2)),
-        seed=int(cfg.seed),
+        num_workers=data.num_workers,
+        seed=cfg.seed,
         shuffle=True,
-        shuffle_buffer=int(data.get("shuffle_buffer", 1000)),
-        exact_epoch=bool(data.get("exact_epoch", False)),
-        storage_options=dict(data.get("storage_options") or {}),
-        max_bad_fraction=float(data.get("max_bad_fraction", 0.01)),
-        validate=str(data.get("validate", "header")),
-        num_classes=int(data.num_classes) if data.get("num_classes") else None,  # label check
+        shuffle_buffer=data.shuffle_buffer,
+        exact_epoch=data.exact_epoch,
+        storage_options=dict(data.storage_options),
+        max_bad_fraction=data.max_bad_fraction,
+        validate=data.validate,
+        num_classes=data.num_classes,  # label check
         **sample_options(data),
         **cache_options(data),
     )
     return TwoViewLoader(
         stream,
         TwoViewRecipe.from_config(cfg.augment),
-        batch_size=int(tr.batch_size),
+        batch_size=tr.batch_size,
         device=env.device,
-        backend=str(tr.get("loader_backend", "auto")),
-        seed=int(cfg.seed),
+        backend=tr.loader_backend,
+        seed=cfg.seed,
         num_threads=res.loader_threads,
         dtype=_loader_dtype(cfg, env.device),
         channels_last=_channels_last(cfg, env.device),
-        prefetch=int(tr.get("prefetch", 2)),
-        hw_decoder_load=float(tr.get("hw_decoder_load", 0.65)),
+        prefetch=tr.prefetch,
+        hw_decoder_load=tr.hw_decoder_load,
         workers=res.reader_processes,
         nvjpeg_padding=res.nvjpeg_padding or None,
-        pipeline_depth=int(tr.get("dali_pipeline_depth", 2)),
+        pipeline_depth=tr.dali_pipeline_depth,
     )
 
 
 def _loader_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
     """`auto`: views in the autocast dtype on CUDA (bf16 halves the hand-off and the first
     conv reads them as is), float32 elsewhere."""
-    v = str(cfg.trainer.get("loader_dtype", "auto"))
+    v = cfg.trainer.loader_dtype
     if v == "auto":
-        amp = autocast_dtype(str(cfg.trainer.get("precision", "auto")), device)
+        amp = autocast_dtype(cfg.trainer.precision, device)
         return amp if (device.type == "cuda" and amp is not None) else torch.float32
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if v not in names:
-        raise ConfigError(f"trainer.loader_dtype={v!r}: expected auto, fp32, bf16 or fp16",
-                          "trainer.loader_dtype")
-    return names[v]
+    return names[v]  # the schema allows only these (orchestration/schema/trainer.py)
 
 
 def _warmup_epochs(cfg: DictConfig) -> float:
-    opt = cfg.optim.get("warmup_epochs", None)
-    return float(opt if opt is not None else cfg.trainer.get("warmup_epochs", 0))
+    """optim.warmup_epochs (a recipe's: the paper's), else trainer.warmup_epochs."""
+    opt = cfg.optim.warmup_epochs
+    return opt if opt is not None else cfg.trainer.warmup_epochs
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -322,14 +317,14 @@ def check_eval_splits(cfg: DictConfig) -> None:
     """
     keys = evaluated_splits(cfg)
     evaluating = len(keys) > 1
-    bank_is_train = cfg.data.get("bank") == cfg.data.get("train")
+    bank_is_train = cfg.data.bank == cfg.data.train
     import braceexpand
     from sslstream.pipelines.shards.labels import require_labels
     from sslstream.pipelines.shards.storage import ShardNotFound, get_fs
 
-    opts = dict(cfg.data.get("storage_options") or {})
+    opts = dict(cfg.data.storage_options)
     for key in keys:
-        spec = cfg.data.get(key)
+        spec = cfg.data[key]
         if not spec:
             raise ConfigError(
                 f"evaluation needs a labelled split: data.{key} is not set (set "
@@ -357,18 +352,17 @@ def check_eval_splits(cfg: DictConfig) -> None:
         if key != "train" or (evaluating and bank_is_train):  # unlabelled training is fine
             name = f"data.{key}" if key != "train" else "data.bank"  # the bank defaults to train
             require_labels(name, specs[0] if len(specs) == 1 else specs,
-                           str(cfg.data.get("label_key", "auto") or "auto"), storage_options=opts,
-                           max_member_bytes=cfg.data.get("max_member_bytes"))
+                           cfg.data.label_key, storage_options=opts,
+                           max_member_bytes=cfg.data.max_member_bytes)
 
 
 def evaluated_splits(cfg: DictConfig) -> list[str]:
     """The data keys a run reads: train, and the evaluation's bank and test when it
     evaluates (bank only when it is not train itself)."""
     ev = cfg.eval
-    if not bool(ev.get("at_end", True) or int(ev.get("every_epochs", 0) or 0)):
+    if not (ev.at_end or ev.every_epochs > 0):
         return ["train"]
-    return ["train", "test"] if cfg.data.get("bank") == cfg.data.get("train") \
-        else ["train", "bank", "test"]
+    return ["train", "test"] if cfg.data.bank == cfg.data.train else ["train", "bank", "test"]
 
 
 def check_cache_limit(cfg: DictConfig) -> None:
@@ -380,12 +374,12 @@ def check_cache_limit(cfg: DictConfig) -> None:
     from sslstream.pipelines.shards.manifest import resolve_shards
 
     data = cfg.data
-    limit = data.get("cache_limit")
-    if not data.get("cache_dir") or limit is None:
+    limit = data.cache_limit
+    if not data.cache_dir or limit is None:
         return
-    opts = dict(data.get("storage_options") or {})
+    opts = dict(data.storage_options)
     for key in evaluated_splits(cfg):
-        spec = data.get(key)
+        spec = data[key]
         specs = [str(x) for x in spec] if spec and not isinstance(spec, str) else [str(spec or "")]
         if not any(is_remote(s) for s in specs if s):
             continue
@@ -414,12 +408,12 @@ def _holds_only_images(fs: Any, path: str) -> bool:
 
 def _root_hint(cfg: DictConfig, url: str) -> str:
     """`data=cifar10` without its files: name data.root and the variable that sets it."""
-    root = cfg.data.get("root")
+    root = cfg.data.root
     if not root or not str(url).startswith(str(root).rstrip("/")):
         return ""
-    var = _root_env_var(str(cfg.data.get("name", "")))
+    var = _root_env_var(cfg.data.name)
     how = f"set {var}=<folder> or data.root=<folder>" if var else "set data.root=<folder>"
-    return f" (data.root={root}: {how} to where the {cfg.data.get('name')} shards are)"
+    return f" (data.root={root}: {how} to where the {cfg.data.name} shards are)"
 
 
 def _root_env_var(data_name: str) -> str | None:
@@ -431,5 +425,5 @@ def _root_env_var(data_name: str) -> str | None:
         text = (resources.files("sslstream.conf") / "data" / f"{data_name}.yaml").read_text()
     except (OSError, ValueError):
         return None
-    m = re.search(r"^root:\s*\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", text, re.M)
+    m = re.search(r"^\s*root:\s*\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)", text, re.M)
     return m.group(1) if m else None

@@ -101,9 +101,9 @@ def _train(cfg: DictConfig) -> TrainResult:
     ck = _Checkpointer(job, s)
     tr = cfg.trainer
     monitor = Monitor(
-        every=int(tr.get("log_every_steps", 10)), total_steps=job.total_steps, start_step=s.step,
+        every=tr.log_every_steps, total_steps=job.total_steps, start_step=s.step,
         global_batch=job.global_batch, is_main=job.env.is_main,
-        progress=str(tr.get("progress", "auto")), sink=runlog.log_metrics, device=job.env.device,
+        progress=tr.progress, sink=runlog.log_metrics, device=job.env.device,
     )
     first_step, t_loop = s.step, time.perf_counter()
     try:
@@ -181,11 +181,9 @@ def _signal_name(signum: int | None) -> str:
 def _newest(cfg: DictConfig) -> ckpt.Checkpoint | None:
     """The newest published checkpoint of the run `cfg` names (None when there is none or
     its folder cannot be read): what a stop while loading tells the user."""
-    from sslstream.orchestration.runtime.runstore import RunStore
-
     try:
-        store = RunStore.for_run(str(cfg.trainer.output_dir), str(cfg.run_name),
-                                 dict(cfg.trainer.get("storage_options") or {}))
+        store = RunStore.for_run(cfg.trainer.output_dir, str(cfg.run_name),
+                                 dict(cfg.trainer.storage_options))
         return ckpt.latest_checkpoint(store)
     except OSError:
         return None
@@ -235,7 +233,7 @@ class _Checkpointer:
 
         self.job, self.s = job, s
         self.meta = checkpoint_meta(job.cfg, job.env.world_size, job.global_batch)
-        self.uploader = (CheckpointUploader(job.store, int(job.cfg.trainer.get("keep_last", 3)))
+        self.uploader = (CheckpointUploader(job.store, job.cfg.trainer.keep_last)
                          if job.writes_checkpoints else None)
 
     def save(self) -> bool:
@@ -301,11 +299,10 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
           ) -> tuple[str, float]:
     """Steps until total_steps or a stop: ("completed" | "preempted", seconds evaluating)."""
     cfg, tr, loader = job.cfg, job.cfg.trainer, job.loader
-    grad_clip = float(tr.grad_clip) if tr.get("grad_clip") else None
-    every_ckpt = int(tr.get("checkpoint_every_steps", 0) or 0)
-    every_eval = int(cfg.eval.get("every_epochs", 0) or 0)
-    check = check_every(tr.get("check_every_steps", "auto"), job.env.device,
-                        int(tr.get("log_every_steps", 10)))
+    grad_clip = tr.grad_clip
+    every_ckpt = tr.checkpoint_every_steps
+    every_eval = cfg.eval.every_epochs
+    check = check_every(tr.check_every_steps, job.env.device, tr.log_every_steps)
     t_eval = 0.0
     monitor.reset_clock()
     while s.step < job.total_steps:
@@ -381,7 +378,7 @@ def _final_eval_and_register(job: Job, s: _State, runlog: RunLog, result: TrainR
     s.phase = "evaluating"
     if interrupts.signum is not None:  # asked between the last step and here
         raise Interrupted(interrupts.signum)
-    if job.cfg.eval.get("at_end", True):
+    if job.cfg.eval.at_end:
         result.eval = evaluate(job.cfg, job.method, job.env)
         result.metrics.update(result.eval.metrics())
         runlog.log_metrics(result.eval.metrics(), s.step)

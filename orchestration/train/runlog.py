@@ -36,7 +36,7 @@ class RunLog:
         self.env = env
         self.store = store  # the run folder, where the registered marker goes
         self.tracker: Any
-        if env.is_main and bool(cfg.tracking.get("enabled", True)):
+        if env.is_main and cfg.tracking.enabled:
             from sslstream.orchestration.tracking.tracker import Tracker
 
             self.tracker = Tracker.from_config(cfg.tracking, active=True)
@@ -50,6 +50,8 @@ class RunLog:
             "world_size": env.world_size,
             "sslstream.run_name": cfg.run_name,
         }
+        if cfg.tracking.parent_run_id:  # a sweep's child (orchestration/train/sweep.py)
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         self.run_id = self.tracker.start(str(cfg.run_name), resolved, tags=tags, run_id=run_id) or run_id
         if env.is_main and not self.tracker.resumed:
             self.tracker.log_config(OmegaConf.to_yaml(cfg, resolve=True))
@@ -73,13 +75,13 @@ class RunLog:
 
     def _class_names(self) -> list[str] | None:
         """The test split's class names from its manifest (best effort: None when absent)."""
-        if not self.tracker.active or not bool(self.cfg.tracking.get("plots", True)):
+        if not self.tracker.active or not self.cfg.tracking.plots:
             return None
         try:
             from sslstream.pipelines.shards.manifest import resolve_shards
 
             data = self.cfg.data
-            return resolve_shards(data.test, dict(data.get("storage_options") or {}))[1]
+            return resolve_shards(data.test, dict(data.storage_options))[1]
         except Exception as e:  # a plot legend is not worth failing a run for
             log.debug("no class names for the PCA legend: %s", e)
             return None

@@ -32,7 +32,7 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
         from sslstream.orchestration.tracking.mlflow_env import resolve_tracking_uri
         from sslstream.orchestration.tracking.registry import load_encoder_state_dict
 
-        weights, spec = load_encoder_state_dict(resolve_tracking_uri(cfg.tracking.get("uri")), source)
+        weights, spec = load_encoder_state_dict(resolve_tracking_uri(cfg.tracking.uri), source)
         if spec.backbone.get("name") != cfg.backbone.name:
             raise UserError(
                 f"trainer.init_from={source} holds a {spec.backbone.get('name')!r} backbone, "

@@ -89,10 +89,9 @@ def is_remote(url: str) -> bool:
 
 
 def cache_options(data: Any) -> dict:
-    """ShardStream keyword arguments from a `data` config (cache_dir, cache_limit)."""
-    d, limit = data.get("cache_dir", None), data.get("cache_limit", None)
-    return {"cache_dir": str(d) if d else None,
-            "cache_limit": int(limit) if limit is not None else None}
+    """ShardStream keyword arguments from the ``data`` config section (cache_dir,
+    cache_limit: every key set, orchestration/schema/data.py)."""
+    return {"cache_dir": data.cache_dir, "cache_limit": data.cache_limit}
 
 
 def too_big_for(limit: int | None, sizes: Iterable[tuple[str, int | None]]) -> tuple[str, int] | None:

@@ -8,9 +8,7 @@ carries the shard where the bad-sample limit was passed. stream.py re-exports th
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES
-from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS
+from typing import Any
 
 __all__ = ["BAD_REASONS", "COUNTER_NAMES", "BadDataError", "Sample", "sample_options"]
 
@@ -41,17 +39,13 @@ class Sample:
     index: int = -1
 
 
-def sample_options(data: object, *, labelled: bool = False) -> dict:
-    """ShardStream keyword arguments from a `data` config (label_key, image_keys,
-    max_pixels, max_member_bytes); `labelled`: an evaluation split, whose samples must
-    carry a label."""
-    get = data.get  # type: ignore[attr-defined]
-    keys = get("image_keys", None)
-    mp = get("max_pixels", DEFAULT_MAX_PIXELS)
-    return {"label_key": str(get("label_key", "auto") or "auto"),
-            "image_keys": [str(k) for k in keys] if keys else None,
-            "max_pixels": int(mp) if mp else None, "require_label": labelled,
-            "max_member_bytes": int(get("max_member_bytes", None) or DEFAULT_MAX_MEMBER_BYTES)}
+def sample_options(data: Any, *, labelled: bool = False) -> dict:
+    """ShardStream keyword arguments from the ``data`` config section (label_key, image_keys,
+    max_pixels, max_member_bytes: every key set, orchestration/schema/data.py); ``labelled``:
+    an evaluation split, whose samples must carry a label."""
+    return {"label_key": str(data.label_key), "image_keys": [str(k) for k in data.image_keys],
+            "max_pixels": data.max_pixels, "require_label": labelled,
+            "max_member_bytes": int(data.max_member_bytes)}
 
 
 class BadDataError(RuntimeError):

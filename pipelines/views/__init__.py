@@ -10,6 +10,7 @@
     workers.py      the reader process per rank that runs the stream + hostprep
     eval_loader.py  the single-view eval loader (resize + center crop)
 
-May import: pipelines.shards (never the reverse), torch, DALI, torchvision.
+May import: pipelines.shards (never the reverse), sslstream.conf.typed, torch, DALI,
+torchvision.
 Imported by: orchestration, benchmarks, tests.
 """

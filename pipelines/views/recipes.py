@@ -16,80 +16,66 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
+from sslstream.conf.typed import Check, ConfigValueError, Ge, Interval, Typed, build, ordered_in
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOLARIZE_THRESHOLD = 128  # on 0..255 pixels, as BYOL / torchvision RandomSolarize(128)
 
+Probability = Annotated[float, Interval(ge=0, le=1)]
+Strength = Annotated[float, Ge(0)]  # a colour-jitter strength: factors drawn in [1 - s, 1 + s]
+Range01 = Annotated[tuple[float, float], Check(ordered_in(0, 1), "0 < lo <= hi <= 1")]
+PositiveRange = Annotated[tuple[float, float], Check(ordered_in(0), "0 < lo <= hi")]
+
+
+def _positive(values: Sequence[float]) -> bool:
+    return all(v > 0 for v in values)
+
 
 @dataclass(frozen=True)
-class ViewRecipe:
-    """One view's augmentation: BYOL / SimCLR order crop -> jitter -> gray -> blur -> solarize -> flip."""
+class ViewRecipe(Typed):
+    """One view's augmentation: BYOL / SimCLR order crop -> jitter -> gray -> blur -> solarize -> flip.
 
-    size: int = 224
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1  # fraction of a full turn, as torchvision (0.1 = +-36 degrees)
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
+    The values of each method come from its recipe file (conf/recipe/<method>_<regime>.yaml,
+    ``augment.view1`` / ``augment.view2``); the defaults here are BYOL's first view at 224 px.
+    """
+
+    config_key: ClassVar[str] = "augment.view"
+    size: Annotated[int, Ge(1)] = 224  # output side in pixels (both views share it)
+    crop_scale: Range01 = (0.08, 1.0)  # random-resized crop: area fraction of the source
+    crop_ratio: PositiveRange = (3 / 4, 4 / 3)
+    flip_p: Probability = 0.5
+    jitter_p: Probability = 0.8
+    brightness: Strength = 0.4
+    contrast: Strength = 0.4
+    saturation: Strength = 0.2
+    hue: Annotated[float, Interval(ge=0, le=0.5)] = 0.1  # fraction of a full turn, as torchvision (0.1 = +-36 degrees)
+    grayscale_p: Probability = 0.2
+    blur_p: Probability = 0.0
+    blur_sigma: PositiveRange = (0.1, 2.0)  # in output pixels
+    solarize_p: Probability = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"augment.{name}={value} is not a probability in [0, 1]")
-        if self.size < 1:
-            raise ValueError(f"augment.size={self.size} must be a positive number of pixels")
-        lo, hi = self.crop_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"augment.crop_scale={self.crop_scale} must satisfy 0 < lo <= hi <= 1")
-        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"augment.crop_ratio={self.crop_ratio} must satisfy 0 < lo <= hi")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"augment.hue={self.hue} must be in [0, 0.5]")
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name}={getattr(self, name)} must be >= 0")
-        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"augment.blur_sigma={self.blur_sigma} must satisfy 0 < lo <= hi")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"augment.mean/std must be 3 values (std > 0): {self.mean} {self.std}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> ViewRecipe:
-        known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"unknown augment view field(s) {sorted(unknown)}; known: {sorted(known)}")
-        kwargs = {k: (tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
-                  for k, v in cfg.items()}
-        return cls(**kwargs)
+    std: Annotated[tuple[float, float, float], Check(_positive, "each > 0")] = IMAGENET_STD
 
 
 @dataclass(frozen=True)
-class TwoViewRecipe:
-    """The two (possibly asymmetric) views of a joint-embedding method."""
+class TwoViewRecipe(Typed):
+    """The two (possibly asymmetric) views of a joint-embedding method (``augment.*``)."""
 
+    config_key: ClassVar[str] = "augment"
     view1: ViewRecipe = field(default_factory=ViewRecipe)
     view2: ViewRecipe = field(default_factory=ViewRecipe)
-    name: str = "custom"
+    name: str = "custom"  # a label for logs (the recipe's augmentation, e.g. cifar_byol)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.view1.size != self.view2.size:
-            raise ValueError(f"augment views must share one output size, got "
-                             f"{self.view1.size} and {self.view2.size}")
+            raise ConfigValueError(f"augment views must share one output size, got "
+                                   f"{self.view1.size} and {self.view2.size}",
+                                   "augment.view2.size")
 
     @property
     def views(self) -> tuple[ViewRecipe, ViewRecipe]:
@@ -100,74 +86,9 @@ class TwoViewRecipe:
         return self.view1.size
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> TwoViewRecipe:
-        """Build from the `augment` config group: `{name, view1: {...}, view2: {...}}`.
-
-        `preset: <name>` starts from a built-in preset and applies the given view fields on top
-        (so `augment.view2.solarize_p=0.3` style overrides also work without a yaml file).
-        """
-        cfg = _to_plain(cfg)
-        base = PRESETS[cfg["preset"]] if cfg.get("preset") else None
-        views = []
-        for key in ("view1", "view2"):
-            given = dict(cfg.get(key) or {})
-            if base is not None:
-                merged = {f.name: getattr(getattr(base, key), f.name) for f in fields(ViewRecipe)}
-                merged.update(given)
-                given = merged
-            views.append(ViewRecipe.from_config(given))
-        name = cfg.get("name") or (cfg.get("preset") or "custom")
-        return cls(view1=views[0], view2=views[1], name=str(name))
-
-
-def _to_plain(cfg: Any) -> dict:
-    try:  # OmegaConf DictConfig -> dict, without importing omegaconf when it is not one
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(cfg)
-
-
-# ---------------------------------------------------------------- presets (sources in docs/augment.md)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-def _byol_pair(size: int, blur: tuple[float, float], mean, std) -> tuple[ViewRecipe, ViewRecipe]:
-    """BYOL's asymmetric pair: view 2 blurs less often and is the only one solarized."""
-    v1 = ViewRecipe(size=size, blur_p=blur[0], solarize_p=0.0, mean=mean, std=std)
-    v2 = ViewRecipe(size=size, blur_p=blur[1], solarize_p=0.2, mean=mean, std=std)
-    return v1, v2
-
-
-def _sym(**kw) -> TwoViewRecipe:
-    name = kw.pop("name")
-    v = ViewRecipe(**kw)
-    return TwoViewRecipe(view1=v, view2=v, name=name)
-
-
-PRESETS: dict[str, TwoViewRecipe] = {
-    # BYOL (Grill et al. 2020, table 6) / VICReg (Bardes et al. 2022, official augmentations.py)
-    "byol": TwoViewRecipe(*_byol_pair(224, (1.0, 0.1), IMAGENET_MEAN, IMAGENET_STD), name="byol"),
-    "vicreg": TwoViewRecipe(*_byol_pair(224, (1.0, 0.1), IMAGENET_MEAN, IMAGENET_STD), name="vicreg"),
-    # SimCLR (Chen et al. 2020, appendix A): colour strength s=1, blur p=0.5
-    "simclr": _sym(name="simclr", size=224, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
-                   blur_p=0.5),
-    # MoCo v2 (Chen et al. 2020, facebookresearch/moco main_moco.py --aug-plus)
-    "mocov2": _sym(name="mocov2", size=224, crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4,
-                   saturation=0.4, hue=0.1, blur_p=0.5),
-    # CIFAR variants: 32 px, no blur (solo-learn scripts/pretrain/cifar/*)
-    "cifar_byol": TwoViewRecipe(*_byol_pair(32, (0.0, 0.0), CIFAR_MEAN, CIFAR_STD), name="cifar_byol"),
-    "cifar_simclr": _sym(name="cifar_simclr", size=32, brightness=0.8, contrast=0.8, saturation=0.8,
-                         hue=0.2, mean=CIFAR_MEAN, std=CIFAR_STD),
-    "cifar_mocov2": _sym(name="cifar_mocov2", size=32, brightness=0.4, contrast=0.4, saturation=0.4,
-                         hue=0.1, mean=CIFAR_MEAN, std=CIFAR_STD),
-    "cifar_vicreg": _sym(name="cifar_vicreg", size=32, crop_scale=(0.2, 1.0), solarize_p=0.1,
-                         mean=CIFAR_MEAN, std=CIFAR_STD),
-}
+    def from_config(cls, cfg: Mapping[str, Any] | TwoViewRecipe) -> TwoViewRecipe:
+        """``cfg.augment`` (``{name, view1: {...}, view2: {...}}``) as a checked recipe."""
+        return cfg if isinstance(cfg, cls) else build(cls, cfg, "augment")
 
 
 # ---------------------------------------------------------------- per-sample parameters

@@ -35,20 +35,18 @@ def _views(batch: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, 3, 16, 16, generator=g), torch.randn(batch, 3, 16, 16, generator=g)
 
 
-def test_every_config_file_names_its_method_and_both_presets_resolve() -> None:
-    files = sorted((REPO_ROOT / "conf" / "method").glob("*.yaml"))
-    assert {f.stem for f in files} == set(METHODS)
-    for f in files:
-        for preset in ("cifar", "imagenet"):
-            cfg = OmegaConf.load(f)
-            assert cfg.name == f.stem
-            cfg.preset = preset
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            for key in ("proj_hidden_dim", "proj_output_dim"):
-                assert resolved[key] == resolved["presets"][preset][key], (f.stem, preset, key)
-    byol = OmegaConf.load(REPO_ROOT / "conf" / "method" / "byol.yaml")
-    byol.preset = "imagenet"
-    assert byol.tau_base == 0.996
+def test_every_registered_method_has_a_recipe_per_regime_naming_it() -> None:
+    """conf/recipe/<method>_<regime>.yaml for every method of the registry and every regime,
+    and each file's method block builds that method's config (no other recipe files)."""
+    files = sorted((REPO_ROOT / "conf" / "recipe").glob("*.yaml"))
+    expected = {f"{name}_{regime}" for name in METHODS for regime in ("cifar", "imagenet")}
+    assert {f.stem for f in files} == expected
+    for name in METHODS:
+        for regime in ("cifar", "imagenet"):
+            block = method_cfg(name, regime)
+            assert block.name == name
+            METHODS[name].config_class.from_mapping(block)
+    assert method_cfg("byol", "imagenet").tau_base == 0.996
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -305,8 +303,7 @@ def test_vicreg_cifar_preset_equals_solo_learn_recipe_and_imagenet_the_official_
     sim, std, cov = cifar.coeffs
     got, _ = vicreg_loss(z1.double(), z2.double(), sim, std, cov)
     torch.testing.assert_close(got, _solo_learn_vicreg(z1, z2), rtol=1e-10, atol=1e-10)
-    imagenet = OmegaConf.load(REPO_ROOT / "conf" / "method" / "vicreg.yaml")
-    imagenet.preset = "imagenet"
+    imagenet = method_cfg("vicreg", "imagenet")
     assert (imagenet.sim_coeff, imagenet.std_coeff, imagenet.cov_coeff) == (25.0, 25.0, 1.0)
 
 

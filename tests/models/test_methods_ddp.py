@@ -10,15 +10,19 @@ difference between 1 and W processes on CPU (SyncBN is CUDA-only), not what is t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from sslstream.models.methods import build_method
+from sslstream.models.methods import METHODS, build_method
 from torch import nn
 
 from tests.ddp import run_ddp
 from tests.models.test_training_toy import SMALL_HEADS, TINY_BACKBONE, method_cfg
 
-NAMES = ["simclr", "vicreg", "barlow_twins", "contrastive"]
+# the methods whose objective gathers across ranks (a `gather` key): every one in the registry
+NAMES = sorted(n for n, m in METHODS.items()
+               if "gather" in {f.name for f in dataclasses.fields(m.config_class)})
 BATCH = 6  # per rank
 
 

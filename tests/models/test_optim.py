@@ -133,8 +133,10 @@ def test_build_optimizer_lars_groups_scaling_and_exclusion() -> None:
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0, 0.05]
     with pytest.raises(ValueError, match="optim.name"):
         build_optimizer(groups, {"name": "adagrad", "lr": 0.1}, 256)
-    with pytest.raises(ValueError, match="optim.lr"):
-        build_optimizer(groups, {"name": "sgd"}, 256)
+    with pytest.raises(ValueError, match=r"optim\.lr=-1 is not allowed: expected a number >= 0"):
+        build_optimizer(groups, {"name": "sgd", "lr": -1}, 256)
+    # a key left out takes the optimiser's default (the dataclass's: models/optim.py)
+    assert build_optimizer(groups, {"name": "sgd"}, 256).param_groups[0]["lr"] == 0.05
 
 
 def test_scale_lr_rules() -> None:

@@ -227,7 +227,7 @@ def test_a_store_that_fails_mid_run_costs_a_checkpoint_not_the_run(
     caplog.set_level(logging.INFO, logger="sslstream.train")
     assert _train(tmp_path, "trainer.output_dir=s3://ckpt/runs",
                   "trainer.checkpoint_every_steps=2",
-                  "+trainer.storage_options.config_kwargs={retries:{max_attempts:1}}",
+                  "trainer.storage_options={config_kwargs:{retries:{max_attempts:1}}}",
                   steps=8) == 0
     assert "checkpoint of step 4 was not written to s3://ckpt/runs/byol-synthetic" in caplog.text
     steps = [c.step for c in ckpt.list_checkpoints("s3://ckpt/runs/byol-synthetic")]
@@ -254,7 +254,7 @@ def test_an_unreachable_or_refused_store_fails_before_the_first_step(s3: S3Env, 
 
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     assert _train(tmp_path, "trainer.output_dir=s3://ckpt/runs",
-                  "+trainer.storage_options.config_kwargs={retries:{max_attempts:1}}") == 1
+                  "trainer.storage_options={config_kwargs:{retries:{max_attempts:1}}}") == 1
     err = capsys.readouterr().err
     assert "cannot write checkpoints to s3://ckpt/runs/byol-synthetic" in err
     assert "gave up after 3 attempts" in err and not (tmp_path / "data").exists()

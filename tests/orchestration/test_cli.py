@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from sslstream.models.methods import METHODS
 from sslstream.orchestration.cli import compose_config, main
 
 from tests.orchestration.test_train import cli_env
@@ -89,8 +90,9 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(RECIPES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_brings_its_augmentation_and_optimiser(method):
+    assert method in RECIPES, f"write {method}'s CIFAR recipe into RECIPES"
     aug, opt, lr, wd = RECIPES[method]
     cfg = compose_config([f"method={method}"])
     assert (cfg.augment.name, cfg.optim.name) == (aug, opt)
@@ -108,8 +110,9 @@ def test_method_brings_its_augmentation_and_optimiser(method):
     p = torch.nn.Parameter(torch.zeros(3))
     build_optimizer([{"params": [p]}], cfg.optim, 256)
     # what the command line names wins over the recipe
-    cfg = compose_config([f"method={method}", "augment=simclr", "optim=adamw", "optim.lr=0.123"])
-    assert (cfg.augment.name, cfg.optim.name, cfg.optim.lr) == ("simclr", "adamw", 0.123)
+    cfg = compose_config([f"method={method}", "augment.view1.hue=0.25", "optim=adamw",
+                          "optim.lr=0.123"])
+    assert (cfg.augment.view1.hue, cfg.optim.name, cfg.optim.lr) == (0.25, "adamw", 0.123)
     other = "sgd" if opt == "lars" else "lars"
     plain = compose_config([f"optim={other}"] + (["method=byol"] if method == "byol" else []))
     cfg = compose_config([f"method={method}", f"optim={other}"])
@@ -153,3 +156,32 @@ def test_bad_inputs_give_one_line_naming_them(tmp_path, capsys, monkeypatch):
     assert main(["train", *base, "data.test=null"]) == 2  # a configuration error (issue 16)
     assert "data.test is not set" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("step-*.pt"))
+
+
+def test_train_help_shows_the_choices_the_common_keys_and_cfg(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for method in METHODS:  # from the registry
+        assert method in out
+    for text in ("data=<preset>", "cifar10 | shards | synthetic", "recipe=<regime>",
+                 "cifar | imagenet", "optim=<name>", "lars | sgd | adamw", "backbone=<preset>",
+                 "trainer.epochs=15", "trainer.batch_size=64", "optim.lr=1.0",
+                 "data.train=./data/synthetic/train", "sslstream train --cfg", "-m method=byol"):
+        assert text in out, text
+    assert main(["eval", "--help"]) == 0
+    assert "--checkpoint PATH | --model URI" in capsys.readouterr().out
+
+
+def test_an_imagenet_recipe_on_32px_data_warns_naming_the_fix(capsys, in_tmp_cwd):
+    """recipe=imagenet on 32 px data makes 224 px views of 32 px images: it runs (a user may
+    mean it), but says so, with the fix; the matching recipes say nothing."""
+    from sslstream.orchestration.cli import _parse
+
+    _parse(["data=cifar10", "recipe=imagenet"])
+    err = capsys.readouterr().err
+    assert "warning: recipe=imagenet makes 224 px views of data.image_size=32 px images" in err
+    assert "recipe=cifar suits small images" in err
+    for ok in (["data=cifar10"], ["data=shards", "data.train=/x", "data.test=/y"],
+               ["data=shards", "data.train=/x", "data.test=/y", "recipe=cifar"]):
+        _parse(ok)
+        assert "warning" not in capsys.readouterr().err, ok

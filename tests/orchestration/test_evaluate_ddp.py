@@ -3,16 +3,14 @@ the same balanced bank subset, the probe trained once over the sharded bank."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from sslstream.conf import __file__ as conf_init
 from sslstream.orchestration.evaluate.bank import select_balanced
 from sslstream.orchestration.evaluate.probe import linear_probe, linear_probe_sharded
 from sslstream.orchestration.runtime.distributed import DistEnv
+from sslstream.orchestration.schema import compose_config
 from torch import nn
 
 from tests.ddp import run_ddp
@@ -29,14 +27,15 @@ class _Pool(nn.Module):
 
 
 def _cfg(bank: list[str], test: list[str], **ev) -> OmegaConf:
-    defaults = OmegaConf.load(Path(conf_init).parent / "eval" / "default.yaml")
-    return OmegaConf.create({
-        "seed": 3,
-        "data": {"bank": bank, "test": test, "num_workers": 1, "num_classes": None},
-        "eval": OmegaConf.merge(defaults, {"batch_size": 4, "probe_epochs": 4, "knn_k": 7,
-                                           "knn_query_chunk": 5, "knn_bank_chunk": 6, **ev}),
-        "trainer": {"loader_backend": "torchvision", "loader_threads": 1},
-    })
+    """The composed config (every key) with the splits and a small evaluation."""
+    cfg = compose_config(["seed=3", "data=shards", "data.num_workers=1",
+                          "eval.batch_size=4", "eval.probe_epochs=4", "eval.knn_k=7",
+                          "eval.knn_query_chunk=5", "eval.knn_bank_chunk=6",
+                          "trainer.loader_backend=torchvision", "trainer.loader_threads=1",
+                          *(f"eval.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                            for k, v in ev.items())])
+    cfg.data.bank, cfg.data.test = bank, test
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
 
 
 def _evaluate(rank: int, world: int, cfgs) -> list[dict]:

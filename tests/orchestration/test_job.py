@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from sslstream.orchestration.errors import ConfigError
 from sslstream.orchestration.runtime import distributed as D
+from sslstream.orchestration.schema import compose_checked
 from sslstream.orchestration.train.job import _loader_dtype
 
 
@@ -19,8 +21,8 @@ def test_loader_dtype_follows_autocast_on_cuda_only():
                          torch.device("cuda", 0)) == torch.float32
     assert _loader_dtype(_cfg(loader_dtype="auto"), torch.device("cpu")) == torch.float32
     assert _loader_dtype(_cfg(loader_dtype="fp16"), torch.device("cpu")) == torch.float16
-    with pytest.raises(ValueError, match="trainer.loader_dtype='int8'"):
-        _loader_dtype(_cfg(loader_dtype="int8"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="trainer.loader_dtype=int8 is not allowed"):
+        compose_checked(["trainer.loader_dtype=int8"])  # refused before any job is built
 
 
 def test_loader_threads_share_the_node(monkeypatch):

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sslstream.models.backbones import build_backbone, feature_dim_of
 from sslstream.orchestration.errors import RegistrationError
+from sslstream.orchestration.schema.tracking import HttpSettings
 from sslstream.orchestration.tracking.encoder_model import EncoderSpec
 from sslstream.orchestration.tracking.promotion import collapse_reason
 from sslstream.orchestration.tracking.registry import (
@@ -243,7 +244,7 @@ def test_registry_calls_outside_a_tracker_are_bounded_on_a_dead_server(
         read_champion(dead, "enc-dead")
     assert time.monotonic() - t0 < 20, "registry call on a dead server was not bounded"
     assert "127.0.0.1" in str(err.value)
-    assert os.environ[mlflow_env.ENV_MAX_RETRIES] == str(mlflow_env.DEFAULT_MAX_RETRIES)
+    assert os.environ[mlflow_env.ENV_MAX_RETRIES] == str(HttpSettings().max_retries)
 
 
 @pytest.mark.mlflow_server

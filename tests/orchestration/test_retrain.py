@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from sslstream.orchestration.errors import ConfigError
 from sslstream.orchestration.retrain import job as R
 from sslstream.orchestration.retrain.lease import Lease, LeaseRecord
 from sslstream.orchestration.retrain.stores import S3LeaseStore
+from sslstream.orchestration.schema import compose_config
 from sslstream.orchestration.tracking.registry import RegistrySettings, register_encoder
 from sslstream.pipelines.shards.snapshot import take_snapshot
 
@@ -31,23 +33,19 @@ pytestmark = [pytest.mark.s3, pytest.mark.mlflow_server]
 
 def make_config(src: str, s3, mlflow_uri: str, tmp: Path, model: str, **retrain: Any
                 ) -> DictConfig:
-    """The parts of the composed config retrain reads, from the real conf/ files."""
-    cfg = OmegaConf.create({
-        "run_name": "ignored",
-        "seed": 0,
-        "data": {"name": "shards", "train": src, "test": None, "bank": src,
-                 "storage_options": s3.storage_options, "generate": False},
-        "trainer": {"output_dir": str(tmp / "outputs"), "epochs": 1},
-        "method": {"name": "byol"},
-        "tracking": OmegaConf.load(REPO / "conf/tracking/local.yaml"),
-        "retrain": OmegaConf.load(REPO / "conf/retrain/default.yaml"),
-    })
-    cfg.tracking.uri = mlflow_uri
-    cfg.tracking.experiment = f"exp-{model}"
-    cfg.tracking.registry.name = model
-    cfg.tracking.registry.margin = 0.01
-    for k, v in retrain.items():
-        OmegaConf.update(cfg, f"retrain.{k}", v, force_add=True)
+    """The composed config (conf/ and the schema's defaults) for retraining ``src``;
+    ``retrain`` keys as keyword arguments (a mapping for retrain.lock)."""
+    keys = {f"retrain.{k}": v for k, v in retrain.items() if not isinstance(v, dict)}
+    keys |= {f"retrain.{k}.{kk}": vv for k, v in retrain.items() if isinstance(v, dict)
+             for kk, vv in v.items()}
+    cfg = compose_config([
+        "data=shards", f"data.train={src}", "data.test=null", "run_name=ignored",
+        f"trainer.output_dir={tmp / 'outputs'}", "trainer.epochs=1",
+        f"tracking.uri={mlflow_uri}", f"tracking.experiment=exp-{model}",
+        f"tracking.registry.name={model}", "tracking.registry.margin=0.01",
+        *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())])
+    with open_dict(cfg):
+        cfg.data.storage_options = s3.storage_options
     return cfg
 
 
@@ -227,7 +225,8 @@ def test_exit_codes_for_lock_source_tracking_and_training_failures(setup, capsys
     # for schedulers that cannot tell "skip" from "fail": the same refusal as exit 0
     assert R.retrain(setup.cfg(lock={"held_exit_code": 0}), train_fn=fake) == R.EXIT_OK
     assert "skipped: lease" in capsys.readouterr().out and not fake.calls
-    assert R.retrain(setup.cfg(lock={"held_exit_code": 1}), train_fn=fake) == R.EXIT_CONFIG
+    with pytest.raises(ConfigError, match="retrain.lock.held_exit_code=1"):  # exit 2, the schema's
+        setup.cfg(lock={"held_exit_code": 1})
     other.release()
 
     bad_source = setup.cfg(source=f"s3://{setup.bucket}/no-such-prefix")
@@ -239,7 +238,8 @@ def test_exit_codes_for_lock_source_tracking_and_training_failures(setup, capsys
     assert R.retrain(dead, train_fn=fake) == R.EXIT_REGISTRY
     assert "unreachable" in capsys.readouterr().err and not fake.calls
 
-    assert R.retrain(setup.cfg(init="warm"), train_fn=fake) == R.EXIT_CONFIG
+    with pytest.raises(ConfigError, match="retrain.init=warm"):
+        setup.cfg(init="warm")
     assert R.retrain(setup.cfg(enabled=False), train_fn=fake) == R.EXIT_OK
     assert "retrain.enabled=false" in capsys.readouterr().out and not fake.calls
 
@@ -369,8 +369,8 @@ def test_init_champion_warm_starts_from_the_champion_weights(setup, monkeypatch)
 
     def cfg(init: str) -> DictConfig:
         c = setup.cfg(init=init)
-        c.method = OmegaConf.load(REPO / "conf/method/byol.yaml")
-        c.backbone = OmegaConf.load(REPO / "conf/backbone/resnet_mini.yaml")
+        c.method = compose_config(["method=byol", "recipe=cifar"]).method
+        c.backbone = compose_config(["backbone=resnet_mini"]).backbone
         c.trainer.init_from = None
         c.tracking.http.max_retries = 1
         return c

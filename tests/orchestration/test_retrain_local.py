@@ -73,6 +73,23 @@ def test_cron_a_shard_dropped_beside_the_manifest_is_trained_on(in_tmp_cwd, caps
     assert "nothing to do" in out and "taken in" not in out
 
 
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["tracking.enabled=false"], "tracking.enabled=false"),
+    # a source on a store without conditional writes: the lease beside it cannot be taken
+    (["data=shards", "data.train=http://127.0.0.1:9/train-{000000..000001}.tar",
+      "data.test=http://127.0.0.1:9/test-000000.tar"], "retrain.lock.url"),
+    (["retrain.lock.url=http://127.0.0.1:9/x.lease"], "retrain.lock.url"),
+])
+def test_retrain_checks_its_settings_before_data_or_stores(overrides, says, in_tmp_cwd, capsys,
+                                                           monkeypatch) -> None:
+    """Exit 2 and nothing made: no synthetic data generated, no MLflow store, no lease."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["retrain", *overrides]) == R.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+    assert list(in_tmp_cwd.iterdir()) == []
+
+
 UNLABELLED = ("data.test=null", "data.bank=null", "eval.at_end=false", "eval.every_epochs=0")
 
 

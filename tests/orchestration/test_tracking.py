@@ -69,7 +69,8 @@ def test_settings_reject_unknown_keys() -> None:
         TrackingSettings.from_config({"urii": "x"})
     s = TrackingSettings.from_config({"http": {"max_retries": 1, "timeout_s": 3},
                                       "registry": {"margin": 0.02}})
-    assert (s.http_max_retries, s.http_timeout_s, s.registry.margin) == (1, 3, 0.02)
+    assert (s.http.max_retries, s.http.timeout_s, s.registry.margin) == (1, 3, 0.02)
+    assert s.http.backoff_factor == 1  # a key left out takes the schema's default
 
 
 def test_local_sqlite_default_and_env_uri_precedence(

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from sslstream.orchestration.schema.tracking import HttpSettings
 from sslstream.orchestration.tracking.sender import BackgroundSender
 from sslstream.orchestration.tracking.tracker import Tracker, TrackingSettings
 
@@ -54,7 +55,7 @@ def test_steps_run_at_full_rate_beside_a_server_answering_after_5_s(slow_server,
     dropped and counted; `end` gives up on the queue after metrics_flush_s."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = TrackingSettings(uri=slow_server, system_metrics=False, metrics_queue=4,
-                                metrics_flush_s=1.0, http_timeout_s=30, http_max_retries=0)
+                                metrics_flush_s=1.0, http=HttpSettings(timeout_s=30, max_retries=0))
     tracker = Tracker(settings)
     # as if start() had succeeded earlier (the server was fast then)
     tracker._start_args = ("slow", {}, {}, None)

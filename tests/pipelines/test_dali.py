@@ -18,11 +18,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from sslstream.orchestration.schema import augment_recipe
 from sslstream.pipelines.views import dali as dali_mod
 from sslstream.pipelines.views.backend import image_hw
 from sslstream.pipelines.views.loader import TwoViewLoader
 from sslstream.pipelines.views.recipes import (
-    PRESETS,
     TwoViewRecipe,
     ViewRecipe,
     batch_rng,
@@ -84,7 +84,7 @@ def run_graph(recipe: TwoViewRecipe, images: list[bytes], key=(0, 0, 0, 0), *,
 @pytest.mark.parametrize(("dtype", "channels_last"), [
     (torch.float32, False), (torch.float16, False), (torch.bfloat16, True)])
 def test_shapes_dtypes_layouts(dtype, channels_last, device_id):
-    recipe = small(PRESETS["cifar_byol"])
+    recipe = small(augment_recipe("byol_cifar"))
     images = [s.image for s in make_samples(6)]
     (v1, v2), _ = run_graph(recipe, images, dtype=dtype, channels_last=channels_last,
                             device_id=device_id)
@@ -100,7 +100,7 @@ def test_shapes_dtypes_layouts(dtype, channels_last, device_id):
 
 @pytest.mark.parametrize("device_id", DEVICES)
 def test_fp16_is_fp32_rounded(device_id):
-    recipe = small(PRESETS["cifar_simclr"])
+    recipe = small(augment_recipe("simclr_cifar"))
     images = [s.image for s in make_samples(4)]
     (a, _), _ = run_graph(recipe, images, dtype=torch.float32, device_id=device_id)
     (b, _), _ = run_graph(recipe, images, dtype=torch.float16, device_id=device_id)
@@ -109,7 +109,7 @@ def test_fp16_is_fp32_rounded(device_id):
 
 @pytest.mark.parametrize("device_id", DEVICES)
 def test_graph_is_a_pure_function_of_its_inputs(device_id):
-    recipe = small(PRESETS["cifar_byol"])
+    recipe = small(augment_recipe("byol_cifar"))
     images = [s.image for s in make_samples(8)]
     (a1, a2), _ = run_graph(recipe, images, key=(0, 0, 0, 0), device_id=device_id)
     (b1, b2), _ = run_graph(recipe, images, key=(0, 0, 0, 0), num_threads=1, device_id=device_id)
@@ -137,7 +137,7 @@ def _event_images(n: int) -> list[bytes]:
 def test_event_frequencies_and_placement_byol(device_id):
     """BYOL at 32 px with the crop pinned to the full image and no jitter: flip 0.5, gray 0.2
     in both views, solarization only in view 2 at 0.2 -- each seen in the pixels."""
-    recipe = small(PRESETS["byol"], crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0)
+    recipe = small(augment_recipe("byol_imagenet"), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0)
     images = _event_images(48)
     spec = dali_mod.GraphSpec(recipe=recipe, batch_size=len(images), device_id=device_id)
     backend = dali_mod.DaliTwoView(spec)
@@ -180,7 +180,7 @@ def test_jitter_and_blur_act_exactly_where_drawn(device_id):
     0.1) with sigma pinned to >= 1 so every blur is visible on a textured image."""
     import dataclasses as dc
 
-    base = PRESETS["byol"]
+    base = augment_recipe("byol_imagenet")
     view2 = dc.replace(base.view2, size=32, blur_p=0.5, blur_sigma=(1.0, 2.0))
     recipe = TwoViewRecipe(view1=dc.replace(base.view1, size=32), view2=view2, name="t")
     images = [s.image for s in make_samples(64, h=40, w=40)]
@@ -226,7 +226,7 @@ def _parity(recipe: TwoViewRecipe, n: int = 256, device_id: int | None = None):
 def test_geometry_matches_torchvision_pixelwise(device_id):
     """Crop, resize (bilinear, antialiased) and flip: same pixels up to rounding (on the GPU
     also up to nvJPEG's IDCT vs libjpeg-turbo's, fancy upsampling on in both)."""
-    recipe = small(PRESETS["cifar_byol"], jitter_p=0.0, grayscale_p=0.0, solarize_p=0.0)
+    recipe = small(augment_recipe("byol_cifar"), jitter_p=0.0, grayscale_p=0.0, solarize_p=0.0)
     (d1, d2), (r1, r2) = _parity(recipe, n=64, device_id=device_id)
     for d, r, view in ((d1, r1, recipe.view1), (d2, r2, recipe.view2)):
         err = (d - r).abs() * torch.tensor(view.std).view(1, 3, 1, 1) * 255  # grey levels
@@ -240,15 +240,15 @@ def test_geometry_matches_torchvision_pixelwise(device_id):
     # in torchvision, DALI's contrast centre 128 vs torchvision's mean grey), |d std|/std <=
     # 0.008; with hue (DALI rotates in YIQ, torchvision in HSV) |d mean| <= 0.036 and
     # |d std|/std <= 0.094, on the blue channel.
-    ("cifar_byol", 0.0, 0.03, 0.02),
-    ("cifar_byol", None, 0.05, 0.12),
-    ("byol", None, 0.05, 0.12),
+    ("byol_cifar", 0.0, 0.03, 0.02),
+    ("byol_cifar", None, 0.05, 0.12),
+    ("byol_imagenet", None, 0.05, 0.12),
 ])
 def test_channel_statistics_match_torchvision(preset, hue, mean_tol, std_tol, device_id):
     """Per-channel mean and std (normalised units) of DALI vs the reference, same inputs and
     parameters, full recipe (jitter, gray, blur, solarize)."""
     extra = {} if hue is None else {"hue": hue}
-    recipe = small(PRESETS[preset], size=32 if preset.startswith("cifar") else 64, **extra)
+    recipe = small(augment_recipe(preset), size=32 if preset.endswith("cifar") else 64, **extra)
     (d1, d2), (r1, r2) = _parity(recipe, device_id=device_id)
     for d, r in ((d1, r1), (d2, r2)):
         d, r = d.double(), r.double()
@@ -288,7 +288,7 @@ def test_undecodable_jpeg_is_replaced_and_counted_not_fatal(device_id):
     bad_key = samples[5].key
     samples[5] = dataclasses.replace(samples[5], image=corrupt_entropy_jpeg(5))
     for validate in ("header", "decode"):
-        loader = TwoViewLoader(FakeStream(samples), small(PRESETS["cifar_byol"]), batch_size=8,
+        loader = TwoViewLoader(FakeStream(samples), small(augment_recipe("byol_cifar")), batch_size=8,
                                device=loader_device(device_id), backend="dali",
                                validate=validate)
         try:
@@ -326,7 +326,7 @@ def test_gpu_graph_places_every_op_where_dali_2_4_needs_it(dtype):
     HWC for channels_last, FLOAT16 only where asked (bf16 is cast in torch)."""
     from nvidia.dali import backend as b
 
-    spec = dali_mod.GraphSpec(recipe=PRESETS["byol"], batch_size=4, device_id=0,
+    spec = dali_mod.GraphSpec(recipe=augment_recipe("byol_imagenet"), batch_size=4, device_id=0,
                               dtype=dtype, channels_last=True, hw_decoder_load=0.5)
     pipe = dali_mod.define_two_view_pipeline(spec)
     ops = _graph_ops(pipe)
@@ -383,7 +383,7 @@ def test_outputs_are_owned_buffers_not_recycled_by_the_next_run(device_id):
     """Zero-copy on CPU is safe only because the dynamic executor gives each run() fresh
     buffers (on the GPU `to_torch` copies): keep batch 0's tensors, run 4 more batches,
     batch 0 must be unchanged."""
-    recipe = small(PRESETS["cifar_byol"])
+    recipe = small(augment_recipe("byol_cifar"))
     samples = make_samples(8)
     images = [s.image for s in samples]
     hw = np.array([image_hw(b, "header") for b in images])
@@ -432,7 +432,7 @@ def test_a_shard_with_corrupt_jpegs_runs_through_with_each_counted(tmp_path, dev
     urls = [str(tmp_path / f"shard-00000{i}.tar") for i in range(3)]
     stream = ShardStream(urls, num_workers=2, seed=1, max_bad_fraction=0.1)
     assert len(stream) == 31  # counted by reading: the appended member is listed
-    loader = TwoViewLoader(stream, small(PRESETS["cifar_byol"]), batch_size=31,
+    loader = TwoViewLoader(stream, small(augment_recipe("byol_cifar")), batch_size=31,
                            device=loader_device(device_id),
                            backend="dali")  # one batch holding the whole epoch
     try:

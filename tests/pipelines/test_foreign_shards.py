@@ -105,7 +105,8 @@ def test_check_eval_splits_refuses_an_unlabelled_test_split_before_training(tmp_
     _shardwriter(tmp_path / "caps", 6, "caption")
     cfg = OmegaConf.create({"eval": {"at_end": True, "every_epochs": 0},
                             "data": {"train": str(tmp_path / "lab"), "bank": str(tmp_path / "lab"), "test": str(tmp_path / "caps"),
-                                     "label_key": "auto", "storage_options": {}}})
+                                     "label_key": "auto", "storage_options": {},
+                                     "max_member_bytes": 1 << 20}})
     with pytest.raises(MissingLabels, match="data.test"):
         check_eval_splits(cfg)
     cfg.data.test = str(tmp_path / "lab")

@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 import torch
+from sslstream.orchestration.schema import augment_recipe
 from sslstream.pipelines.views import dali as dali_mod
 from sslstream.pipelines.views.loader import TwoViewLoader
-from sslstream.pipelines.views.recipes import PRESETS
 
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
@@ -22,7 +22,7 @@ pytestmark = [
 
 
 def _recipe(size: int = 64):
-    r = PRESETS["byol"]
+    r = augment_recipe("byol_imagenet")
     return dataclasses.replace(r, view1=dataclasses.replace(r.view1, size=size),
                                view2=dataclasses.replace(r.view2, size=size))
 

@@ -14,10 +14,10 @@ import zlib
 import pytest
 import webdataset as wds
 from PIL import Image
+from sslstream.orchestration.schema import augment_recipe
 from sslstream.pipelines.shards.stream import BadDataError, ShardStream
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, CorruptImage, validate_image
 from sslstream.pipelines.views.loader import TwoViewLoader
-from sslstream.pipelines.views.recipes import PRESETS
 
 from tests.fixtures.shards import make_jpeg
 
@@ -75,7 +75,7 @@ def test_decoder_failures_count_toward_max_bad_fraction(tmp_path, limit, expect_
     images = [noise_png(i) if i % 4 == 0 else make_jpeg(i) for i in range(32)]
     stream = ShardStream(_shards(tmp_path / "noise", images), shuffle=False, num_workers=0,
                          max_bad_fraction=limit)
-    loader = TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=8, device="cpu",
+    loader = TwoViewLoader(stream, augment_recipe("byol_cifar"), batch_size=8, device="cpu",
                            backend="torchvision", num_threads=1)
     try:
         if expect_error:
@@ -96,7 +96,7 @@ def test_header_caught_images_in_the_loader_count_too(tmp_path):
     images = [b"<html>" if i % 8 == 0 else make_jpeg(i) for i in range(16)]
     stream = ShardStream(_shards(tmp_path / "html", images), shuffle=False, num_workers=0,
                          validate="none", max_bad_fraction=0.5)
-    loader = TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=8, device="cpu",
+    loader = TwoViewLoader(stream, augment_recipe("byol_cifar"), batch_size=8, device="cpu",
                            backend="torchvision", num_threads=1)
     try:
         assert loader.validate == "header"
@@ -162,7 +162,7 @@ def _mixed_shard(root) -> str:
 
 def _run(url: str, workers: int, limit: float, epochs: int = 1) -> dict[str, int]:
     stream = ShardStream(url, shuffle=False, num_workers=0, max_bad_fraction=limit)
-    loader = TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=8, device="cpu",
+    loader = TwoViewLoader(stream, augment_recipe("byol_cifar"), batch_size=8, device="cpu",
                            backend="torchvision", num_threads=1, workers=workers)
     try:
         for epoch in range(epochs):

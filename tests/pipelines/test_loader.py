@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sslstream.orchestration.schema import augment_recipe
 from sslstream.pipelines.shards.imagesize import image_hw as read_hw
 from sslstream.pipelines.shards.stream import ShardStream
 from sslstream.pipelines.shards.validate import CorruptImage
@@ -26,7 +27,6 @@ from sslstream.pipelines.views import dali as dali_mod
 from sslstream.pipelines.views import loader as loader_mod
 from sslstream.pipelines.views.eval_loader import EvalLoader, build_eval_loader
 from sslstream.pipelines.views.loader import TwoViewLoader
-from sslstream.pipelines.views.recipes import PRESETS
 
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
@@ -34,7 +34,7 @@ needs_dali = pytest.mark.skipif(not dali_mod.DALI_AVAILABLE,
                                 reason=f"nvidia-dali not importable: {dali_mod.DALI_IMPORT_ERROR}")
 BACKENDS = [pytest.param("dali", marks=needs_dali), "torchvision"]
 WORKERS = [0, 2]  # reading in this process; a reader process + a lane process (workers.py)
-RECIPE = PRESETS["cifar_byol"]
+RECIPE = augment_recipe("byol_cifar")
 
 
 def _tasks() -> int:
@@ -346,7 +346,7 @@ def test_cifar10_views_are_normalised_with_the_dataset_statistics(backend, cifar
     """Real CIFAR-10 shards: the eval view normalised with the cifar presets' mean/std has
     per-channel mean ~0 and std ~1 (CIFAR-10's published statistics), and two-view batches
     come out finite with the right shapes."""
-    recipe = PRESETS["cifar_byol"]
+    recipe = augment_recipe("byol_cifar")
     ev = build_eval_loader(f"{cifar10_dir}#test", image_size=32, batch_size=500, device="cpu",
                            num_workers=1, backend=backend, mean=recipe.view1.mean,
                            std=recipe.view1.std)
@@ -372,13 +372,13 @@ def test_cifar10_views_are_normalised_with_the_dataset_statistics(backend, cifar
 _RESUME_CHILD = """
 import json, sys, torch
 from sslstream.pipelines.views.loader import TwoViewLoader
-from sslstream.pipelines.views.recipes import PRESETS
+from sslstream.orchestration.schema import augment_recipe
 from sslstream.pipelines.shards.stream import ShardStream
 job = json.load(sys.stdin)
 torch.set_num_threads(1)
 out = []
 for state in job["states"]:
-    loader = TwoViewLoader(ShardStream(job["urls"], **job["stream"]), PRESETS["cifar_byol"],
+    loader = TwoViewLoader(ShardStream(job["urls"], **job["stream"]), augment_recipe("byol_cifar"),
                            device="cpu", **job["loader"])
     try:
         loader.load_state_dict(state)

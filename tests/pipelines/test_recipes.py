@@ -1,18 +1,17 @@
-"""Recipes as data: presets vs the yaml group, validation, and the host-drawn parameters
-checked against torchvision's RandomResizedCrop and binomial frequencies."""
+"""Augmentation recipes as data: the recipe files' augment blocks, validation, and the
+host-drawn parameters checked against torchvision's RandomResizedCrop and binomial frequencies."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from sslstream.orchestration.schema import augment_recipe, compose_config
+from sslstream.orchestration.schema.recipes import recipe_names
 from sslstream.pipelines.views.recipes import (
-    PRESETS,
     TwoViewRecipe,
     ViewRecipe,
     batch_rng,
@@ -21,84 +20,70 @@ from sslstream.pipelines.views.recipes import (
 )
 from torchvision.transforms import RandomResizedCrop
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
-EXPECTED = {"byol", "simclr", "mocov2", "vicreg", "cifar_byol", "cifar_simclr", "cifar_mocov2",
-            "cifar_vicreg"}
-
-
-def test_yaml_group_equals_the_presets():
-    files = {p.stem: p for p in (CONF / "augment").glob("*.yaml")}
-    assert set(PRESETS) == EXPECTED and set(files) >= EXPECTED
-    for name in EXPECTED:
-        assert TwoViewRecipe.from_config(OmegaConf.load(files[name])) == PRESETS[name], name
-
-
-# Method-specific files that compose on a preset through Hydra's defaults list (added with the
-# trainer's method -> augment mapping): the values they must resolve to, from their sources.
-DERIVED = {
-    "barlow_twins": ("byol", {}),      # recipe=imagenet: the papers reuse these recipes
-    "simsiam": ("mocov2", {}),
-    "contrastive": ("simclr", {}),
-    "cifar_barlow_twins": ("cifar_byol", {}),
-    "cifar_contrastive": ("cifar_simclr", {}),
-    "cifar_simsiam": ("cifar_simclr", {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4,
-                                       "hue": 0.1}),
+# Recipes that take another method's augmentation (their sources say so): the same views.
+SAME_VIEWS = {
+    "barlow_twins_imagenet": "byol_imagenet",   # the papers reuse these recipes
+    "simsiam_imagenet": "mocov2_imagenet",
+    "contrastive_imagenet": "simclr_imagenet",
+    "barlow_twins_cifar": "byol_cifar",
+    "contrastive_cifar": "simclr_cifar",
 }
 
 
-def test_derived_yaml_presets_compose_to_their_base_with_their_changes():
-    import dataclasses
-
-    files = {p.stem for p in (CONF / "augment").glob("*.yaml")}
-    assert files == EXPECTED | set(DERIVED)
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        for name, (base, changes) in DERIVED.items():
-            cfg = compose(config_name="config", overrides=[f"augment={name}"])
-            got = TwoViewRecipe.from_config(cfg.augment)
-            b = PRESETS[base]
-            want = TwoViewRecipe(view1=dataclasses.replace(b.view1, **changes),
-                                 view2=dataclasses.replace(b.view2, **changes), name=name)
-            assert got == want, name
+def test_every_recipe_file_holds_a_valid_augmentation():
+    for name in recipe_names():
+        r = augment_recipe(name)
+        if name.endswith("_cifar"):
+            assert r.size == 32 and r.view1.blur_p == r.view2.blur_p == 0.0, name
+            assert r.view1.mean == (0.4914, 0.4822, 0.4465), name
+        else:
+            assert r.size == 224 and r.view1.mean == (0.485, 0.456, 0.406), name
 
 
-def test_default_config_composes_to_cifar_byol():
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="config")
-        recipe = TwoViewRecipe.from_config(cfg.augment)
-        over = compose(config_name="config", overrides=["augment=byol", "augment.view2.solarize_p=0.3"])
-    assert recipe == PRESETS["cifar_byol"]
-    assert TwoViewRecipe.from_config(over.augment).view2.solarize_p == 0.3
+def test_recipes_that_borrow_an_augmentation_hold_its_values():
+    for name, base in SAME_VIEWS.items():
+        assert augment_recipe(name).views == augment_recipe(base).views, name
+    # SimSiam's CIFAR views: SimCLR's but weaker jitter (solo-learn symmetric_weak.yaml)
+    a, b = augment_recipe("simsiam_cifar"), augment_recipe("simclr_cifar")
+    weak = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
+    assert a.views == (dataclasses.replace(b.view1, **weak), dataclasses.replace(b.view2, **weak))
+
+
+def test_default_config_composes_to_cifar_byol_and_a_view_key_overrides_one_view():
+    recipe = TwoViewRecipe.from_config(compose_config([]).augment)
+    assert recipe == augment_recipe("byol_cifar") and recipe.name == "cifar_byol"
+    over = compose_config(["recipe=imagenet", "augment.view2.solarize_p=0.3"]).augment
+    assert (over.view1.solarize_p, over.view2.solarize_p) == (0.0, 0.3)  # views stay apart
 
 
 def test_published_values():
-    byol = PRESETS["byol"]
+    byol = augment_recipe("byol_imagenet")
     assert (byol.view1.blur_p, byol.view2.blur_p) == (1.0, 0.1)
     assert (byol.view1.solarize_p, byol.view2.solarize_p) == (0.0, 0.2)
     assert (byol.view1.brightness, byol.view1.contrast, byol.view1.saturation, byol.view1.hue) == \
         (0.4, 0.4, 0.2, 0.1)
     assert byol.size == 224 and byol.view1.crop_scale == (0.08, 1.0)
-    simclr = PRESETS["simclr"]
+    simclr = augment_recipe("simclr_imagenet")
     assert simclr.view1 == simclr.view2 and simclr.view1.brightness == 0.8 and simclr.view1.hue == 0.2
-    assert PRESETS["mocov2"].view1.crop_scale == (0.2, 1.0)
-    for name in EXPECTED:
-        r = PRESETS[name]
-        if name.startswith("cifar"):
-            assert r.size == 32 and r.view1.blur_p == r.view2.blur_p == 0.0, name
-    assert PRESETS["cifar_byol"].view2.solarize_p == 0.2
-    assert PRESETS["cifar_byol"].view1.crop_scale == (0.08, 1.0)
+    assert augment_recipe("mocov2_imagenet").view1.crop_scale == (0.2, 1.0)
+    cifar_byol = augment_recipe("byol_cifar")
+    assert cifar_byol.view2.solarize_p == 0.2 and cifar_byol.view1.crop_scale == (0.08, 1.0)
+    vicreg = augment_recipe("vicreg_cifar")
+    assert vicreg.view1.crop_scale == (0.2, 1.0) and vicreg.view1.solarize_p == vicreg.view2.solarize_p == 0.1
 
 
-def test_preset_key_with_overrides_and_errors_name_the_field():
-    r = TwoViewRecipe.from_config({"preset": "byol", "view2": {"solarize_p": 0.5}})
-    assert r.view2.solarize_p == 0.5 and r.view1 == PRESETS["byol"].view1 and r.name == "byol"
-    with pytest.raises(ValueError, match="solarize_p=1.5"):
-        TwoViewRecipe.from_config({"preset": "byol", "view2": {"solarize_p": 1.5}})
-    with pytest.raises(ValueError, match="solarise_p"):
+def test_errors_name_the_field_in_python_and_from_a_mapping():
+    with pytest.raises(ValueError, match=r"augment\.view2\.solarize_p=1\.5 is not allowed"):
+        TwoViewRecipe.from_config({"view2": {"solarize_p": 1.5}})
+    with pytest.raises(ValueError, match="solarise_p; did you mean augment.view1.solarize_p"):
         TwoViewRecipe.from_config({"view1": {"solarise_p": 0.1}})
-    with pytest.raises(ValueError, match="crop_scale"):
+    with pytest.raises(ValueError, match=r"crop_scale=\[0\.5, 0\.2\] is not allowed: expected 2 "
+                                         r"numbers \(0 < lo <= hi <= 1\)"):
         ViewRecipe(crop_scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="share one output size"):
         TwoViewRecipe(view1=ViewRecipe(size=32), view2=ViewRecipe(size=64))
+    with pytest.raises(ValueError, match=r"std=\[0\.2, 0\.0, 0\.2\] is not allowed"):
+        ViewRecipe(std=(0.2, 0.0, 0.2))
 
 
 def test_crop_fallback_equals_torchvision():
@@ -130,7 +115,7 @@ def test_crop_distribution_matches_torchvision():
 
 
 def test_coin_frequencies_and_factor_ranges():
-    view = PRESETS["byol"].view2
+    view = augment_recipe("byol_imagenet").view2
     hw = np.array([[64, 64]] * 20_000)
     p = sample_view_params(view, hw, batch_rng(0, 0, 0, 0, 1))
     n = len(hw)
@@ -145,7 +130,7 @@ def test_coin_frequencies_and_factor_ranges():
 
 
 def test_parameters_are_a_function_of_their_key():
-    view, hw = PRESETS["cifar_byol"].view1, np.array([[32, 32]] * 64)
+    view, hw = augment_recipe("byol_cifar").view1, np.array([[32, 32]] * 64)
     a = sample_view_params(view, hw, batch_rng(0, 1, 0, 5, 0))
     b = sample_view_params(view, hw, batch_rng(0, 1, 0, 5, 0))
     assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("crop", "flip", "hue"))

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from sslstream.orchestration.schema import augment_recipe
 from sslstream.pipelines.shards.procs import WorkerError
 from sslstream.pipelines.shards.stream import BadDataError, ShardStream
 from sslstream.pipelines.views.loader import TwoViewLoader
-from sslstream.pipelines.views.recipes import PRESETS
 
 from tests.pipelines.augment_helpers import FakeStream, make_samples
 
-RECIPE = PRESETS["cifar_byol"]
+RECIPE = augment_recipe("byol_cifar")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -123,9 +123,9 @@ _CHILD = """
 import sys, time
 from sslstream.pipelines.shards.stream import ShardStream
 from sslstream.pipelines.views.loader import TwoViewLoader
-from sslstream.pipelines.views.recipes import PRESETS
+from sslstream.orchestration.schema import augment_recipe
 stream = ShardStream(sys.argv[1:], num_workers=2, shuffle_buffer=4)
-loader = TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=4, device="cpu",
+loader = TwoViewLoader(stream, augment_recipe("byol_cifar"), batch_size=4, device="cpu",
                        backend="torchvision", workers=3, prefetch=1)
 epoch = 0
 while True:
