@@ -362,8 +362,8 @@ def test_reader_and_lane_processes_read_through_the_cache(remote, proxy, tmp_pat
     """The loader with a reader process and a lane process: the same batches as with no
     processes and no cache; epoch 2 asks the store for nothing; the counters of the cache
     (counted in the lane processes) reach the loader's, which the trainer logs as data/*."""
-    from sslstream.pipelines.views.loader import TwoViewLoader
     from sslstream.orchestration.schema import augment_recipe
+    from sslstream.pipelines.views.loader import TwoViewLoader
 
     url, ss = remote
     kw = {"num_workers": 2, "seed": 2, "shuffle_buffer": 8}
