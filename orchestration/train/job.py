@@ -156,7 +156,9 @@ def open_run_store(cfg: DictConfig, env: D.DistEnv) -> RunStore:
 
 def resume_point(cfg: DictConfig, env: D.DistEnv, store: RunStore) -> ckpt.Checkpoint | None:
     """The checkpoint every rank resumes from (rank 0's newest), checked to come from this
-    run's config and number of ranks (orchestration/train/lineage.py); None: a new run."""
+    run's config (orchestration/train/lineage.py); None: a new run. A resume keeps the
+    checkpoint's global batch: `trainer.batch_size` is set to its share on this number of
+    ranks (a ConfigError when they cannot share it equally)."""
     from sslstream.orchestration.train.lineage import check_resumable
 
     tr = cfg.trainer
@@ -168,7 +170,14 @@ def resume_point(cfg: DictConfig, env: D.DistEnv, store: RunStore) -> ckpt.Check
         return None
     latest = D.agree_on_checkpoint(store, env)
     if latest is not None:
-        check_resumable(latest, cfg, env.world_size, tr.batch_size * env.world_size)
+        batch = check_resumable(latest, cfg, env.world_size)
+        if batch != tr.batch_size:  # the checkpoint's global batch on this number of ranks
+            if env.is_main:
+                log.warning("resuming %s on %d rank(s): trainer.batch_size=%d becomes %d per "
+                            "rank, keeping the run's global batch of %d", latest.url,
+                            env.world_size, tr.batch_size, batch, batch * env.world_size)
+            with open_dict(cfg):
+                cfg.trainer.batch_size = batch
     return latest
 
 

@@ -8,8 +8,11 @@ otherwise it stops before building anything, naming each difference, instead of 
 inside `load_state_dict` or, worse, silently continuing someone else's run.
 
 The stream cursor of every rank is in the checkpoint itself (`loaders`, one per rank), with
-the world size and global batch it was written at. Resuming on another number of ranks is
-refused for now (the cursors are per rank).
+the world size and global batch it was written at. A resume keeps the global batch: on
+another number of ranks the per-rank batch is the global batch divided by the new number
+of ranks (orchestration/train/elastic.py continues the epoch from every old rank's cursor),
+and a global batch that the new number of ranks does not divide is refused with the
+choices named.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import json
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from sslstream.orchestration.errors import UserError
+from sslstream.orchestration.errors import ConfigError, UserError
 from sslstream.orchestration.runtime.checkpoint import Checkpoint
 
-__all__ = ["checkpoint_meta", "check_resumable", "identity"]
+__all__ = ["checkpoint_meta", "check_resumable", "identity", "resume_batch"]
 
 ALWAYS = ("run_name", "method.name", "backbone.name", "optim.name")
 
@@ -41,9 +44,9 @@ def checkpoint_meta(cfg: DictConfig, world_size: int, global_batch: int) -> dict
             "global_batch": int(global_batch), "identity": identity(cfg)}
 
 
-def check_resumable(ckpt: Checkpoint, cfg: DictConfig, world_size: int,
-                    global_batch: int) -> None:
-    """Raise UserError naming what differs between `ckpt`'s writer and this run.
+def check_resumable(ckpt: Checkpoint, cfg: DictConfig, world_size: int) -> int:
+    """Raise UserError naming what differs between `ckpt`'s writer and this run; return the
+    per-rank batch this run resumes with on `world_size` ranks (`resume_batch`).
 
     Keys in `ALWAYS` are compared always; other keys only when both sides have them, so a
     key that a newer sslstream added does not orphan an older run's checkpoints.
@@ -61,13 +64,27 @@ def check_resumable(ckpt: Checkpoint, cfg: DictConfig, world_size: int,
             f"checkpoint {ckpt.url} was written by another run or config: "
             f"{'; '.join(diffs[:5])}{more}. Resume it with the config it was written with, "
             "or start a new run (another run_name or trainer.output_dir)")
+    return resume_batch(ckpt.url, manifest, int(cfg.trainer.batch_size), world_size)
+
+
+def resume_batch(url: str, manifest: dict[str, Any], batch_size: int, world_size: int) -> int:
+    """The per-rank batch of a resume on `world_size` ranks: the checkpoint's global batch
+    divided among them (`batch_size`, this config's, when the manifest has none). A global
+    batch that `world_size` does not divide is a ConfigError listing the choices."""
     w, g = manifest.get("world_size"), manifest.get("global_batch")
-    if w is not None and int(w) != int(world_size):
-        raise UserError(
-            f"checkpoint {ckpt.url} was written by {w} rank(s) (global batch {g}); this run "
-            f"has {world_size} rank(s) (global batch {global_batch}). Resuming on another "
-            f"number of ranks is not supported yet: resume it on {w} rank(s), or start a new "
-            "run (another run_name or trainer.output_dir)")
+    if w is None or g is None:  # written before manifests carried them: the same ranks
+        return batch_size
+    w, g = int(w), int(g)
+    if g % world_size:
+        fits = [n for n in range(1, g + 1) if g % n == 0]
+        near = sorted(fits, key=lambda n: (abs(n - world_size), n))[:4]
+        raise ConfigError(
+            f"checkpoint {url} was written by {w} rank(s) with a global batch of {g}; "
+            f"{world_size} rank(s) cannot share it equally. Resume it on a number of ranks "
+            f"that divides {g} (e.g. {', '.join(map(str, sorted(near)))}), or start a new run "
+            "(another run_name or trainer.output_dir) with the trainer.batch_size you want "
+            "per rank", "trainer.batch_size")
+    return g // world_size
 
 
 def _flatten(obj: Any, prefix: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from sslstream.orchestration.runtime import checkpoint as ckpt
 from sslstream.orchestration.runtime import distributed as D
 from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
 from sslstream.orchestration.runtime.runstore import RunStore
+from sslstream.orchestration.train.elastic import continued_loader_state, restore_rng
 from sslstream.orchestration.train.job import Job, build_job, describe
 from sslstream.orchestration.train.monitor import Monitor
 from sslstream.orchestration.train.report import end_of_run_lines, eval_data_overrides
@@ -191,21 +192,36 @@ def _newest(cfg: DictConfig) -> ckpt.Checkpoint | None:
 
 def _resume(job: Job, latest: ckpt.Checkpoint, s: _State) -> None:
     """Load every state of `latest` (weights, optimizer, schedules, scaler, RNGs, cursor).
-    build_job checked that it was written by this run, on this number of ranks."""
+    build_job checked that it was written by this run and set the per-rank batch to keep
+    its global batch. On another number of ranks every rank continues the interrupted
+    epoch from all the old ranks' cursors (orchestration/train/elastic.py)."""
     env = job.env
     state = ckpt.load_checkpoint(latest)  # CPU; load_state_dict moves to the device
     if int(state["total_steps"]) != job.total_steps and env.is_main:
         log.warning("resuming %s: total steps change from %s to %s (epochs/max_steps/"
-                    "batch size changed)", latest, state["total_steps"], job.total_steps)
+                    "number of ranks changed)", latest, state["total_steps"], job.total_steps)
     job.method.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     job.scaler.load_state_dict(state["scaler"])
     s.step, s.epoch, s.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
     s.run_id = state.get("run_id")
-    ckpt.set_rng_state(state["rng"][env.rank])
-    if s.epoch_step:  # every rank's own cursor
-        job.loader.load_state_dict(state["loaders"][env.rank])
+    loaders = state["loaders"]
+    if len(loaders) == env.world_size:  # the same ranks: every rank's own cursor
+        ckpt.set_rng_state(state["rng"][env.rank])
+        if s.epoch_step:
+            job.loader.load_state_dict(loaders[env.rank])
+    else:
+        restore_rng(state["rng"], env.rank, int(job.cfg.seed), s.step)
+        if s.epoch_step >= job.steps_per_epoch:  # less than a global batch was left
+            s.epoch, s.epoch_step = s.epoch + 1, 0
+        elif s.epoch_step:
+            job.loader.load_state_dict(
+                continued_loader_state(loaders, s.epoch_step, job.loader.batch_size))
+        if env.is_main:
+            print(f"continuing epoch {s.epoch} of {job.cfg.run_name} on {env.world_size} "
+                  f"rank(s) (written by {len(loaders)}), global batch {job.global_batch}",
+                  flush=True)
     s.saved_step = s.step
     if env.is_main:
         print(f"resuming {job.cfg.run_name} from {latest} (step {s.step}/{job.total_steps})", flush=True)
