@@ -41,6 +41,7 @@ class EmbedSettings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> EmbedSettings:
         """From the checked config (orchestration/schema/embed.py holds the keys' ranges)."""
+        from sslstream.pipelines.shards.mix import flat_urls
         from sslstream.pipelines.shards.stream import sample_options
 
         data, emb = cfg.data, cfg.embed
@@ -50,8 +51,7 @@ class EmbedSettings:
             raise ConfigError("embed.source is not set and neither is data.train: name the "
                               "shards to embed (embed.source=<folder, pattern or manifest>)",
                               "embed.source")
-        if not isinstance(source, str):
-            source = [str(s) for s in source]
+        source = flat_urls(source)  # a weighted mix of data.train: every shard once
         return cls(
             source=source,
             from_train=from_train,

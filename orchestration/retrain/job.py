@@ -56,7 +56,13 @@ from sslstream.orchestration.retrain.lease import Lease, LeaseHeld
 from sslstream.orchestration.retrain.runkey import config_hash, run_key
 from sslstream.orchestration.retrain.stores import LeaseStoreError, open_store
 from sslstream.orchestration.schema.retrain import lease_url_ok
-from sslstream.pipelines.shards.snapshot import Snapshot, source_base, take_snapshot
+from sslstream.pipelines.shards.mix import flat_urls
+from sslstream.pipelines.shards.snapshot import (
+    Snapshot,
+    pin_sources,
+    source_base,
+    take_snapshot,
+)
 
 log = logging.getLogger("sslstream.retrain")
 
@@ -103,7 +109,7 @@ class RetrainSettings:
         source = r.source if r.source is not None else cfg.data.train
         if not source:
             raise ValueError("retrain.source (or data.train) must name the shards to watch")
-        source = source if isinstance(source, str) else [str(s) for s in source]
+        source = flat_urls(source)  # a weighted mix: every source's shards
         so = dict(r.storage_options if r.storage_options is not None else cfg.data.storage_options)
         ttl = lock.ttl_s
         hb = lock.heartbeat_s if lock.heartbeat_s is not None else ttl / 3.0
@@ -186,8 +192,11 @@ def _train_config(cfg: DictConfig, key: str, snap: Snapshot, warm_from: str | No
     tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(tcfg):
         bank_is_train = tcfg.data.bank == tcfg.data.train
+        watches_train = tcfg.retrain.source in (None, tcfg.data.train)
         tcfg.run_name = key
-        tcfg.data.train = snap.urls
+        # a weighted mix of data.train keeps its sources and weights, each on its snapshot
+        tcfg.data.train = (pin_sources(tcfg.data.train, snap, dict(tcfg.data.storage_options))
+                           if watches_train else snap.urls)
         if bank_is_train:
             tcfg.data.bank = snap.urls
         tcfg.data.generate = False

@@ -10,15 +10,54 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
-from sslstream.conf.typed import Check, Ge, Interval, MinLen, Typed
+from sslstream.conf.typed import Check, ConfigValueError, Ge, Gt, Interval, MinLen, Typed
 from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS
 
-__all__ = ["DataConfig", "label_key_ok"]
+__all__ = ["DataConfig", "SourceConfig", "Sources", "label_key_ok"]
 
 NonEmpty = Annotated[str, MinLen(1)]
 # a shard folder / prefix, a manifest URL (URL#split), a brace pattern, or a list of them
 Spec = NonEmpty | Annotated[list[NonEmpty], MinLen(1)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig(Typed):
+    """One source of a weighted mix in ``data.train`` (pipelines/shards/mix.py): its shards
+    and how much of them every epoch takes: at most one of weight, samples, repeat (none:
+    one pass). Either every source has a weight or none has."""
+
+    config_key: ClassVar[str] = "data.train[]"
+    url: Spec                            # the source's shards, as a plain data.train
+    weight: Annotated[float, Gt(0)] | None = None  # share of every epoch's samples, relative to the others'
+    samples: Annotated[int, Ge(1)] | None = None   # this many samples of the source every epoch
+    repeat: Annotated[float, Ge(0)] | None = None  # passes over the source every epoch (0.5: half of it)
+
+
+# plain shards (read once each, concatenated), or a list of sources (a weighted mix)
+Sources = NonEmpty | Annotated[list[NonEmpty | SourceConfig], MinLen(1)]
+WEIGHT_KEYS = ("weight", "samples", "repeat")
+
+
+def check_sources(value: Any, key: str) -> None:
+    """The rules between a mix's entries (one of weight / samples / repeat per source;
+    weights on every source or on none), as ConfigValueErrors naming ``key[i].<field>``."""
+    if isinstance(value, str) or not any(isinstance(v, SourceConfig) for v in value):
+        return
+    for i, src in enumerate(value):
+        if isinstance(src, SourceConfig):
+            given = [k for k in WEIGHT_KEYS if getattr(src, k) is not None]
+            if len(given) > 1:
+                raise ConfigValueError(
+                    f"{key}[{i}] sets {' and '.join(given)}: a source takes one of weight "
+                    "(its share of the epoch), samples or repeat", f"{key}[{i}].{given[1]}")
+    weighted = [isinstance(v, SourceConfig) and v.weight is not None for v in value]
+    if any(weighted) and not all(weighted):
+        i = weighted.index(False)
+        raise ConfigValueError(
+            f"{key}[{i}] has no weight while other sources of {key} do: give every source a "
+            "weight (shares of each epoch), or none (samples / repeat / one pass each)",
+            f"{key}[{i}].weight")
 _LABEL_KEY = re.compile(r"^(cls|txt|none|auto|json|json:\S+)$")
 
 
@@ -34,9 +73,12 @@ class DataConfig(Typed):
     config_key: ClassVar[str] = "data"
     name: NonEmpty                       # the preset's name (run_name and tags use it)
     root: NonEmpty | None = None         # the preset's folder (train/test are under it)
-    train: Spec                          # the shards to train on
+    # the shards to train on; or a list of sources {url, weight | samples | repeat}: a
+    # weighted mix (docs/data.md "Weighted mixes of sources")
+    train: Sources
     test: Spec | None = None             # labelled split for kNN queries / linear-probe test
-    bank: Spec | None = "${.train}"      # labelled split of the kNN memory bank / probe train set
+    # labelled split of the kNN memory bank / probe train set (a mix: every shard once)
+    bank: Sources | None = "${.train}"
     generate: bool = False               # create the synthetic shards under root if missing
     generate_train_samples: Annotated[int, Ge(1)] = 2560
     generate_test_samples: Annotated[int, Ge(1)] = 512
@@ -62,3 +104,7 @@ class DataConfig(Typed):
     # bytes the cache may hold (least recently used evicted); null: no limit but the disk;
     # at least the largest shard (checked against the manifests before training)
     cache_limit: Annotated[int, Ge(1)] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sources(self.train, "data.train")

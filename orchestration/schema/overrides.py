@@ -40,15 +40,32 @@ def quote_brace_patterns(overrides: Sequence[str]) -> list[str]:
     """``data.train=s3://b/train-{000000..000127}.tar`` -> ``data.train='s3://b/...'``.
 
     Hydra's override grammar reserves ``{``, so a WebDataset brace pattern would need quoting
-    inside shell quoting; values holding a ``{a..b}`` range are quoted here instead.
+    inside shell quoting; values holding a ``{a..b}`` range are quoted here instead. In a
+    list or mapping value (``data.train=[{url: s3://a/x-{0..9}.tar, weight: 3}, ...]``)
+    each unquoted pattern is quoted where it stands.
     """
     out = []
     for o in overrides:
         key, eq, value = o.partition("=")
         if eq and _BRACE.search(value) and not value.startswith(("'", '"')):
-            o = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+            if value.startswith(("[", "{")):
+                o = f"{key}={_quote_words(value)}"
+            else:
+                o = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
         out.append(o)
     return out
+
+
+_QUOTED = re.compile(r"""('[^']*'|"[^"]*")""")
+_PATTERN_WORD = re.compile(r"""[^\s,\[\]'"{}]*\{[^{}$\s]*\.\.[^{}$\s]*\}[^\s,\[\]'"{}]*""")
+
+
+def _quote_words(value: str) -> str:
+    """The brace-pattern words of a structured value, quoted (quoted parts kept as they are)."""
+    parts = _QUOTED.split(value)
+    for i in range(0, len(parts), 2):  # the parts outside quotes
+        parts[i] = _PATTERN_WORD.sub(lambda m: f"'{m.group(0)}'", parts[i])
+    return "".join(parts)
 
 
 def parse(overrides: Sequence[str], *, sweeps: bool = False) -> list[Override]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Literal
 
 from sslstream.conf.typed import Check, Ge, Gt, MinLen, Typed
+from sslstream.orchestration.schema.data import Sources
 
 __all__ = ["LEASE_SCHEMES", "LockConfig", "RetrainConfig", "lease_url_ok"]
 
@@ -56,7 +57,8 @@ class RetrainConfig(Typed):
     config_key: ClassVar[str] = "retrain"
     enabled: bool = True                 # false: exit 0 at once (pause without touching the scheduler)
     # the shards to watch: folder / prefix, manifest URL or brace pattern, on any fsspec store
-    source: NonEmpty | Annotated[list[NonEmpty], MinLen(1)] | None = "${data.train}"
+    # (a weighted mix of data.train: every source's shards; a change in any one is new data)
+    source: Sources | None = "${data.train}"
     storage_options: dict | None = None  # fsspec options for source and lease (null: data.storage_options)
     init: Literal["scratch", "champion"] = "scratch"  # champion: warm start from the champion's encoder
     nproc_per_node: Annotated[int, Ge(1)] = 1  # >1: train under torchrun (child of this process, one node)

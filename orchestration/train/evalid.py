@@ -53,8 +53,9 @@ def _split_id(spec: Any, storage_options: dict) -> str:
     """Content id of a split (16 hex); the spec's own hash when it cannot be listed."""
     if not spec:
         return "none"
-    if not isinstance(spec, str):
-        spec = [str(s) for s in spec]
+    from sslstream.pipelines.shards.mix import flat_urls
+
+    spec = flat_urls(spec)  # a weighted mix: its shards
     try:
         from sslstream.pipelines.shards.snapshot import take_snapshot
 

@@ -29,6 +29,7 @@ from sslstream.orchestration.train.step import autocast_dtype, wrap_model
 if TYPE_CHECKING:
     from sslstream.models.methods import Method
     from sslstream.models.optim import WarmupCosine
+    from sslstream.pipelines.shards.stream import ShardStream
     from sslstream.pipelines.views.loader import TwoViewLoader
 
 log = logging.getLogger("sslstream.train")
@@ -44,6 +45,7 @@ class Job:
     method: Method
     model: torch.nn.Module  # what the step calls: the method, or DDP around it
     loader: TwoViewLoader
+    stream: ShardStream  # the loader's stream (its mix's per-source counts are logged)
     optimizer: torch.optim.Optimizer
     scheduler: WarmupCosine
     scaler: torch.amp.GradScaler
@@ -94,7 +96,8 @@ def build_job(cfg: DictConfig) -> Job:
     method = build_method_warm(cfg, warm, D.process_group()).to(env.device)
     if _channels_last(cfg, env.device):
         method = method.to(memory_format=torch.channels_last)
-    loader = build_loader(cfg, env, res)
+    stream = build_stream(cfg, env)
+    loader = build_loader(cfg, env, res, stream)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -111,8 +114,8 @@ def build_job(cfg: DictConfig) -> Job:
     scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps)
     amp = autocast_dtype(tr.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
-    return Job(cfg, env, store, method, model, loader, optimizer, scheduler, scaler, amp,
-               steps_per_epoch, total_steps, global_batch, res, latest)
+    return Job(cfg, env, store, method, model, loader, stream, optimizer, scheduler, scaler,
+               amp, steps_per_epoch, total_steps, global_batch, res, latest)
 
 
 def checkpoint_writer(store: RunStore, env: D.DistEnv) -> bool:
@@ -250,15 +253,13 @@ def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" if v == "auto" else bool(v)
 
 
-def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) -> TwoViewLoader:
+def build_stream(cfg: DictConfig, env: D.DistEnv) -> ShardStream:
+    """This rank's stream of `data.train` (a weighted mix of sources or plain shards)."""
     from sslstream.pipelines.shards.cache import cache_options
     from sslstream.pipelines.shards.stream import ShardStream, sample_options
-    from sslstream.pipelines.views.loader import TwoViewLoader
-    from sslstream.pipelines.views.recipes import TwoViewRecipe
 
-    data, tr = cfg.data, cfg.trainer
-    res = res or job_resources(cfg, env.device)
-    stream = ShardStream(
+    data = cfg.data
+    return ShardStream(
         data.train,
         rank=env.rank,
         world_size=env.world_size,
@@ -274,6 +275,16 @@ def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None) 
         **sample_options(data),
         **cache_options(data),
     )
+
+
+def build_loader(cfg: DictConfig, env: D.DistEnv, res: Resources | None = None,
+                 stream: ShardStream | None = None) -> TwoViewLoader:
+    from sslstream.pipelines.views.loader import TwoViewLoader
+    from sslstream.pipelines.views.recipes import TwoViewRecipe
+
+    tr = cfg.trainer
+    res = res or job_resources(cfg, env.device)
+    stream = stream if stream is not None else build_stream(cfg, env)
     return TwoViewLoader(
         stream,
         TwoViewRecipe.from_config(cfg.augment),
@@ -329,6 +340,7 @@ def check_eval_splits(cfg: DictConfig) -> None:
     bank_is_train = cfg.data.bank == cfg.data.train
     import braceexpand
     from sslstream.pipelines.shards.labels import require_labels
+    from sslstream.pipelines.shards.masking import mask
     from sslstream.pipelines.shards.storage import ShardNotFound, get_fs
 
     opts = dict(cfg.data.storage_options)
@@ -341,28 +353,49 @@ def check_eval_splits(cfg: DictConfig) -> None:
                 "without evaluation: the encoder is registered unevaluated, never promoted; "
                 "docs/data.md, docs/retrain.md)", f"data.{key}"
             )
-        specs = [str(x) for x in spec] if not isinstance(spec, str) else [spec]
-        urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
-        for url in dict.fromkeys((urls[0], urls[-1])):  # first shard first (a set has no order)
-            try:
-                fs, path = get_fs(url, opts)
-                found = fs.exists(path)
-                images = found and fs.isdir(path) and _holds_only_images(fs, path)
-            except Exception:  # the stream reports store errors (with retries) itself
-                continue
-            if images:
-                raise UserError(
-                    f"data.{key}={spec}: {url} is a folder of images, not WebDataset shards; "
-                    f"make shards from it with `sslstream shards make {url} <out>` and set "
-                    f"data.{key}=<out> (docs/data.md)")
-            if not found:
-                raise ShardNotFound(f"data.{key}={spec}: {url} does not exist"
-                                    f"{_root_hint(cfg, url)}", url)
+        groups = sources_of(spec, f"data.{key}")  # one per source of a weighted mix
+        for name, specs in groups:
+            shown = specs[0] if len(specs) == 1 else specs
+            urls = [u for sp in specs for u in braceexpand.braceexpand(sp.split("#", 1)[0])]
+            for url in dict.fromkeys((urls[0], urls[-1])):  # first shard first
+                try:
+                    fs, path = get_fs(url, opts)
+                    found = fs.exists(path)
+                    images = found and fs.isdir(path) and _holds_only_images(fs, path)
+                except Exception:  # the stream reports store errors (with retries) itself
+                    continue
+                if images:
+                    raise UserError(
+                        f"{name}={mask(shown)}: {mask(url)} is a folder of images, not "
+                        f"WebDataset shards; make shards from it with `sslstream shards make "
+                        f"{mask(url)} <out>` and set {name}=<out> (docs/data.md)")
+                if not found:
+                    raise ShardNotFound(f"{name}={mask(shown)}: {mask(url)} does not exist"
+                                        f"{_root_hint(cfg, url)}", mask(url))
+        specs = [sp for _, group in groups for sp in group]
         if key != "train" or (evaluating and bank_is_train):  # unlabelled training is fine
             name = f"data.{key}" if key != "train" else "data.bank"  # the bank defaults to train
             require_labels(name, specs[0] if len(specs) == 1 else specs,
                            cfg.data.label_key, storage_options=opts,
                            max_member_bytes=cfg.data.max_member_bytes)
+
+
+def sources_of(spec: Any, key: str) -> list[tuple[str, list[str]]]:
+    """(the key a user would name, its shard specs) for each source of a split: one for a
+    plain spec, one per source of a weighted mix (`data.train[i]`)."""
+    from sslstream.pipelines.shards.mix import flat_urls
+    from sslstream.pipelines.shards.storage import plain
+
+    value = plain(spec)
+    if isinstance(value, str):
+        return [(key, [value])]
+    if not any(isinstance(v, dict) for v in value):
+        return [(key, [str(v) for v in value])]
+    out = []
+    for i, v in enumerate(value):
+        urls = flat_urls([v])
+        out.append((f"{key}[{i}]", [urls] if isinstance(urls, str) else urls))
+    return out
 
 
 def evaluated_splits(cfg: DictConfig) -> list[str]:
@@ -388,8 +421,7 @@ def check_cache_limit(cfg: DictConfig) -> None:
         return
     opts = dict(data.storage_options)
     for key in evaluated_splits(cfg):
-        spec = data[key]
-        specs = [str(x) for x in spec] if spec and not isinstance(spec, str) else [str(spec or "")]
+        specs = [sp for _, group in sources_of(data[key] or "", f"data.{key}") for sp in group]
         if not any(is_remote(s) for s in specs if s):
             continue
         refs, _ = resolve_shards(specs, opts)

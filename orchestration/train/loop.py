@@ -41,6 +41,7 @@ from sslstream.orchestration.train.report import end_of_run_lines, eval_data_ove
 from sslstream.orchestration.train.result import TrainResult
 from sslstream.orchestration.train.runlog import REGISTERED_MARKER, RunLog
 from sslstream.orchestration.train.step import NonFiniteLossError, check_every, train_step
+from sslstream.pipelines.shards.masking import mask
 
 if TYPE_CHECKING:
     from sslstream.pipelines.views.loader import TwoViewLoader
@@ -324,6 +325,7 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
     while s.step < job.total_steps:
         if s.epoch_step == 0:
             loader.set_epoch(s.epoch)
+            _log_sources(job, s, runlog)
         job.method.train()
         s.phase, s.consistent = "training", False
         with interrupts.deferred():  # a signal stops the run at the next step boundary
@@ -387,6 +389,21 @@ def _epoch(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, loader: Two
             f"epoch {s.epoch}; every rank must take the same number of steps"
         )
     return EpochEnd.EPOCH_DONE
+
+
+def _log_sources(job: Job, s: _State, runlog: RunLog) -> None:
+    """A weighted mix's samples per source this epoch: to the log and to MLflow as
+    `data/source/<i>/samples` (rank 0; the counts are the same on every rank)."""
+    mix = job.stream.mix
+    if mix is None or not job.env.is_main:
+        return
+    counts = job.stream.source_counts(s.epoch)
+    total = max(1, sum(counts))
+    log.info("epoch %d takes %s", s.epoch, "; ".join(
+        f"source {i} ({mask(src.label)}): {n} samples ({n / total:.1%})"
+        for i, (src, n) in enumerate(zip(mix.sources, counts, strict=True))))
+    runlog.log_metrics({f"data/source/{i}/samples": float(n) for i, n in enumerate(counts)},
+                       s.step)
 
 
 def _final_eval_and_register(job: Job, s: _State, runlog: RunLog, result: TrainResult) -> None:

@@ -29,6 +29,7 @@ shards (tests/pipelines/test_mix.py measures it).
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -171,6 +172,26 @@ class Mix:
             out.extend(_take(counts, a, b, want, mix_seed(seed, epoch, i, 0x50C)))
         order = shard_order(len(out), seed, epoch, shuffle)
         return [out[j] for j in order]
+
+
+    def source_of(self, shard: int) -> int:
+        """The source that shard number `shard` belongs to."""
+        return bisect.bisect_right([a for a, _ in self.spans], shard) - 1
+
+    def realised(self, pieces: Sequence[Segment], positions: int) -> list[int]:
+        """Samples of each source among the first `positions` positions of the epoch's
+        global order `pieces` (past its end the order wraps around: exact_epoch's padding;
+        fewer positions: the tail dropped without it)."""
+        out = [0] * len(self.sources)
+        total = sum(len(p) for p in pieces)
+        if total == 0:
+            return out
+        passes, rest = divmod(positions, total)
+        for p in pieces:
+            n = len(p)
+            out[self.source_of(p.shard)] += passes * n + min(n, max(0, rest))
+            rest -= n
+        return out
 
 
 def _apportion(total: int, weights: Sequence[float]) -> list[int]:

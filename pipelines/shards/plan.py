@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 __all__ = ["Segment", "layout", "mix_seed", "partition_bounds", "partition_segments",
            "per_rank", "picked", "pieces_of", "rank_segments", "shard_order",
-           "spread_shards"]
+           "spread_shards", "window"]
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,12 @@ def rank_segments(
 def layout(pieces: Sequence[Segment], rank: int, length: int) -> list[Segment]:
     """Positions [rank*length, (rank+1)*length) of `pieces` laid end to end, as segments in
     reading order; positions past the end wrap around to the start (padded=True)."""
+    return window(pieces, rank * length, (rank + 1) * length)
+
+
+def window(pieces: Sequence[Segment], lo: int, hi: int) -> list[Segment]:
+    """Positions [lo, hi) of `pieces` laid end to end (past the end: wrapped, padded)."""
     total = sum(len(p) for p in pieces)
-    lo, hi = rank * length, (rank + 1) * length
     if hi > lo and total == 0:
         raise ValueError("no samples to lay out")
     # Cumulative start of each piece in the global order.

@@ -27,7 +27,8 @@ from typing import Any
 
 from sslstream.pipelines.shards.errors import DataError
 from sslstream.pipelines.shards.manifest import SHARD_SUFFIXES, ShardRef, resolve_shards
-from sslstream.pipelines.shards.storage import get_fs, open_reader, with_retries
+from sslstream.pipelines.shards.mix import flat_urls, parse_sources
+from sslstream.pipelines.shards.storage import get_fs, open_reader, plain, with_retries
 
 SNAPSHOT_VERSION = 1
 
@@ -163,10 +164,10 @@ def _sha256_of(url: str, storage_options: dict | None) -> str:
     return h.hexdigest()
 
 
-def take_snapshot(source: str | Sequence[str], storage_options: dict | None = None) -> Snapshot:
-    """List and fingerprint the shards of `source`. Storage errors propagate (they name the URL)."""
-    if not isinstance(source, str):
-        source = [str(s) for s in source]
+def take_snapshot(source: str | Sequence[Any], storage_options: dict | None = None) -> Snapshot:
+    """List and fingerprint the shards of `source` (of every source of a weighted mix: a
+    change in any one of them changes the id). Storage errors propagate (they name the URL)."""
+    source = flat_urls(source)
     refs, _ = resolve_shards(source, storage_options)
     infos = _listing_infos(refs, storage_options)
     base = source_base(source)
@@ -192,10 +193,30 @@ def take_snapshot(source: str | Sequence[str], storage_options: dict | None = No
                     tuple(r.url for r in refs if not r.listed))
 
 
-def data_tags(train: str | Sequence[str], storage_options: dict | None = None
+def pin_sources(spec: str | Sequence[Any], snap: Snapshot,
+                storage_options: dict | None = None) -> str | list[Any]:
+    """`spec` (a `data.train` value) read exactly at `snap`: a plain spec becomes the
+    snapshot's shard URLs; a weighted mix keeps its sources and their weights, each source's
+    `url` becoming its shards that the snapshot holds (in the source's own order)."""
+    sources = parse_sources(plain(spec)) if not isinstance(spec, str) else None
+    if sources is None:
+        return snap.urls
+    taken = set(snap.urls)
+    out: list[Any] = []
+    for i, (src, item) in enumerate(zip(sources, plain(spec), strict=True)):
+        refs, _ = resolve_shards(src.urls, storage_options)
+        urls = [r.url for r in refs if r.url in taken]
+        if not urls:
+            raise DataError(f"source {i} of the mix ({src.label}) has no shard in the snapshot "
+                            f"{snap.id[:12]}: it changed while being read; run again")
+        entry = dict(item) if isinstance(item, Mapping) else {}
+        out.append({**entry, "url": urls})
+    return out
+
+
+def data_tags(train: str | Sequence[Any], storage_options: dict | None = None
               ) -> dict[str, str]:
     """Registry tags naming the training data: ``data_manifest_hash`` = ``sha256:<snapshot id>``
     (same bytes under the same names -> same hash, on any machine) and ``data_shards``."""
-    snap = take_snapshot(train if isinstance(train, str) else [str(t) for t in train],
-                         storage_options)
+    snap = take_snapshot(train, storage_options)
     return {"data_manifest_hash": f"sha256:{snap.id}", "data_shards": str(len(snap.shards))}

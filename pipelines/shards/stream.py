@@ -51,6 +51,7 @@ from sslstream.pipelines.shards.plan import (
     per_rank,
     pieces_of,
     shard_order,
+    window,
 )
 from sslstream.pipelines.shards.reader import (
     Bad,
@@ -68,7 +69,7 @@ from sslstream.pipelines.shards.sample import (
     Sample,
     sample_options,
 )
-from sslstream.pipelines.shards.storage import plain
+from sslstream.pipelines.shards.storage import StorageError, plain
 from sslstream.pipelines.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 from sslstream.pipelines.shards.validate import DEFAULT_MAX_PIXELS, VALIDATE_MODES
 
@@ -170,8 +171,10 @@ class ShardStream:
         for i, src in enumerate(sources):
             try:
                 got, c = resolve_shards(src.urls, self.storage_options)
+            except StorageError as e:  # missing, refused, unreachable: named with its source
+                raise type(e)(f"source {i} of the mix ({mask(src.label)}): {e}", e.url) from None
             except DataError as e:
-                raise type(e)(f"source {i} of the mix ({src.label}): {e}", *e.args[1:]) from None
+                raise type(e)(f"source {i} of the mix ({mask(src.label)}): {e}", *e.args[1:]) from None
             spans.append((len(refs), len(refs) + len(got)))
             refs.extend(got)
             classes = classes or c
@@ -215,7 +218,7 @@ class ShardStream:
             if self.mix is not None:
                 for i, n in enumerate(self.mix.sizes(self._counts)):
                     if n == 0:
-                        raise DataError(f"source {i} of the mix ({self.mix.sources[i].label}) "
+                        raise DataError(f"source {i} of the mix ({mask(self.mix.sources[i].label)}) "
                                         "holds no samples")
         return self._counts
 
@@ -234,6 +237,14 @@ class ShardStream:
     def source_quotas(self) -> list[int]:
         """Samples each source gives every epoch (one entry, the data set, without a mix)."""
         return self.mix.quotas(self.shard_counts) if self.mix is not None else [self.num_samples]
+
+    def source_counts(self, epoch: int) -> list[int]:
+        """Samples each source gives `epoch` over all ranks (padding and a dropped tail
+        included; one entry without a mix): what the trainer logs per epoch."""
+        positions = self.world_size * self._length(self.world_size)
+        if self.mix is None:
+            return [positions]
+        return self.mix.realised(self.pieces(epoch), positions)
 
     def __len__(self) -> int:
         if self.partition:
@@ -447,7 +458,12 @@ class ShardStream:
             shuffled = self.shuffle and buffer > 1
             seed = mix_seed(self.seed, epoch, r, 0xB0FF) if shuffled else None
             olds.append(OldRank(segs, length, int(c["position"]) - base, log, lanes, buffer, seed))
-        pieces = tuple(remainder(olds))
+        # the epoch's tail that no old rank's slice held (exact_epoch=false drops fewer
+        # than `world` samples): it was never read, so it is part of what is left
+        laid_out = tuple(before.pieces) if before is not None else tuple(self.pieces(epoch))
+        held, whole = world * olds[0].length, sum(len(p) for p in laid_out)
+        tail = window(laid_out, held, whole) if held < whole else []
+        pieces = tuple(remainder(olds)) + tuple(tail)
         left = sum(len(p) for p in pieces)
         token = hashlib.sha256(json.dumps(origin, sort_keys=True).encode()).hexdigest()
         rs = Reshard(epoch, int(origin["base"]), pieces, origin, left, token)
