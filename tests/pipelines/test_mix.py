@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+from pathlib import Path
 
 import pytest
 from sslstream.pipelines.shards import elastic
@@ -162,3 +163,27 @@ def test_a_source_with_no_samples_or_no_shards_is_named(shard_factory, tmp_path)
         ShardStream(secret, storage_options={"client_kwargs": {
             "endpoint_url": "http://127.0.0.1:9"}, "config_kwargs": {"retries": {"max_attempts": 1}}})
     assert "topsecret" not in str(e.value)
+
+
+def test_a_snapshot_covers_every_source_and_pins_each_one(shard_factory) -> None:
+    """`retrain` watches every source of a mix: a shard changed in the second source is new
+    data; the training config keeps the sources and weights, each on its snapshot."""
+    import hashlib
+
+    from sslstream.pipelines.shards.snapshot import pin_sources, take_snapshot
+
+    a, b = _two_sources(shard_factory, a=(4, 4), b=(3, 3))
+    spec = [{"url": str(a.root), "weight": 3}, {"url": str(b.root), "weight": 1}]
+    snap = take_snapshot(spec)
+    assert len(snap.shards) == 4
+    pinned = pin_sources(spec, snap)
+    assert pinned == [{"url": a.urls, "weight": 3}, {"url": b.urls, "weight": 1}]
+    # rewrite one shard of source b (and its manifest entry): new data
+    doc = json.loads(b.manifest.read_text())
+    data = Path(a.urls[0]).read_bytes()
+    Path(b.urls[1]).write_bytes(data)
+    doc["shards"][1].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    b.manifest.write_text(json.dumps(doc))
+    again = take_snapshot(spec)
+    assert again.id != snap.id
+    assert [s.url for s in again.new_since(snap.fingerprints())] == [b.urls[1]]
