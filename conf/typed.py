@@ -310,8 +310,8 @@ def build(cls: type, data: Mapping[str, Any] | None, key: str = "", *,
             continue
         values[f.name] = check_value(value, field_hint(cls, f.name), sub)
     if allow_missing:
-        return _with_tag(cls, {k: (to_container(v) if dataclasses.is_dataclass(v) else v)
-                               for k, v in values.items()})
+        # nested dataclasses (also inside lists: data.train's sources) as plain containers
+        return _with_tag(cls, {k: _plain(v) for k, v in values.items()})
     return cls(**values)
 
 

@@ -49,15 +49,16 @@ def check_sources(value: Any, key: str) -> None:
             given = [k for k in WEIGHT_KEYS if getattr(src, k) is not None]
             if len(given) > 1:
                 raise ConfigValueError(
-                    f"{key}[{i}] sets {' and '.join(given)}: a source takes one of weight "
-                    "(its share of the epoch), samples or repeat", f"{key}[{i}].{given[1]}")
+                    f"{key}[{i}].{given[1]}: {key}[{i}] sets {' and '.join(given)}, a source "
+                    "takes one of weight (its share of the epoch), samples or repeat",
+                    f"{key}[{i}].{given[1]}")
     weighted = [isinstance(v, SourceConfig) and v.weight is not None for v in value]
     if any(weighted) and not all(weighted):
         i = weighted.index(False)
         raise ConfigValueError(
-            f"{key}[{i}] has no weight while other sources of {key} do: give every source a "
-            "weight (shares of each epoch), or none (samples / repeat / one pass each)",
-            f"{key}[{i}].weight")
+            f"{key}[{i}].weight is not set while other sources of {key} have a weight: give "
+            "every source a weight (shares of each epoch), or none (samples / repeat / one "
+            "pass each)", f"{key}[{i}].weight")
 _LABEL_KEY = re.compile(r"^(cls|txt|none|auto|json|json:\S+)$")
 
 

@@ -217,3 +217,39 @@ def test_issue_21_values_exit_2_naming_the_key(command, overrides, env, key, tmp
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []  # no synthetic data, no mlflow.db, no outputs
+
+
+MIX = ["data=shards", "eval.at_end=false"]
+
+
+def test_weighted_sources_as_the_issue_writes_them() -> None:
+    cfg = compose_checked([*MIX, 'data.train=[{url: "s3://a/train-{000000..000099}.tar", '
+                                 'weight: 3}, {url: s3://b/new-{000000..000009}.tar, weight: 1}]'])
+    train = [dict(s) for s in cfg.data.train]
+    assert [s["url"] for s in train] == ["s3://a/train-{000000..000099}.tar",
+                                         "s3://b/new-{000000..000009}.tar"]
+    assert [s["weight"] for s in train] == [3.0, 1.0]
+    assert list(cfg.retrain.source) == list(cfg.data.train) == list(cfg.data.bank)
+    # a plain list and a string keep their meaning
+    assert list(compose_checked([*MIX, "data.train=[s3://a/x.tar,s3://b/y.tar]"]).data.train) \
+        == ["s3://a/x.tar", "s3://b/y.tar"]
+    plain = compose_checked([*MIX, "data.train=s3://a/train-{000000..000099}.tar"])
+    assert plain.data.train == "s3://a/train-{000000..000099}.tar"
+
+
+@pytest.mark.parametrize(("train", "key", "words"), [
+    ("[{url: a, weight: 3}, {url: b, weight: -1}]", "data.train[1].weight", "is not allowed"),
+    ("[{url: a, weight: 3}, {url: b, weight: .inf}]", "data.train[1].weight", "is not allowed"),
+    ("[{url: a, weight: 0}]", "data.train[0].weight", "expected a number > 0"),
+    ("[{url: a, weight: 1, repeat: 2}]", "data.train[0].repeat", "sets weight and repeat"),
+    ("[{url: a, weight: 1}, {url: b, samples: 5}]", "data.train[1].weight", "is not set while other"),
+    ("[{url: a, weight: 1}, b]", "data.train[1].weight", "is not set while other"),
+    ("[{url: a, samples: 0}]", "data.train[0].samples", "is not allowed"),
+    ("[{url: a, wieght: 1}]", "data.train[0].wieght", "did you mean data.train[0].weight"),
+    ("[{weight: 1}]", "data.train[0].url", "must be set"),
+])
+def test_a_bad_source_is_named_before_anything_runs(train, key, words, capsys) -> None:
+    e = _error([*MIX, f"data.train={train}"])
+    assert e.key == key and words in str(e), str(e)
+    assert main(["train", *MIX, f"data.train={train}"]) == 2
+    assert key in capsys.readouterr().err
