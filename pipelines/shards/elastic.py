@@ -6,8 +6,9 @@ A stop after k steps leaves every rank's cursor (position, bad-sample log) in th
 checkpoint, and a cursor says exactly which samples of its slice the rank has finished
 with: the simulation of pipelines/shards/resume.py (`unfinished`) replays the lane merge,
 the top-ups and the shuffle buffer on indices. What no rank finished with -- samples no lane
-reached yet, and samples read into a shuffle buffer but never yielded -- is the rest of the
-epoch, in the global order. A resume on W' ranks lays that rest end to end and cuts it into
+reached yet, samples read into a shuffle buffer but never yielded, and the tail that the old
+plan left out (`exact_epoch=false`: fewer than W samples; the stream adds it) -- is the rest
+of the epoch, in the global order. A resume on W' ranks lays that rest end to end and cuts it into
 W' equal slices (`plan.layout`), so every sample of the epoch is seen once across the two
 parts (MosaicML streaming's elastic resume does the same with its sample partition).
 
