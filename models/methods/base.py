@@ -204,6 +204,7 @@ class Method(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim_of(backbone)
         self.process_group = process_group
+        self.epoch = 0  # the epoch of the coming steps (set_epoch)
 
     @property
     def wants_sync_bn(self) -> bool:
@@ -256,6 +257,15 @@ class Method(nn.Module):
         if strict:
             check_state_dict_fits(self, state_dict, self.name or type(self).__name__)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the method the epoch (from 0) its next steps belong to; the trainer calls it
+        before the first step of every epoch and of a resumed run, as it sets the loader's
+        epoch. Schedules counted in epochs read it inside the forward (DINO's teacher
+        temperature, SwAV's queue start), where ``after_backward`` would come too late."""
+        if epoch < 0:
+            raise ValueError(f"set_epoch: epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (the representation that evaluation and the registry use)."""
