@@ -110,7 +110,8 @@ def build_job(cfg: DictConfig) -> Job:
                        compile=tr.compile)
     optimizer = build_optimizer(method.parameter_groups(), cfg.optim, global_batch)
     warmup = int(round(_warmup_epochs(cfg) * steps_per_epoch))
-    scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps)
+    scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps,
+                             weight_decay_end=cfg.optim.weight_decay_end)
     amp = autocast_dtype(tr.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     return Job(cfg, env, run_dir, method, model, loader, optimizer, scheduler, scaler, amp,
