@@ -308,9 +308,10 @@ def _epoch(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, loader: Two
         seen += 1
         out = train_step(
             job.model, job.method, job.optimizer, job.scheduler, job.scaler,
-            batch.view1, batch.view2, step=s.step, total_steps=job.total_steps,
+            batch.views, epoch=s.epoch, step=s.step, total_steps=job.total_steps,
             amp_dtype=job.amp, grad_clip=grad_clip, stop_requested=interrupts.requested,
             check=(s.step + 1) % check == 0 or s.step + 1 == job.total_steps,
+            accumulate_steps=job.cfg.trainer.accumulate_steps,
         )
         s.step += 1
         s.epoch_step += 1

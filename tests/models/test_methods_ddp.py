@@ -63,7 +63,7 @@ def test_method_gradients_under_two_ranks_equal_one_process_on_the_whole_batch()
     v1, v2 = _views(BATCH * 2)
     for name in NAMES:
         method = _build(name)
-        loss, _ = method.training_step(v1, v2)
+        loss, _ = method.training_step([v1, v2])
         loss.backward()
         full = _grads(method)
         assert set(ranks[0][name]) - {"loss"} == set(full), name
