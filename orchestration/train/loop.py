@@ -272,6 +272,7 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
     while s.step < job.total_steps:
         if s.epoch_step == 0:
             loader.set_epoch(s.epoch)
+        job.method.set_epoch(s.epoch)  # also on resume: epoch schedules read in the forward
         job.method.train()
         s.phase, s.consistent = "training", False
         with interrupts.deferred():  # a signal stops the run at the next step boundary
