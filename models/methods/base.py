@@ -7,8 +7,8 @@ EMA step, queue and pointer) is in ``state_dict()``. The trainer only needs:
   size), ``views[2:]`` the local crops of a multi-crop recipe (any number, a smaller size);
   ``metrics`` holds detached scalars and ``"embeddings"``, a detached (B, D) batch for the
   collapse monitors. Two-view methods read ``views[0], views[1]``; a method that takes local
-  crops says so in ``multi_crop`` (``local_crops_required``: it takes nothing else), which
-  the config checks against the recipe's ``augment.local.count`` (:meth:`Method.check_views`);
+  crops says so in ``multi_crop`` (DINO and SwAV also run on two global crops alone, as
+  both peers' CIFAR recipes do), which the config checks against the recipe's ``augment.local.count`` (:meth:`Method.check_views`);
 * ``after_backward(epoch)``: called after the backward pass(es) (and the unscale and clip)
   and before the optimizer step (DINO and SwAV drop the last layer's / prototypes'
   gradients in their first epoch);
@@ -191,14 +191,14 @@ class MomentumPair(NamedTuple):
 class Method(nn.Module):
     """Base class: subclasses set ``config_class`` (whose ``name`` becomes theirs), build
     heads/state from their config, implement ``training_step``, and declare EMA targets in
-    ``momentum_pairs`` and the views they take in ``multi_crop`` / ``local_crops_required``."""
+    ``momentum_pairs`` and whether they take local crops in ``multi_crop``."""
 
     name: ClassVar[str] = ""  # the config class's name (set for every subclass)
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # The views a method takes: two global crops always; local crops (views[2:]) only when
-    # multi_crop (DINO, SwAV), and then at least one when local_crops_required.
+    # multi_crop (DINO, SwAV; zero local crops is their CIFAR recipe, as in solo-learn and
+    # lightly's CIFAR-10 benchmark).
     multi_crop: ClassVar[bool] = False
-    local_crops_required: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -245,11 +245,6 @@ class Method(nn.Module):
                 f"augment.local.count={local_crops}: method {cls.name or cls.__name__} takes "
                 "two views only (no local crops); set augment.local.count=0 or pick a "
                 "multi-crop method", "augment.local.count")
-        if not local_crops and cls.local_crops_required:
-            raise MethodConfigError(
-                f"augment.local.count=0: method {cls.name or cls.__name__} needs multi-crop "
-                "views; set augment.local.count (and augment.local.size) or use its recipe",
-                "augment.local.count")
 
     def forward(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         """``training_step``: what DDP, which hooks ``forward``, runs."""

@@ -71,7 +71,6 @@ class DINO(Method):
     config_class = DINOConfig
     config: DINOConfig
     multi_crop = True
-    local_crops_required = True
 
     def __init__(self, backbone: nn.Module, config: DINOConfig, *,
                  process_group: Any = None) -> None:

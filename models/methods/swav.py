@@ -69,7 +69,6 @@ class SwAV(Method):
     config_class = SwAVConfig
     config: SwAVConfig
     multi_crop = True
-    local_crops_required = True
 
     def __init__(self, backbone: nn.Module, config: SwAVConfig, *,
                  process_group: Any = None) -> None:
