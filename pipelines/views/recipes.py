@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
@@ -72,6 +72,10 @@ class LocalCrops(ViewRecipe):
     size: Annotated[int, Ge(1)] = 96  # output side in pixels: at most the global views' size
     crop_scale: Range01 = (0.05, 0.4)
     count: Annotated[int, Ge(0)] = 0  # local crops per image (DINO: 10, SwAV: 6; 0: none)
+    # null: the global views' normalisation (view1's), as in DINO and SwAV, where every crop
+    # is normalised alike; a recipe's CIFAR statistics then reach its local crops too
+    mean: tuple[float, float, float] | None = None
+    std: Annotated[tuple[float, float, float], Check(_positive, "each > 0")] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,10 @@ class TwoViewRecipe(Typed):
                 f"augment.view1.size={self.view1.size}: local crops are the small views of "
                 "multi-crop (DINO / SwAV: 96 px beside 224 px); lower augment.local.size",
                 "augment.local.size")
+        if self.local.mean is None or self.local.std is None:
+            same = replace(self.local, mean=self.local.mean or self.view1.mean,
+                           std=self.local.std or self.view1.std)
+            object.__setattr__(self, "local", same)  # frozen: resolved once, here
 
     @property
     def views(self) -> tuple[ViewRecipe, ...]:
