@@ -156,8 +156,10 @@ def describe(job: Job) -> str:
         parts.append("compiled backbones")
     backend = job.loader.backend_name
     res = job.resources or job_resources(cfg, env.device)
+    k = tr.accumulate_steps
+    micro = f" ({k} accumulated micro-batches of {tr.batch_size // k})" if k > 1 else ""
     return (f"training {cfg.method.name} ({cfg.backbone.name}) on {env.device}: "
-            f"{env.world_size} rank(s) x batch {tr.batch_size} = {job.global_batch}, "
+            f"{env.world_size} rank(s) x batch {tr.batch_size}{micro} = {job.global_batch}, "
             f"{job.total_steps} steps ({job.steps_per_epoch}/epoch), {', '.join(parts)}; "
             f"views from {backend} ({dtype_name[_loader_dtype(cfg, env.device)]}, "
             f"{res.loader_threads} threads); {res.describe()}")

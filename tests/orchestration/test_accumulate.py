@@ -153,7 +153,7 @@ def test_ddp_all_reduces_once_per_optimizer_step_and_equals_one_process():
 
 
 @pytest.mark.timeout(300)
-def test_resume_with_accumulation_is_bitwise_identical(tmp_path, monkeypatch):
+def test_resume_with_accumulation_is_bitwise_identical(tmp_path, monkeypatch, capsys):
     """accumulate_steps=2: a run resumed from its step-3 checkpoint (mid-epoch) ends with the
     same bits as the run that was never interrupted."""
     from sslstream.orchestration.train.loop import train
@@ -171,6 +171,8 @@ def test_resume_with_accumulation_is_bitwise_identical(tmp_path, monkeypatch):
 
     ref = train(compose_config(overrides("ref")))
     assert ref.step == steps
+    # the start line says what a step is
+    assert "1 rank(s) x batch 16 (2 accumulated micro-batches of 8) = 16" in capsys.readouterr().out
     ref_dir = tmp_path / "ref" / "byol-synthetic"
     run_dir = tmp_path / "run" / "byol-synthetic"
     run_dir.mkdir(parents=True)
