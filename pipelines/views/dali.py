@@ -1,4 +1,5 @@
-"""The two-view DALI graph: decode once, augment twice, normalise, hand to torch.
+"""The views DALI graph: decode once, augment each view (two global crops, then a multi-crop
+recipe's local crops, each its own branch from the one decoded image), normalise, hand to torch.
 
 Randomness does not live in the graph. Every crop window, flip, jitter factor, blur sigma and
 per-sample coin arrives through `fn.external_source` next to the encoded image, drawn on the
@@ -140,7 +141,8 @@ def outputs_stream(device_id: int | None) -> tuple:
 
 
 def define_two_view_pipeline(spec: GraphSpec):
-    """The two-view Pipeline object, not yet built (building a GPU one needs CUDA)."""
+    """The views Pipeline object (one output per view of the recipe), not yet built
+    (building a GPU one needs CUDA)."""
     if not DALI_AVAILABLE:
         raise RuntimeError(f"nvidia-dali is not importable here ({DALI_IMPORT_ERROR})")
     gpu = spec.device_id is not None
@@ -214,7 +216,7 @@ def to_torch(tl, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
 
 
 class DaliTwoView:
-    """Two-view backend around one compiled graph; `reset()` recompiles after a failure.
+    """Views backend (two global crops + any local crops) around one compiled graph; `reset()` recompiles after a failure.
 
     depth 1: `run()` one batch at a time. depth >= 2: `submit()` batches ahead and
     `collect()` them in order (the loader's device thread keeps `depth` in flight)."""

@@ -92,7 +92,8 @@ def eval_view(image: torch.Tensor, size: int, resize: int, mean, std) -> torch.T
 
 
 class TorchvisionTwoView:
-    """Two-view backend in torchvision v2 (thread pool; torch kernels release the GIL).
+    """Views backend (two global crops + any local crops, one decode per image) in
+    torchvision v2 (thread pool; torch kernels release the GIL).
     One batch at a time (`depth` 1: the loader calls `run`, never `submit` / `collect`)."""
 
     name = "torchvision"
