@@ -216,7 +216,8 @@ def to_torch(tl, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
 
 
 class DaliTwoView:
-    """Views backend (two global crops + any local crops) around one compiled graph; `reset()` recompiles after a failure.
+    """Views backend (two global crops + any local crops) around one compiled graph;
+    `reset()` recompiles after a failure.
 
     depth 1: `run()` one batch at a time. depth >= 2: `submit()` batches ahead and
     `collect()` them in order (the loader's device thread keeps `depth` in flight)."""
