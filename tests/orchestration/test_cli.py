@@ -127,8 +127,8 @@ def test_method_brings_its_augmentation_and_optimiser(method):
 # the MoCo v3 heads are the official builder's ResNet ones, moco-v3 moco/builder.py).
 CIFAR_METHOD = {
     # solo-learn's DINO yaml: 2048 / 256 / num_prototypes 4096, base_tau 0.9995; its DINO
-    # defaults: no BN in the head, normalised last layer frozen 1 epoch, student 0.1, teacher 0.07 from 0.04
-    # over 0 warm-up epochs, center momentum 0.9
+    # defaults: no BN in the head, normalised last layer frozen 1 epoch, student 0.1,
+    # teacher 0.07 from 0.04 over 0 warm-up epochs, center momentum 0.9
     "dino": {"proj_hidden_dim": 2048, "proj_output_dim": 256, "out_dim": 4096, "num_layers": 3,
              "use_bn_in_head": False, "norm_last_layer": True, "freeze_last_layer_epochs": 1,
              "student_temp": 0.1, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
