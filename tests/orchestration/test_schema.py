@@ -112,6 +112,7 @@ def _unbounded(hint: object) -> list[str]:
 ANY_VALUE = {
     "augment.name": "a label for logs",
     "augment.view1.mean": "any per-channel mean", "augment.view2.mean": "any per-channel mean",
+    "augment.local.mean": "any per-channel mean",
     "retrain.schedule": "informational only",
     "retrain.torchrun_args": "passed to torchrun, which checks them",
     "retrain.run_key_ignore": "dotted keys; an unknown one ignores nothing",
