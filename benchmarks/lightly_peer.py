@@ -25,8 +25,8 @@ DINO and SwaV: the same benchmark file at lightly's head (e8d317fc, 2026-08; its
   backbone and head, lr 0.06 x batch/128, momentum 0.9, wd 5e-4, cosine. No last-layer freeze
   (the benchmark never cancels the last layer's gradients).
 - SwaV: SwaVTransform(crop_sizes=[32], crop_counts=[2], crop_min_scales=[0.14],
-  cj_strength=0.5, no blur) -- lightly >= 1.5.2x rejects that call unless crop_max_scales has
-  one entry too, so [1.0], the first entry of the default (1.0, 0.14) it was written for;
+  cj_strength=0.5, no blur) -- lightly 1.5.26 rejects that call as written (crop_max_scales
+  keeps its two-entry default (1.0, 0.14)), so crop_max_scales=[1.0], its first entry;
   SwaVProjectionHead(512, 512, 128), SwaVPrototypes(128, 512) normalised before each step,
   features L2-normalised; SwaVLoss() (temperature 0.1, 3 Sinkhorn iterations, epsilon 0.05);
   no queue, no prototype freezing; Adam lr 1e-3 x batch/128, wd 1e-6, cosine.
@@ -38,8 +38,9 @@ MoCoProjectionHead(512, 4096, 256, num_layers=2, batch_norm=True) as projector (
 v3 sizes and BN; 2 layers as the official moco-v3 builder's MoCo_ResNet, 3 is its ViT
 variant), MoCoProjectionHead(256, 4096, 256, num_layers=2, batch_norm=True) as predictor;
 a momentum copy of backbone and projector, momentum cosine_schedule(step, steps, 0.99, 1.0)
-(moco-v3's ResNet value and per-step cosine); NTXentLoss(temperature=0.2,
-memory_bank_size=0) symmetrised as 0.5 (L(q1, k2) + L(q2, k1)) like the benchmark's MoCo v2.
+(moco-v3's ResNet value and per-step cosine; lightly's reaches 1.0 at the last step);
+NTXentLoss(temperature=0.2, memory_bank_size=0) symmetrised as 0.5 (L(q1, k2) + L(q2, k1))
+like the benchmark's MoCo v2.
 Temperature 0.2 is the MoCo v3 paper's and solo-learn's CIFAR value (moco-v3's ResNet-50
 script keeps 1.0). NTXentLoss without a bank is SimCLR's 2N-way loss: each query also has
 the other queries as negatives, and no 2T scale (MoCo v3's InfoNCE has only the keys).
