@@ -14,7 +14,8 @@ network (same seed, same evaluation).
   optimiser recipe), with the step budget, batch and thread count below; warmup 10% of the
   budget (the recipes' 10 warmup epochs are longer than the whole budget).
 - peer: the method as lightly's CIFAR-10 benchmark builds it (benchmarks/lightly_peer.py:
-  its losses, heads, transforms, optimiser, schedule), around a backbone built from the
+  its losses, heads, transforms, optimiser, schedule; MoCo v3, which it lacks, from lightly's
+  modules with that benchmark's MoCo v2 recipe), around a backbone built from the
   same config and seed, so it starts from the very same weights as ours; trained on images
   decoded from the same shards (a seeded permutation; ours streams them through its
   shuffle buffer). Evaluated with lightly's normalisation (ImageNet mean/std).
