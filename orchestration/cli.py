@@ -48,6 +48,7 @@ EXIT_USAGE = 2  # also every configuration error (orchestration/errors.py: Confi
 # convention): rerun the same command to resume. `sslstream retrain` exits 8 instead.
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_SIGUSR1 = 138  # Slurm's notice before the time limit (docs/cluster.md: requeue on it)
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -338,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sslstream.pipelines.shards.masking import remember
 
     remember(rest)  # credentials in the arguments (URLs, options): masked in every output
-    interrupts.install()  # SIGINT / SIGTERM -> Interrupted (train keeps a resumable state)
+    interrupts.install()  # SIGINT / SIGTERM / SIGUSR1 -> Interrupted (train keeps a resumable state)
     try:
         return COMMANDS[cmd](rest)
     except SystemExit as e:  # usage errors here and argparse in `shards` exit with a code

@@ -254,7 +254,8 @@ def evaluate_saved(cfg: DictConfig, *, checkpoint: str | None = None, model_uri:
         from sslstream.models.methods import build_method
 
         module: nn.Module = build_method(cfg.method, cfg.backbone)
-        state = load_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint, storage_options=dict(
+            cfg.trainer.get("storage_options") or {}))  # a path or any store's URL
         try:
             module.load_state_dict(state["model"])
         except RuntimeError as e:

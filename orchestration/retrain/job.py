@@ -20,6 +20,12 @@ one likes; docs/retrain.md has the examples and the exit codes. One call:
    as `retrain/snapshot.json`, prints the decision, releases the lease.
 
 The exit code tells a scheduler what to do next (see EXIT_* and docs/retrain.md).
+
+On one node the job is one process and trains under its own torchrun child
+(`retrain.nproc_per_node`, orchestration/retrain/torchrun.py). Started by a launcher that spans
+several nodes (WORLD_SIZE > LOCAL_WORLD_SIZE: one torchrun agent per node, docs/cluster.md),
+every rank runs it: rank 0 alone snapshots, decides and holds the lease, every rank trains,
+rank 0 registers and promotes once, and every rank exits with rank 0's code (`_across_nodes`).
 """
 
 from __future__ import annotations
@@ -264,7 +270,17 @@ def _record_failure(reg: Any, e: RetrainExit, key: str, snap: Snapshot,
 
 
 def retrain(cfg: DictConfig, *, train_fn: TrainFn | None = None, registry: Any = None) -> int:
-    """Run one retraining check; returns the exit code (see module docstring)."""
+    """Run one retraining check; returns the exit code (see module docstring). Under a
+    launcher that spans several nodes every rank calls this (see `_across_nodes`)."""
+    from sslstream.orchestration.runtime.distributed import launched_across_nodes
+
+    if launched_across_nodes():
+        return _across_nodes(cfg, train_fn=train_fn, registry=registry)
+    return _retrain_here(cfg, train_fn=train_fn, registry=registry)
+
+
+def _retrain_here(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> int:
+    """The decision flow in this process (rank 0's part under a multi-node launcher)."""
     from sslstream.orchestration.runtime.interrupt import Interrupted
 
     try:
@@ -284,6 +300,8 @@ run = retrain  # `sslstream.orchestration.retrain.job.run(cfg) -> int`, the name
 
 
 def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str:
+    from sslstream.orchestration.runtime.distributed import launched_across_nodes
+
     model = cfg.tracking.registry.name
     try:
         st = RetrainSettings.from_config(cfg, model)
@@ -294,9 +312,10 @@ def _retrain(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> str
     if not cfg.tracking.enabled:  # before any data is generated or any store is touched
         raise RetrainExit(EXIT_CONFIG, "tracking.enabled=false: retraining needs the model "
                           "registry to know the champion")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RetrainExit(EXIT_CONFIG, "sslstream retrain runs as one process and launches "
-                          "torchrun itself: use retrain.nproc_per_node=N instead of torchrun")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not launched_across_nodes():
+        raise RetrainExit(EXIT_CONFIG, "sslstream retrain runs as one process on one node and "
+                          "launches torchrun itself: use retrain.nproc_per_node=N instead of "
+                          "torchrun (across nodes: one agent per node, docs/cluster.md)")
     _check_evaluation(cfg)
     try:
         _generate_embedded_data(cfg)
@@ -413,3 +432,79 @@ def _under_lease(cfg: DictConfig, st: RetrainSettings, reg: Any, snap: Snapshot,
     verdict = ("champion" if promoted else "challenger only" if evaluated
                else "challenger, not evaluated: never promoted")
     return f"{reg.name} v{existing} ({verdict}): {tags['reason']}"
+
+
+# --- across nodes ---------------------------------------------------------------------------
+
+
+def _across_nodes(cfg: DictConfig, *, train_fn: TrainFn | None, registry: Any) -> int:
+    """`sslstream retrain` as a multi-node job: every rank of the launcher runs this.
+
+    Rank 0 alone takes the snapshot, reads the registry and takes the lease (with its
+    heartbeat), exactly as the one-node job does; when it decides to train it sends the
+    training config to the other ranks, and every rank trains it (`train(cfg)`: one DDP job,
+    which registers and promotes once, on rank 0). Rank 0 then does the bookkeeping and sends
+    its exit code, which every rank exits with. A lost lease stops the training of every rank
+    at the next step boundary (the stop is agreed across ranks, as for a signal).
+
+    When rank 0 leaves the training by an exception (another rank may be inside a collective)
+    nothing more is sent: its process ends and the launcher stops the others.
+    """
+    from sslstream.orchestration.runtime import distributed as D
+
+    if train_fn is None:
+        from sslstream.orchestration.train.loop import train as train_fn
+    env = D.init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    if not env.is_main:
+        return _follow(train_fn)
+    leader = _Leader(train_fn)
+    code = _retrain_here(cfg, train_fn=leader, registry=registry)
+    if not leader.unsettled:
+        D.broadcast_object(("done", code))
+        D.cleanup()
+    return code
+
+
+class _Leader:
+    """Rank 0's train_fn across nodes: sends the config to the other ranks, then trains it.
+    `unsettled`: the training ended by an exception the other ranks may not share."""
+
+    def __init__(self, train_fn: TrainFn) -> None:
+        self.train_fn, self.unsettled = train_fn, False
+
+    def __call__(self, tcfg: DictConfig) -> Any:
+        from sslstream.orchestration.errors import RegistrationError
+        from sslstream.orchestration.runtime.distributed import broadcast_object
+
+        broadcast_object(("train", OmegaConf.to_container(tcfg, resolve=True)))
+        self.unsettled = True
+        try:
+            result = self.train_fn(tcfg)
+        except RegistrationError:  # raised after every rank finished training
+            self.unsettled = False
+            raise
+        self.unsettled = False
+        return result
+
+
+def _follow(train_fn: TrainFn) -> int:
+    """A rank other than 0: train what rank 0 sends, exit with the code rank 0 sends."""
+    from sslstream.orchestration.errors import ConfigError
+    from sslstream.orchestration.runtime import distributed as D
+    from sslstream.orchestration.runtime.interrupt import Interrupted
+
+    try:
+        msg = D.broadcast_object(None)
+        if msg[0] == "train":
+            try:
+                train_fn(OmegaConf.create(msg[1]))
+            except ConfigError:
+                return EXIT_CONFIG
+            except Exception as e:
+                log.error("training failed on this rank: %s: %s", type(e).__name__, e)
+                return EXIT_TRAIN_FAILED
+            msg = D.broadcast_object(None)
+    except Interrupted:
+        return EXIT_PREEMPTED
+    D.cleanup()
+    return int(msg[1])

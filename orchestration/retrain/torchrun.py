@@ -1,16 +1,18 @@
 """Multi-GPU training for `sslstream retrain`: the job stays one process, torchrun is its child.
 
-Why not run `sslstream retrain` itself under torchrun: every rank would snapshot the data,
-race for the lease and read the registry, and torchrun reports any worker failure as its
-own exit 1, which would erase the exit codes a scheduler acts on. So the decision, the lease
-and its heartbeat stay in this process, and only the training runs as
+Why not run `sslstream retrain` itself under torchrun on one node: torchrun reports any
+worker failure as its own exit 1, which would erase the exit codes a scheduler acts on. So
+the decision, the lease and its heartbeat stay in this process, and only the training runs
+as (across nodes, where one process cannot start every rank, the ranks run the job itself:
+orchestration/retrain/job.py `_across_nodes`)
 
     python -m torch.distributed.run --standalone --nproc-per-node N \\
         -m sslstream.orchestration.retrain.torchrun <train config.yaml> <result.json>
 
 The worker ranks call `sslstream.orchestration.train.loop.train` on the exact config retrain prepared;
-rank 0 writes the outcome as JSON. The child dies with us (PR_SET_PDEATHSIG), gets our
-SIGTERM forwarded (the trainer checkpoints and stops), and is stopped when the lease is lost.
+rank 0 writes the outcome as JSON into a private temporary folder. The child dies with us
+(PR_SET_PDEATHSIG), gets our SIGINT / SIGTERM / SIGUSR1 forwarded (the trainer checkpoints and
+stops), and is stopped when the lease is lost.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from sslstream.orchestration.retrain.lease import Lease
+from sslstream.orchestration.runtime.interrupt import SIGNALS as FORWARDED
 
+# torchrun's agent passes these on to its workers (SIGUSR1, Slurm's notice before the time
+# limit, is not among its defaults, and would kill the agent)
+AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 CONFIG_NAME = "retrain-train-config.yaml"
 RESULT_NAME = "retrain-result.json"
 
@@ -46,19 +54,25 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
 
     Raises RetrainExit with the code for a lost lease, a failed training or registration.
     """
+    # a private local folder (0700) for the hand-over files: trainer.output_dir may be an
+    # object store, and the config may hold storage options with credentials for the ranks
+    work = Path(tempfile.mkdtemp(prefix="sslstream-retrain-"))
+    try:
+        return _train_in(work, tcfg, lease, heartbeat_s, nproc, extra_args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_in(work: Path, tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
+              extra_args: tuple[str, ...]) -> RunOutcome:
     from sslstream.orchestration.retrain.exits import EXIT_LEASE_LOST, RetrainExit
 
-    work = Path(str(tcfg.trainer.output_dir)).expanduser() / str(tcfg.run_name)
-    work.mkdir(parents=True, exist_ok=True)
     cfg_path, result_path = work / CONFIG_NAME, work / RESULT_NAME
-    # owner-only: the config may hold storage options with credentials for the ranks
-    cfg_path.unlink(missing_ok=True)
     fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(OmegaConf.to_yaml(tcfg, resolve=True))
-    result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", *extra_args,
+           f"--nproc-per-node={nproc}", f"--signals-to-handle={AGENT_SIGNALS}", *extra_args,
            "-m", "sslstream.orchestration.retrain.torchrun", str(cfg_path), str(result_path)]
     lost: list[str] = []
     lease.start_heartbeat(lost.append, heartbeat_s)
@@ -69,7 +83,7 @@ def run_torchrun(tcfg: DictConfig, lease: Lease, heartbeat_s: float, nproc: int,
 
     # SIGINT too: the child runs in its own session (a Ctrl-C reaches only us) and must
     # checkpoint rather than be killed by the cleanup below
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
         while proc.poll() is None:
             if lost:

@@ -46,6 +46,14 @@ def torchrun_env() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+def launched_across_nodes() -> bool:
+    """Started by a launcher that spans several nodes: more ranks in the job (WORLD_SIZE)
+    than on this node (LOCAL_WORLD_SIZE, which torchrun sets; taken as WORLD_SIZE when
+    absent, i.e. one node)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cpu'/'cuda' explicit."""
     if spec == "auto":
@@ -179,36 +187,56 @@ class MissingCheckpointError(FileNotFoundError):
     """A rank lacks the checkpoint rank 0 chose to resume from."""
 
 
-def agree_on_checkpoint(run_dir, env: DistEnv):
-    """The checkpoint every rank resumes from: the one rank 0 picks, by name, broadcast.
+def fail_together(error: BaseException | None, env: DistEnv) -> None:
+    """Raise on every rank when any rank failed a check before training: a rank with its own
+    error raises it, the others a UserError naming the first failing rank's message. Then no
+    rank waits in a collective for one that stopped."""
+    if not env.distributed:
+        if error is not None:
+            raise error
+        return
+    found: list = [None] * env.world_size
+    dist.all_gather_object(found, None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(found) if msg is not None]
+    if failed:
+        from sslstream.orchestration.errors import UserError
+
+        r, msg = failed[0]
+        raise UserError(f"rank {env.rank}: stopping with rank {r}, which failed: {msg}")
+
+
+def agree_on_checkpoint(store, env: DistEnv):
+    """The checkpoint every rank resumes from: the one rank 0 picks, by step, broadcast.
 
     Why: with a node-local output_dir each rank used to take its own newest file; two nodes
     holding different steps resumed different states and the first collective of mismatched
-    steps hung until the NCCL timeout. Now rank 0 decides; every rank checks it holds that
-    file and all of them fail at once (no collective is left waiting) when one does not,
-    naming the path and the rank(s) that lack it."""
-    from pathlib import Path
-
+    steps hung until the NCCL timeout. Now rank 0 decides; every rank checks it can see that
+    checkpoint in its own view of the run folder (`store`: its node's folder, or the shared
+    store) and all of them fail at once (no collective is left waiting) when one cannot,
+    naming the checkpoint and the rank(s) that lack it. On an object store every rank sees
+    the same folder, so rank 0's choice is taken as it is."""
     from sslstream.orchestration.runtime import checkpoint as ckpt
 
-    run_dir = Path(run_dir)
-    mine = ckpt.latest_checkpoint(run_dir)
-    name = broadcast_object(mine.name if mine is not None else None)
-    path = run_dir / name if name is not None else None
-    if not env.distributed:
-        return path
+    # an object store is one folder for every rank: rank 0 lists it alone
+    mine = ckpt.latest_checkpoint(store) if env.is_main or store.local else None
+    step = broadcast_object(mine.step if mine is not None else None)
+    chosen = ckpt.Checkpoint(store, int(step)) if step is not None else None
+    if not env.distributed or not store.local:
+        return chosen
     import socket
 
-    have = path is not None and path.is_file()
+    have = chosen is not None and any(c.step == chosen.step for c in ckpt.list_checkpoints(store))
     flags: list = [None] * env.world_size
     dist.all_gather_object(flags, (env.rank, socket.gethostname(), have,
                                    mine.name if mine is not None else None))
-    if name is None:  # rank 0 starts from scratch: so must everyone
+    if chosen is None:  # rank 0 starts from scratch: so must everyone
         holders = [(r, host, own) for r, host, _, own in flags if own is not None]
         if holders:
             who = ", ".join(f"rank {r} on {host} holds {own}" for r, host, own in holders)
             raise MissingCheckpointError(
-                f"rank {env.rank}: rank 0 finds no checkpoint under {run_dir} but {who}; "
+                f"rank {env.rank}: rank 0 finds no checkpoint under {store.url} but {who}; "
                 "refusing to start over on some nodes and resume on others (copy the "
                 "checkpoints to rank 0's node, or use a new run_name)")
         return None
@@ -217,19 +245,20 @@ def agree_on_checkpoint(run_dir, env: DistEnv):
         who = ", ".join(f"rank {r} on {host}" for r, host in missing)
         if not have:
             raise MissingCheckpointError(
-                f"rank {env.rank}: rank 0 resumes from {name}, but {path} does not exist on "
-                f"this node ({socket.gethostname()}); a node-local trainer.output_dir must "
-                "hold the run's checkpoints on every node (copy them, or use shared storage)")
+                f"rank {env.rank}: rank 0 resumes from {chosen.name}, but {chosen.url} does not "
+                f"exist on this node ({socket.gethostname()}); a node-local trainer.output_dir "
+                "must hold the run's checkpoints on every node (copy them, or use shared "
+                "storage: trainer.output_dir=s3://... or gs://...)")
         raise MissingCheckpointError(
-            f"rank {env.rank}: not resuming: {who} lack(s) {name} (rank 0's choice under "
-            f"{run_dir}); every rank stops instead of hanging in a collective")
-    if mine is not None and mine.name != name:
+            f"rank {env.rank}: not resuming: {who} lack(s) {chosen.name} (rank 0's choice "
+            f"under {store.url}); every rank stops instead of hanging in a collective")
+    if mine is not None and mine.step != chosen.step:
         import logging
 
         logging.getLogger("sslstream.train").warning(
-            "rank %d: resuming from rank 0's %s, not this node's newest %s", env.rank, name,
-            mine.name)
-    return path
+            "rank %d: resuming from rank 0's %s, not this node's newest %s", env.rank,
+            chosen.name, mine.name)
+    return chosen
 
 
 def loader_threads(setting: int | str | None, gpu: bool | None = None) -> int:

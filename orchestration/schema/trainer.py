@@ -7,8 +7,8 @@ preset may change a default for its data (conf/data/cifar10.yaml: batch 256, 200
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
 
 from sslstream.conf.typed import Ge, Gt, Interval, MinLen, Typed
 
@@ -25,7 +25,12 @@ class TrainerConfig(Typed):
     """``trainer.*``: sizes are the embedded default's (a few minutes on a 2-core CPU)."""
 
     config_key: ClassVar[str] = "trainer"
-    output_dir: Annotated[str, MinLen(1)] = "./outputs"  # checkpoints: <output_dir>/<run_name>/step-*.pt
+    # checkpoints: <output_dir>/<run_name>/step-*.pt (+ .json manifests); a local folder or any
+    # fsspec URL (s3://bucket/runs, gs://bucket/runs)
+    output_dir: Annotated[str, MinLen(1)] = "./outputs"
+    # fsspec options for an object-store output_dir (endpoint, profile, ...); the endpoint
+    # also from AWS_ENDPOINT_URL, credentials from the store's usual chain
+    storage_options: dict[str, Any] = field(default_factory=dict)
     epochs: Count = 15                   # the embedded default: 600 steps of batch 64 over 2,560 images
     max_steps: Count | None = None       # stop after this many optimizer steps (null: epochs x steps/epoch)
     batch_size: Count = 64               # per rank and optimizer step; global batch = batch_size x world size
@@ -52,12 +57,13 @@ class TrainerConfig(Typed):
     prefetch: Count = 2                  # batches queued between the loader's threads and the step
     dali_pipeline_depth: Count = 2       # batches in flight inside DALI (1: synchronous)
     num_threads: Count | Auto | None = "auto"  # torch intra-op threads (auto: 1 on GPU, half the rest on CPU)
-    checkpoint_every_steps: Annotated[int, Ge(0)] = 50  # 0: only at the end (and on SIGTERM)
+    # 0: only at the end (and on SIGINT / SIGTERM / SIGUSR1); uploaded off the step path
+    checkpoint_every_steps: Annotated[int, Ge(0)] = 50
     keep_last: Count = 3                 # checkpoints kept per run
     init_from: Annotated[str, MinLen(1)] | None = None  # warm start a NEW run: models:/name@champion or a step-*.pt
     resume: bool = True                  # continue from the newest checkpoint of run_name
     log_every_steps: Count = 10          # monitors (loss, lr, tau, collapse, img/s, data wait)
-    check_every_steps: Count | Auto = "auto"  # NaN / SIGTERM agreement: auto = every step on CPU, log_every_steps on CUDA
+    check_every_steps: Count | Auto = "auto"  # NaN / stop-signal agreement: auto = every step on CPU, log_every_steps on CUDA
     progress: Literal["auto", "bar", "log"] = "auto"  # auto: tqdm on a terminal
     deterministic: bool = False          # deterministic kernels (warn_only) + CUBLAS_WORKSPACE_CONFIG on CUDA
     dist_timeout_s: Annotated[float, Gt(0)] = 1800  # collective timeout of the process group

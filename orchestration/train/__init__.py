@@ -8,6 +8,7 @@
     monitor.py     collapse/throughput monitors logged while training
     runlog.py      the trainer's side of MLflow (Tracker on rank 0, NullTracker elsewhere)
     warmstart.py   initialise from a checkpoint or a registered encoder
+    lineage.py     which run wrote a checkpoint; refuse another run's, method's, config's
     evalid.py      what an evaluation measured (split fingerprint, protocol) for promotion
     report.py      the end-of-run lines (model URI, its store, how to load it anywhere)
     sweep.py       `sslstream train -m`: each combination a run under one parent MLflow run

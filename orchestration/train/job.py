@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +23,7 @@ from sslstream.orchestration.runtime.resources import (
     plan_resources,
     usable_cpus,
 )
+from sslstream.orchestration.runtime.runstore import RunStore
 from sslstream.orchestration.train.step import autocast_dtype, wrap_model
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class Job:
 
     cfg: DictConfig
     env: D.DistEnv
-    run_dir: Path
+    store: RunStore  # the run's folder: ${trainer.output_dir}/${run_name}, on any store
     method: Method
     model: torch.nn.Module  # what the step calls: the method, or DDP around it
     loader: TwoViewLoader
@@ -52,7 +52,16 @@ class Job:
     total_steps: int
     global_batch: int
     resources: Resources | None = None
-    resume_from: Path | None = None  # rank 0's choice, the same on every rank
+    resume_from: ckpt.Checkpoint | None = None  # rank 0's choice, the same on every rank
+
+    @property
+    def run_dir(self) -> str:
+        """The run folder's URL (a local path or s3://, gs://...; credentials masked)."""
+        return self.store.url
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        return checkpoint_writer(self.store, self.env)
 
 
 def build_job(cfg: DictConfig) -> Job:
@@ -74,22 +83,11 @@ def build_job(cfg: DictConfig) -> Job:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(int(cfg.seed))  # identical initial weights on every rank
-    run_dir = Path(str(tr.output_dir)).expanduser() / str(cfg.run_name)
+    store = open_run_store(cfg, env)
+    latest = resume_point(cfg, env, store)
     prepare_data(cfg, env)
     check_eval_splits(cfg)  # before training, not after it
     check_cache_limit(cfg)
-    if env.rank == 0:
-        stale, size = ckpt.remove_stale_temp(run_dir)
-        if stale:
-            log.info("removed %d stale .tmp-*.pt file(s) (%.1f MB) of an interrupted checkpoint "
-                     "write in %s", stale, size / 1e6, run_dir)
-    latest = D.agree_on_checkpoint(run_dir, env) if tr.resume \
-        else ckpt.latest_checkpoint(run_dir)
-    if latest is not None and not tr.resume:
-        raise UserError(
-            f"trainer.resume=false but {run_dir} already holds checkpoints of run_name="
-            f"{cfg.run_name}; choose a new run_name (or trainer.output_dir), or delete them"
-        )
     warm = None
     if latest is None and tr.init_from:  # a resumed run's checkpoint holds everything
         warm = backbone_weights(cfg, str(tr.init_from))
@@ -114,8 +112,65 @@ def build_job(cfg: DictConfig) -> Job:
                              weight_decay_end=cfg.optim.weight_decay_end)
     amp = autocast_dtype(tr.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
-    return Job(cfg, env, run_dir, method, model, loader, optimizer, scheduler, scaler, amp,
-                steps_per_epoch, total_steps, global_batch, res, latest)
+    return Job(cfg, env, store, method, model, loader, optimizer, scheduler, scaler, amp,
+               steps_per_epoch, total_steps, global_batch, res, latest)
+
+
+def checkpoint_writer(store: RunStore, env: D.DistEnv) -> bool:
+    """Whether this rank writes the run folder: rank 0 for a shared store; with a local
+    output_dir every node's local rank 0 (node-local folders each hold the run; on a shared
+    file system they write the same bytes)."""
+    return env.local_rank == 0 if store.local else env.is_main
+
+
+def open_run_store(cfg: DictConfig, env: D.DistEnv) -> RunStore:
+    """The run folder, checked to take writes before anything else is done: an unreachable
+    or refused store fails here on every rank, naming the URL (credentials masked). Then
+    what a killed writer left there (unpublished objects) is removed: after every rank's
+    check, so that no node removes another's check object on a shared file system."""
+    from sslstream.pipelines.shards.storage import StorageError
+
+    tr = cfg.trainer
+    store = RunStore.for_run(tr.output_dir, str(cfg.run_name), dict(tr.storage_options))
+    writer = checkpoint_writer(store, env)
+    error: BaseException | None = None
+    if writer:
+        try:
+            store.check_writable()
+        except StorageError as e:
+            error = StorageError(
+                f"trainer.output_dir={store.url.rsplit('/', 1)[0]}: cannot write checkpoints "
+                f"to {store.url}: {e} (check the URL, the store's credentials and "
+                "trainer.storage_options)", store.url)
+    D.fail_together(error, env)
+    if writer:
+        try:
+            stale, size = ckpt.remove_unpublished(store)
+        except StorageError as e:  # litter is not worth stopping for
+            log.warning("could not remove unpublished checkpoint files in %s: %s", store.url, e)
+        else:
+            if stale:
+                log.info("removed %d unpublished checkpoint file(s) (%.1f MB) of an "
+                         "interrupted checkpoint write in %s", stale, size / 1e6, store.url)
+    return store
+
+
+def resume_point(cfg: DictConfig, env: D.DistEnv, store: RunStore) -> ckpt.Checkpoint | None:
+    """The checkpoint every rank resumes from (rank 0's newest), checked to come from this
+    run's config and number of ranks (orchestration/train/lineage.py); None: a new run."""
+    from sslstream.orchestration.train.lineage import check_resumable
+
+    tr = cfg.trainer
+    if not tr.resume:
+        if ckpt.latest_checkpoint(store) is not None:
+            raise UserError(
+                f"trainer.resume=false but {store.url} already holds checkpoints of run_name="
+                f"{cfg.run_name}; choose a new run_name (or trainer.output_dir), or delete them")
+        return None
+    latest = D.agree_on_checkpoint(store, env)
+    if latest is not None:
+        check_resumable(latest, cfg, env.world_size, tr.batch_size * env.world_size)
+    return latest
 
 
 def job_resources(cfg: DictConfig, device: torch.device, cpus: int | None = None) -> Resources:

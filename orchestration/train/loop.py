@@ -6,7 +6,8 @@ the same way under `python`, `sslstream train` and `torchrun` (any number of nod
   data (generate the embedded default on first use) -> ShardStream -> TwoViewLoader
   -> Method (+ SyncBN on CUDA when it wants it) -> DDP -> optimizer + warmup-cosine
   -> resume from the newest checkpoint of ${run_name} -> steps (orchestration/train/step.py)
-     with monitors, periodic checkpoints and evaluations, SIGTERM -> checkpoint, exit 0
+     with monitors, periodic checkpoints (uploaded in the background to any store) and
+     evaluations; SIGINT / SIGTERM / SIGUSR1 -> checkpoint, exit 128 + signal
   -> final checkpoint -> evaluation (kNN, linear probe) -> rank 0: log the encoder,
      register it, alias challenger, promote to champion by the tracking module's rule.
 
@@ -23,7 +24,6 @@ import signal
 import time
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +33,7 @@ from sslstream.orchestration.evaluate.run import evaluate
 from sslstream.orchestration.runtime import checkpoint as ckpt
 from sslstream.orchestration.runtime import distributed as D
 from sslstream.orchestration.runtime.interrupt import Interrupted, interrupts
+from sslstream.orchestration.runtime.runstore import RunStore
 from sslstream.orchestration.train.job import Job, build_job, describe
 from sslstream.orchestration.train.monitor import Monitor
 from sslstream.orchestration.train.report import end_of_run_lines, eval_data_overrides
@@ -57,8 +58,8 @@ class EpochEnd(Enum):
 def train(cfg: DictConfig) -> TrainResult:
     """Run (or resume) the job described by `cfg`; see the module docstring.
 
-    SIGINT / SIGTERM (orchestration/runtime/interrupt.py): during the steps the run stops at
-    the next step boundary after a checkpoint and returns status "preempted"; in any other
+    SIGINT / SIGTERM / SIGUSR1 (orchestration/runtime/interrupt.py): during the steps the run
+    stops at the next step boundary after a checkpoint and returns status "preempted"; in any other
     phase `Interrupted` is raised after keeping what can be kept (a checkpoint when the state
     is that of a finished step), with the MLflow run marked KILLED. Rerunning resumes.
     """
@@ -75,8 +76,7 @@ def _train(cfg: DictConfig) -> TrainResult:
     try:
         job = build_job(cfg)
     except Interrupted as e:
-        run_dir = Path(str(cfg.trainer.output_dir)).expanduser() / str(cfg.run_name)
-        last = ckpt.latest_checkpoint(run_dir)
+        last = _newest(cfg)
         kept = (f"newest checkpoint {last}; run the same command again to resume" if last
                 else "nothing to keep yet; run the same command again to start")
         raise e.with_detail(f"while loading; {kept}") from None
@@ -85,15 +85,18 @@ def _train(cfg: DictConfig) -> TrainResult:
         if latest is not None:
             _resume(job, latest, s)
         # rank 0's marker: with node-local output_dirs only its node has it
-        done = D.broadcast_object(_registered_marker(job.run_dir))
+        done = D.broadcast_object(_registered_marker(job.store))
         if s.step >= job.total_steps and done is not None and int(done.get("step", -1)) == s.step:
             return _already_done(job, s, done)
         if job.env.is_main:
             print(describe(job), flush=True)
-        runlog = RunLog(cfg, job.env, run_id=s.run_id)
+        runlog = RunLog(cfg, job.env, run_id=s.run_id, store=job.store)
     except Interrupted as e:
         job.loader.close()
         raise e.with_detail(f"while loading; {_kept(job, s)}") from None
+    except BaseException:
+        job.loader.close()
+        raise
     s.run_id = runlog.run_id
     ck = _Checkpointer(job, s)
     tr = cfg.trainer
@@ -109,13 +112,16 @@ def _train(cfg: DictConfig) -> TrainResult:
         if not ck.save():
             raise NonFiniteLossError(f"non-finite weights after the last step {s.step}; "
                                      "the last good checkpoint is kept")
+        ck.wait(final=status == "completed")  # a stop by a signal waits for its checkpoint too
     except NonFiniteLossError as e:
         ck.save()  # refuses non-finite weights: the newest checkpoint stays the last good state
+        ck.wait()
         runlog.fail(str(e))
         raise
     except Interrupted as e:
         if s.consistent:  # a periodic evaluation: the weights are those of a finished step
             ck.save()
+        ck.wait()
         runlog.pause(e.message())
         raise e.with_detail(f"while {s.phase} at step {s.step}/{job.total_steps}; "
                             f"{_kept(job, s)}; MLflow run {s.run_id} marked KILLED") from None
@@ -126,6 +132,7 @@ def _train(cfg: DictConfig) -> TrainResult:
         wait_s = monitor.finish()
         monitor.close()
         job.loader.close()
+        ck.close()
     result = TrainResult(status, s.step, job.total_steps, s.epoch, job.run_dir, run_id=s.run_id,
                          method=job.method)
     train_s = max(time.perf_counter() - t_loop - t_eval, 1e-9)
@@ -159,7 +166,7 @@ def _train(cfg: DictConfig) -> TrainResult:
 
 
 def _kept(job: Job, s: _State) -> str:
-    last = ckpt.latest_checkpoint(job.run_dir)
+    last = ckpt.latest_checkpoint(job.store)
     if last is None:
         return "no checkpoint yet; run the same command again to start over"
     return f"newest checkpoint {last}; run the same command again to resume"
@@ -171,31 +178,34 @@ def _signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "a signal"
 
 
-def _resume(job: Job, latest: Path, s: _State) -> None:
-    """Load every state of `latest` (weights, optimizer, schedules, scaler, RNGs, cursor)."""
+def _newest(cfg: DictConfig) -> ckpt.Checkpoint | None:
+    """The newest published checkpoint of the run `cfg` names (None when there is none or
+    its folder cannot be read): what a stop while loading tells the user."""
+    try:
+        store = RunStore.for_run(cfg.trainer.output_dir, str(cfg.run_name),
+                                 dict(cfg.trainer.storage_options))
+        return ckpt.latest_checkpoint(store)
+    except OSError:
+        return None
+
+
+def _resume(job: Job, latest: ckpt.Checkpoint, s: _State) -> None:
+    """Load every state of `latest` (weights, optimizer, schedules, scaler, RNGs, cursor).
+    build_job checked that it was written by this run, on this number of ranks."""
     env = job.env
     state = ckpt.load_checkpoint(latest)  # CPU; load_state_dict moves to the device
     if int(state["total_steps"]) != job.total_steps and env.is_main:
         log.warning("resuming %s: total steps change from %s to %s (epochs/max_steps/"
-                    "batch size/world size changed)", latest, state["total_steps"], job.total_steps)
+                    "batch size changed)", latest, state["total_steps"], job.total_steps)
     job.method.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     job.scaler.load_state_dict(state["scaler"])
     s.step, s.epoch, s.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
     s.run_id = state.get("run_id")
-    rngs = state["rng"]
-    if int(state.get("world_size", 1)) == env.world_size:
-        ckpt.set_rng_state(rngs[env.rank])
-        if s.epoch_step:  # every rank's own cursor (older checkpoints: rank 0's only)
-            loaders = state.get("loaders")
-            job.loader.load_state_dict(loaders[env.rank] if loaders else state["loader"])
-    else:  # per-rank cursors and RNG streams do not map: restart the interrupted epoch
-        ckpt.set_rng_state(rngs[0])
-        if s.epoch_step and env.is_main:
-            log.warning("world size changed (%s -> %s): epoch %d restarts from its first batch",
-                        state.get("world_size"), env.world_size, s.epoch)
-        s.epoch_step = 0
+    ckpt.set_rng_state(state["rng"][env.rank])
+    if s.epoch_step:  # every rank's own cursor
+        job.loader.load_state_dict(state["loaders"][env.rank])
     s.saved_step = s.step
     if env.is_main:
         print(f"resuming {job.cfg.run_name} from {latest} (step {s.step}/{job.total_steps})", flush=True)
@@ -214,10 +224,17 @@ def _already_done(job: Job, s: _State, done: dict[str, Any]) -> TrainResult:
 
 
 class _Checkpointer:
-    """Writes the job's full state (rank 0 writes, every rank calls)."""
+    """Takes the job's full state at a step (every rank calls; the ranks that write the run
+    folder hand a snapshot to the background uploader, orchestration/runtime/uploader.py)."""
 
     def __init__(self, job: Job, s: _State) -> None:
+        from sslstream.orchestration.runtime.uploader import CheckpointUploader
+        from sslstream.orchestration.train.lineage import checkpoint_meta
+
         self.job, self.s = job, s
+        self.meta = checkpoint_meta(job.cfg, job.env.world_size, job.global_batch)
+        self.uploader = (CheckpointUploader(job.store, job.cfg.trainer.keep_last)
+                         if job.writes_checkpoints else None)
 
     def save(self) -> bool:
         """Checkpoint the current state; never a non-finite one (False then)."""
@@ -226,23 +243,21 @@ class _Checkpointer:
             return True
         if not _all_finite(job.method, job.env):
             log.error("not checkpointing step %d: the weights are not finite "
-                      "(the newest checkpoint on disk stays the last good state)", s.step)
+                      "(the newest published checkpoint stays the last good state)", s.step)
             return False
         gathered = _gather_rng(ckpt.rng_state(), job.env)
         loaders = _gather_objects(ckpt.to_plain(job.loader.state_dict()), job.env)
-        # Every node's local rank 0 writes (node-local output_dirs each hold the run), so
-        # all ranks first take rank 0's buffers (BN statistics; DDP broadcasts them at the
-        # next forward anyway): the files are identical whichever node wrote them.
+        # Every writing rank first takes rank 0's buffers (BN statistics; DDP broadcasts
+        # them at the next forward anyway): the checkpoints are identical whoever wrote them.
         if job.env.distributed:
             D.sync_buffers(job.method)
-        if job.env.local_rank == 0:
+        if self.uploader is not None:
             state = {
                 "model": job.method.state_dict(),
                 "optimizer": job.optimizer.state_dict(),
                 "scheduler": job.scheduler.state_dict(),
                 "scaler": job.scaler.state_dict(),
                 "rng": gathered,
-                "loader": loaders[0],
                 "loaders": loaders,  # per rank: each rank's stream cursor is its own
                 "step": s.step,
                 "epoch": s.epoch,
@@ -251,12 +266,33 @@ class _Checkpointer:
                 "run_id": s.run_id,
                 "run_name": str(job.cfg.run_name),
                 "world_size": job.env.world_size,
+                "global_batch": job.global_batch,
             }
-            ckpt.save_checkpoint(state, job.run_dir, s.step,
-                                 keep_last=job.cfg.trainer.keep_last)
+            self.uploader.submit(s.step, state, {**self.meta, "run_id": s.run_id})
         D.barrier()
         s.saved_step = s.step
         return True
+
+    def wait(self, final: bool = False) -> bool:
+        """Wait for the uploads; whether the newest checkpoint is published. `final` (every
+        rank calls it): the run's last checkpoint must be published, else StorageError on
+        every rank (the newest published one is named: rerun to resume from it)."""
+        ok = self.uploader.flush() if self.uploader is not None else True
+        if not final:
+            return ok
+        if D.all_reduce_max(0.0 if ok else 1.0, self.job.env.device) > 0:
+            from sslstream.pipelines.shards.storage import StorageError
+
+            why = (self.uploader.failed.get(self.s.step, "see the log") if self.uploader
+                   else "on another rank")
+            raise StorageError(
+                f"the final checkpoint (step {self.s.step}) could not be written to "
+                f"{self.job.run_dir} ({why}); {_kept(self.job, self.s)}", self.job.run_dir)
+        return True
+
+    def close(self) -> None:
+        if self.uploader is not None:
+            self.uploader.close()
 
 
 def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunLog
@@ -368,13 +404,10 @@ class _State:
     consistent: bool = False  # the weights are those of a finished step (safe to checkpoint)
 
 
-def _registered_marker(run_dir: Path) -> dict[str, Any] | None:
+def _registered_marker(store: RunStore) -> dict[str, Any] | None:
     """What `runlog.finish` recorded after registering this run's final checkpoint."""
-    path = run_dir / REGISTERED_MARKER
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(store.read_bytes(REGISTERED_MARKER))
     except (OSError, ValueError):
         return None
 
@@ -408,7 +441,7 @@ def run_from_config(cfg: DictConfig) -> int:
     """CLI entry: train, print the outcome on rank 0, leave the process group.
 
     Returns 0, or 128 + the signal number when a signal stopped the steps after a checkpoint
-    (130 SIGINT, 143 SIGTERM: rerun to resume); `Interrupted` from the other phases reaches
+    (130 SIGINT, 143 SIGTERM, 138 SIGUSR1: rerun to resume); `Interrupted` from the other phases reaches
     the CLI, which exits with the same codes.
     """
     t0 = time.perf_counter()

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from sslstream.orchestration.runtime.distributed import DistEnv
+from sslstream.orchestration.runtime.runstore import RunStore
 from sslstream.orchestration.tracking.null import NullTracker
 from torch import nn
 
@@ -30,9 +30,11 @@ REGISTERED_MARKER = "registered.json"  # also read by orchestration.train.loop
 class RunLog:
     """MLflow run of one training job (continued across resumes via the checkpoint's run id)."""
 
-    def __init__(self, cfg: DictConfig, env: DistEnv, run_id: str | None = None) -> None:
+    def __init__(self, cfg: DictConfig, env: DistEnv, run_id: str | None = None,
+                 store: RunStore | None = None) -> None:
         self.cfg = cfg
         self.env = env
+        self.store = store  # the run folder, where the registered marker goes
         self.tracker: Any
         if env.is_main and cfg.tracking.enabled:
             from sslstream.orchestration.tracking.tracker import Tracker
@@ -155,6 +157,9 @@ class RunLog:
         marker = {"registered_uri": decision.uri, "promoted": decision.promoted,
                   "reason": decision.reason, "run_id": self.run_id, "step": result.step,
                   "model_uri": result.model_uri, "tracking_uri": result.tracking_uri}
-        tmp = result.run_dir / f".{REGISTERED_MARKER}.tmp"
-        tmp.write_text(json.dumps(marker, indent=1))
-        os.replace(tmp, result.run_dir / REGISTERED_MARKER)
+        if self.store is not None:
+            try:
+                self.store.write_bytes(REGISTERED_MARKER, json.dumps(marker, indent=1).encode())
+            except OSError as e:  # registered all the same: a rerun would only register again
+                log.warning("could not write %s to %s (%s): rerunning this command would "
+                            "register the encoder again", REGISTERED_MARKER, self.store.url, e)

@@ -2,7 +2,8 @@
 
 `trainer.init_from` names the source: a registered/logged encoder (`models:/name@champion`,
 `models:/name/3`, `models:/m-<id>`, read through the registry with `weights_only=True`) or
-a training checkpoint file (`.../step-00001000.pt`, its `backbone.*` tensors). Only the
+a training checkpoint (`.../step-00001000.pt`, a local file or an object-store URL such
+as `s3://bucket/runs/x/step-00001000.pt`; its `backbone.*` tensors). Only the
 backbone is taken: heads, optimizer and schedules start fresh, as a new run should.
 
 The method is built AROUND the loaded backbone, so methods with a momentum target copy
@@ -38,12 +39,22 @@ def backbone_weights(cfg: DictConfig, source: str) -> dict[str, torch.Tensor]:
                 f"but backbone.name={cfg.backbone.name!r}"
             )
         return weights
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"trainer.init_from={source}: not a model URI and no such file")
     from sslstream.orchestration.runtime.checkpoint import load_checkpoint
+    from sslstream.orchestration.runtime.runstore import is_local_url
+    from sslstream.pipelines.shards.masking import mask
+    from sslstream.pipelines.shards.storage import StorageError
 
-    model = load_checkpoint(path).get("model", {})
+    if is_local_url(source):
+        path = Path(source.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"trainer.init_from={source}: not a model URI and no such file")
+        model = load_checkpoint(path).get("model", {})
+    else:  # a checkpoint in an object store (trainer.storage_options reach it)
+        try:
+            model = load_checkpoint(source, storage_options=dict(
+                cfg.trainer.get("storage_options") or {})).get("model", {})
+        except StorageError as e:
+            raise StorageError(f"trainer.init_from={mask(source)}: {e}", e.url) from None
     weights = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
     if not weights:
         raise UserError(f"trainer.init_from={source}: the checkpoint has no backbone.* weights")

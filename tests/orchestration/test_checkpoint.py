@@ -1,4 +1,6 @@
-"""Checkpoints: atomic writes, keep-last-K, weights_only loads, exact RNG round trips."""
+"""Checkpoints on the local file system: publish (state, then manifest), keep-last-K,
+weights_only loads, exact RNG round trips, what a killed writer leaves. The same on object
+stores, the uploader and the run-level checks are in test_checkpoint_store.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,24 @@ def test_save_keeps_last_k_and_latest_by_step(tmp_path):
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     assert state["step"] == 100 and torch.equal(state["w"], torch.full((2,), 100.0))
     assert not list(tmp_path.glob(".tmp-*")), "temporary files must not survive a save"
+    # the pruned checkpoint went with its manifest; each kept one has its own
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-00000007.json", "step-00000007.pt", "step-00000010.json", "step-00000010.pt",
+        "step-00000100.json", "step-00000100.pt"]
+
+
+def test_only_published_checkpoints_are_listed_and_a_damaged_one_is_refused(tmp_path):
+    ckpt.save_checkpoint({"step": 1}, tmp_path, 1)
+    ckpt.save_checkpoint({"step": 2}, tmp_path, 2)
+    # a state object whose manifest was never written (the writer died between the two)
+    (tmp_path / "step-00000003.pt").write_bytes((tmp_path / "step-00000002.pt").read_bytes())
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1, 2]
+    # a state object that is not the one its manifest published
+    (tmp_path / "step-00000002.pt").write_bytes((tmp_path / "step-00000001.pt").read_bytes())
+    with pytest.raises(OSError, match=r"step-00000002.pt does not match its manifest"):
+        ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert ckpt.remove_unpublished(tmp_path)[0] == 1
+    assert not (tmp_path / "step-00000003.pt").exists()
 
 
 def test_failed_write_leaves_previous_checkpoints_intact(tmp_path):
@@ -78,7 +98,8 @@ def test_to_plain_converts_numpy_for_weights_only(tmp_path):
 _KILLED_WRITER = """
 import os, sys, time, torch
 from sslstream.orchestration.runtime import checkpoint as ckpt
-def stall(fd):  # the data is written; the process dies before the rename
+ckpt.save_checkpoint({"w": torch.ones(10)}, sys.argv[1], step=3)
+def stall(fd):  # the state's bytes are written; the process dies before the rename
     print("writing", flush=True)
     time.sleep(600)
 os.fsync = stall
@@ -87,7 +108,7 @@ ckpt.save_checkpoint({"w": torch.zeros(250_000)}, sys.argv[1], step=7)
 
 
 @pytest.mark.timeout(120)
-def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path, capsys, caplog):
+def test_sigkill_mid_write_leaves_litter_that_the_next_run_removes(tmp_path, capsys, caplog):
     import logging
     import signal
     import subprocess
@@ -108,7 +129,10 @@ def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path
     proc.wait(timeout=30)
     litter = [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
     assert len(litter) == 1 and litter[0].stat().st_size > 1_000_000
-    assert ckpt.latest_checkpoint(run_dir) is None
+    assert ckpt.latest_checkpoint(run_dir).step == 3  # the previous one still loads
+    assert torch.equal(ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["w"], torch.ones(10))
+    for p in ckpt.list_checkpoints(run_dir):
+        p.store.delete(ckpt.manifest_name(p.step))  # a new run's folder, apart from the litter
 
     caplog.set_level(logging.INFO, logger="sslstream.train")
     import os
@@ -122,4 +146,5 @@ def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path
         os.chdir(cwd)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
     assert ckpt.latest_checkpoint(run_dir).name == "step-00000002.pt"
-    assert "removed 1 stale .tmp-*.pt file(s)" in caplog.text
+    assert not (run_dir / "step-00000003.pt").exists()  # unpublished once its manifest went
+    assert "removed 2 unpublished checkpoint file(s)" in caplog.text

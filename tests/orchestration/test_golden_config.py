@@ -46,6 +46,7 @@ INTENDED: dict[str, str] = {
     "data.cache_limit": "new: the local shard cache (issue 25)",
     "data.max_member_bytes": "new: the per-member size cap of the tar reader (issue 27)",
     "embed": "new: `sslstream embed`'s section (issue 23)",
+    "trainer.storage_options": "new: fsspec options for an object-store output_dir (issue 24)",
     "retrain.run_key_ignore": "embed and the cache keys (issues 23, 25) do not change the trained model",
 }
 

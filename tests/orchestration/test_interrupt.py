@@ -23,6 +23,27 @@ def _kill(sig: int) -> None:
     os.kill(os.getpid(), sig)
 
 
+def test_a_repeated_sigusr1_is_a_notice_never_an_insistence():
+    """Under torchrun a worker may get Slurm's SIGUSR1 twice (directly and forwarded by its
+    agent): the second must not abort the checkpoint the first one asked for."""
+    it = Interrupts()
+    assert it.install()
+    try:
+        with it.deferred():
+            _kill(signal.SIGUSR1)
+            _kill(signal.SIGUSR1)
+            assert it.requested and it.signum == signal.SIGUSR1
+        with pytest.raises(Interrupted) as ei:  # outside the steps: stops at once, once
+            it.reset()
+            _kill(signal.SIGUSR1)
+        _kill(signal.SIGUSR1)  # arrives while the first is being handled: ignored
+        assert ei.value.exit_code == 138
+        with it.deferred(), pytest.raises(Interrupted):
+            _kill(signal.SIGTERM)  # a real second signal still insists
+    finally:
+        it.uninstall()
+
+
 def test_deferred_signal_only_sets_the_flag_and_a_second_one_raises():
     it = Interrupts()
     assert it.install()
@@ -48,14 +69,20 @@ def _status(uri: str, run_id: str) -> str:
     return MlflowClient(tracking_uri=uri).get_run(run_id).info.status
 
 
+MIXED = {"loading": signal.SIGINT, "training": signal.SIGINT, "evaluating": signal.SIGTERM,
+         "final": signal.SIGTERM, "registering": signal.SIGINT}
+USR1 = dict.fromkeys(MIXED, signal.SIGUSR1)  # Slurm's notice before the time limit
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("sigs", [MIXED, USR1], ids=["sigint-sigterm", "sigusr1"])
 def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, monkeypatch,
-                                                                    capsys):
+                                                                    capsys, sigs):
     """One run, stopped in every phase in turn, each rerun resuming where the last stopped:
-    loading (SIGINT) -> training (SIGINT at step 2: checkpoint at the next boundary) ->
-    periodic evaluation (SIGTERM: checkpoint of the finished epoch) -> final evaluation
-    (SIGTERM) -> registration (SIGINT) -> completes and registers."""
+    loading -> training (at step 2: checkpoint at the next boundary) -> periodic evaluation
+    (checkpoint of the finished epoch) -> final evaluation -> registration -> completes and
+    registers. Exit 128 + signal each time (138 for SIGUSR1, docs/cluster.md)."""
     import sslstream.orchestration.tracking.tracker as tracker_mod
     import sslstream.orchestration.train.job as job_mod
     import sslstream.orchestration.train.loop as loop_mod
@@ -76,6 +103,9 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
         if phase in armed:
             _kill(armed.pop(phase))
 
+    def name(phase: str) -> str:
+        return signal.Signals(sigs[phase]).name
+
     real_loader, real_step = job_mod.build_loader, loop_mod.train_step
     real_eval, real_register = loop_mod.evaluate, tracker_mod.Tracker.register_encoder
     monkeypatch.setattr(job_mod, "build_loader",
@@ -88,44 +118,46 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
         fire("registering"), real_register(self, *a, **k))[1])
 
     # 1) loading: nothing to keep yet, no MLflow run was started
-    arm("loading", signal.SIGINT)
-    assert main(argv) == 130
+    arm("loading", sigs["loading"])
+    assert main(argv) == 128 + sigs["loading"]
     err = capsys.readouterr().err
-    assert "stopped by SIGINT: while loading" in err and "Traceback" not in err
+    assert f"stopped by {name('loading')}: while loading" in err and "Traceback" not in err
     assert ckpt.latest_checkpoint(run_dir) is None
 
     # 2) training: the steps stop at the next boundary, after a checkpoint
-    arm("training", signal.SIGINT)
-    assert main(argv) == 130
+    arm("training", sigs["training"])
+    assert main(argv) == 128 + sigs["training"]
     out = capsys.readouterr().out
-    assert "stopped by SIGINT at step 4/12" in out and "run the same command again" in out
+    assert f"stopped by {name('training')} at step 4/12" in out
+    assert "run the same command again" in out
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert state["step"] == 4
     run_id = state["run_id"]
     assert _status(uri, run_id) == "KILLED"
 
     # 3) the periodic evaluation at the end of epoch 0: that step is checkpointed
-    arm("evaluating", signal.SIGTERM)
-    assert main(argv) == 143
+    arm("evaluating", sigs["evaluating"])
+    assert main(argv) == 128 + sigs["evaluating"]
     captured = capsys.readouterr()
     assert "resuming byol-synthetic from" in captured.out and "(step 4/12)" in captured.out
-    assert "stopped by SIGTERM: while evaluating at step 10/12" in captured.err
+    assert f"stopped by {name('evaluating')}: while evaluating at step 10/12" in captured.err
     assert ckpt.latest_checkpoint(run_dir).name == "step-00000010.pt"
     assert _status(uri, run_id) == "KILLED"
 
     # 4) final evaluation: the final checkpoint is kept, the run is KILLED
-    arm("evaluating", signal.SIGTERM)
-    assert main(argv) == 143
+    arm("evaluating", sigs["final"])
+    assert main(argv) == 128 + sigs["final"]
     captured = capsys.readouterr()
     assert "(step 10/12)" in captured.out
-    assert "stopped by SIGTERM: while evaluating after the last step 12" in captured.err
+    assert (f"stopped by {name('final')}: while evaluating after the last step 12"
+            in captured.err)
     assert ckpt.latest_checkpoint(run_dir).name == "step-00000012.pt"
     assert _status(uri, run_id) == "KILLED"
     assert not (run_dir / REGISTERED_MARKER).exists()
 
     # 5) registration
-    arm("registering", signal.SIGINT)
-    assert main(argv) == 130
+    arm("registering", sigs["registering"])
+    assert main(argv) == 128 + sigs["registering"]
     assert "while registering" in capsys.readouterr().err
     assert _status(uri, run_id) == "KILLED"
     assert not (run_dir / REGISTERED_MARKER).exists()
@@ -137,6 +169,8 @@ def test_signals_in_each_phase_keep_the_work_and_mark_the_run_killed(tmp_path, m
     assert "registered model: models:/sslstream-encoder/1" in out
     assert _status(uri, run_id) == "FINISHED"
     assert (run_dir / REGISTERED_MARKER).is_file()
+    if sigs is USR1:
+        return
 
     # 7) the printed load command works from another folder (and creates nothing there)
     line = next(x for x in out.splitlines() if "load it from any folder:" in x)

@@ -151,7 +151,7 @@ def test_retrain_scenario_end_to_end(s3, mlflow_server, tmp_path) -> None:
     deadline = time.monotonic() + 180
     run_dir = None
     while time.monotonic() < deadline and proc.poll() is None:
-        fresh = [d for d in out_dir.iterdir() if d.name not in known and list(d.glob("step-*"))]
+        fresh = [d for d in out_dir.iterdir() if d.name not in known and list(d.glob("step-*.json"))]
         if fresh:
             run_dir = fresh[0]
             break

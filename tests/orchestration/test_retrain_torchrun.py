@@ -44,7 +44,8 @@ def test_two_rank_training_under_torchrun(mlflow_server, tmp_path) -> None:
     assert run.data.tags["world_size"] == "2"  # trained by two ranks
     # the lease lived next to the data and was released
     assert not (data / "train" / f"_sslstream_retrain.{model}.lease").exists()
-    assert (tmp_path / "out" / key / "retrain-result.json").is_file()
+    assert list((tmp_path / "out" / key).glob("step-*.json"))  # published checkpoints
+    assert not list((tmp_path / "out" / key).glob("retrain-*"))  # hand-over files elsewhere
 
     # running it under torchrun instead is refused with a config error, not a lease race
     env2 = dict(env, WORLD_SIZE="2", RANK="0")

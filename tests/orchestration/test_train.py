@@ -100,9 +100,9 @@ def test_default_run_end_to_end_from_the_cli(tmp_path, capsys):
     state = ckpt.load_checkpoint(last)
     assert state["step"] == 20 and state["run_id"] == mv.run_id
     # every state a resume needs (checked bit for bit in test_train_resume.py)
-    assert {"model", "optimizer", "scheduler", "scaler", "rng", "loader", "epoch", "epoch_step",
-            "total_steps", "world_size"} <= set(state)
-    assert {"torch", "python", "numpy"} <= set(state["rng"][0]) and state["loader"]
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "loaders", "epoch", "epoch_step",
+            "total_steps", "world_size", "global_batch"} <= set(state)
+    assert {"torch", "python", "numpy"} <= set(state["rng"][0]) and state["loaders"][0]
     assert any(k.startswith("momentum.target.") for k in state["model"])  # the EMA target
 
     # the same command again: finished and registered, so nothing is trained or registered

@@ -30,8 +30,8 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, after_step: int, 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         last = ckpt.latest_checkpoint(run_dir)
-        if last is not None and int(last.stem.split("-")[1]) > after_step:
-            return int(last.stem.split("-")[1])
+        if last is not None and last.step > after_step:
+            return last.step
         assert proc.poll() is None, f"run ended early: {proc.communicate()}"
         time.sleep(0.02)
     proc.kill()
@@ -68,7 +68,7 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(tmp_path, monkeyp
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out[-3000:]  # 128 + SIGTERM: stopped, resumable
     assert "stopped by SIGTERM at step" in out
-    stopped = int(ckpt.latest_checkpoint(run_dir).stem.split("-")[1])
+    stopped = ckpt.latest_checkpoint(run_dir).step
     assert first <= stopped < STEPS
 
     # 2) resume, then SIGKILL (no chance to clean up) after a later, mid-epoch checkpoint

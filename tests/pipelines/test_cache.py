@@ -362,15 +362,15 @@ def test_reader_and_lane_processes_read_through_the_cache(remote, proxy, tmp_pat
     """The loader with a reader process and a lane process: the same batches as with no
     processes and no cache; epoch 2 asks the store for nothing; the counters of the cache
     (counted in the lane processes) reach the loader's, which the trainer logs as data/*."""
+    from sslstream.orchestration.schema import augment_recipe
     from sslstream.pipelines.views.loader import TwoViewLoader
-    from sslstream.pipelines.views.recipes import PRESETS
 
     url, ss = remote
     kw = {"num_workers": 2, "seed": 2, "shuffle_buffer": 8}
     out = {}
     for workers, cache in ((0, None), (2, str(tmp_path / "cache"))):
         stream = ShardStream(url, storage_options=s3_options(proxy.endpoint), cache_dir=cache, **kw)
-        with TwoViewLoader(stream, PRESETS["cifar_byol"], batch_size=5, device="cpu",
+        with TwoViewLoader(stream, augment_recipe("byol_cifar"), batch_size=5, device="cpu",
                            backend="torchvision", seed=4, workers=workers) as loader:
             keys, served = [], []
             for epoch in range(2):
