@@ -9,7 +9,8 @@
 #    checks as CPU mode (shapes, dtypes, layouts, event frequencies, parity with torchvision,
 #    corrupt JPEGs), and the loader's device hand-off.
 # 2. benchmarks/pipeline_throughput.py: (a) CIFAR-10 32 px and (b) 500x375 -> 224 px, DALI GPU vs
-#    DALI CPU vs torchvision DataLoader (issue 4's targets: >= 25,000 and >= 9,000 img/s).
+#    DALI CPU vs torchvision DataLoader (issue 4's targets: >= 25,000 and >= 9,000 img/s);
+#    multi-crop (6 local crops) against two views, DALI GPU and CPU, at both sizes.
 # 3. benchmarks/cifar10_knn.py: BYOL on CIFAR-10 for GPU_SESSION_EPOCHS (default 1) epochs,
 #    ResNet-18, batch 512, bf16 + channels_last, without and with torch.compile: train img/s
 #    and data-wait on the real feed (the issue's "a naive feed loses 30-50%" check).
@@ -56,7 +57,14 @@ LARGE=${TMPDIR:-/tmp}/sslstream_large
     --per-shard 256 > "$OUT/make_large.log" 2>&1
 step "pipeline 224px (500x375)" pipeline_224.log python3 benchmarks/pipeline_throughput.py \
     "$LARGE" --recipe byol_imagenet --batch-size 256 --seconds "$SECS" --threads "$THREADS" --samples 512
+step "multi-crop 32px (2x32 + 6x16)" multicrop_32.log python3 benchmarks/pipeline_throughput.py \
+    "$SSLSTREAM_CIFAR10#train" --recipe byol_cifar --batch-size 512 --seconds "$SECS" \
+    --threads "$THREADS" --samples 512 --variants dali-gpu,dali-cpu --local-count 6 --local-size 16
+step "multi-crop 224px (2x224 + 6x96)" multicrop_224.log python3 benchmarks/pipeline_throughput.py \
+    "$LARGE" --recipe dino_imagenet --batch-size 256 --seconds "$SECS" --threads "$THREADS" \
+    --samples 256 --variants dali-gpu,dali-cpu --local-count 6 --local-size 96 --local-blur-p 0.5
 grep -h '^{' "$OUT"/pipeline_32.log "$OUT"/pipeline_224.log > "$OUT/pipeline.jsonl"
+grep -h '^{' "$OUT"/multicrop_32.log "$OUT"/multicrop_224.log > "$OUT/multicrop.jsonl"
 
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   for compile in false true; do  # the reference: 13,225 img/s bf16 + channels_last, 18,986 compiled
@@ -80,6 +88,8 @@ for r in rows:
     print(f"{r['recipe']:<11} {r['variant']:<23} {r['measure']:<10} {r['batch_size']:>5} "
           f"{r['threads']:>7} {r['img_per_s']:>10,.0f}")
 PY
+note "multi-crop vs two views (graph img/s, ratio):"
+tee -a "$SUMMARY" < "$OUT/multicrop.jsonl"
 [ -s "$OUT/train.jsonl" ] && tee -a "$SUMMARY" < "$OUT/train.jsonl"
 note "exit $status"
 exit "$status"

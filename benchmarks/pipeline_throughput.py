@@ -10,9 +10,16 @@ Two measurements per backend, in images per second (one image = both of its view
 plus `torchvision-dataloader`: the classic baseline, a torch DataLoader whose workers decode
 with PIL and run the recipe as a torchvision v2 Compose per sample.
 
+`--local-count N --local-size S` measures multi-crop instead: the `graph` of each DALI /
+torchvision variant with the recipe's two global views alone and with N local crops of S px
+added, alternating the two `--rounds` times in one run, and prints their ratio (one image =
+all of its crops; the ratio is the multi-crop graph's images/s over the two-view one's).
+
     python benchmarks/pipeline_throughput.py ../shared/data/cifar10 --recipe byol_cifar
     python benchmarks/make_large_jpeg_shards.py /tmp/large && \\
     python benchmarks/pipeline_throughput.py /tmp/large --recipe byol_imagenet --batch-size 64
+    python benchmarks/pipeline_throughput.py ../shared/data/cifar10 --recipe byol_cifar \
+        --local-count 6 --local-size 16 --variants dali-cpu,torchvision --threads 1
 
 Each variant runs for about `--seconds` after one warm-up batch. Record results in
 BENCHMARKS.md with the machine and the command.
@@ -86,9 +93,9 @@ def graph_only(backend_name: str, recipe, samples, batch_size: int, seconds: flo
         while True:
             params = tuple(sample_view_params(v, hw, batch_rng(0, 0, 0, k, i))
                            for i, v in enumerate(recipe.views))
-            v1, v2 = backend.run(images, params)
+            views = backend.run(images, params)
             k += 1
-            yield v1
+            yield views[0]
 
     try:
         return _timed(gen(), seconds, batch_size)
@@ -152,6 +159,36 @@ def torchvision_dataloader(recipe, samples, batch_size: int, seconds: float,
     return _timed(forever(), seconds, batch_size)
 
 
+def with_local_crops(recipe, count: int, size: int, blur_p: float | None):
+    """`recipe` plus `count` local crops of `size` px (blur probability `blur_p`, or the
+    recipe's local value)."""
+    import dataclasses
+
+    local = {"count": count, "size": size} | ({} if blur_p is None else {"blur_p": blur_p})
+    return dataclasses.replace(recipe, local=dataclasses.replace(recipe.local, **local))
+
+
+def multicrop_ratio(variant: str, recipe, multi, samples, a) -> list[dict]:
+    """The graph alone, two-view vs multi-crop, alternating `a.rounds` times (a loaded
+    machine drifts: alternating puts the drift on both); the ratio of the medians."""
+    name = "dali" if variant.startswith("dali") else "torchvision"
+    dev_id = 0 if variant == "dali-gpu" else None
+    rates: dict[str, list[float]] = {"two-view": [], "multi-crop": []}
+    for _ in range(a.rounds):
+        for label, r in (("two-view", recipe), ("multi-crop", multi)):
+            rate, _ = graph_only(name, r, samples, a.batch_size, a.seconds, a.threads, dev_id)
+            rates[label].append(rate)
+    two, many = (float(np.median(rates[k])) for k in ("two-view", "multi-crop"))
+    row = {"variant": variant, "measure": "graph", "recipe": a.recipe,
+           "crops": f"2x{recipe.size} + {a.local_count}x{a.local_size}",
+           "batch_size": a.batch_size, "threads": a.threads,
+           "two_view_img_per_s": round(two, 1), "multi_crop_img_per_s": round(many, 1),
+           "ratio": round(many / two, 3) if two else None,
+           "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()}}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("source", help="shard folder / manifest / brace pattern")
@@ -163,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="all",
                     help="comma list of host,dali-gpu,dali-cpu,torchvision,"
                          "torchvision-dataloader (dali/torchvision: as graph and as loader)")
+    ap.add_argument("--local-count", type=int, default=0,
+                    help="> 0: measure multi-crop (this many local crops) against two views")
+    ap.add_argument("--local-size", type=int, default=16, help="local crop side in pixels")
+    ap.add_argument("--local-blur-p", type=float, default=None,
+                    help="local crops' blur probability (default: the recipe's; DINO: 0.5)")
+    ap.add_argument("--rounds", type=int, default=2, help="multi-crop: alternations per variant")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, a.threads))
     from sslstream.orchestration.schema import augment_recipe
@@ -174,6 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.variants == "all" else a.variants.split(",")
     samples = _memory_samples(a.source, max(a.samples, a.batch_size))
     results = []
+    if a.local_count > 0:
+        multi = with_local_crops(recipe, a.local_count, a.local_size, a.local_blur_p)
+        for v in wanted:
+            if v.startswith("dali") and not DALI_AVAILABLE or v == "dali-gpu" and not gpu:
+                print(f"skip {v}: not available here", file=sys.stderr)
+            elif v in ("dali-gpu", "dali-cpu", "torchvision"):
+                results += multicrop_ratio(v, recipe, multi, samples, a)
+        return 0
     for v in wanted:
         if v.startswith("dali") and not DALI_AVAILABLE:
             print(f"skip {v}: nvidia-dali not importable", file=sys.stderr)

@@ -14,7 +14,8 @@ network (same seed, same evaluation).
   optimiser recipe), with the step budget, batch and thread count below; warmup 10% of the
   budget (the recipes' 10 warmup epochs are longer than the whole budget).
 - peer: the method as lightly's CIFAR-10 benchmark builds it (benchmarks/lightly_peer.py:
-  its losses, heads, transforms, optimiser, schedule), around a backbone built from the
+  its losses, heads, transforms, optimiser, schedule; MoCo v3, which it lacks, from lightly's
+  modules with that benchmark's MoCo v2 recipe), around a backbone built from the
   same config and seed, so it starts from the very same weights as ours; trained on images
   decoded from the same shards (a seeded permutation; ours streams them through its
   shuffle buffer). Evaluated with lightly's normalisation (ImageNet mean/std).
@@ -189,7 +190,8 @@ def run_peer(a: argparse.Namespace, method: str, train_x: np.ndarray) -> dict:
     torch.set_num_threads(a.threads)
     cfg = compose(a, "byol", [])
     backbone = fresh_backbone(cfg)
-    model = PeerModel(method, backbone, feature_dim_of(backbone)).train()
+    model = PeerModel(method, backbone, feature_dim_of(backbone), total_steps=a.steps,
+                      steps_per_epoch=max(1, len(train_x) // a.batch_size)).train()
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt, sched = peer_optimizer(model, a.batch_size, a.steps)
@@ -198,10 +200,10 @@ def run_peer(a: argparse.Namespace, method: str, train_x: np.ndarray) -> dict:
     t0, loss = time.perf_counter(), torch.tensor(float("nan"))
     for k in range(a.steps):
         idx = order[(k * a.batch_size) % len(order):][: a.batch_size]
-        views = [tf(Image.fromarray(train_x[i])) for i in idx]
-        x0 = torch.stack([v[0] for v in views]).contiguous(memory_format=fmt)
-        x1 = torch.stack([v[1] for v in views]).contiguous(memory_format=fmt)
-        loss = model.loss(x0, x1)
+        per_image = [tf(Image.fromarray(train_x[i])) for i in idx]
+        views = [torch.stack([v[j] for v in per_image]).contiguous(memory_format=fmt)
+                 for j in range(len(per_image[0]))]
+        loss = model.loss(views, step=k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -31,7 +31,7 @@ from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock
 
 __all__ = ["NO_WEIGHT_DECAY", "VIT_NAMES", "ResNetMini", "ViT", "build_backbone",
-           "feature_dim_of", "requirements"]
+           "feature_dim_of", "requirements", "without_drop_path"]
 
 # The ViT sizes by name -> timm's model (widths, depths and heads of Touvron et al. 2021 and
 # Dosovitskiy et al. 2021; image and patch size are set by the config).
@@ -194,6 +194,14 @@ class ViT(nn.Module):
                 nn.init.zeros_(proj.bias)
             proj.requires_grad_(False)
 
+    def drop_path_off(self) -> None:
+        """Turn stochastic depth off, in place (the weights are untouched)."""
+        from timm.layers import DropPath
+
+        for m in self.vit.modules():
+            if isinstance(m, DropPath):
+                m.drop_prob = 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
@@ -267,6 +275,16 @@ def build_backbone(cfg: Mapping[str, Any] | Any) -> nn.Module:
     if bool(_get(cfg, "channels_last", False)):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def without_drop_path(module: nn.Module) -> nn.Module:
+    """``module`` with stochastic depth off in every :class:`ViT` inside it (in place): a
+    DINO teacher runs without it, as the official teacher, which is built without
+    ``drop_path_rate``. Other networks are returned unchanged."""
+    for m in module.modules():
+        if isinstance(m, ViT):
+            m.drop_path_off()
+    return module
 
 
 def feature_dim_of(backbone: nn.Module) -> int:

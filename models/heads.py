@@ -16,7 +16,8 @@ VICReg expander           Linear(8192)-BN-ReLU x 2 then Linear(8192) (3 layers)
 Barlow Twins projector    like VICReg, no biases (the loss standardises the output itself)
 MoCo v3 projector         3 x Linear(bias=False)-BN, ReLU between, BN(affine=False) on the
                           output (4096 hidden, 256 out; the official ResNet-50 code: 2 layers)
-MoCo v3 predictor         Linear(4096, bias=False)-BN-ReLU-Linear(256, bias=False)
+MoCo v3 predictor         Linear(4096, bias=False)-BN-ReLU-Linear(256, bias=False); the ViT
+                          predictor adds BN(affine=False) on the output
 SwAV projector            Linear(2048)-BN-ReLU-Linear(128); then L2-normalised and scored by
                           :class:`SwAVPrototypes` (3000 unit-norm prototypes, no bias)
 DINO head                 :class:`DINOHead`: (Linear-GELU) x 2 - Linear(256) bottleneck,
@@ -149,10 +150,12 @@ def mocov3_projector(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256,
                last_bn=True, last_bn_affine=False)
 
 
-def mocov3_predictor(in_dim: int = 256, hidden_dim: int = 4096,
-                     out_dim: int = 256) -> nn.Sequential:
-    """MoCo v3's predictor: Linear-BN-ReLU-Linear, no biases, no output BN."""
-    return mlp(in_dim, hidden_dim, out_dim, 2, hidden_bn=True, last_bias=False)
+def mocov3_predictor(in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, *,
+                     last_bn: bool = False) -> nn.Sequential:
+    """MoCo v3's predictor: Linear-BN-ReLU-Linear, no biases; ``last_bn`` adds the output BN
+    without affine parameters (the official ViT predictor has it, the ResNet one does not)."""
+    return mlp(in_dim, hidden_dim, out_dim, 2, hidden_bn=True, last_bias=False, last_bn=last_bn,
+               last_bn_affine=False)
 
 
 def swav_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:
@@ -250,9 +253,12 @@ class DINOHead(nn.Module):
         self.norm_last_layer = bool(norm_last_layer)
         self.freeze_last_layer = int(freeze_last_layer)
 
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck (B, bottleneck_dim) that the last layer scores."""
+        return F.normalize(self.mlp(x), dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1)
-        return self.last_layer(x)
+        return self.last_layer(self.bottleneck(x))
 
     def cancel_last_layer_gradients(self, epoch: int) -> bool:
         """Drop the last layer's gradients during the first ``freeze_last_layer`` epochs."""

@@ -12,7 +12,9 @@
 * :func:`build_optimizer` -- LARS / SGD / AdamW from such a config, the base lr scaled by the
   global batch (:func:`scale_lr`), per-group ``lr_mult``.
 * :class:`WarmupCosine` -- per-step linear warmup then cosine decay; groups flagged
-  ``fixed_lr`` (SimSiam's predictor) keep their initial lr.
+  ``fixed_lr`` (SimSiam's predictor) keep their initial lr. With ``weight_decay_end``
+  (``optim.weight_decay_end``) it also moves the decaying groups' weight decay along a cosine
+  from ``optim.weight_decay`` to that value over the run (DINO's 0.04 -> 0.4).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class OptimConfig(Typed):
     base_batch: Annotated[int, Ge(1)] = 256
     scaling: Literal["linear", "sqrt", "none"] = "linear"  # lr = lr x (global batch / base_batch)^(1 | 1/2 | 0)
     weight_decay: Annotated[float, Ge(0)] = 1.0e-4
+    # the weight decay at the last step, reached by a cosine from weight_decay (DINO: 0.04 ->
+    # 0.4); null: constant. Groups without decay (biases, norms) keep none.
+    weight_decay_end: Annotated[float, Ge(0)] | None = None
     warmup_epochs: Annotated[float, Ge(0)] | None = None  # null: trainer.warmup_epochs
 
 
@@ -279,21 +284,36 @@ class WarmupCosine(LRScheduler):
     with ``start = warmup_start_ratio``, ``final = final_lr_ratio * base``. Groups flagged
     ``fixed_lr`` keep ``base`` throughout (SimSiam's predictor, "fix_pred_lr"). State
     (``last_epoch`` = steps taken) is in ``state_dict``.
+
+    ``weight_decay_end`` (None: the weight decay stays as built) schedules the weight decay
+    of every group built with one (``wd > 0``; biases and norms have none) as the official
+    DINO ``wd_schedule``, a cosine over all steps without warmup::
+
+        wd_k = end + (wd - end) * (1 + cos(pi * min(k, T) / T)) / 2
+
+    The group's ``weight_decay`` holds the current value (the optimiser reads it, and its
+    ``state_dict`` saves it: a resumed run continues exactly); ``initial_weight_decay`` the
+    built one.
     """
 
     def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int, *,
                  warmup_start_ratio: float = 0.0, final_lr_ratio: float = 0.0,
-                 last_epoch: int = -1) -> None:
+                 weight_decay_end: float | None = None, last_epoch: int = -1) -> None:
         if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
             raise ValueError(
                 f"WarmupCosine: need 0 <= warmup_steps <= total_steps and total_steps >= 1, "
                 f"got warmup_steps={warmup_steps} total_steps={total_steps}"
             )
+        if weight_decay_end is not None and weight_decay_end < 0:
+            raise ValueError(f"optim.weight_decay_end must be >= 0, got {weight_decay_end}")
         self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps)
         self.warmup_start_ratio = float(warmup_start_ratio)
         self.final_lr_ratio = float(final_lr_ratio)
-        super().__init__(optimizer, last_epoch)
+        self.weight_decay_end = None if weight_decay_end is None else float(weight_decay_end)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group.get("weight_decay", 0.0))
+        super().__init__(optimizer, last_epoch)  # sets the lr (and wd) of step 0
 
     def factor(self, k: int) -> float:
         """The multiplier of the base lr at optimizer step ``k``."""
@@ -312,4 +332,20 @@ class WarmupCosine(LRScheduler):
             base if group.get("fixed_lr", False) else base * f
             for base, group in zip(self.base_lrs, self.optimizer.param_groups, strict=True)
         ]
+
+    def weight_decay(self, base: float, k: int) -> float:
+        """The weight decay at optimizer step ``k`` of a group built with ``base``."""
+        end = self.weight_decay_end
+        if end is None or base == 0:
+            return base
+        progress = min(max(k, 0), self.total_steps) / self.total_steps
+        return end + (base - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        """The lr of the next step (``LRScheduler.step``), then its weight decay."""
+        super().step(epoch)
+        if self.weight_decay_end is not None:
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = self.weight_decay(group["initial_weight_decay"],
+                                                          self.last_epoch)
 

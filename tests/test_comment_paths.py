@@ -52,6 +52,9 @@ ELSEWHERE = {
     "cifar10_benchmark.py": "lightly's CIFAR-10 benchmark",
     "docs/source/getting_started/benchmarks/": "lightly's benchmark docs",
     "retrain.sh": "the user's cron script in the README's example",
+    "CONFIG.md": "facebookresearch/moco-v3's reference setups",
+    "vits.py": "facebookresearch/moco-v3's ViT definitions",
+    "swav_200ep_bs256_pretrain.sh": "facebookresearch/swav's batch-256 script",
 }
 
 EXT = r"py|yaml|yml|md|json|toml|sh|txt|cfg|ini|tsv|csv"

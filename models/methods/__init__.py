@@ -33,9 +33,12 @@ from sslstream.models.methods.base import (
 )
 from sslstream.models.methods.byol import BYOL
 from sslstream.models.methods.contrastive import Contrastive
+from sslstream.models.methods.dino import DINO
 from sslstream.models.methods.moco import MoCoV2
+from sslstream.models.methods.mocov3 import MoCoV3
 from sslstream.models.methods.simclr import SimCLR
 from sslstream.models.methods.simsiam import SimSiam
+from sslstream.models.methods.swav import SwAV
 from sslstream.models.methods.vicreg import VICReg
 from torch import nn
 
@@ -53,7 +56,8 @@ __all__ = [
 
 # The registry: a method is known (to the config, the CLI's --help, the tests) once it is here.
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (BYOL, SimCLR, MoCoV2, SimSiam, VICReg, BarlowTwins, Contrastive)
+    cls.name: cls for cls in (BYOL, SimCLR, MoCoV2, SimSiam, VICReg, BarlowTwins, Contrastive,
+                              DINO, MoCoV3, SwAV)
 }
 
 

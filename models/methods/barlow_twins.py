@@ -9,6 +9,7 @@ multiplies the lr of biases and norm parameters (the paper: 0.0048 / 0.2 = 0.024
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +57,8 @@ class BarlowTwins(Method):
         self.bias_lr_mult = c.bias_lr_mult
         self.gather = c.gather
 
-    def training_step(self, view1: torch.Tensor,
-                      view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def training_step(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        view1, view2 = views[0], views[1]
         z1 = self.projector(self.backbone(view1))
         z2 = self.projector(self.backbone(view2))
         loss, parts = barlow_twins_loss(z1, z2, self.lambd, group=self.process_group,

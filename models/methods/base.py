@@ -3,8 +3,15 @@
 A method is an ``nn.Module`` so that everything it carries (online and momentum networks,
 EMA step, queue and pointer) is in ``state_dict()``. The trainer only needs:
 
-* ``training_step(view1, view2) -> (loss, metrics)``: ``metrics`` holds detached scalars
-  and ``"embeddings"``, a detached (B, D) batch for the collapse monitors;
+* ``training_step(views) -> (loss, metrics)``: ``views[:2]`` are the two global crops (one
+  size), ``views[2:]`` the local crops of a multi-crop recipe (any number, a smaller size);
+  ``metrics`` holds detached scalars and ``"embeddings"``, a detached (B, D) batch for the
+  collapse monitors. Two-view methods read ``views[0], views[1]``; a method that takes local
+  crops says so in ``multi_crop`` (DINO and SwAV also run on two global crops alone, as
+  both peers' CIFAR recipes do), which the config checks against the recipe's ``augment.local.count`` (:meth:`Method.check_views`);
+* ``after_backward(epoch)``: called after the backward pass(es) (and the unscale and clip)
+  and before the optimizer step (DINO and SwAV drop the last layer's / prototypes'
+  gradients in their first epoch);
 * ``after_optimizer_step(step, total_steps)``: called once per *real* optimizer step; it
   moves the EMA targets a method declares in ``momentum_pairs`` (BYOL, MoCo), in one place;
 * ``parameter_groups()``: optimiser groups carrying ``lars_exclude`` / ``fixed_lr`` flags;
@@ -13,7 +20,8 @@ EMA step, queue and pointer) is in ``state_dict()``. The trainer only needs:
 * ``ddp_static_buffers``: buffers identical on every rank by construction, which DDP need
   not broadcast (MoCo's queue).
 
-``forward`` is ``training_step``, so DDP wraps the method directly.
+``forward`` is ``training_step`` (after :meth:`Method.check_views`), so DDP wraps the method
+directly.
 
 Each method's hyper-parameters are one frozen dataclass (a :class:`MethodConfig` subclass:
 typed fields with their ranges, conf/typed.py) that ``__init__`` takes whole; the
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, NamedTuple, Self
 
@@ -182,10 +190,15 @@ class MomentumPair(NamedTuple):
 
 class Method(nn.Module):
     """Base class: subclasses set ``config_class`` (whose ``name`` becomes theirs), build
-    heads/state from their config, implement ``training_step``, and declare EMA targets in ``momentum_pairs``."""
+    heads/state from their config, implement ``training_step``, and declare EMA targets in
+    ``momentum_pairs`` and whether they take local crops in ``multi_crop``."""
 
     name: ClassVar[str] = ""  # the config class's name (set for every subclass)
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # The views a method takes: two global crops always; local crops (views[2:]) only when
+    # multi_crop (DINO, SwAV; zero local crops is their CIFAR recipe, as in solo-learn and
+    # lightly's CIFAR-10 benchmark).
+    multi_crop: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -204,6 +217,7 @@ class Method(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim_of(backbone)
         self.process_group = process_group
+        self.epoch = 0  # the epoch of the coming steps (set_epoch)
 
     @property
     def wants_sync_bn(self) -> bool:
@@ -218,13 +232,39 @@ class Method(nn.Module):
         per-step buffer broadcast skips (none by default; MoCo lists its queue)."""
         return []
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        """``training_step``: what DDP, which hooks ``forward``, runs."""
-        return self.training_step(view1, view2)
+    @classmethod
+    def check_views(cls, local_crops: int) -> None:
+        """Raise :class:`MethodConfigError` naming ``augment.local.count`` unless this method
+        takes two global crops and ``local_crops`` local ones (the config checks it before
+        any data is read; :meth:`forward` again for every batch)."""
+        if local_crops < 0:
+            raise MethodConfigError(f"augment.local.count={local_crops} must be >= 0",
+                                    "augment.local.count")
+        if local_crops and not cls.multi_crop:
+            raise MethodConfigError(
+                f"augment.local.count={local_crops}: method {cls.name or cls.__name__} takes "
+                "two views only (no local crops); set augment.local.count=0 or pick a "
+                "multi-crop method", "augment.local.count")
 
-    def training_step(self, view1: torch.Tensor,
-                      view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def forward(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        """``training_step``: what DDP, which hooks ``forward``, runs."""
+        if len(views) < 2:
+            raise ValueError(f"{type(self).__name__} takes two global views (+ local crops), "
+                             f"got {len(views)} view(s)")
+        self.check_views(len(views) - 2)
+        return self.training_step(views)
+
+    def training_step(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        """The loss of one batch: ``views[0]``, ``views[1]`` the global crops, ``views[2:]``
+        the local ones (see the module docstring)."""
         raise NotImplementedError(f"{type(self).__name__}.training_step")
+
+    def after_backward(self, epoch: int) -> None:
+        """Called once per optimizer step with the epoch (from 0): after the backward
+        pass(es) of every micro-batch and the fp16 unscale and the clip, right before the
+        optimizer step (DINO's order: its gradient norm is clipped first, then the frozen
+        last layer's gradients are dropped). Nothing by default; DINO and SwAV cancel the
+        last layer's / prototypes' gradients during their first epoch(s) here."""
 
     @property
     def momentum_pairs(self) -> list[MomentumPair]:
@@ -256,6 +296,15 @@ class Method(nn.Module):
         if strict:
             check_state_dict_fits(self, state_dict, self.name or type(self).__name__)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the method the epoch (from 0) its next steps belong to; the trainer calls it
+        before the first step of every epoch and of a resumed run, as it sets the loader's
+        epoch. Schedules counted in epochs read it inside the forward (DINO's teacher
+        temperature, SwAV's queue start), where ``after_backward`` would come too late."""
+        if epoch < 0:
+            raise ValueError(f"set_epoch: epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (the representation that evaluation and the registry use)."""

@@ -11,6 +11,7 @@ no queue, no momentum.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +47,8 @@ class Contrastive(Method):
         self.normalize = c.normalize
         self.gather = c.gather
 
-    def training_step(self, view1: torch.Tensor,
-                      view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def training_step(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        view1, view2 = views[0], views[1]
         z1 = self.projector(self.backbone(view1))
         z2 = self.projector(self.backbone(view2))
         loss, _ = contrastive_margin(z1, z2, self.margin, normalize=self.normalize,

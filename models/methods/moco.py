@@ -21,6 +21,7 @@ statistics (on one process it is a no-op); ``sync`` asks the trainer for SyncBat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -117,8 +118,8 @@ class MoCoV2(Method):
 
     # -- step ---------------------------------------------------------------------------------
 
-    def training_step(self, view1: torch.Tensor,
-                      view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def training_step(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        view1, view2 = views[0], views[1]
         z1 = self.projector(self.backbone(view1))
         q1 = F.normalize(z1, dim=1)
         k2 = self.keys(view2)

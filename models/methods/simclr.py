@@ -7,6 +7,7 @@ loss:   nt_xent(z1, z2, temperature), local anchors against candidates gathered 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,8 @@ class SimCLR(Method):
         self.temperature = c.temperature
         self.gather = c.gather
 
-    def training_step(self, view1: torch.Tensor,
-                      view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def training_step(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        view1, view2 = views[0], views[1]
         z1 = self.projector(self.backbone(view1))
         z2 = self.projector(self.backbone(view2))
         loss, _ = nt_xent(z1, z2, self.temperature, group=self.process_group,

@@ -8,6 +8,7 @@ loss:   sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +46,8 @@ class VICReg(Method):
         self.coeffs = (c.sim_coeff, c.std_coeff, c.cov_coeff)
         self.gather = c.gather
 
-    def training_step(self, view1: torch.Tensor,
-                      view2: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def training_step(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        view1, view2 = views[0], views[1]
         z1 = self.projector(self.backbone(view1))
         z2 = self.projector(self.backbone(view2))
         sim, std, cov = self.coeffs

@@ -207,11 +207,44 @@ def _cross_checks(cfg: DictConfig) -> None:
         raise ConfigError(f"MLFLOW_TRACKING_URI={env_uri!r} is not a tracking store: expected "
                           f"{URI_WORDS} (it wins over tracking.uri; unset it or fix it)",
                           "tracking.uri")
+    _check_views(cfg)
+    tr = cfg.trainer
+    if tr.batch_size % tr.accumulate_steps:
+        raise ConfigError(
+            f"trainer.accumulate_steps={tr.accumulate_steps} does not divide trainer.batch_size="
+            f"{tr.batch_size}: each optimizer step is accumulate_steps equal micro-batches of "
+            "the per-rank batch; pick a divisor (docs/training.md)", "trainer.accumulate_steps")
     lock = cfg.retrain.lock
     if lock.heartbeat_s is not None and lock.heartbeat_s >= lock.ttl_s:
         raise ConfigError(f"retrain.lock.heartbeat_s={lock.heartbeat_s} must be below "
                           f"retrain.lock.ttl_s={lock.ttl_s} (the lease would expire between "
                           "two renewals)", "retrain.lock.heartbeat_s")
+
+
+def _check_views(cfg: DictConfig) -> None:
+    """The recipe's views fit the method and the backbone: local crops only for a method that
+    takes them (and some for one that needs them), and a ViT's patch size dividing every
+    crop size (global and local)."""
+    from sslstream.models.methods import method_class
+
+    aug = cfg.augment
+    local = aug.local.count
+    try:
+        method_class(cfg.method).check_views(local)
+    except ConfigValueError as e:
+        raise ConfigError(str(e), e.key) from None
+    patch = cfg.backbone.patch_size
+    if patch is None:
+        return
+    crops = [("augment.view1.size", aug.view1.size)]
+    if local:
+        crops.append(("augment.local.size", aug.local.size))
+    for key, size in crops:
+        if size % patch:
+            raise ConfigError(
+                f"{key}={size} is not a multiple of backbone.patch_size={patch}: a ViT cuts "
+                f"each crop into whole patches; set {key} to a multiple of {patch} (or another "
+                "backbone.patch_size)", key)
 
 
 def advisories(cfg: DictConfig) -> list[str]:

@@ -33,7 +33,11 @@ class TrainerConfig(Typed):
     storage_options: dict[str, Any] = field(default_factory=dict)
     epochs: Count = 15                   # the embedded default: 600 steps of batch 64 over 2,560 images
     max_steps: Count | None = None       # stop after this many optimizer steps (null: epochs x steps/epoch)
-    batch_size: Count = 64               # per rank; global batch = batch_size x world size
+    batch_size: Count = 64               # per rank and optimizer step; global batch = batch_size x world size
+    # micro-batches per optimizer step: each rank forwards/backwards batch_size /
+    # accumulate_steps samples at a time (must divide batch_size); the optimizer, the lr
+    # scaling and the schedules still see the global batch (docs/training.md)
+    accumulate_steps: Count = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     precision: Literal[PRECISIONS] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool | Auto = "auto"  # auto: on CUDA

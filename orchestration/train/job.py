@@ -111,7 +111,8 @@ def build_job(cfg: DictConfig) -> Job:
                        compile=tr.compile)
     optimizer = build_optimizer(method.parameter_groups(), cfg.optim, global_batch)
     warmup = int(round(_warmup_epochs(cfg) * steps_per_epoch))
-    scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps)
+    scheduler = WarmupCosine(optimizer, min(warmup, total_steps), total_steps,
+                             weight_decay_end=cfg.optim.weight_decay_end)
     amp = autocast_dtype(tr.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     return Job(cfg, env, store, method, model, loader, stream, optimizer, scheduler, scaler,
@@ -222,8 +223,10 @@ def describe(job: Job) -> str:
         parts.append("compiled backbones")
     backend = job.loader.backend_name
     res = job.resources or job_resources(cfg, env.device)
+    k = tr.accumulate_steps
+    micro = f" ({k} accumulated micro-batches of {tr.batch_size // k})" if k > 1 else ""
     return (f"training {cfg.method.name} ({cfg.backbone.name}) on {env.device}: "
-            f"{env.world_size} rank(s) x batch {tr.batch_size} = {job.global_batch}, "
+            f"{env.world_size} rank(s) x batch {tr.batch_size}{micro} = {job.global_batch}, "
             f"{job.total_steps} steps ({job.steps_per_epoch}/epoch), {', '.join(parts)}; "
             f"views from {backend} ({dtype_name[_loader_dtype(cfg, env.device)]}, "
             f"{res.loader_threads} threads); {res.describe()}")

@@ -64,27 +64,34 @@ def check_resumable(ckpt: Checkpoint, cfg: DictConfig, world_size: int) -> int:
             f"checkpoint {ckpt.url} was written by another run or config: "
             f"{'; '.join(diffs[:5])}{more}. Resume it with the config it was written with, "
             "or start a new run (another run_name or trainer.output_dir)")
-    return resume_batch(ckpt.url, manifest, int(cfg.trainer.batch_size), world_size)
+    return resume_batch(ckpt.url, manifest, int(cfg.trainer.batch_size), world_size,
+                        int(cfg.trainer.accumulate_steps))
 
 
-def resume_batch(url: str, manifest: dict[str, Any], batch_size: int, world_size: int) -> int:
+def resume_batch(url: str, manifest: dict[str, Any], batch_size: int, world_size: int,
+                 accumulate_steps: int = 1) -> int:
     """The per-rank batch of a resume on `world_size` ranks: the checkpoint's global batch
     divided among them (`batch_size`, this config's, when the manifest has none). A global
-    batch that `world_size` does not divide is a ConfigError listing the choices."""
+    batch that `world_size` ranks of `accumulate_steps` equal micro-batches cannot share is a
+    ConfigError listing the choices."""
     w, g = manifest.get("world_size"), manifest.get("global_batch")
     if w is None or g is None:  # written before manifests carried them: the same ranks
         return batch_size
-    w, g = int(w), int(g)
-    if g % world_size:
-        fits = [n for n in range(1, g + 1) if g % n == 0]
-        near = sorted(fits, key=lambda n: (abs(n - world_size), n))[:4]
-        raise ConfigError(
-            f"checkpoint {url} was written by {w} rank(s) with a global batch of {g}; "
-            f"{world_size} rank(s) cannot share it equally. Resume it on a number of ranks "
-            f"that divides {g} (e.g. {', '.join(map(str, sorted(near)))}), or start a new run "
-            "(another run_name or trainer.output_dir) with the trainer.batch_size you want "
-            "per rank", "trainer.batch_size")
-    return g // world_size
+    w, g, k = int(w), int(g), accumulate_steps
+    if g % world_size == 0 and (g // world_size) % k == 0:
+        return g // world_size
+    fits = [n for n in range(1, g + 1) if g % (n * k) == 0]
+    near = sorted(fits, key=lambda n: (abs(n - world_size), n))[:4]
+    rank_choice = (f"on a number of ranks that divides {g}" if k == 1 else
+                   f"on a number of ranks n with {g} / n divisible by trainer.accumulate_steps={k}")
+    raise ConfigError(
+        f"checkpoint {url} was written by {w} rank(s) with a global batch of {g}; "
+        f"{world_size} rank(s) cannot share it equally"
+        + (f" in {k} micro-batches each" if k > 1 else "")
+        + f". Resume it {rank_choice} (e.g. {', '.join(map(str, sorted(near)))}), or with "
+        "another trainer.accumulate_steps that divides the per-rank share, or start a new run "
+        "(another run_name or trainer.output_dir) with the trainer.batch_size you want per rank",
+        "trainer.batch_size")
 
 
 def _flatten(obj: Any, prefix: str) -> dict[str, Any]:

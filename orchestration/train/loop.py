@@ -326,6 +326,7 @@ def _loop(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, runlog: RunL
         if s.epoch_step == 0:
             loader.set_epoch(s.epoch)
             _log_sources(job, s, runlog)
+        job.method.set_epoch(s.epoch)  # also on resume: epoch schedules read in the forward
         job.method.train()
         s.phase, s.consistent = "training", False
         with interrupts.deferred():  # a signal stops the run at the next step boundary
@@ -362,9 +363,10 @@ def _epoch(job: Job, s: _State, ck: _Checkpointer, monitor: Monitor, loader: Two
         seen += 1
         out = train_step(
             job.model, job.method, job.optimizer, job.scheduler, job.scaler,
-            batch.view1, batch.view2, step=s.step, total_steps=job.total_steps,
+            batch.views, epoch=s.epoch, step=s.step, total_steps=job.total_steps,
             amp_dtype=job.amp, grad_clip=grad_clip, stop_requested=interrupts.requested,
             check=(s.step + 1) % check == 0 or s.step + 1 == job.total_steps,
+            accumulate_steps=job.cfg.trainer.accumulate_steps,
         )
         s.step += 1
         s.epoch_step += 1

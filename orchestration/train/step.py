@@ -3,10 +3,15 @@
 The order of operations, which the momentum methods depend on, in one short place:
 
   forward (autocast) -> [on check steps: agree across ranks that the loss is finite and
-  whether a stop was requested] -> backward -> unscale + clip -> optimizer step (the fp16
-  grad scaler may skip it) -> lr scheduler step -> method.after_optimizer_step
-  (momentum/EMA update), only when the optimizer really stepped (solo-learn's rule: a
-  skipped step must not move the target network).
+  whether a stop was requested] -> backward -> unscale + clip -> method.after_backward
+  (DINO / SwAV drop frozen heads' gradients) -> optimizer step (the fp16 grad scaler may
+  skip it) -> lr scheduler step -> method.after_optimizer_step (momentum/EMA update), only
+  when the optimizer really stepped (solo-learn's rule: a skipped step must not move the
+  target network).
+
+With trainer.accumulate_steps = k the forward and backward run k times on k micro-batches
+of the loader's batch (DDP all-reducing in the last backward only), then everything from
+the unscale on runs once: one optimizer step per loader batch, whatever k.
 
 Host syncs: on CUDA nothing in a step waits for the device (the loss stays a device
 tensor, the clip norm too), except on *check steps*. Reading `isfinite(loss)` and agreeing
@@ -22,8 +27,10 @@ bf16 needs none) reads its scale every step, which is one more sync.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,31 +152,61 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
-    view1: torch.Tensor,
-    view2: torch.Tensor,
+    views: Sequence[torch.Tensor],
     *,
+    epoch: int,
     step: int,
     total_steps: int,
     amp_dtype: torch.dtype | None,
     grad_clip: float | None,
     stop_requested: bool,
     check: bool = True,
+    accumulate_steps: int = 1,
 ) -> StepOutput:
-    """One step of `model` (the method, or DDP around it). On a check step (`check`, the same steps on every rank), raises
-    NonFiniteLossError on every rank before touching the weights, and agrees on a stop."""
-    device = view1.device
+    """One optimizer step of `model` (the method, or DDP around it) on one batch of `views`
+    (the global crops, then the local ones; see `Method.training_step`).
+
+    `accumulate_steps` = k > 1: the batch is cut into k equal micro-batches (the same rows
+    of every view), each forwarded and backwarded with its loss divided by k, so the
+    gradients add up to those of the batch's mean loss; DDP all-reduces only in the last
+    micro-step's backward (`no_sync` before it). The optimizer, the lr schedule, the
+    momentum targets and `after_backward` then step once. The step's loss is the mean of
+    the micro-losses; metrics: 0-dim tensors averaged, `embeddings` concatenated, the rest
+    the last micro-step's.
+
+    On a check step (`check`, the same steps on every rank), raises NonFiniteLossError on
+    every rank before touching the weights, and agrees on a stop."""
+    device = views[0].device
+    k = int(accumulate_steps)
+    batch = views[0].shape[0]
+    if k < 1 or batch % k:
+        raise ConfigError(f"trainer.accumulate_steps={accumulate_steps} must divide the batch "
+                          f"of {batch} samples", "trainer.accumulate_steps")
+    micro = [list(views)] if k == 1 else [list(part) for part in
+                                          zip(*(v.tensor_split(k) for v in views), strict=True)]
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss, metrics = model(view1, view2)
+    losses: list[torch.Tensor] = []
+    parts: list[dict[str, Any]] = []
     stop = 0.0
-    if check:
-        nonfinite, stop = _agree([0.0 if torch.isfinite(loss).item() else 1.0, float(stop_requested)], device)
-        if nonfinite:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (loss={loss.item()!r} on this rank); "
-                "check optim.lr / the method config; the last good checkpoint is kept"
-            )
-    scaler.scale(loss).backward()
+    for i, mb in enumerate(micro):
+        last = i == k - 1
+        with _no_sync(model, not last):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                loss, metrics = model(mb)
+            losses.append(loss.detach())
+            parts.append(metrics)
+            if last and check:
+                total = torch.stack(losses).sum()
+                nonfinite, stop = _agree([0.0 if torch.isfinite(total).item() else 1.0,
+                                          float(stop_requested)], device)
+                if nonfinite:
+                    shown = total.item() if k == 1 else [x.item() for x in losses]
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step} (loss={shown!r} on this rank); "
+                        "check optim.lr / the method config; the last good checkpoint is kept"
+                    )
+            scaler.scale(loss / k if k > 1 else loss).backward()
     # the global gradient norm is logged whether or not it clips (a diverging run shows it
     # first); clipping is off unless a recipe sets trainer.grad_clip
     scaler.unscale_(optimizer)
@@ -179,6 +216,7 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(grad_clip)).detach()
     else:
         grad_norm = torch.nn.utils.get_total_norm(grads).detach() if grads else None
+    method.after_backward(epoch)
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
@@ -191,4 +229,27 @@ def train_step(
             scheduler.step()
     if stepped:
         method.after_optimizer_step(step, total_steps)
-    return StepOutput(loss.detach(), metrics, stepped, bool(stop), grad_norm)
+    loss = losses[0] if k == 1 else torch.stack(losses).mean()
+    return StepOutput(loss, parts[0] if k == 1 else merge_metrics(parts), stepped, bool(stop),
+                      grad_norm)
+
+
+def _no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync()` (gradients stay local: an accumulation micro-step before the last)
+    when `skip`, else nothing."""
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def merge_metrics(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics of an accumulated step from its micro-steps': 0-dim tensors averaged,
+    `embeddings` concatenated (the collapse monitors see the whole batch), anything else the
+    last micro-step's."""
+    out = dict(parts[-1])
+    for key, value in parts[-1].items():
+        if key == "embeddings":
+            out[key] = torch.cat([p[key] for p in parts])
+        elif isinstance(value, torch.Tensor) and value.ndim == 0:
+            out[key] = torch.stack([p[key] for p in parts]).float().mean().to(value.dtype)
+    return out

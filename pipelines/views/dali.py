@@ -1,4 +1,5 @@
-"""The two-view DALI graph: decode once, augment twice, normalise, hand to torch.
+"""The views DALI graph: decode once, augment each view (two global crops, then a multi-crop
+recipe's local crops, each its own branch from the one decoded image), normalise, hand to torch.
 
 Randomness does not live in the graph. Every crop window, flip, jitter factor, blur sigma and
 per-sample coin arrives through `fn.external_source` next to the encoded image, drawn on the
@@ -16,6 +17,7 @@ GPU with `device='mixed'` decoding (nvJPEG, hardware decoder share `hw_decoder_l
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,7 +124,7 @@ class GraphSpec:
 
 
 def build_two_view_pipeline(spec: GraphSpec):
-    """Compile the two-view graph; feed it with `feed_two_view` and `pipe.run()`."""
+    """Compile the views graph; feed it with `feed_views` and `pipe.run()`."""
     pipe = define_two_view_pipeline(spec)
     pipe.build()
     return pipe
@@ -139,7 +141,8 @@ def outputs_stream(device_id: int | None) -> tuple:
 
 
 def define_two_view_pipeline(spec: GraphSpec):
-    """The two-view Pipeline object, not yet built (building a GPU one needs CUDA)."""
+    """The views Pipeline object (one output per view of the recipe), not yet built
+    (building a GPU one needs CUDA)."""
     if not DALI_AVAILABLE:
         raise RuntimeError(f"nvidia-dali is not importable here ({DALI_IMPORT_ERROR})")
     gpu = spec.device_id is not None
@@ -176,7 +179,8 @@ def define_two_view_pipeline(spec: GraphSpec):
     return pipe
 
 
-def feed_two_view(pipe, images: list[np.ndarray], params: tuple[ViewParams, ViewParams]) -> None:
+def feed_views(pipe, images: list[np.ndarray], params: Sequence[ViewParams]) -> None:
+    """Feed one batch: its encoded images and every view's parameters (globals first)."""
     pipe.feed_input("images", images)
     for i, vp in enumerate(params):
         for name, arr in param_feed(vp).items():
@@ -212,7 +216,8 @@ def to_torch(tl, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
 
 
 class DaliTwoView:
-    """Two-view backend around one compiled graph; `reset()` recompiles after a failure.
+    """Views backend (two global crops + any local crops) around one compiled graph;
+    `reset()` recompiles after a failure.
 
     depth 1: `run()` one batch at a time. depth >= 2: `submit()` batches ahead and
     `collect()` them in order (the loader's device thread keeps `depth` in flight)."""
@@ -228,27 +233,27 @@ class DaliTwoView:
         self._started = False
         self._last: tuple | None = None
 
-    def run(self, images: list[bytes], params: tuple[ViewParams, ViewParams]):
-        """One batch. On a GPU the caller sets the torch device and stream (the loader's
-        side stream): DALI's outputs are bound to that stream (no host sync, see
-        `outputs_stream`) and copied on it (see `to_torch`)."""
+    def run(self, images: list[bytes], params: Sequence[ViewParams]) -> tuple[torch.Tensor, ...]:
+        """One batch: one tensor per view of the recipe (globals first). On a GPU the
+        caller sets the torch device and stream (the loader's side stream): DALI's outputs
+        are bound to that stream (no host sync, see `outputs_stream`) and copied on it (see
+        `to_torch`)."""
         if self.depth > 1:  # nothing else in flight (the loader drains or resets first)
             self.submit(images, params)
             return self.collect()
-        feed_two_view(self._pipe, [np.frombuffer(b, dtype=np.uint8) for b in images], params)
-        out1, out2 = self._pipe.run(*outputs_stream(self.spec.device_id))
-        return self._views(out1, out2)
+        feed_views(self._pipe, [np.frombuffer(b, dtype=np.uint8) for b in images], params)
+        outs = self._pipe.run(*outputs_stream(self.spec.device_id))
+        return self._views(outs)
 
-    def _views(self, out1, out2):
-        views = (to_torch(out1, self.spec.channels_last, self.spec.dtype),
-                 to_torch(out2, self.spec.channels_last, self.spec.dtype))
-        self._pending.hold((out1, out2), views[0].is_cuda)
+    def _views(self, outs: tuple) -> tuple[torch.Tensor, ...]:
+        views = tuple(to_torch(o, self.spec.channels_last, self.spec.dtype) for o in outs)
+        self._pending.hold(outs, views[0].is_cuda)
         return views
 
     # -- pipelined (depth >= 2): submit batch k+1 before collecting batch k
-    def submit(self, images: list, params: tuple[ViewParams, ViewParams]) -> None:
+    def submit(self, images: list, params: Sequence[ViewParams]) -> None:
         arrays = [np.frombuffer(b, dtype=np.uint8) for b in images]
-        feed_two_view(self._pipe, arrays, params)
+        feed_views(self._pipe, arrays, params)
         self._last = (arrays, params)
         self._scheduled.append(True)
         if self._started:
@@ -257,20 +262,20 @@ class DaliTwoView:
             self._pipe.schedule_run()
             self._started = True
 
-    def collect(self):
+    def collect(self) -> tuple[torch.Tensor, ...]:
         """The views of the oldest submitted batch (FIFO)."""
         if not self._started:  # fewer than `depth` batches so far: pad with copies, dropped
             assert self._last is not None, "collect() before submit()"
             while len(self._scheduled) < self.depth:
-                feed_two_view(self._pipe, *self._last)
+                feed_views(self._pipe, *self._last)
                 self._scheduled.append(False)
             self._pipe.schedule_run()
             self._started = True
         while True:
             real = self._scheduled.popleft()
-            out1, out2 = self._pipe.outputs(*outputs_stream(self.spec.device_id))
+            outs = self._pipe.outputs(*outputs_stream(self.spec.device_id))
             if real:
-                return self._views(out1, out2)
+                return self._views(outs)
 
     def reset(self) -> None:
         self.close()

@@ -38,7 +38,7 @@ class HostBatch:
     keys: list[str]
     shards: list[str]
     stream_state: dict
-    params: tuple[ViewParams, ViewParams] | None = None
+    params: tuple[ViewParams, ...] | None = None  # one per view of the recipe, globals first
     n_bad: int = 0   # samples replaced in this batch (counted by whoever consumes it)
     n_pad: int = 0
     release: Callable[[], None] | None = None  # frees the worker's shared-memory slot
@@ -94,10 +94,12 @@ def prepare(index: int, samples: list[Sample], state: dict, batch_size: int, val
 
 
 def draw_params(recipe: TwoViewRecipe, seed: int, epoch: int, rank: int, index: int,
-                hw: np.ndarray) -> tuple[ViewParams, ViewParams]:
-    v1, v2 = (sample_view_params(view, hw, batch_rng(seed, epoch, rank, index, i))
-              for i, view in enumerate(recipe.views))
-    return v1, v2
+                hw: np.ndarray) -> tuple[ViewParams, ...]:
+    """Every view's parameters for batch `index`: view i (0, 1 the global crops, 2.. the
+    local ones) from the key (seed, epoch, rank, index, i), so adding local crops leaves the
+    global crops' parameters as they were."""
+    return tuple(sample_view_params(view, hw, batch_rng(seed, epoch, rank, index, i))
+                 for i, view in enumerate(recipe.views))
 
 
 def position_stream(stream: SampleStream, epoch: int, position: int,

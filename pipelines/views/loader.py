@@ -25,7 +25,7 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,10 +59,22 @@ __all__ = ["Batch", "TwoViewLoader", "effective_validation", "image_hw", "resolv
 
 @dataclass
 class Batch:
-    view1: torch.Tensor   # (B, 3, H, W) on the trainer's device, normalised, dtype per config
-    view2: torch.Tensor
-    labels: torch.Tensor  # (B,) int64
+    """One batch of views: ``views[0]``, ``views[1]`` the global crops, ``views[2:]`` the
+    local crops of a multi-crop recipe (``augment.local.count`` of them, a smaller size)."""
+
+    views: list[torch.Tensor]  # each (B, 3, S, S) on the trainer's device, normalised, dtype per config
+    labels: torch.Tensor       # (B,) int64
     keys: list[str]
+
+    @property
+    def view1(self) -> torch.Tensor:
+        """The first global crop."""
+        return self.views[0]
+
+    @property
+    def view2(self) -> torch.Tensor:
+        """The second global crop."""
+        return self.views[1]
 
 
 class TwoViewLoader:
@@ -287,8 +299,7 @@ class TwoViewLoader:
                     raise item.exc
                 batch, index, stream_state, ready = item
                 if ready is not None:
-                    hand_to_current_stream((batch.view1, batch.view2, batch.labels), ready,
-                                           self.device)
+                    hand_to_current_stream((*batch.views, batch.labels), ready, self.device)
                 self._position, self._stream_state = index + 1, stream_state
                 with self._lock:
                     self._aug["batches"] += 1
@@ -384,32 +395,32 @@ class TwoViewLoader:
         """The oldest batch's views; on a backend error, recover that batch (which rebuilds
         the pipeline) and feed the batches that were in flight behind it again."""
         try:
-            v1, v2 = self._backend.collect()
+            views = self._backend.collect()
         except Exception as first:
-            v1, v2 = self._recover(epoch, host, first)
+            views = self._recover(epoch, host, first)
             for h in inflight:
                 self._backend.submit(h.images, h.params)
         host.done()
-        return self._to_batch(host, v1, v2)
+        return self._to_batch(host, views)
 
     def _augment(self, epoch: int, host: HostBatch) -> Batch:
         try:
-            v1, v2 = self._backend.run(host.images, host.params)
+            views = self._backend.run(host.images, host.params)
         except Exception as first:
-            v1, v2 = self._recover(epoch, host, first)
+            views = self._recover(epoch, host, first)
         host.done()
-        return self._to_batch(host, v1, v2)
+        return self._to_batch(host, views)
 
-    def _to_batch(self, host: HostBatch, v1: torch.Tensor, v2: torch.Tensor) -> Batch:
+    def _to_batch(self, host: HostBatch, views: Sequence[torch.Tensor]) -> Batch:
         labels = torch.tensor(host.labels, dtype=torch.int64)
+        out = list(views)
         if self.device.type == "cuda":  # non_blocking uploads need pinned sources
             labels = labels.pin_memory().to(self.device, non_blocking=True)
-            if v1.device.type == "cpu":  # the torchvision backend works on the host
-                v1 = v1.pin_memory().to(self.device, non_blocking=True)
-                v2 = v2.pin_memory().to(self.device, non_blocking=True)
-        elif v1.device != self.device:
-            v1, v2, labels = v1.to(self.device), v2.to(self.device), labels.to(self.device)
-        return Batch(view1=v1, view2=v2, labels=labels, keys=host.keys)
+            if out[0].device.type == "cpu":  # the torchvision backend works on the host
+                out = [v.pin_memory().to(self.device, non_blocking=True) for v in out]
+        elif out[0].device != self.device:
+            out, labels = [v.to(self.device) for v in out], labels.to(self.device)
+        return Batch(views=out, labels=labels, keys=host.keys)
 
     def _recover(self, epoch: int, host: HostBatch, error: Exception):
         """The backend failed on this batch: find the culprits with a full decode, replace them."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
@@ -44,7 +44,7 @@ class ViewRecipe(Typed):
     """
 
     config_key: ClassVar[str] = "augment.view"
-    size: Annotated[int, Ge(1)] = 224  # output side in pixels (both views share it)
+    size: Annotated[int, Ge(1)] = 224  # output side in pixels (both global views share it)
     crop_scale: Range01 = (0.08, 1.0)  # random-resized crop: area fraction of the source
     crop_ratio: PositiveRange = (3 / 4, 4 / 3)
     flip_p: Probability = 0.5
@@ -62,12 +62,33 @@ class ViewRecipe(Typed):
 
 
 @dataclass(frozen=True)
+class LocalCrops(ViewRecipe):
+    """Multi-crop's local crops (``augment.local``; Caron et al. 2020, SwAV Sec. 3.2):
+    ``count`` more views of each image, smaller and cut from smaller regions, each with its
+    own parameters. The defaults are DINO's and SwAV's ImageNet ones (96 px from 5-40 % of
+    the image); ``count: 0`` (the default) is a two-view recipe."""
+
+    config_key: ClassVar[str] = "augment.local"
+    size: Annotated[int, Ge(1)] = 96  # output side in pixels: at most the global views' size
+    crop_scale: Range01 = (0.05, 0.4)
+    count: Annotated[int, Ge(0)] = 0  # local crops per image (DINO: 10, SwAV: 6; 0: none)
+    # null: the global views' normalisation (view1's), as in DINO and SwAV, where every crop
+    # is normalised alike; a recipe's CIFAR statistics then reach its local crops too
+    mean: tuple[float, float, float] | None = None
+    std: Annotated[tuple[float, float, float], Check(_positive, "each > 0")] | None = None
+
+
+@dataclass(frozen=True)
 class TwoViewRecipe(Typed):
-    """The two (possibly asymmetric) views of a joint-embedding method (``augment.*``)."""
+    """The two (possibly asymmetric) global views of a joint-embedding method, and the
+    local crops of a multi-crop one (``augment.*``). ``views`` lists them in the order the
+    loader's batches and a method's ``training_step`` take them: view1, view2, then
+    ``local.count`` local crops."""
 
     config_key: ClassVar[str] = "augment"
     view1: ViewRecipe = field(default_factory=ViewRecipe)
     view2: ViewRecipe = field(default_factory=ViewRecipe)
+    local: LocalCrops = field(default_factory=LocalCrops)
     name: str = "custom"  # a label for logs (the recipe's augmentation, e.g. cifar_byol)
 
     def __post_init__(self) -> None:
@@ -76,18 +97,36 @@ class TwoViewRecipe(Typed):
             raise ConfigValueError(f"augment views must share one output size, got "
                                    f"{self.view1.size} and {self.view2.size}",
                                    "augment.view2.size")
+        if self.local.count and self.local.size > self.view1.size:
+            raise ConfigValueError(
+                f"augment.local.size={self.local.size} is larger than the global views' "
+                f"augment.view1.size={self.view1.size}: local crops are the small views of "
+                "multi-crop (DINO / SwAV: 96 px beside 224 px); lower augment.local.size",
+                "augment.local.size")
+        if self.local.mean is None or self.local.std is None:
+            same = replace(self.local, mean=self.local.mean or self.view1.mean,
+                           std=self.local.std or self.view1.std)
+            object.__setattr__(self, "local", same)  # frozen: resolved once, here
 
     @property
-    def views(self) -> tuple[ViewRecipe, ViewRecipe]:
-        return (self.view1, self.view2)
+    def views(self) -> tuple[ViewRecipe, ...]:
+        """Every view's recipe: the two global ones, then ``local.count`` local ones."""
+        return (self.view1, self.view2, *(self.local,) * self.local.count)
 
     @property
     def size(self) -> int:
+        """The global views' side in pixels."""
         return self.view1.size
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The distinct view sides, global first (one entry for a two-view recipe)."""
+        return (self.view1.size, self.local.size) if self.local.count else (self.view1.size,)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | TwoViewRecipe) -> TwoViewRecipe:
-        """``cfg.augment`` (``{name, view1: {...}, view2: {...}}``) as a checked recipe."""
+        """``cfg.augment`` (``{name, view1: {...}, view2: {...}, local: {...}}``) as a
+        checked recipe."""
         return cfg if isinstance(cfg, cls) else build(cls, cfg, "augment")
 
 

@@ -92,7 +92,8 @@ def eval_view(image: torch.Tensor, size: int, resize: int, mean, std) -> torch.T
 
 
 class TorchvisionTwoView:
-    """Two-view backend in torchvision v2 (thread pool; torch kernels release the GIL).
+    """Views backend (two global crops + any local crops, one decode per image) in
+    torchvision v2 (thread pool; torch kernels release the GIL).
     One batch at a time (`depth` 1: the loader calls `run`, never `submit` / `collect`)."""
 
     name = "torchvision"
@@ -103,7 +104,8 @@ class TorchvisionTwoView:
         self.recipe, self.dtype, self.channels_last = recipe, dtype, channels_last
         self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="sslstream-tv")
 
-    def run(self, images: list[bytes], params: tuple[ViewParams, ViewParams]):
+    def run(self, images: list[bytes], params: Sequence[ViewParams]) -> tuple[torch.Tensor, ...]:
+        """One batch, decoded once: one tensor per view of the recipe (globals first)."""
         decoded = list(self._pool.map(decode, images))
         outs = []
         for view, vp in zip(self.recipe.views, params, strict=True):
@@ -111,7 +113,7 @@ class TorchvisionTwoView:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             outs.append(x)
-        return outs[0], outs[1]
+        return tuple(outs)
 
     def reset(self) -> None:
         pass

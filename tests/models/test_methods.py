@@ -54,7 +54,7 @@ def test_training_step_contract(name: str) -> None:
     method = _build(name)
     method.train()
     v1, v2 = _views()
-    loss, metrics = method.training_step(v1, v2)
+    loss, metrics = method.training_step([v1, v2])
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
     emb = metrics["embeddings"]
     assert emb.shape == (8, SMALL_HEADS["proj_output_dim"]) and not emb.requires_grad
@@ -86,9 +86,9 @@ def test_forward_is_training_step_for_ddp() -> None:
     method = _build("simclr")
     v1, v2 = _views()
     torch.manual_seed(0)
-    a, _ = method(v1, v2)
+    a, _ = method([v1, v2])
     torch.manual_seed(0)
-    b, _ = method.training_step(v1, v2)
+    b, _ = method.training_step([v1, v2])
     assert torch.equal(a, b)
 
 
@@ -129,7 +129,7 @@ def test_byol_target_moves_only_in_after_optimizer_step() -> None:
     opt = torch.optim.SGD(method.parameters(), lr=0.1)
     initial = [p.clone() for p in method.momentum.parameters()]
     v1, v2 = _views()
-    loss, metrics = method.training_step(v1, v2)
+    loss, metrics = method.training_step([v1, v2])
     assert metrics["tau"] == 0.99
     loss.backward()
     opt.step()  # the online network moved, the target did not
@@ -137,14 +137,14 @@ def test_byol_target_moves_only_in_after_optimizer_step() -> None:
     method.after_optimizer_step(1, 10)
     assert int(method.momentum.step) == 1
     assert not all(torch.equal(p, q) for p, q in zip(method.momentum.parameters(), initial, strict=True))
-    _, metrics = method.training_step(v1, v2)
+    _, metrics = method.training_step([v1, v2])
     assert metrics["tau"] == 0.99  # tau of the update just done (k = 0)
 
 
 def _run(method, opt, steps: int, seed: int) -> None:
     for k in range(steps):
         v1, v2 = _views(seed=seed + k)
-        loss, _ = method.training_step(v1, v2)
+        loss, _ = method.training_step([v1, v2])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -178,7 +178,7 @@ def test_moco_enqueues_the_keys_after_using_the_old_queue() -> None:
     method = _build("mocov2", symmetric=False)
     before = method.queue.keys.clone()
     v1, v2 = _views()
-    loss, _ = method.training_step(v1, v2)
+    loss, _ = method.training_step([v1, v2])
     loss.backward()  # would fail if the enqueue had modified a tensor saved for backward
     assert int(method.queue.ptr) == 8
     torch.testing.assert_close(method.queue.keys[:8], method.keys(v2))
@@ -202,14 +202,14 @@ def test_moco_symmetric_contrasts_each_query_with_the_other_views_queue() -> Non
     method.eval()  # BN with running statistics: the reference forward sees the same numbers
     v1, v2 = _views()
     for _ in range(2):  # fill the queues with something else than their random init
-        method.training_step(*_views(seed=5))
+        method.training_step(list(_views(seed=5)))
     old2, old1 = method.queue.keys.clone(), method.queue_view1.keys.clone()
     assert not torch.equal(old1, old2)
     with torch.no_grad():
         q1 = method.projector(method.backbone(v1))
         q2 = method.projector(method.backbone(v2))
         k1, k2 = method.momentum(v1), method.momentum(v2)
-    loss, _ = method.training_step(v1, v2)
+    loss, _ = method.training_step([v1, v2])
     t = method.temperature
     expected = 0.5 * (_ref_info_nce(q1, k2, old2, t) + _ref_info_nce(q2, k1, old1, t))
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
@@ -233,7 +233,7 @@ def _moco_body(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     method.eval()
     out["keys_eval"] = method.keys(v2)
     out["plain_eval"] = F.normalize(method.momentum(v2), dim=1)
-    loss, _ = method.training_step(v1, v2)
+    loss, _ = method.training_step([v1, v2])
     loss.backward()
     out["queue"] = method.queue.keys.clone()
     out["ptr"] = method.queue.ptr.clone()
@@ -332,7 +332,7 @@ def test_byol_loss_is_symmetric_predictor_online_only_and_target_uses_batch_stat
         p1, p2 = predictor(online(v1)), predictor(online(v2))
         t1, t2 = target(v1), target(v2)
         e1, e2 = target_eval(v1), target_eval(v2)
-    loss, _ = method.training_step(v1, v2)
+    loss, _ = method.training_step([v1, v2])
     expected = _ref_byol_term(p1, t2) + _ref_byol_term(p2, t1)  # the paper's symmetrised sum
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     # the alternatives a bug would produce are far from it

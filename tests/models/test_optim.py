@@ -227,3 +227,66 @@ def test_lars_mixed_dtypes_in_one_group() -> None:
         q = 0.02 * w64.norm() / (g.norm() + 0.01 * w64.norm() + 1e-8)
         torch.testing.assert_close(p.detach().double(), w64 - 0.1 * q * (g + 0.01 * w64),
                                    rtol=1e-5, atol=1e-6)
+
+
+def _dino_wd_schedule(base: float, end: float, total: int) -> list[float]:
+    """facebookresearch/dino utils.cosine_scheduler(base, end, epochs, niter_per_ep) without
+    warmup, written out in float64: end + (base - end)(1 + cos(pi i / T)) / 2 for i < T."""
+    return [end + 0.5 * (base - end) * (1 + math.cos(math.pi * i / total)) for i in range(total)]
+
+
+def test_weight_decay_schedule_is_dinos_cosine_on_decayed_groups_only() -> None:
+    """optim.weight_decay_end: the decayed group follows DINO's wd_schedule step by step
+    (AdamW really applies it), the bias/norm group keeps none, and a resumed run continues
+    on the same values."""
+    w, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
+    groups = [{"params": [w], "lars_exclude": False}, {"params": [b], "lars_exclude": True}]
+    cfg = {"name": "adamw", "lr": 0.0, "weight_decay": 0.04, "weight_decay_end": 0.4}
+    opt = build_optimizer(groups, cfg, 256)
+    sched = WarmupCosine(opt, 0, 10, weight_decay_end=0.4)
+    expected = _dino_wd_schedule(0.04, 0.4, 10)
+    seen = []
+    for _ in range(12):
+        seen.append((opt.param_groups[0]["weight_decay"], opt.param_groups[1]["weight_decay"]))
+        opt.step()
+        sched.step()
+    assert [s[0] for s in seen[:10]] == pytest.approx(expected, rel=1e-12)
+    assert seen[10][0] == seen[11][0] == pytest.approx(0.4)  # past the end: the final value
+    assert all(s[1] == 0.0 for s in seen)
+    # without weight_decay_end the decay stays as built
+    opt = build_optimizer(groups, {**cfg, "weight_decay_end": None}, 256)
+    sched = WarmupCosine(opt, 0, 10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["weight_decay"] == 0.04
+
+
+def test_weight_decay_schedule_moves_the_weights_and_resumes_exactly() -> None:
+    """AdamW's decoupled decay uses the scheduled value: at lr 0.1 and zero gradients each
+    step multiplies the weights by (1 - lr_k * wd_k); a scheduler restored from state_dict
+    (with the optimizer's) continues with the same values."""
+    def make() -> tuple[torch.nn.Parameter, torch.optim.Optimizer, WarmupCosine]:
+        p = torch.nn.Parameter(torch.ones(2, 2, dtype=torch.float64))
+        opt = build_optimizer([{"params": [p]}], {"name": "adamw", "lr": 0.1,
+                                                   "weight_decay": 0.04}, 256)
+        return p, opt, WarmupCosine(opt, 2, 8, weight_decay_end=0.4)
+
+    p, opt, sched = make()
+    scale = 1.0
+    for k in range(8):
+        lr, wd = opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
+        assert wd == pytest.approx(_dino_wd_schedule(0.04, 0.4, 8)[k], rel=1e-12)
+        scale *= 1 - lr * wd
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        sched.step()
+        if k == 3:
+            saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    torch.testing.assert_close(p.detach(), torch.full((2, 2), scale, dtype=torch.float64))
+    _, opt2, sched2 = make()
+    opt2.load_state_dict(saved_opt)
+    sched2.load_state_dict(saved_sched)
+    assert opt2.param_groups[0]["weight_decay"] == pytest.approx(_dino_wd_schedule(0.04, 0.4, 8)[4])
+    sched2.step()
+    assert opt2.param_groups[0]["weight_decay"] == pytest.approx(_dino_wd_schedule(0.04, 0.4, 8)[5])

@@ -24,7 +24,7 @@ def test_training_step_is_one_graph_without_breaks(name: str) -> None:
     method.train()
     v1, v2 = _views()
     try:
-        explained = torch._dynamo.explain(method.training_step)(v1, v2)
+        explained = torch._dynamo.explain(method.training_step)([v1, v2])
     finally:
         torch._dynamo.reset()
     reasons = [str(r.reason) for r in explained.break_reasons]
@@ -38,10 +38,10 @@ def test_bf16_autocast_step_gives_a_float32_loss_close_to_fp32(name: str) -> Non
     method.eval()  # running BN statistics: both passes see the same normalisation
     v1, v2 = _views(batch=16)
     state = {k: v.clone() for k, v in method.state_dict().items()}
-    ref, _ = method.training_step(v1, v2)
+    ref, _ = method.training_step([v1, v2])
     method.load_state_dict(state)  # MoCo: same queue for the second pass
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low, metrics = method.training_step(v1, v2)
+        low, metrics = method.training_step([v1, v2])
     assert low.dtype == torch.float32, name
     assert torch.isfinite(low)
     assert float(low.detach()) == pytest.approx(float(ref.detach()), rel=0.05, abs=0.05), name
@@ -55,9 +55,9 @@ def test_channels_last_views_give_the_same_loss(name: str) -> None:
     method = _build(name)
     method.eval()
     v1, v2 = _views()
-    ref, _ = method.training_step(v1, v2)
+    ref, _ = method.training_step([v1, v2])
     cl = [v.contiguous(memory_format=torch.channels_last) for v in (v1, v2)]
-    out, _ = method.to(memory_format=torch.channels_last).training_step(*cl)
+    out, _ = method.to(memory_format=torch.channels_last).training_step(list(cl))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_compiled_step_does_not_recompile_as_the_state_moves(name: str) -> None:
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             for k in range(3):
-                loss, metrics = step(*_views(seed=k))
+                loss, metrics = step(list(_views(seed=k)))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

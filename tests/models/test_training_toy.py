@@ -88,7 +88,7 @@ def train(method: Method, optim_cfg: dict[str, Any], steps: int, *, batch: int =
     for k in range(steps):
         idx = torch.randperm(images.shape[0], generator=g)[:batch]
         v1, v2 = random_views(images[idx], 16, g), random_views(images[idx], 16, g)
-        loss, metrics = method.training_step(v1, v2)
+        loss, metrics = method.training_step([v1, v2])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -87,6 +87,9 @@ RECIPES = {
     "vicreg": ("cifar_vicreg", "lars", 0.3, 1e-4),
     "barlow_twins": ("cifar_barlow_twins", "lars", 0.3, 1e-4),
     "contrastive": ("cifar_contrastive", "lars", 0.4, 1e-4),
+    "dino": ("cifar_dino", "lars", 0.3, 1e-6),  # solo-learn scripts/pretrain/cifar/dino.yaml
+    "mocov3": ("cifar_mocov3", "lars", 0.3, 1e-6),    # solo-learn scripts/pretrain/cifar/mocov3.yaml
+    "swav": ("cifar_swav", "lars", 0.6, 1e-6),  # solo-learn scripts/pretrain/cifar/swav.yaml
 }
 
 
@@ -117,6 +120,40 @@ def test_method_brings_its_augmentation_and_optimiser(method):
     plain = compose_config([f"optim={other}"] + (["method=byol"] if method == "byol" else []))
     cfg = compose_config([f"method={method}", f"optim={other}"])
     assert OmegaConf.to_container(cfg.optim) == OmegaConf.to_container(plain.optim)  # no recipe values leak
+
+
+# The method values of the CIFAR recipes of issue 22 as solo-learn publishes them
+# (scripts/pretrain/cifar/<method>.yaml and the method's defaults in solo/methods/<method>.py;
+# the MoCo v3 heads are the official builder's ResNet ones, moco-v3 moco/builder.py).
+CIFAR_METHOD = {
+    # solo-learn's DINO yaml: 2048 / 256 / num_prototypes 4096, base_tau 0.9995; its DINO
+    # defaults: no BN in the head, normalised last layer frozen 1 epoch, student 0.1,
+    # teacher 0.07 from 0.04 over 0 warm-up epochs, center momentum 0.9
+    "dino": {"proj_hidden_dim": 2048, "proj_output_dim": 256, "out_dim": 4096, "num_layers": 3,
+             "use_bn_in_head": False, "norm_last_layer": True, "freeze_last_layer_epochs": 1,
+             "student_temp": 0.1, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
+             "warmup_teacher_temp_epochs": 0, "center_momentum": 0.9, "tau_base": 0.9995,
+             "tau_final": 1.0},
+    # its MoCo v3 yaml: 4096 / 256 / 4096, temperature 0.2, base_tau 0.99 -> 1; MoCo_ResNet's
+    # 2-layer projector and predictor without output BN
+    "mocov3": {"proj_hidden_dim": 4096, "proj_output_dim": 256, "pred_hidden_dim": 4096,
+               "proj_num_layers": 2, "pred_last_bn": False, "temperature": 0.2,
+               "tau_base": 0.99, "tau_final": 1.0},
+    # its SwAV yaml: 2048 / 128, 3000 prototypes, queue 3840 from epoch 50, prototypes frozen 2
+    # epochs, T 0.1; swav.py defaults: epsilon 0.05, 3 Sinkhorn iterations
+    "swav": {"proj_hidden_dim": 2048, "proj_output_dim": 128, "n_prototypes": 3000,
+             "queue_size": 3840, "queue_start_epoch": 50, "freeze_prototypes_epochs": 2,
+             "temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3},
+}
+
+
+@pytest.mark.parametrize("method", sorted(CIFAR_METHOD))
+def test_issue_22_cifar_recipes_hold_solo_learns_method_values(method):
+    cfg = compose_config([f"method={method}"])
+    assert (cfg.recipe, cfg.backbone.name, cfg.augment.local.count) == ("cifar", "resnet_mini", 0)
+    for key, value in CIFAR_METHOD[method].items():
+        assert cfg.method[key] == value, (method, key)
+    assert (cfg.optim.eta, cfg.optim.clip_lr) == (0.02, True)  # solo-learn's LARS kwargs
 
 
 def test_simsiam_augmentation_differs_from_simclr_only_in_jitter():

@@ -34,6 +34,9 @@ INTENDED: dict[str, str] = {
     "backbone.kwargs": "the torchvision builder's extra arguments, {} by default (read before, undeclared)",
     "tracking.parent_run_id": "new: a sweep's parent MLflow run (`sslstream train -m`)",
     # keys added after the golden file was captured, by the features merged with this change
+    "augment.local": "new: multi-crop's local crops (issue 22), count 0 (none) by default",
+    "trainer.accumulate_steps": "new: gradient accumulation (issue 22), 1 (off) by default",
+    "optim.weight_decay_end": "new: DINO's weight-decay schedule (issue 22), null (constant) by default",
     "backbone.image_size": "new: ViT key (issue 22), null on other networks",
     "backbone.patch_size": "new: ViT key (issue 22), null on other networks",
     "backbone.drop_path_rate": "new: ViT key (issue 22), null on other networks",

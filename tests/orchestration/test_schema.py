@@ -112,6 +112,7 @@ def _unbounded(hint: object) -> list[str]:
 ANY_VALUE = {
     "augment.name": "a label for logs",
     "augment.view1.mean": "any per-channel mean", "augment.view2.mean": "any per-channel mean",
+    "augment.local.mean": "any per-channel mean (null: the global views')",
     "retrain.schedule": "informational only",
     "retrain.torchrun_args": "passed to torchrun, which checks them",
     "retrain.run_key_ignore": "dotted keys; an unknown one ignores nothing",
@@ -253,3 +254,40 @@ def test_a_bad_source_is_named_before_anything_runs(train, key, words, capsys) -
     assert e.key == key and words in str(e), str(e)
     assert main(["train", *MIX, f"data.train={train}"]) == 2
     assert key in capsys.readouterr().err
+
+
+# Issue 22's list: multi-crop, ViT and method values refused before any data is read.
+ISSUE_22 = [
+    (["method=swav", "method.n_prototypes=0"], "method.n_prototypes"),
+    (["method=swav", "method.n_prototypes=-3"], "method.n_prototypes"),
+    (["method=dino", "method.out_dim=0"], "method.out_dim"),
+    (["backbone=vit_tiny_cifar", "backbone.patch_size=5"], "backbone.patch_size"),
+    (["backbone=vit_tiny_cifar", "augment.view1.size=30", "augment.view2.size=30"],
+     "augment.view1.size"),
+    (["method=dino", "backbone=vit_tiny_cifar", "augment.local.count=2",
+      "augment.local.size=18"], "augment.local.size"),
+    (["method=dino", "augment.local.count=2", "augment.local.size=48"], "augment.local.size"),
+    (["method=byol", "augment.local.count=6", "augment.local.size=16"], "augment.local.count"),
+    (["method=mocov3", "augment.local.count=2", "augment.local.size=16"], "augment.local.count"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), ISSUE_22, ids=[" ".join(o) for o, _ in ISSUE_22])
+def test_issue_22_values_exit_2_naming_the_key(overrides, key, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "SSLSTREAM_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: {key}=" in err, err  # the message starts with the bad key
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no synthetic data, no mlflow.db, no outputs
+
+
+def test_issue_22_multi_crop_and_vit_configs_pass():
+    """The accepted neighbours of the refused values: local crops for DINO / SwAV, a ViT whose
+    patch divides every crop."""
+    compose_checked(["method=dino", "augment.local.count=2", "augment.local.size=16"])
+    compose_checked(["method=swav", "backbone=vit_tiny_cifar", "augment.local.count=6",
+                     "augment.local.size=16"])
+    compose_checked(["method=mocov3", "backbone=vit_tiny_cifar_p8"])

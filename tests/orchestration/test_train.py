@@ -167,8 +167,8 @@ def test_nan_loss_keeps_the_last_good_state(in_tmp_cwd, capsys, monkeypatch):
     real = BYOL.training_step
     calls = {"n": 0}
 
-    def nan_at_step_6(self, v1, v2):
-        loss, metrics = real(self, v1, v2)
+    def nan_at_step_6(self, views):
+        loss, metrics = real(self, views)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 7 else loss), metrics
 
@@ -192,8 +192,8 @@ def test_nan_between_sparse_checks_is_caught_and_never_checkpointed(in_tmp_cwd, 
     real = BYOL.training_step
     calls = {"n": 0}
 
-    def nan_from_step_6(self, v1, v2):
-        loss, metrics = real(self, v1, v2)
+    def nan_from_step_6(self, views):
+        loss, metrics = real(self, views)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 7 else loss), metrics
 

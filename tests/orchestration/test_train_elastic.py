@@ -108,3 +108,9 @@ def test_a_global_batch_the_new_ranks_cannot_share_is_refused() -> None:
     assert "written by 2 rank(s) with a global batch of 12; 5 rank(s) cannot share" in msg
     assert "on a number of ranks that divides 12 (e.g. 2, 3, 4, 6)" in msg
     assert "start a new run" in msg and "trainer.batch_size" in msg
+    assert "trainer.accumulate_steps" in msg
+    # with accumulation, the per-rank share must also split into equal micro-batches
+    assert resume_batch("s3://b/run/step-1.pt", manifest, 6, 3, accumulate_steps=2) == 4
+    with pytest.raises(ConfigError) as e:
+        resume_batch("s3://b/run/step-1.pt", manifest, 6, 4, accumulate_steps=2)  # 3 per rank
+    assert "in 2 micro-batches each" in str(e.value) and "(e.g. 1, 2, 3, 6)" in str(e.value)

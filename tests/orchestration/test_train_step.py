@@ -43,7 +43,8 @@ class Probe(Method):
         self.scale = scale
         self.calls: list[tuple[str, object]] = []
 
-    def training_step(self, v1, v2):
+    def training_step(self, views):
+        v1, v2 = views
         loss = ((self.w * v1.mean()) ** 2).sum() * self.scale + 0 * v2.sum()
         return loss, {"embeddings": v1.flatten(1), "tau": 0.5}
 
@@ -62,7 +63,7 @@ def test_momentum_update_sees_the_stepped_weights_and_the_step_index():
     opt, sched = _opt(m)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x = torch.ones(2, 3, 4, 4)
-    out = train_step(m, m, opt, sched, scaler, x, x, step=7, total_steps=10,
+    out = train_step(m, m, opt, sched, scaler, [x, x], epoch=0, step=7, total_steps=10,
                      amp_dtype=None, grad_clip=None, stop_requested=False)
     assert out.stepped and not out.stop
     (name, (step, total, w_seen)), = m.calls
@@ -76,7 +77,7 @@ def test_skipped_step_does_not_move_the_target():
     opt, sched = _opt(m)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     x = torch.ones(2, 3, 4, 4)
-    out = train_step(m, m, opt, sched, scaler, x, x, step=0, total_steps=10,
+    out = train_step(m, m, opt, sched, scaler, [x, x], epoch=0, step=0, total_steps=10,
                      amp_dtype=None, grad_clip=None, stop_requested=False)
     assert not out.stepped and m.calls == []
     assert torch.equal(m.w.detach(), torch.ones(3))  # weights untouched
@@ -87,8 +88,8 @@ def test_non_finite_loss_raises_before_touching_weights():
     opt, sched = _opt(m)
     x = torch.full((2, 3, 4, 4), float("nan"))
     with pytest.raises(NonFiniteLossError, match="step 3"):
-        train_step(m, m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), x, x,
-                   step=3, total_steps=10, amp_dtype=None, grad_clip=1.0, stop_requested=False)
+        train_step(m, m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), [x, x],
+                   epoch=0, step=3, total_steps=10, amp_dtype=None, grad_clip=1.0, stop_requested=False)
     assert torch.equal(m.w.detach(), torch.ones(3)) and m.calls == []
 
 
@@ -96,8 +97,8 @@ def test_gradient_clipping_bounds_the_update():
     m = Probe(scale=100.0)
     opt, sched = _opt(m)
     x = torch.ones(2, 3, 4, 4)
-    out = train_step(m, m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), x, x,
-                     step=0, total_steps=1, amp_dtype=None, grad_clip=1.0, stop_requested=True)
+    out = train_step(m, m, opt, sched, torch.amp.GradScaler("cpu", enabled=False), [x, x],
+                     epoch=0, step=0, total_steps=1, amp_dtype=None, grad_clip=1.0, stop_requested=True)
     assert float(out.grad_norm) == pytest.approx(200.0 * 3**0.5, rel=1e-5)  # reported before clipping
     assert torch.linalg.vector_norm(torch.ones(3) - m.w.detach()) == pytest.approx(0.1, rel=1e-5)
     assert out.stop  # a requested stop is reported after the step completes
@@ -145,7 +146,7 @@ def test_non_check_steps_and_non_report_updates_read_nothing_on_the_host(no_host
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     no_host_reads()
     for k in range(4):
-        out = train_step(m, m, opt, sched, scaler, x, x, step=k, total_steps=10,
+        out = train_step(m, m, opt, sched, scaler, [x, x], epoch=0, step=k, total_steps=10,
                          amp_dtype=None, grad_clip=1.0, stop_requested=False, check=False)
         assert mon.update(k + 1, 0, out.loss, out.metrics, 0.1, {"skipped": 0}, out.grad_norm) is None
 
@@ -155,12 +156,12 @@ def test_nan_between_checks_is_applied_then_caught_at_the_check():
     opt, sched = _opt(m)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     nan = torch.full((2, 3, 4, 4), float("nan"))
-    out = train_step(m, m, opt, sched, scaler, nan, nan, step=0, total_steps=10,
+    out = train_step(m, m, opt, sched, scaler, [nan, nan], epoch=0, step=0, total_steps=10,
                      amp_dtype=None, grad_clip=None, stop_requested=True, check=False)
     assert not out.stop  # a stop is only agreed at check steps
     assert torch.isnan(m.w.detach()).all()  # documented: the unchecked step was applied
     with pytest.raises(NonFiniteLossError, match="step 1"):
-        train_step(m, m, opt, sched, scaler, torch.ones_like(nan), nan, step=1,
+        train_step(m, m, opt, sched, scaler, [torch.ones_like(nan), nan], epoch=0, step=1,
                    total_steps=10, amp_dtype=None, grad_clip=None, stop_requested=False, check=True)
 
 
@@ -213,7 +214,8 @@ class Queued(Method):
     def ddp_static_buffers(self) -> list[str]:
         return ["queue_keys"]
 
-    def training_step(self, v1, v2):
+    def training_step(self, views):
+        v1, v2 = views
         return self.head(self.backbone(v1)).pow(2).mean() + 0 * self.target(v2).sum(), {}
 
 
@@ -241,7 +243,7 @@ def test_compile_targets_the_backbones_in_place_and_keeps_state_dict_keys():
     done = compile_backbones(m, backend="eager")
     assert {id(x) for x in done} == {id(m.backbone), id(m.target)}
     assert list(m.state_dict()) == keys  # checkpoints load with or without compile
-    loss, _ = m(torch.ones(2, 4), torch.ones(2, 4))
+    loss, _ = m([torch.ones(2, 4), torch.ones(2, 4)])
     loss.backward()
     assert m.backbone[0].weight.grad is not None
 
