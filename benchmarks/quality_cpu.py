@@ -72,7 +72,7 @@ def load_split(root: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
 
 def base_overrides(a: argparse.Namespace, method: str) -> list[str]:
     return [
-        "data=cifar10", f"data.root={a.data}", f"method={method}", "backbone=resnet_mini",
+        "data=cifar10", f"data.root={a.data}", f"method={method}", f"backbone={a.backbone}",
         f"trainer.batch_size={a.batch_size}", "trainer.epochs=1", f"trainer.max_steps={a.steps}",
         "trainer.device=cpu", f"trainer.num_threads={a.threads}", "trainer.loader_threads=1",
         f"trainer.output_dir={a.work}", "trainer.resume=false", "trainer.progress=log",
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impl", default="ours,peer", help="ours,peer (untrained runs once unless --no-untrained)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--backbone", default="resnet_mini",
+                    help="conf/backbone preset for every column and the untrained rows (e.g. vit_tiny_cifar)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both columns)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=os.environ.get("SSLSTREAM_CIFAR10", str(REPO.parent / "shared/data/cifar10")))
@@ -274,14 +276,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "threads": a.threads, "batch": a.batch_size, "budget_steps": a.steps,
+            "threads": a.threads, "backbone": a.backbone, "batch": a.batch_size, "budget_steps": a.steps,
             "channels_last": a.channels_last,
             "command": " ".join(["python", *sys.argv])}
     impls = a.impl.split(",")
     train_x = None
     if not a.no_untrained:
-        append(out, {**run_untrained(a), **meta, "load": os.getloadavg()[0]})
-        append(out, {**run_untrained_data_bn(a), **meta, "load": os.getloadavg()[0]})
+        untrained = run_untrained(a)
+        append(out, {**untrained, **meta, "load": os.getloadavg()[0]})
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               for m in fresh_backbone(compose(a, "byol", [])).modules()):
+            append(out, {**run_untrained_data_bn(a), **meta, "load": os.getloadavg()[0]})
+        else:  # no BatchNorm (a ViT): data statistics change nothing
+            append(out, {**untrained, "impl": "untrained_data_bn", **meta,
+                         "note": "no BatchNorm: the untrained row"})
     for method in a.methods.split(","):
         for impl in impls:
             if impl == "peer" and method == "contrastive":

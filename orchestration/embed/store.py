@@ -14,17 +14,14 @@ credentials masked.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 from sslstream.orchestration.errors import UserError
+from sslstream.orchestration.runtime.runstore import TEMP_PREFIX, write_atomic_local
 from sslstream.pipelines.shards.masking import mask
 from sslstream.pipelines.shards.storage import classify, get_fs
-
-TEMP_PREFIX = ".tmp-"  # local temporary files (removed by the next run)
 
 
 class OutputUnreachable(UserError):
@@ -118,7 +115,7 @@ class OutputStore:
         """Publish ``data`` as ``name`` in one step (replacing an older file of that name)."""
         try:
             if self.local:
-                _atomic_local(Path(self.root), name, data)
+                write_atomic_local(Path(self.root), name, data)
             else:
                 with self.fs.open(self._path(name), "wb") as f:
                     f.write(data)
@@ -145,20 +142,6 @@ class OutputStore:
         for p in stale:
             p.unlink(missing_ok=True)
         return len(stale)
-
-
-def _atomic_local(folder: Path, name: str, data: bytes) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def publish_file(local: Path, url: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -113,19 +113,7 @@ class RunStore:
             self._retry(lambda: self.fs.pipe_file(self._path(name), data), name, "writing")
 
     def _write_local(self, name: str, data: bytes) -> None:
-        d = Path(self.root)
-        d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, d / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(d)
+        write_atomic_local(Path(self.root), name, data)
 
     def delete(self, name: str) -> None:
         """Remove `name` (absent already: nothing to do)."""
@@ -153,6 +141,24 @@ class RunStore:
                                    "different bytes", self.url)
         finally:
             quick.delete(name)
+
+
+def write_atomic_local(folder: Path, name: str, data: bytes) -> None:
+    """Write ``folder/name`` so that a reader sees the old file or the whole new one, never a
+    part: a temporary file (``TEMP_PREFIX``: litter a killed writer leaves, which the next run
+    removes), fsync, rename, fsync of the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
 
 
 def _fsync_dir(d: Path) -> None:
