@@ -83,12 +83,13 @@ def test_the_sbatch_script_is_valid_bash():
     assert "#SBATCH --signal=B:USR1@90" in head and "#SBATCH --requeue" in head
 
 
+@pytest.mark.timeout(400)
 def test_its_torchrun_command_parses_and_its_config_passes_the_check(tmp_path):
     bindir = _bin(tmp_path, _PARSING_SRUN.format(python=sys.executable))
     env = _env(tmp_path, bindir, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-[07-08]",
                SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", SCONTROL_HOSTS="gpu-07 gpu-08")
-    proc = subprocess.run(["bash", str(SCRIPT), "--cfg"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["bash", str(SCRIPT), "--cfg"], cwd=tmp_path, env=env,  # a bound, not
+                          capture_output=True, text=True, timeout=300)    # a timing (loaded CI)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ns = json.loads((tmp_path / "srun.json").read_text())
     assert ns["nnodes"] == "2" and ns["nproc_per_node"] == "8"
@@ -102,6 +103,7 @@ def test_its_torchrun_command_parses_and_its_config_passes_the_check(tmp_path):
     assert not (tmp_path / "scontrol.log").exists()
 
 
+@pytest.mark.timeout(700)
 def test_the_launcher_keeps_torchruns_options_and_the_workers_exit_code(tmp_path):
     assert with_signals(["--nnodes=2", "-m", "sslstream"])[0] == \
         f"--signals-to-handle={HANDLED_SIGNALS}"
@@ -115,7 +117,7 @@ def test_the_launcher_keeps_torchruns_options_and_the_workers_exit_code(tmp_path
         proc = subprocess.run(
             [sys.executable, "-m", "sslstream.orchestration.runtime.launch", "--standalone",
              "--nproc-per-node=1", str(worker), str(code)],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == code, proc.stderr[-2000:]  # torchrun alone exits 1
 
 
