@@ -210,12 +210,12 @@ def train_step(
     # the global gradient norm is logged whether or not it clips (a diverging run shows it
     # first); clipping is off unless a recipe sets trainer.grad_clip
     scaler.unscale_(optimizer)
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if grad_clip:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(grad_clip)).detach()
     else:
-        grad_norm = torch.nn.utils.get_total_norm(grads).detach() if grads else None
+        grad_norm = (torch.nn.utils.get_total_norm([p.grad for p in params]).detach()
+                     if params else None)
     method.after_backward(epoch)
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)

@@ -374,25 +374,26 @@ class ShardStream:
         r = self.rank if rank is None else rank
         w = self.world_size if world_size is None else world_size
         if (r, w) not in self._fp:
-            plan = [self.shard_urls, self.shard_counts, self.seed, self.shuffle,
-                    self.exact_epoch, r, w, max(1, self.num_workers), self.shuffle_buffer,
+            plan = [*self._order_plan(), r, w, max(1, self.num_workers), self.shuffle_buffer,
                     self.validate] + (["partition"] if self.partition else [])
-            if self.mix is not None:
-                plan.append(["mix", [s.signature() for s in self.mix.sources],
-                             [list(sp) for sp in self.mix.spans]])
-            self._fp[(r, w)] = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+            self._fp[(r, w)] = _digest(plan)
         return self._fp[(r, w)]
 
     def _data_fingerprint(self) -> str:
         """The part of the fingerprint that fixes the epoch's global order (not rank, world
         size, lanes, buffer or checks): what a cursor of another world size must match."""
         if self._data_fp is None:
-            plan = [self.shard_urls, self.shard_counts, self.seed, self.shuffle, self.exact_epoch]
-            if self.mix is not None:
-                plan.append(["mix", [s.signature() for s in self.mix.sources],
-                             [list(sp) for sp in self.mix.spans]])
-            self._data_fp = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+            self._data_fp = _digest(self._order_plan())
         return self._data_fp
+
+    def _order_plan(self) -> list:
+        """What fixes an epoch's global sample order: the shards, their sizes, the seed, the
+        shuffle, exactness and the mix."""
+        plan: list = [self.shard_urls, self.shard_counts, self.seed, self.shuffle, self.exact_epoch]
+        if self.mix is not None:
+            plan.append(["mix", [s.signature() for s in self.mix.sources],
+                         [list(sp) for sp in self.mix.spans]])
+        return plan
 
     def state_dict(self, position: int | None = None) -> dict:
         """The cursor (plain Python types). A consumer that prefetches passes the number of
@@ -645,3 +646,7 @@ class ShardStream:
                 self._count("padded")
             index = starts[segs[g.seg].shard] + g.index if g.seg >= 0 and g.index >= 0 else -1
             yield Sample(g.key, g.image, g.label, g.shard, index)
+
+
+def _digest(plan: list) -> str:
+    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
