@@ -111,18 +111,9 @@ CASES = {
 }
 
 
-# Known not to learn here (issue 22 open; BENCHMARKS.md "DINO, SwAV, MoCo v3 (issue 22): five
-# epochs"): DINO's loss climbs to its uniform value ln(out_dim) and the embeddings narrow, with
-# the recipe's teacher (8.11 -> 8.32 = ln 4096) and with a faster, sharper one (tau 0.99, teacher
-# T 0.04, 256 outputs: rank 1). Strict: the test fails once DINO learns here, to drop the mark.
-KNOWN_NOT_LEARNING = {"dino": "DINO collapses to the uniform target on the toy images (issue 22)"}
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_NOT_LEARNING[n]))
-    if n in KNOWN_NOT_LEARNING else n for n in sorted(METHODS)])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_learns_without_collapsing(name: str, one_thread: None) -> None:
     extra, optim_cfg = CASES.get(name, ({}, LARS))
     torch.manual_seed(0)
