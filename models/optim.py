@@ -89,7 +89,8 @@ def _betas_ok(betas: tuple[float, float]) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class AdamWConfig(OptimConfig):
-    """AdamW: not a paper recipe for these ResNet methods; useful for ViT backbones."""
+    """AdamW: the ViT recipes (DINO, MoCo v3) and lightly's short-run CIFAR SwAV (Adam with a
+    tiny weight decay); biases and norms undecayed."""
 
     name = "adamw"
     lr: Annotated[float, Ge(0)] = 1.0e-3

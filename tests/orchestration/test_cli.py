@@ -89,7 +89,7 @@ RECIPES = {
     "contrastive": ("cifar_contrastive", "lars", 0.4, 1e-4),
     "dino": ("cifar_dino", "lars", 0.3, 1e-6),  # solo-learn scripts/pretrain/cifar/dino.yaml
     "mocov3": ("cifar_mocov3", "lars", 0.3, 1e-6),    # solo-learn scripts/pretrain/cifar/mocov3.yaml
-    "swav": ("cifar_swav", "lars", 0.6, 1e-6),  # solo-learn scripts/pretrain/cifar/swav.yaml
+    "swav": ("cifar_swav", "adamw", 1e-3, 1e-6),  # lightly's cifar10_benchmark.py SwaVModel (Adam)
 }
 
 
@@ -156,7 +156,10 @@ def test_issue_22_cifar_recipes_hold_their_sources_method_values(method):
     assert (cfg.recipe, cfg.backbone.name, cfg.augment.local.count) == ("cifar", "resnet_mini", 0)
     for key, value in CIFAR_METHOD[method].items():
         assert cfg.method[key] == value, (method, key)
-    assert (cfg.optim.eta, cfg.optim.clip_lr) == (0.02, True)  # solo-learn's LARS kwargs
+    if method == "swav":  # lightly's SwaVModel: Adam 1e-3 x batch / 128, no warmup
+        assert (cfg.optim.base_batch, cfg.optim.warmup_epochs) == (128, 0)
+    else:
+        assert (cfg.optim.eta, cfg.optim.clip_lr) == (0.02, True)  # solo-learn's LARS kwargs
 
 
 def test_simsiam_augmentation_differs_from_simclr_only_in_jitter():
