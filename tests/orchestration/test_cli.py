@@ -124,7 +124,7 @@ def test_method_brings_its_augmentation_and_optimiser(method):
 
 # The method values of the CIFAR recipes of issue 22 and their published sources: solo-learn
 # (scripts/pretrain/cifar/<method>.yaml and the method's defaults in solo/methods/<method>.py),
-# lightly's CIFAR-10 benchmark (docs/source/getting_started/benchmarks/cifar10_benchmark.py) where
+# lightly's CIFAR-10 benchmark (cifar10_benchmark.py in its docs/source/getting_started/benchmarks/) where
 # a five-epoch budget needs it, the official builder's MoCo v3 ResNet heads (moco-v3
 # moco/builder.py).
 CIFAR_METHOD = {
